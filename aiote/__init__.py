@@ -1,0 +1,41 @@
+"""aiote: asyncio-native one-sided RDMA WRITE with immediates, over libfabric."""
+
+from .counters import IMM_MAX, ImmCounter
+from .descriptor import EngineAddress, MrDescriptor
+from .engine import TransferEngine
+from .errors import (
+    AioteError,
+    DescriptorError,
+    EngineClosed,
+    ImmTimeout,
+    MessageTooLarge,
+    OutOfBounds,
+    PeerUnreachable,
+    ProviderError,
+    RegionClosed,
+    RegionInUse,
+    RegistrationError,
+)
+from .memory import MemoryRegion
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "TransferEngine",
+    "MemoryRegion",
+    "MrDescriptor",
+    "EngineAddress",
+    "ImmCounter",
+    "IMM_MAX",
+    "AioteError",
+    "ProviderError",
+    "RegistrationError",
+    "OutOfBounds",
+    "DescriptorError",
+    "PeerUnreachable",
+    "EngineClosed",
+    "RegionInUse",
+    "RegionClosed",
+    "MessageTooLarge",
+    "ImmTimeout",
+]

@@ -1,0 +1,107 @@
+"""ImmCounter: await the arrival of N writes that carry an imm value."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from typing import TYPE_CHECKING
+
+from ._core import check, ffi, lib
+from .errors import EngineClosed, ImmTimeout
+
+if TYPE_CHECKING:
+    from .engine import TransferEngine
+
+__all__ = ["ImmCounter", "IMM_MAX"]
+
+#: Largest imm a user may send: the top bits are reserved for shard counts of
+#: striped writes, so the receiver always counts whole writes.
+IMM_MAX = (1 << lib.AIOTE_IMM_BITS) - 1
+
+
+class ImmCounter:
+    """Counts imm arrivals in C; ``wait`` resolves once ``count`` have landed.
+
+    Arrivals are counted whether a wait was armed before or after them.  A
+    satisfied wait consumes its count.  Waits on the same imm are served in
+    the order they were armed.  Cancelling a wait (or its timeout) consumes
+    nothing: if its count had already been reached, the count is given back.
+    """
+
+    def __init__(self, engine: TransferEngine):
+        self._engine = engine
+        self._ids = itertools.count(1)
+        self._waiters: dict[int, tuple[asyncio.Future[None], int, int]] = {}
+
+    def wait(self, imm: int, count: int = 1, timeout: float | None = None) -> asyncio.Future[None]:
+        """Future that resolves when ``count`` writes carrying ``imm`` have landed.
+
+        With ``timeout`` (seconds) it fails with ImmTimeout instead, consuming nothing.
+        """
+        if not isinstance(imm, int) or not 0 <= imm <= IMM_MAX:
+            raise ValueError(f"imm must be an int in 0..{IMM_MAX}, got {imm!r}")
+        if not isinstance(count, int) or count < 1:
+            raise ValueError(f"count must be an int >= 1, got {count!r}")
+        eng = self._engine
+        loop = eng._loop_checked()
+        fut: asyncio.Future[None] = loop.create_future()
+        wid = next(self._ids)
+        rc = check(lib.aiote_imm_wait(eng._handle(), wid, imm, count), "imms.wait")
+        if rc == 1:
+            fut.set_result(None)
+            return fut
+        self._waiters[wid] = (fut, imm, count)
+        fut.add_done_callback(lambda f, wid=wid: self._on_done(wid, f))
+        if timeout is not None:
+            handle = loop.call_later(timeout, self._expire, wid, imm, count, timeout)
+            fut.add_done_callback(lambda f: handle.cancel())
+        return fut
+
+    def pending(self, imm: int) -> int:
+        """Whole writes with ``imm`` that landed and no wait has consumed."""
+        out = ffi.new("uint64_t*")
+        check(lib.aiote_imm_pending(self._engine._handle(), imm, out))
+        return int(out[0])
+
+    # -- called by the engine ------------------------------------------------
+
+    def _fired(self, wid: int) -> None:
+        entry = self._waiters.pop(wid, None)
+        if entry is None:
+            return
+        fut, imm, count = entry
+        if fut.done():  # cancelled after the count was consumed in C: give it back
+            self._restore(imm, count)
+        else:
+            fut.set_result(None)
+
+    def _fail_all(self, exc_factory) -> None:
+        waiters, self._waiters = self._waiters, {}
+        for fut, _, _ in waiters.values():
+            if not fut.done():
+                fut.set_exception(exc_factory())
+
+    # -- internals -------------------------------------------------------------
+
+    def _restore(self, imm: int, count: int) -> None:
+        if not self._engine.closed:
+            lib.aiote_imm_restore(self._engine._handle(), imm, count)
+
+    def _on_done(self, wid: int, fut: asyncio.Future[None]) -> None:
+        if not fut.cancelled() or wid not in self._waiters or self._engine.closed:
+            return
+        if lib.aiote_imm_cancel(self._engine._handle(), wid) == 1:
+            self._waiters.pop(wid, None)
+        # else it already fired: _fired() will see the cancelled future and restore
+
+    def _expire(self, wid: int, imm: int, count: int, timeout: float) -> None:
+        entry = self._waiters.get(wid)
+        if entry is None or entry[0].done() or self._engine.closed:
+            return
+        if lib.aiote_imm_cancel(self._engine._handle(), wid) == 1:
+            self._waiters.pop(wid, None)
+            entry[0].set_exception(ImmTimeout(f"{count} imm(s) {imm} not seen within {timeout} s"))
+
+
+def _closed_error() -> EngineClosed:
+    return EngineClosed("engine closed while waiting for imms")

@@ -1,0 +1,547 @@
+"""TransferEngine: the asyncio face of one native engine."""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import collections
+import itertools
+import os
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from ._core import check, error_for, ffi, lib
+from ._log import get_logger
+from .counters import IMM_MAX, ImmCounter
+from .descriptor import EngineAddress, MrDescriptor
+from .errors import AioteError, DescriptorError, EngineClosed
+from .memory import MemoryRegion
+
+__all__ = ["TransferEngine", "PROVIDER_ALIASES"]
+
+PROVIDER_ALIASES = {"tcp": "tcp;ofi_rxm", "verbs": "verbs;ofi_rxm"}
+_POLLING = {"busy": lib.AIOTE_POLL_BUSY, "adaptive": lib.AIOTE_POLL_ADAPTIVE, "blocking": lib.AIOTE_POLL_BLOCKING}
+_EVENT_BATCH = 256
+_engine_ids = itertools.count(1)
+
+
+class _Op:
+    __slots__ = ("future", "keep")
+
+    def __init__(self, future: asyncio.Future[None], keep: Any):
+        self.future = future
+        self.keep = keep  # regions/buffers that must outlive the operation
+
+
+class TransferEngine:
+    """One libfabric endpoint driven by a native worker thread.
+
+    Use as ``async with TransferEngine(provider="shm") as eng:``.  Every
+    operation returns an asyncio Future: await it, gather many, or cancel it.
+
+    Cancelling an operation's future stops waiting for it and withdraws the
+    elements not yet handed to the NIC; elements already posted may still
+    land.  Closing the engine fails every pending future with EngineClosed
+    and deregisters every region.
+
+    Completion: a write's future resolves when the provider reports the
+    write complete; with ``delivery_complete`` (the default where the
+    provider offers it) that means the data is in the target's memory.  See
+    docs/concepts.md for what each provider guarantees.
+    """
+
+    def __init__(
+        self,
+        provider: str = "shm",
+        *,
+        host: str | None = None,
+        domain: str | None = None,
+        nics: int = 1,
+        polling: str = "adaptive",
+        spin_us: int = 50,
+        msg_size: int = 64 * 1024,
+        recv_slots: int = 64,
+        send_slots: int = 64,
+        max_queued: int = 1 << 20,
+        delivery_complete: bool = True,
+    ):
+        if nics != 1:
+            raise ValueError("only nics=1 is supported in this version")
+        if polling not in _POLLING:
+            raise ValueError(f"polling must be one of {sorted(_POLLING)}, got {polling!r}")
+        self.requested_provider = PROVIDER_ALIASES.get(provider, provider)
+        self._cfg_args = dict(host=host, domain=domain, polling=polling, spin_us=spin_us, msg_size=msg_size,
+                              recv_slots=recv_slots, send_slots=send_slots, max_queued=max_queued,
+                              delivery_complete=delivery_complete)
+        self.id = next(_engine_ids)
+        self._h: Any = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closed = False
+        self._ops: dict[int, _Op] = {}
+        self._op_ids = itertools.count(1)
+        self._deferred: collections.deque[tuple[Any, int]] = collections.deque()
+        self._regions: set[MemoryRegion] = set()
+        self._peers: dict[bytes, int] = {}
+        self._inbox: collections.deque[tuple[bytes, bytes]] = collections.deque()
+        self._recv_waiters: collections.deque[asyncio.Future[tuple[bytes, bytes]]] = collections.deque()
+        self._events = ffi.new("aiote_event[]", _EVENT_BATCH)
+        self.imms = ImmCounter(self)
+        self.provider = ""
+        self._nic_addrs: tuple[bytes, ...] = ()
+        self._log = get_logger().bind(engine=self.id)
+
+    # -- life cycle --------------------------------------------------------------
+
+    async def __aenter__(self) -> TransferEngine:
+        self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def open(self) -> TransferEngine:
+        """Open the endpoint and start the worker (``async with`` does this)."""
+        if self._h is not None:
+            return self
+        if self._closed:
+            raise EngineClosed("engine was closed")
+        self._loop = asyncio.get_running_loop()
+        a = self._cfg_args
+        keep = [ffi.new("char[]", self.requested_provider.encode())]
+        cfg = ffi.new("aiote_config*")
+        cfg.provider = keep[0]
+        if a["host"]:
+            keep.append(ffi.new("char[]", a["host"].encode()))
+            cfg.node = keep[-1]
+        if a["domain"]:
+            keep.append(ffi.new("char[]", a["domain"].encode()))
+            cfg.domain = keep[-1]
+        cfg.polling = _POLLING[a["polling"]]
+        cfg.spin_us = a["spin_us"]
+        cfg.msg_size = a["msg_size"]
+        cfg.recv_slots = a["recv_slots"]
+        cfg.send_slots = a["send_slots"]
+        cfg.max_queued = a["max_queued"]
+        cfg.delivery_complete = 1 if a["delivery_complete"] else 0
+        out = ffi.new("aiote_engine**")
+        check(lib.aiote_engine_open(cfg, out), f"opening provider {self.requested_provider!r}")
+        self._h = out[0]
+        info = self.info()
+        self.provider = info["provider"]
+        buf = ffi.new("uint8_t[]", 256)
+        n = ffi.new("size_t*", 256)
+        check(lib.aiote_engine_address(self._h, buf, n))
+        self._nic_addrs = (bytes(ffi.buffer(buf, n[0])),)
+        self._efd = lib.aiote_engine_eventfd(self._h)
+        self._loop.add_reader(self._efd, self._on_events)
+        self._log = self._log.bind(provider=self.provider)
+        self._log.debug("engine.open", **{k: v for k, v in info.items() if k != "provider"})
+        return self
+
+    async def close(self) -> None:
+        """Close the engine: fail pending operations with EngineClosed, join the worker."""
+        self._close()
+
+    def _close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._h is None:
+            return
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.remove_reader(self._efd)
+        lib.aiote_engine_shutdown(self._h)  # joins the worker; queued work fails as closed
+        self._drain()
+        closed = lambda: EngineClosed("engine closed")  # noqa: E731
+        for op in self._ops.values():
+            if not op.future.done():
+                op.future.set_exception(closed())
+        self._ops.clear()
+        for _fn, _ in self._deferred:
+            pass
+        self._fail_deferred(closed)
+        self.imms._fail_all(closed)
+        while self._recv_waiters:
+            f = self._recv_waiters.popleft()
+            if not f.done():
+                f.set_exception(closed())
+        for r in list(self._regions):
+            r._engine_closed()
+        self._regions.clear()
+        lib.aiote_engine_free(self._h)
+        self._h = None
+        self._log.debug("engine.closed")
+
+    def __del__(self) -> None:
+        if getattr(self, "_h", None) is not None and not self._closed:
+            try:
+                self._closed = True
+                lib.aiote_engine_shutdown(self._h)
+                lib.aiote_engine_free(self._h)
+            except Exception:
+                pass
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _handle(self) -> Any:
+        if self._closed:
+            raise EngineClosed("engine is closed")
+        if self._h is None:
+            raise AioteError("engine is not open: use 'async with TransferEngine(...)' or open()")
+        return self._h
+
+    def _loop_checked(self) -> asyncio.AbstractEventLoop:
+        self._handle()
+        assert self._loop is not None
+        return self._loop
+
+    # -- information -------------------------------------------------------------
+
+    @property
+    def address(self) -> bytes:
+        """This engine's address (all its NICs) as bytes, for ``send`` and rendezvous."""
+        self._handle()
+        return EngineAddress(self.provider, self._nic_addrs).to_bytes()
+
+    def info(self) -> dict[str, Any]:
+        """Provider facts: name, domain, mr_mode, imm size, completion semantics."""
+        i = ffi.new("aiote_info*")
+        check(lib.aiote_engine_info(self._handle(), i))
+        return {
+            "provider": ffi.string(i.provider).decode(),
+            "fabric": ffi.string(i.fabric).decode(),
+            "domain": ffi.string(i.domain).decode(),
+            "mr_mode": int(i.mr_mode),
+            "mr_key_size": int(i.mr_key_size),
+            "cq_data_size": int(i.cq_data_size),
+            "inject_size": int(i.inject_size),
+            "max_msg_size": int(i.max_msg_size),
+            "tx_size": int(i.tx_size),
+            "rx_size": int(i.rx_size),
+            "delivery_complete": bool(i.delivery_complete),
+            "cq_wait_fd": bool(i.wait_fd),
+            "hmem": bool(i.hmem),
+        }
+
+    def stats(self) -> dict[str, int]:
+        """Counters of the native engine (ops, bytes, imms, messages, retries)."""
+        s = ffi.new("aiote_stats*")
+        check(lib.aiote_engine_stats(self._handle(), s))
+        return {name: int(getattr(s, name)) for name in dir(s)}
+
+    # -- memory --------------------------------------------------------------------
+
+    def register(self, buf: Any) -> MemoryRegion:
+        """Register a writable, contiguous host buffer (bytearray, memoryview, numpy, torch CPU)."""
+        self._handle()
+        return MemoryRegion(self, buf)
+
+    # -- peers ---------------------------------------------------------------------
+
+    def _peer(self, addrs: tuple[bytes, ...], provider: str) -> int:
+        if provider != self.provider:
+            raise DescriptorError(f"descriptor is for provider {provider!r}, this engine uses {self.provider!r}")
+        raw = addrs[0]
+        p = self._peers.get(raw)
+        if p is None:
+            out = ffi.new("uint32_t*")
+            check(lib.aiote_peer_insert(self._handle(), raw, len(raw), out), "peer address")
+            p = self._peers[raw] = int(out[0])
+        return p
+
+    def _peer_of(self, desc: MrDescriptor) -> int:
+        if not isinstance(desc, MrDescriptor):
+            raise DescriptorError(f"expected MrDescriptor, got {type(desc).__name__}")
+        return self._peer(desc.addrs, desc.provider)
+
+    # -- submission ----------------------------------------------------------------
+
+    def _submit(self, submit, keep: Any) -> asyncio.Future[None]:
+        """Run ``submit(op_id)``; queue it when the engine is saturated."""
+        loop = self._loop_checked()
+        op_id = next(self._op_ids)
+        fut: asyncio.Future[None] = loop.create_future()
+        if self._deferred:
+            rc = -lib.AIOTE_E_AGAIN
+        else:
+            rc = submit(op_id)
+        if rc == -lib.AIOTE_E_AGAIN:
+            self._deferred.append((submit, op_id))
+        else:
+            check(rc)
+        self._ops[op_id] = _Op(fut, keep)
+        fut.add_done_callback(lambda f, op_id=op_id: self._on_op_done(op_id, f))
+        return fut
+
+    def _on_op_done(self, op_id: int, fut: asyncio.Future[None]) -> None:
+        if fut.cancelled() and not self._closed and op_id in self._ops:
+            lib.aiote_cancel(self._h, op_id)  # withdraw what is not posted yet
+
+    def _flush_deferred(self) -> None:
+        while self._deferred:
+            submit, op_id = self._deferred[0]
+            op = self._ops.get(op_id)
+            if op is None or op.future.cancelled():
+                self._deferred.popleft()
+                self._ops.pop(op_id, None)
+                continue
+            rc = submit(op_id)
+            if rc == -lib.AIOTE_E_AGAIN:
+                return
+            self._deferred.popleft()
+            if rc < 0:
+                self._ops.pop(op_id, None)
+                try:
+                    check(rc)
+                except AioteError as e:
+                    op.future.set_exception(e)
+
+    def _fail_deferred(self, exc_factory) -> None:
+        while self._deferred:
+            _, op_id = self._deferred.popleft()
+            op = self._ops.pop(op_id, None)
+            if op is not None and not op.future.done():
+                op.future.set_exception(exc_factory())
+
+    @staticmethod
+    def _check_imm(imm: int | None) -> tuple[int, int]:
+        if imm is None:
+            return 0, 0
+        if not isinstance(imm, int) or not 0 <= imm <= IMM_MAX:
+            raise ValueError(f"imm must be an int in 0..{IMM_MAX}, got {imm!r}")
+        return 1, imm
+
+    def _submit_wrs(self, src: MemoryRegion | None, wrs: Any, n: int, imm: int | None,
+                    keep: Any) -> asyncio.Future[None]:
+        has_imm, imm_v = self._check_imm(imm)
+        h = self._handle()
+        mr_id = src._mr_id() if src is not None else self._scratch()._mr_id()
+        bad = ffi.new("uint64_t*")
+
+        def submit(op_id: int) -> int:
+            rc = lib.aiote_submit_writes(h, op_id, mr_id, wrs, n, has_imm, imm_v, bad)
+            if rc < 0 and rc != -lib.AIOTE_E_AGAIN:
+                check(rc, index=int(bad[0]))
+            return rc
+
+        return self._submit(submit, (src, wrs, keep))
+
+    def _scratch(self) -> MemoryRegion:
+        """A tiny region used as the local side of imm-only writes."""
+        r = getattr(self, "_scratch_mr", None)
+        if r is None or r.closed:
+            r = self._scratch_mr = self.register(bytearray(64))
+        return r
+
+    def _fill(self, w: Any, peer: int, desc: MrDescriptor, src_off: int, dst_off: int, length: int) -> None:
+        for name, v in (("src_offset", src_off), ("dst_offset", dst_off), ("length", length)):
+            if not isinstance(v, int) or v < 0 or v >= 1 << 64:
+                raise ValueError(f"{name} must be a non-negative int, got {v!r}")
+        w.peer = peer
+        w.src_off = src_off
+        w.dst_off = dst_off
+        w.len = length
+        w.remote_base = desc.base
+        w.remote_len = desc.length
+        w.remote_key = desc.keys[0]
+
+    def write(self, src: MemoryRegion, dst: MrDescriptor, length: int | None = None, src_offset: int = 0,
+              dst_offset: int = 0, imm: int | None = None) -> asyncio.Future[None]:
+        """Write ``length`` bytes (default: the rest of ``src``) into the peer's region.
+
+        With ``imm`` the target's ImmCounter counts one arrival of it once the
+        bytes are there.  Bounds of both regions are checked before posting
+        (OutOfBounds).
+        """
+        if not isinstance(src, MemoryRegion):
+            raise TypeError(f"src must be a MemoryRegion, got {type(src).__name__}")
+        if length is None:
+            length = src.nbytes - src_offset
+        peer = self._peer_of(dst)
+        wrs = ffi.new("aiote_wr[1]")
+        self._fill(wrs[0], peer, dst, src_offset, dst_offset, length)
+        return self._submit_wrs(src, wrs, 1, imm, None)
+
+    def write_imm(self, dst: MrDescriptor, imm: int) -> asyncio.Future[None]:
+        """A 0-byte write that only delivers ``imm`` to the region's owner."""
+        if imm is None:
+            raise ValueError("write_imm needs an imm")
+        peer = self._peer_of(dst)
+        wrs = ffi.new("aiote_wr[1]")
+        self._fill(wrs[0], peer, dst, 0, 0, 0)
+        return self._submit_wrs(None, wrs, 1, imm, None)
+
+    def scatter(self, src: MemoryRegion, targets: Sequence[tuple[MrDescriptor, int, int, int]],
+                imm: int | None = None) -> asyncio.Future[None]:
+        """One source region to many (descriptor, src_offset, dst_offset, length) targets.
+
+        One C submission; every element is bounds-checked before anything is
+        posted; an error names the failing element (``.index``).
+        """
+        if not isinstance(src, MemoryRegion):
+            raise TypeError(f"src must be a MemoryRegion, got {type(src).__name__}")
+        n = len(targets)
+        if n == 0:
+            raise ValueError("scatter needs at least one target")
+        wrs = ffi.new("aiote_wr[]", n)
+        for i, (desc, so, do, ln) in enumerate(targets):
+            self._fill(wrs[i], self._peer_of(desc), desc, so, do, ln)
+        return self._submit_wrs(src, wrs, n, imm, None)
+
+    def barrier(self, targets: Iterable[MrDescriptor], imm: int) -> asyncio.Future[None]:
+        """An imm-only write to each target (each target's owner counts one ``imm``)."""
+        descs = list(targets)
+        if not descs:
+            raise ValueError("barrier needs at least one target")
+        wrs = ffi.new("aiote_wr[]", len(descs))
+        for i, d in enumerate(descs):
+            self._fill(wrs[i], self._peer_of(d), d, 0, 0, 0)
+        return self._submit_wrs(None, wrs, len(descs), imm, None)
+
+    def write_paged(self, src: MemoryRegion, dst: MrDescriptor, page_len: int, src_pages: Any, dst_pages: Any,
+                    src_stride: int | None = None, dst_stride: int | None = None, src_offset: int = 0,
+                    dst_offset: int = 0, imm: int | None = None) -> asyncio.Future[None]:
+        """One write per page: page i goes from ``src_offset + src_pages[i]*src_stride``
+        to ``dst_offset + dst_pages[i]*dst_stride``, ``page_len`` bytes.
+
+        Page lists may be sequences of ints, numpy arrays or torch integer
+        tensors; the loop over pages runs in C.  With ``imm`` every page
+        carries it: the receiver waits for ``len(pages)`` imms.
+        """
+        if not isinstance(src, MemoryRegion):
+            raise TypeError(f"src must be a MemoryRegion, got {type(src).__name__}")
+        sp, sp_keep, n = _int64_pages(src_pages)
+        dp, dp_keep, m = _int64_pages(dst_pages)
+        if n != m:
+            raise ValueError(f"src_pages has {n} entries, dst_pages {m}")
+        if n == 0:
+            raise ValueError("write_paged needs at least one page")
+        src_stride = page_len if src_stride is None else src_stride
+        dst_stride = page_len if dst_stride is None else dst_stride
+        for name, v in (("page_len", page_len), ("src_stride", src_stride), ("dst_stride", dst_stride),
+                        ("src_offset", src_offset), ("dst_offset", dst_offset)):
+            if not isinstance(v, int) or v < 0 or v >= 1 << 64:
+                raise ValueError(f"{name} must be a non-negative int, got {v!r}")
+        has_imm, imm_v = self._check_imm(imm)
+        peer = self._peer_of(dst)
+        h = self._handle()
+        mr_id = src._mr_id()
+        bad = ffi.new("uint64_t*")
+
+        def submit(op_id: int) -> int:
+            rc = lib.aiote_submit_paged(h, op_id, mr_id, peer, dst.base, dst.length, dst.keys[0], page_len,
+                                        sp, src_stride, src_offset, dp, dst_stride, dst_offset, n,
+                                        has_imm, imm_v, bad)
+            if rc < 0 and rc != -lib.AIOTE_E_AGAIN:
+                check(rc, index=int(bad[0]))
+            return rc
+
+        return self._submit(submit, (src, sp_keep, dp_keep))
+
+    # -- messages ------------------------------------------------------------------
+
+    def send(self, peer: bytes | EngineAddress, data: bytes | bytearray | memoryview) -> asyncio.Future[None]:
+        """Send a small two-sided message (at most ``msg_size`` bytes) to an engine address."""
+        addr = peer if isinstance(peer, EngineAddress) else EngineAddress.from_bytes(peer)
+        p = self._peer(addr.addrs, addr.provider)
+        h = self._handle()
+        payload = bytes(data)
+
+        def submit(op_id: int) -> int:
+            rc = lib.aiote_submit_send(h, op_id, p, payload, len(payload))
+            if rc < 0 and rc != -lib.AIOTE_E_AGAIN:
+                check(rc, "send")
+            return rc
+
+        return self._submit(submit, None)
+
+    async def recv(self) -> tuple[bytes, bytes]:
+        """Wait for the next message: returns (payload, sender address)."""
+        loop = self._loop_checked()
+        if self._inbox:
+            return self._inbox.popleft()
+        fut: asyncio.Future[tuple[bytes, bytes]] = loop.create_future()
+        self._recv_waiters.append(fut)
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                self._inbox.appendleft(fut.result())  # delivered as we were cancelled: keep it
+            raise
+
+    # -- events ----------------------------------------------------------------------
+
+    def _on_events(self) -> None:
+        try:
+            os.read(self._efd, 8)
+        except BlockingIOError:
+            pass
+        self._drain()
+        if self._deferred:
+            self._flush_deferred()
+
+    def _drain(self) -> None:
+        h, evs = self._h, self._events
+        while True:
+            n = lib.aiote_poll_events(h, evs, _EVENT_BATCH)
+            for i in range(n):
+                ev = evs[i]
+                kind = ev.kind
+                if kind == lib.AIOTE_EV_OP:
+                    self._op_event(ev)
+                elif kind == lib.AIOTE_EV_IMM:
+                    self.imms._fired(int(ev.id))
+                elif kind == lib.AIOTE_EV_RECV:
+                    self._recv_event(ev)
+            if n < _EVENT_BATCH:
+                return
+
+    def _op_event(self, ev: Any) -> None:
+        op = self._ops.pop(int(ev.id), None)
+        if op is None or op.future.done():
+            return
+        if ev.status == 0:
+            op.future.set_result(None)
+        else:
+            index = int(ev.index)
+            msg = "operation failed" if ev.status != -lib.AIOTE_E_CLOSED else "engine closed"
+            op.future.set_exception(error_for(ev.status, f"{msg} (element {index})", fi_errno=ev.fi_errno,
+                                              prov_errno=ev.prov_errno, index=index))
+
+    def _recv_event(self, ev: Any) -> None:
+        raw = ffi.buffer(ev.data, ev.payload_off + ev.len)
+        src = raw[ev.src_off:ev.src_off + ev.src_len]
+        payload = raw[ev.payload_off:ev.payload_off + ev.len]
+        lib.aiote_free(ev.data)
+        sender = EngineAddress(self.provider, (src,)).to_bytes()
+        while self._recv_waiters:
+            f = self._recv_waiters.popleft()
+            if not f.done():
+                f.set_result((payload, sender))
+                return
+        self._inbox.append((payload, sender))
+
+
+def _int64_pages(pages: Any) -> tuple[Any, Any, int]:
+    """A C int64 array view of a page list (sequence, numpy array or torch tensor)."""
+    mod = type(pages).__module__
+    if mod.startswith("torch"):
+        import torch
+
+        t = pages.detach().to(device="cpu", dtype=torch.int64).contiguous()
+        keep = t.numpy()
+    elif mod.startswith("numpy"):
+        import numpy as np
+
+        keep = np.ascontiguousarray(pages, dtype=np.int64)
+    else:
+        try:
+            keep = array.array("q", pages)
+        except (TypeError, OverflowError) as e:
+            raise ValueError(f"page indices must be integers: {e}") from e
+    n = len(keep)
+    if n == 0:
+        return ffi.NULL, keep, 0
+    return ffi.from_buffer("int64_t[]", keep), keep, n

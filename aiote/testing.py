@@ -1,0 +1,242 @@
+"""Test helpers: a peer engine in another process, driven from async tests.
+
+``async with PeerProcess("shm") as peer:`` starts a child process that runs
+its own TransferEngine and answers calls (register a buffer, read it back,
+wait for imms, write to a descriptor, send/recv, die).  Calls are async, so
+the parent's event loop keeps serving its own engine while it waits.
+
+Errors raised in the child come back as the same aiote exception class when
+there is one, otherwise as RemoteError.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import multiprocessing as mp
+import os
+import signal
+import traceback
+from typing import Any
+
+from . import errors as _errors
+
+__all__ = ["PeerProcess", "RemoteError", "loopback_host"]
+
+
+class RemoteError(Exception):
+    """An exception in the peer process that has no aiote equivalent."""
+
+
+def loopback_host(provider: str) -> str | None:
+    """The node to bind for a provider on this host (None for shm)."""
+    return None if provider == "shm" else "127.0.0.1"
+
+
+# ---------------------------------------------------------------- child side
+
+
+async def _child(conn: Any, provider: str, polling: str, kwargs: dict[str, Any]) -> None:
+    import aiote
+
+    loop = asyncio.get_running_loop()
+    regions: dict[int, tuple[Any, Any]] = {}
+    rids = itertools.count(1)
+    done = asyncio.Event()
+    async with aiote.TransferEngine(provider, host=loopback_host(provider), polling=polling, **kwargs) as eng:
+
+        async def handle(method: str, args: tuple) -> Any:
+            if method == "address":
+                return eng.address
+            if method == "info":
+                return eng.info()
+            if method == "stats":
+                return eng.stats()
+            if method == "register":
+                size, fill = args
+                buf = bytearray([fill]) * size if fill else bytearray(size)
+                mr = eng.register(buf)
+                rid = next(rids)
+                regions[rid] = (buf, mr)
+                return rid, mr.descriptor.to_bytes()
+            if method == "read":
+                rid, off, n = args
+                return bytes(regions[rid][0][off:off + n])
+            if method == "fill":
+                rid, off, data = args
+                regions[rid][0][off:off + len(data)] = data
+                return None
+            if method == "close_region":
+                regions.pop(args[0])[1].close()
+                return None
+            if method == "wait_imm":
+                imm, count, timeout = args
+                await eng.imms.wait(imm, count, timeout=timeout)
+                return True
+            if method == "pending":
+                return eng.imms.pending(args[0])
+            if method == "write":
+                rid, desc, length, src_off, dst_off, imm = args
+                d = aiote.MrDescriptor.from_bytes(desc)
+                await eng.write(regions[rid][1], d, length, src_off, dst_off, imm=imm)
+                return None
+            if method == "write_many":
+                # (rid, desc, [(length, src_off, dst_off, imm), ...]): all in flight at once
+                rid, desc, items = args
+                d = aiote.MrDescriptor.from_bytes(desc)
+                mr = regions[rid][1]
+                await asyncio.gather(*(eng.write(mr, d, ln, so, do, imm=im) for ln, so, do, im in items))
+                return None
+            if method == "write_imm_many":
+                desc, imms = args
+                d = aiote.MrDescriptor.from_bytes(desc)
+                await asyncio.gather(*(eng.write_imm(d, i) for i in imms))
+                return None
+            if method == "write_paged":
+                rid, desc, kw = args
+                d = aiote.MrDescriptor.from_bytes(desc)
+                await eng.write_paged(regions[rid][1], d, **kw)
+                return None
+            if method == "send":
+                addr, data = args
+                await eng.send(addr, data)
+                return None
+            if method == "recv":
+                return await eng.recv()
+            if method == "echo_messages":
+                # answer every message with b"re:" + payload, args[0] times
+                for _ in range(args[0]):
+                    data, sender = await eng.recv()
+                    await eng.send(sender, b"re:" + data)
+                return None
+            if method == "exit":
+                done.set()
+                return None
+            raise RemoteError(f"unknown method {method!r}")
+
+        async def serve(call_id: int, method: str, args: tuple) -> None:
+            try:
+                res = ("ok", await handle(method, args))
+            except BaseException as e:  # noqa: BLE001 - everything goes back to the parent
+                res = ("err", (type(e).__name__, str(e), traceback.format_exc()))
+            try:
+                conn.send((call_id, *res))
+            except (BrokenPipeError, OSError):
+                done.set()
+
+        def on_readable() -> None:
+            try:
+                call_id, method, args = conn.recv()
+            except (EOFError, OSError):
+                done.set()
+                return
+            loop.create_task(serve(call_id, method, args))
+
+        loop.add_reader(conn.fileno(), on_readable)
+        conn.send((0, "ok", "ready"))
+        await done.wait()
+        loop.remove_reader(conn.fileno())
+
+
+def _child_main(conn: Any, provider: str, polling: str, kwargs: dict[str, Any]) -> None:
+    asyncio.run(_child(conn, provider, polling, kwargs))
+
+
+# ---------------------------------------------------------------- parent side
+
+
+class PeerProcess:
+    """A TransferEngine in a child process (spawned, so no inherited state)."""
+
+    def __init__(self, provider: str = "shm", polling: str = "adaptive", **engine_kwargs: Any):
+        self.provider = provider
+        self._polling = polling
+        self._kwargs = engine_kwargs
+        self._ids = itertools.count(1)
+        self._calls: dict[int, asyncio.Future[Any]] = {}
+        self.proc: Any = None
+        self._conn: Any = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def start(self, timeout: float = 30) -> PeerProcess:
+        ctx = mp.get_context("spawn")
+        parent, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_child_main, args=(child, self.provider, self._polling, self._kwargs),
+                                daemon=True)
+        self.proc.start()
+        child.close()
+        self._conn = parent
+        self._loop = asyncio.get_running_loop()
+        ready: asyncio.Future[Any] = self._loop.create_future()
+        self._calls[0] = ready
+        self._loop.add_reader(parent.fileno(), self._on_readable)
+        await asyncio.wait_for(ready, timeout)
+        return self
+
+    def _on_readable(self) -> None:
+        try:
+            call_id, status, value = self._conn.recv()
+        except (EOFError, OSError):
+            self._fail_all(RemoteError(f"peer process {self.pid} exited"))
+            return
+        fut = self._calls.pop(call_id, None)
+        if fut is None or fut.done():
+            return
+        if status == "ok":
+            fut.set_result(value)
+        else:
+            name, msg, tb = value
+            cls = getattr(_errors, name, None)
+            exc = cls(msg) if isinstance(cls, type) and issubclass(cls, Exception) else RemoteError(
+                f"{name}: {msg}\n{tb}")
+            fut.set_exception(exc)
+
+    def _fail_all(self, exc: Exception) -> None:
+        if self._loop is not None and self._conn is not None:
+            try:
+                self._loop.remove_reader(self._conn.fileno())
+            except (ValueError, OSError):
+                pass
+        calls, self._calls = self._calls, {}
+        for f in calls.values():
+            if not f.done():
+                f.set_exception(exc)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def call(self, method: str, *args: Any) -> asyncio.Future[Any]:
+        """Start a call in the peer; await the returned future for its result."""
+        assert self._loop is not None, "start() the peer first"
+        call_id = next(self._ids)
+        fut = self._loop.create_future()
+        self._calls[call_id] = fut
+        self._conn.send((call_id, method, args))
+        return fut
+
+    def kill(self) -> None:
+        """SIGKILL the peer process (a crash, as far as its peers can tell)."""
+        os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.join(10)
+
+    async def stop(self, timeout: float = 10) -> None:
+        if self.proc is None:
+            return
+        if self.proc.is_alive():
+            try:
+                await asyncio.wait_for(self.call("exit"), timeout)
+            except Exception:  # noqa: BLE001 - stopping anyway
+                pass
+            await asyncio.get_running_loop().run_in_executor(None, self.proc.join, timeout)
+            if self.proc.is_alive():
+                self.proc.kill()
+                self.proc.join(5)
+        self._fail_all(RemoteError("peer stopped"))
+        self._conn.close()
+
+    async def __aenter__(self) -> PeerProcess:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()

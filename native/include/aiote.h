@@ -1,0 +1,191 @@
+/* aiote native API: the whole surface that Python (cffi) sees.
+ *
+ * One engine = one libfabric provider endpoint set driven by one worker
+ * thread.  Python submits operations (batches of RMA writes, sends), arms imm
+ * thresholds, and drains an event queue when the engine's eventfd becomes
+ * readable.  Every libfabric call on a live engine happens on the worker
+ * thread, so providers can run with FI_THREAD_DOMAIN.
+ *
+ * Lines starting with '#' are stripped before cffi parses this file; keep the
+ * declarations plain C.  Return codes: 0 (or a count) on success, a negative
+ * AIOTE_E* code on failure; aiote_last_error() describes the latest failure
+ * on the calling thread.
+ */
+#ifndef AIOTE_H
+#define AIOTE_H
+#include <stddef.h>
+#include <stdint.h>
+
+enum {
+    AIOTE_ABI_VERSION = 1,
+
+    /* polling modes */
+    AIOTE_POLL_BUSY = 0,
+    AIOTE_POLL_ADAPTIVE = 1,
+    AIOTE_POLL_BLOCKING = 2,
+
+    /* error codes (negative on return) */
+    AIOTE_OK = 0,
+    AIOTE_E_PROVIDER = 1,   /* libfabric call failed; see fi_errno/prov text */
+    AIOTE_E_INVAL = 2,      /* bad argument */
+    AIOTE_E_BOUNDS = 3,     /* offset/length outside a region; *bad_index names the element */
+    AIOTE_E_NO_MR = 4,      /* unknown or closed memory region */
+    AIOTE_E_BUSY = 5,       /* region in use by an operation */
+    AIOTE_E_CLOSED = 6,     /* engine is closed */
+    AIOTE_E_NOMEM = 7,
+    AIOTE_E_PEER = 8,       /* bad peer address or unknown peer */
+    AIOTE_E_TOO_BIG = 9,    /* message larger than the engine's message size */
+    AIOTE_E_AGAIN = 10,     /* submission queue full: retry later */
+    AIOTE_E_NOT_FOUND = 11,
+
+    /* event kinds */
+    AIOTE_EV_OP = 1,        /* an operation finished (status 0 or error) */
+    AIOTE_EV_IMM = 2,       /* an imm waiter's threshold was reached */
+    AIOTE_EV_RECV = 3,      /* a message arrived: data/len/src/src_len */
+
+    /* imm layout: the top bits are reserved for the shard count of a
+     * striped write, so the receiver counts whole logical writes. */
+    AIOTE_IMM_BITS = 28,
+    AIOTE_IMM_SHARD_SHIFT = 28,
+    AIOTE_IMM_MAX_SHARD_LOG = 15,
+
+    /* access flags for registration */
+    AIOTE_ACCESS_LOCAL = 1,   /* source of writes / sends */
+    AIOTE_ACCESS_REMOTE = 2,  /* target of remote writes */
+};
+
+typedef struct aiote_engine aiote_engine;
+
+typedef struct {
+    const char *provider;     /* "shm", "tcp;ofi_rxm", "efa", ... or NULL for the first RMA-capable */
+    const char *node;         /* address to bind (e.g. "127.0.0.1"), or NULL */
+    const char *domain;       /* domain (NIC) name, or NULL */
+    int polling;              /* AIOTE_POLL_* */
+    uint32_t spin_us;         /* adaptive: spin this long before sleeping */
+    uint32_t msg_size;        /* largest send/recv payload */
+    uint32_t recv_slots;      /* preposted receive buffers */
+    uint32_t send_slots;      /* registered send buffers */
+    uint32_t max_queued;      /* submission queue bound (elements), 0 = default */
+    int delivery_complete;    /* 1: ask for FI_DELIVERY_COMPLETE on writes */
+} aiote_config;
+
+typedef struct {
+    char provider[64];
+    char fabric[64];
+    char domain[64];
+    uint64_t mr_mode;
+    uint64_t mr_key_size;
+    uint64_t cq_data_size;
+    uint64_t inject_size;
+    uint64_t max_msg_size;
+    uint64_t tx_size;
+    uint64_t rx_size;
+    int delivery_complete;    /* writes complete at the target (FI_DELIVERY_COMPLETE) */
+    int wait_fd;              /* the CQ offers an fd to sleep on */
+    int hmem;                 /* provider advertises FI_HMEM */
+    int addr_len;
+} aiote_info;
+
+typedef struct {
+    uint64_t id;              /* op id or waiter id */
+    int32_t kind;             /* AIOTE_EV_* */
+    int32_t status;           /* 0, or negative AIOTE_E_* / -fi_errno (see fi_errno) */
+    int32_t fi_errno;         /* libfabric errno (positive) when the provider failed */
+    int32_t prov_errno;
+    uint64_t index;           /* failing element of a batch */
+    void *data;               /* EV_RECV: message buffer (free with aiote_free) */
+    uint64_t len;             /* EV_RECV: payload length */
+    uint64_t src_off;         /* EV_RECV: sender address offset within data */
+    uint64_t src_len;         /* EV_RECV: sender address length */
+    uint64_t payload_off;     /* EV_RECV: payload offset within data */
+} aiote_event;
+
+/* One write of a batch.  len == 0 with has_imm is an imm-only write. */
+typedef struct {
+    uint32_t peer;            /* from aiote_peer_insert */
+    uint32_t _pad;
+    uint64_t src_off;         /* offset in the local region */
+    uint64_t dst_off;         /* offset in the remote region */
+    uint64_t len;
+    uint64_t remote_base;     /* address the remote key is based at */
+    uint64_t remote_len;      /* length of the remote region (bounds) */
+    uint64_t remote_key;
+} aiote_wr;
+
+/* Counters of one engine. */
+typedef struct {
+    uint64_t ops_submitted;
+    uint64_t ops_completed;
+    uint64_t ops_failed;
+    uint64_t writes_posted;
+    uint64_t bytes_written;
+    uint64_t imms_received;
+    uint64_t msgs_sent;
+    uint64_t msgs_received;
+    uint64_t eagain;
+    uint64_t bad_msgs;
+    uint64_t remote_errors;
+    uint64_t wakeups;
+} aiote_stats;
+
+const char *aiote_last_error(void);
+const char *aiote_fi_strerror(int fi_errno);
+int aiote_abi_version(void);
+
+int aiote_engine_open(const aiote_config *cfg, aiote_engine **out);
+/* Stop the worker: in-flight and queued operations fail with AIOTE_E_CLOSED
+ * events (drain them with aiote_poll_events), then the endpoint is closed. */
+int aiote_engine_shutdown(aiote_engine *e);
+/* Free everything; call after shutdown and after draining events. */
+void aiote_engine_free(aiote_engine *e);
+int aiote_engine_eventfd(aiote_engine *e);
+int aiote_engine_info(aiote_engine *e, aiote_info *out);
+/* The endpoint's address; *len is in/out. */
+int aiote_engine_address(aiote_engine *e, uint8_t *buf, size_t *len);
+int aiote_engine_stats(aiote_engine *e, aiote_stats *out);
+
+/* Memory registration.  *base is the address remote writes must target at
+ * offset 0 (the virtual address, or 0 for offset-based providers). */
+int aiote_mr_register(aiote_engine *e, void *addr, uint64_t len, int access,
+                      uint64_t *mr_id, uint64_t *key, uint64_t *base);
+/* AIOTE_E_BUSY while an operation uses the region. */
+int aiote_mr_deregister(aiote_engine *e, uint64_t mr_id);
+
+/* Resolve a peer address to an index (cached: the same bytes give the same peer). */
+int aiote_peer_insert(aiote_engine *e, const uint8_t *addr, size_t len, uint32_t *peer);
+
+/* A batch of writes from one local region.  Every element is bounds-checked
+ * before anything is posted; on AIOTE_E_BOUNDS *bad_index names the element.
+ * One AIOTE_EV_OP event reports the batch. */
+int aiote_submit_writes(aiote_engine *e, uint64_t op_id, uint64_t mr_id,
+                        const aiote_wr *wrs, size_t n, int has_imm, uint32_t imm,
+                        uint64_t *bad_index);
+/* Paged writes: page i goes from src_off + src_pages[i]*src_stride to
+ * dst_off + dst_pages[i]*dst_stride, page_len bytes each. */
+int aiote_submit_paged(aiote_engine *e, uint64_t op_id, uint64_t mr_id,
+                       uint32_t peer, uint64_t remote_base, uint64_t remote_len,
+                       uint64_t remote_key, uint64_t page_len,
+                       const int64_t *src_pages, uint64_t src_stride, uint64_t src_off,
+                       const int64_t *dst_pages, uint64_t dst_stride, uint64_t dst_off,
+                       size_t n, int has_imm, uint32_t imm, uint64_t *bad_index);
+/* Two-sided message (copied; the caller's buffer is free on return). */
+int aiote_submit_send(aiote_engine *e, uint64_t op_id, uint32_t peer,
+                      const void *data, size_t len);
+/* Fail the operation with AIOTE_E_CLOSED-like cancellation if it has not been
+ * posted yet; returns 1 if it was withdrawn, 0 if already posted/finished. */
+int aiote_cancel(aiote_engine *e, uint64_t op_id);
+
+/* ImmCounter.  Returns 1 if satisfied now (count consumed), 0 if armed. */
+int aiote_imm_wait(aiote_engine *e, uint64_t waiter_id, uint32_t imm, uint64_t count);
+/* Returns 1 if the waiter was disarmed, 0 if it had already fired. */
+int aiote_imm_cancel(aiote_engine *e, uint64_t waiter_id);
+/* Give back count whole writes to imm (a fired waiter whose awaiter left). */
+int aiote_imm_restore(aiote_engine *e, uint32_t imm, uint64_t count);
+/* Whole writes with this imm that landed and were not consumed yet. */
+int aiote_imm_pending(aiote_engine *e, uint32_t imm, uint64_t *count);
+
+/* Take up to max events; re-arms the eventfd when the queue is emptied. */
+int aiote_poll_events(aiote_engine *e, aiote_event *out, size_t max);
+void aiote_free(void *p);
+
+#endif

@@ -1,0 +1,588 @@
+/* The public C API: engine life cycle, registration, submission, counters.
+ * Everything here runs on caller threads; libfabric objects of a running
+ * engine are touched only by the worker (control ops are handed to it). */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
+
+#include "internal.h"
+
+#define IMM_USER_MAX ((1u << AIOTE_IMM_BITS) - 1)
+#define DEFAULT_MAX_QUEUED (1u << 20)
+
+static __thread char last_error[512];
+
+void aiote_set_error(const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(last_error, sizeof last_error, fmt, ap);
+    va_end(ap);
+}
+
+const char *aiote_last_error(void) { return last_error; }
+const char *aiote_fi_strerror(int fi_errno) { return fi_strerror(fi_errno); }
+int aiote_abi_version(void) { return AIOTE_ABI_VERSION; }
+void aiote_free(void *p) { free(p); }
+
+static char *dup_or_null(const char *s) { return s ? strdup(s) : NULL; }
+
+static void engine_release(aiote_engine *e)
+{
+    free((char *)e->cfg.provider);
+    free((char *)e->cfg.node);
+    free((char *)e->cfg.domain);
+    imm_table_destroy(&e->imms);
+    event_queue_destroy(&e->events);
+    if (e->sub_efd >= 0)
+        close(e->sub_efd);
+    free(e->pending_events.ev);
+    free(e->mrs);
+    free(e->peer_fi);
+    free(e->peer_addr);
+    free(e->peer_addr_len);
+    free(e->cancel_ids);
+    pthread_mutex_destroy(&e->mr_lock);
+    pthread_mutex_destroy(&e->peer_lock);
+    pthread_mutex_destroy(&e->sub_lock);
+    free(e);
+}
+
+int aiote_engine_open(const aiote_config *cfg, aiote_engine **out)
+{
+    *out = NULL;
+    if (!cfg || cfg->polling < AIOTE_POLL_BUSY || cfg->polling > AIOTE_POLL_BLOCKING) {
+        aiote_set_error("invalid engine configuration");
+        return -AIOTE_E_INVAL;
+    }
+    aiote_engine *e = calloc(1, sizeof *e);
+    if (!e)
+        return -AIOTE_E_NOMEM;
+    e->cfg = *cfg;
+    e->cfg.provider = dup_or_null(cfg->provider);
+    e->cfg.node = dup_or_null(cfg->node);
+    e->cfg.domain = dup_or_null(cfg->domain);
+    if (!e->cfg.msg_size)
+        e->cfg.msg_size = 64 * 1024;
+    if (!e->cfg.recv_slots)
+        e->cfg.recv_slots = 64;
+    if (!e->cfg.send_slots)
+        e->cfg.send_slots = 64;
+    if (!e->cfg.max_queued)
+        e->cfg.max_queued = DEFAULT_MAX_QUEUED;
+    e->sub_efd = -1;
+    e->cq_fd = -1;
+    pthread_mutex_init(&e->mr_lock, NULL);
+    pthread_mutex_init(&e->peer_lock, NULL);
+    pthread_mutex_init(&e->sub_lock, NULL);
+    atomic_init(&e->outstanding, 0);
+    int rc = imm_table_init(&e->imms);
+    if (!rc)
+        rc = event_queue_init(&e->events);
+    if (!rc) {
+        e->sub_efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+        if (e->sub_efd < 0)
+            rc = -AIOTE_E_NOMEM;
+    }
+    if (!rc)
+        rc = fabric_open(e);
+    if (!rc && pthread_create(&e->worker, NULL, worker_main, e) != 0) {
+        aiote_set_error("cannot start the worker thread: %s", strerror(errno));
+        rc = -AIOTE_E_NOMEM;
+    }
+    if (rc) {
+        char saved[sizeof last_error];
+        memcpy(saved, last_error, sizeof saved);
+        fabric_close(e);
+        engine_release(e);
+        memcpy(last_error, saved, sizeof saved);
+        return rc;
+    }
+    e->worker_started = true;
+    *out = e;
+    return 0;
+}
+
+int aiote_engine_shutdown(aiote_engine *e)
+{
+    pthread_mutex_lock(&e->sub_lock);
+    bool already = atomic_exchange(&e->stopping, true);
+    pthread_mutex_unlock(&e->sub_lock);
+    if (already)
+        return 0;
+    uint64_t one = 1;
+    ssize_t r = write(e->sub_efd, &one, sizeof one);
+    (void)r;
+    if (e->worker_started)
+        pthread_join(e->worker, NULL);
+    e->worker_started = false;
+    fabric_close(e);
+    /* the NIC can't touch them any more: free what the worker left */
+    struct op *op = e->live;
+    while (op) {
+        struct op *nx = op->live_next;
+        op_free(op);
+        op = nx;
+    }
+    e->live = NULL;
+    e->pend_head = e->pend_tail = NULL;
+    return 0;
+}
+
+void aiote_engine_free(aiote_engine *e)
+{
+    if (!e)
+        return;
+    aiote_engine_shutdown(e);
+    engine_release(e);
+}
+
+int aiote_engine_eventfd(aiote_engine *e) { return e->events.efd; }
+
+int aiote_engine_info(aiote_engine *e, aiote_info *out)
+{
+    *out = e->info;
+    return 0;
+}
+
+int aiote_engine_address(aiote_engine *e, uint8_t *buf, size_t *len)
+{
+    if (*len < e->addr_len) {
+        *len = e->addr_len;
+        aiote_set_error("address buffer too small");
+        return -AIOTE_E_INVAL;
+    }
+    memcpy(buf, e->addr, e->addr_len);
+    *len = e->addr_len;
+    return 0;
+}
+
+int aiote_engine_stats(aiote_engine *e, aiote_stats *out)
+{
+    *out = e->stats;
+    return 0;
+}
+
+/* ---- submission ------------------------------------------------------- */
+
+static void wake_worker(aiote_engine *e)
+{
+    if (atomic_load(&e->worker_sleeping)) {
+        uint64_t one = 1;
+        ssize_t r = write(e->sub_efd, &one, sizeof one);
+        (void)r;
+    }
+}
+
+static int enqueue(aiote_engine *e, struct op *op)
+{
+    pthread_mutex_lock(&e->sub_lock);
+    if (atomic_load(&e->stopping)) {
+        pthread_mutex_unlock(&e->sub_lock);
+        aiote_set_error("engine is closed");
+        return -AIOTE_E_CLOSED;
+    }
+    op->next = NULL;
+    if (e->sub_tail)
+        e->sub_tail->next = op;
+    else
+        e->sub_head = op;
+    e->sub_tail = op;
+    pthread_mutex_unlock(&e->sub_lock);
+    wake_worker(e);
+    return 0;
+}
+
+/* Run fn on the worker and wait for it (GIL is released by cffi). */
+static int run_ctrl(aiote_engine *e, ctrl_fn fn, void *arg)
+{
+    struct op *op = calloc(1, sizeof *op);
+    if (!op)
+        return -AIOTE_E_NOMEM;
+    op->kind = OP_CTRL;
+    op->fn = fn;
+    op->arg = arg;
+    sem_init(&op->done, 0, 0);
+    int rc = enqueue(e, op);
+    if (rc) {
+        sem_destroy(&op->done);
+        free(op);
+        return rc;
+    }
+    while (sem_wait(&op->done) != 0 && errno == EINTR)
+        ;
+    rc = op->ctrl_rc;
+    if (rc)
+        aiote_set_error("%s", op->err);
+    sem_destroy(&op->done);
+    free(op);
+    return rc;
+}
+
+/* Reserve room for n elements; AIOTE_E_AGAIN when the engine is saturated. */
+static int reserve(aiote_engine *e, size_t n)
+{
+    size_t cur = atomic_fetch_add(&e->outstanding, n);
+    if (cur > 0 && cur + n > e->cfg.max_queued) {
+        atomic_fetch_sub(&e->outstanding, n);
+        aiote_set_error("submission queue full (%zu elements outstanding)", cur);
+        return -AIOTE_E_AGAIN;
+    }
+    return 0;
+}
+
+static struct mr_slot *mr_lookup(aiote_engine *e, uint64_t mr_id)
+{
+    size_t idx = (size_t)(mr_id & 0xffffffffu);
+    uint32_t gen = (uint32_t)(mr_id >> 32);
+    if (idx >= e->nmrs || !e->mrs[idx].used || e->mrs[idx].gen != gen)
+        return NULL;
+    return &e->mrs[idx];
+}
+
+int aiote_mr_register(aiote_engine *e, void *addr, uint64_t len, int access, uint64_t *mr_id,
+                      uint64_t *key, uint64_t *base)
+{
+    if (!addr || len == 0) {
+        aiote_set_error("cannot register an empty buffer");
+        return -AIOTE_E_INVAL;
+    }
+    struct mr_reg_arg a = {.addr = addr, .len = len, .access = access};
+    int rc = run_ctrl(e, ctrl_mr_register, &a);
+    if (rc)
+        return rc;
+    *mr_id = a.mr_id;
+    *key = a.key;
+    *base = a.base;
+    return 0;
+}
+
+int aiote_mr_deregister(aiote_engine *e, uint64_t mr_id)
+{
+    pthread_mutex_lock(&e->mr_lock);
+    struct mr_slot *s = mr_lookup(e, mr_id);
+    if (!s) {
+        pthread_mutex_unlock(&e->mr_lock);
+        aiote_set_error("unknown or already closed memory region");
+        return -AIOTE_E_NO_MR;
+    }
+    if (s->refs > 0) {
+        int64_t refs = s->refs;
+        pthread_mutex_unlock(&e->mr_lock);
+        aiote_set_error("memory region is in use by %lld operation(s)", (long long)refs);
+        return -AIOTE_E_BUSY;
+    }
+    struct fid_mr *mr = s->mr;
+    s->used = false;
+    s->mr = NULL;
+    pthread_mutex_unlock(&e->mr_lock);
+    int rc = run_ctrl(e, ctrl_mr_close, mr);
+    if (rc == -AIOTE_E_CLOSED)
+        rc = 0; /* engine shut down: the region was closed with it */
+    return rc;
+}
+
+int aiote_peer_insert(aiote_engine *e, const uint8_t *addr, size_t len, uint32_t *peer)
+{
+    if (!addr || len == 0 || len > AIOTE_ADDR_MAX) {
+        aiote_set_error("peer address must be 1..%d bytes, got %zu", AIOTE_ADDR_MAX, len);
+        return -AIOTE_E_PEER;
+    }
+    struct peer_arg a = {.addr = addr, .len = len};
+    int rc = run_ctrl(e, ctrl_peer_insert, &a);
+    if (!rc)
+        *peer = a.peer;
+    return rc;
+}
+
+static inline bool out_of(uint64_t off, uint64_t len, uint64_t total)
+{
+    return len > total || off > total - len;
+}
+
+static size_t npeers_now(aiote_engine *e)
+{
+    pthread_mutex_lock(&e->peer_lock);
+    size_t n = e->npeers;
+    pthread_mutex_unlock(&e->peer_lock);
+    return n;
+}
+
+/* Look up the local region and take a reference for the op. */
+static int take_local(aiote_engine *e, struct op *op, uint64_t mr_id, struct mr_slot **slot)
+{
+    pthread_mutex_lock(&e->mr_lock);
+    struct mr_slot *s = mr_lookup(e, mr_id);
+    if (!s) {
+        pthread_mutex_unlock(&e->mr_lock);
+        aiote_set_error("unknown or closed memory region");
+        return -AIOTE_E_NO_MR;
+    }
+    *slot = s;
+    op->mr_index = (uint32_t)(mr_id & 0xffffffffu);
+    op->local_base = s->addr;
+    op->local_desc = s->desc;
+    return 0; /* mr_lock held: caller validates, then commit_local/abort_local */
+}
+
+static void commit_local(aiote_engine *e, struct mr_slot *s)
+{
+    s->refs++;
+    pthread_mutex_unlock(&e->mr_lock);
+}
+
+static int submit_op(aiote_engine *e, struct op *op, size_t nelems)
+{
+    int rc = enqueue(e, op);
+    if (rc) {
+        if (op->kind == OP_WRITES || op->kind == OP_PAGED) {
+            pthread_mutex_lock(&e->mr_lock);
+            e->mrs[op->mr_index].refs--;
+            pthread_mutex_unlock(&e->mr_lock);
+        }
+        atomic_fetch_sub(&e->outstanding, nelems);
+        op_free(op);
+    }
+    return rc;
+}
+
+int aiote_submit_writes(aiote_engine *e, uint64_t op_id, uint64_t mr_id, const aiote_wr *wrs,
+                        size_t n, int has_imm, uint32_t imm, uint64_t *bad_index)
+{
+    *bad_index = 0;
+    if (has_imm && imm > IMM_USER_MAX) {
+        aiote_set_error("imm %u out of range 0..%u", imm, IMM_USER_MAX);
+        return -AIOTE_E_INVAL;
+    }
+    if (n == 0) {
+        aiote_set_error("empty batch");
+        return -AIOTE_E_INVAL;
+    }
+    struct op *op = calloc(1, sizeof *op);
+    if (!op)
+        return -AIOTE_E_NOMEM;
+    op->wrs = malloc(n * sizeof *wrs);
+    if (!op->wrs) {
+        free(op);
+        return -AIOTE_E_NOMEM;
+    }
+    memcpy(op->wrs, wrs, n * sizeof *wrs);
+    op->kind = OP_WRITES;
+    op->id = op_id;
+    op->n = n;
+    op->has_imm = has_imm;
+    op->imm = imm;
+    size_t np = npeers_now(e);
+    struct mr_slot *s;
+    int rc = take_local(e, op, mr_id, &s);
+    if (rc) {
+        op_free(op);
+        return rc;
+    }
+    /* every element is checked before anything is posted */
+    for (size_t i = 0; i < n; i++) {
+        const aiote_wr *w = &op->wrs[i];
+        const char *what = NULL;
+        if (w->peer >= np)
+            what = "unknown peer";
+        else if (out_of(w->src_off, w->len, s->len))
+            what = "source range outside the local region";
+        else if (out_of(w->dst_off, w->len, w->remote_len))
+            what = "destination range outside the remote region";
+        if (what) {
+            pthread_mutex_unlock(&e->mr_lock);
+            aiote_set_error("element %zu: %s (src_off=%llu dst_off=%llu len=%llu, local=%llu remote=%llu)",
+                            i, what, (unsigned long long)w->src_off, (unsigned long long)w->dst_off,
+                            (unsigned long long)w->len, (unsigned long long)s->len,
+                            (unsigned long long)w->remote_len);
+            *bad_index = i;
+            op_free(op);
+            return w->peer >= np ? -AIOTE_E_PEER : -AIOTE_E_BOUNDS;
+        }
+    }
+    rc = reserve(e, n);
+    if (rc) {
+        pthread_mutex_unlock(&e->mr_lock);
+        op_free(op);
+        return rc;
+    }
+    commit_local(e, s);
+    return submit_op(e, op, n);
+}
+
+int aiote_submit_paged(aiote_engine *e, uint64_t op_id, uint64_t mr_id, uint32_t peer,
+                       uint64_t remote_base, uint64_t remote_len, uint64_t remote_key,
+                       uint64_t page_len, const int64_t *src_pages, uint64_t src_stride,
+                       uint64_t src_off, const int64_t *dst_pages, uint64_t dst_stride,
+                       uint64_t dst_off, size_t n, int has_imm, uint32_t imm, uint64_t *bad_index)
+{
+    *bad_index = 0;
+    if (has_imm && imm > IMM_USER_MAX) {
+        aiote_set_error("imm %u out of range 0..%u", imm, IMM_USER_MAX);
+        return -AIOTE_E_INVAL;
+    }
+    if (n == 0) {
+        aiote_set_error("empty batch");
+        return -AIOTE_E_INVAL;
+    }
+    if (peer >= npeers_now(e)) {
+        aiote_set_error("unknown peer %u", peer);
+        return -AIOTE_E_PEER;
+    }
+    struct op *op = calloc(1, sizeof *op);
+    if (!op)
+        return -AIOTE_E_NOMEM;
+    op->src_pages = malloc(n * sizeof(int64_t));
+    op->dst_pages = malloc(n * sizeof(int64_t));
+    if (!op->src_pages || !op->dst_pages) {
+        op_free(op);
+        return -AIOTE_E_NOMEM;
+    }
+    memcpy(op->src_pages, src_pages, n * sizeof(int64_t));
+    memcpy(op->dst_pages, dst_pages, n * sizeof(int64_t));
+    op->kind = OP_PAGED;
+    op->id = op_id;
+    op->n = n;
+    op->has_imm = has_imm;
+    op->imm = imm;
+    op->peer = peer;
+    op->remote_base = remote_base;
+    op->remote_key = remote_key;
+    op->page_len = page_len;
+    op->src_stride = src_stride;
+    op->src_off = src_off;
+    op->dst_stride = dst_stride;
+    op->dst_off = dst_off;
+    struct mr_slot *s;
+    int rc = take_local(e, op, mr_id, &s);
+    if (rc) {
+        op_free(op);
+        return rc;
+    }
+    for (size_t i = 0; i < n; i++) {
+        int64_t sp = op->src_pages[i], dp = op->dst_pages[i];
+        /* compute offsets with overflow checks: a page index from Python can be anything */
+        unsigned __int128 so = (unsigned __int128)(uint64_t)sp * src_stride + src_off;
+        unsigned __int128 d = (unsigned __int128)(uint64_t)dp * dst_stride + dst_off;
+        const char *what = NULL;
+        if (sp < 0 || so + page_len > s->len)
+            what = "source page outside the local region";
+        else if (dp < 0 || d + page_len > remote_len)
+            what = "destination page outside the remote region";
+        if (what) {
+            pthread_mutex_unlock(&e->mr_lock);
+            aiote_set_error("page %zu: %s (src page %lld, dst page %lld, page_len=%llu, local=%llu remote=%llu)",
+                            i, what, (long long)sp, (long long)dp, (unsigned long long)page_len,
+                            (unsigned long long)s->len, (unsigned long long)remote_len);
+            *bad_index = i;
+            op_free(op);
+            return -AIOTE_E_BOUNDS;
+        }
+    }
+    rc = reserve(e, n);
+    if (rc) {
+        pthread_mutex_unlock(&e->mr_lock);
+        op_free(op);
+        return rc;
+    }
+    commit_local(e, s);
+    return submit_op(e, op, n);
+}
+
+int aiote_submit_send(aiote_engine *e, uint64_t op_id, uint32_t peer, const void *data, size_t len)
+{
+    if (len > e->cfg.msg_size) {
+        aiote_set_error("message of %zu bytes exceeds msg_size %u", len, e->cfg.msg_size);
+        return -AIOTE_E_TOO_BIG;
+    }
+    if (peer >= npeers_now(e)) {
+        aiote_set_error("unknown peer %u", peer);
+        return -AIOTE_E_PEER;
+    }
+    struct op *op = calloc(1, sizeof *op);
+    if (!op)
+        return -AIOTE_E_NOMEM;
+    op->msg = malloc(len ? len : 1);
+    if (!op->msg) {
+        free(op);
+        return -AIOTE_E_NOMEM;
+    }
+    memcpy(op->msg, data, len);
+    op->msg_len = len;
+    op->kind = OP_SEND;
+    op->id = op_id;
+    op->n = 1;
+    op->peer = peer;
+    int rc = reserve(e, 1);
+    if (rc) {
+        op_free(op);
+        return rc;
+    }
+    return submit_op(e, op, 1);
+}
+
+int aiote_cancel(aiote_engine *e, uint64_t op_id)
+{
+    pthread_mutex_lock(&e->sub_lock);
+    if (e->ncancel == e->cap_cancel) {
+        size_t cap = e->cap_cancel ? e->cap_cancel * 2 : 64;
+        uint64_t *n = realloc(e->cancel_ids, cap * sizeof *n);
+        if (!n) {
+            pthread_mutex_unlock(&e->sub_lock);
+            return -AIOTE_E_NOMEM;
+        }
+        e->cancel_ids = n;
+        e->cap_cancel = cap;
+    }
+    e->cancel_ids[e->ncancel++] = op_id;
+    pthread_mutex_unlock(&e->sub_lock);
+    wake_worker(e);
+    return 0;
+}
+
+/* ---- ImmCounter --------------------------------------------------------- */
+
+int aiote_imm_wait(aiote_engine *e, uint64_t waiter_id, uint32_t imm, uint64_t count)
+{
+    int rc = imm_table_wait(&e->imms, waiter_id, imm, count);
+    if (rc == -AIOTE_E_INVAL)
+        aiote_set_error("imm must be 0..%u and count >= 1 (imm=%u count=%llu)", IMM_USER_MAX, imm,
+                        (unsigned long long)count);
+    return rc;
+}
+
+int aiote_imm_cancel(aiote_engine *e, uint64_t waiter_id)
+{
+    struct event_buf fired = {0};
+    int rc = imm_table_cancel(&e->imms, waiter_id, &fired);
+    event_queue_flush(&e->events, &fired);
+    free(fired.ev);
+    return rc;
+}
+
+int aiote_imm_restore(aiote_engine *e, uint32_t imm, uint64_t count)
+{
+    struct event_buf fired = {0};
+    int rc = imm_table_restore(&e->imms, imm, count, &fired);
+    event_queue_flush(&e->events, &fired);
+    free(fired.ev);
+    if (rc == -AIOTE_E_INVAL)
+        aiote_set_error("imm must be 0..%u", IMM_USER_MAX);
+    return rc;
+}
+
+int aiote_imm_pending(aiote_engine *e, uint32_t imm, uint64_t *count)
+{
+    *count = imm_table_pending(&e->imms, imm);
+    return 0;
+}
+
+int aiote_poll_events(aiote_engine *e, aiote_event *out, size_t max)
+{
+    return (int)event_queue_take(&e->events, out, max);
+}

@@ -1,0 +1,246 @@
+/* Internal structures of the aiote native core (not part of the cffi API). */
+#ifndef AIOTE_INTERNAL_H
+#define AIOTE_INTERNAL_H
+
+#include <pthread.h>
+#include <semaphore.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+
+#include <rdma/fabric.h>
+#include <rdma/fi_cm.h>
+#include <rdma/fi_domain.h>
+#include <rdma/fi_endpoint.h>
+#include <rdma/fi_eq.h>
+#include <rdma/fi_errno.h>
+#include <rdma/fi_rma.h>
+
+#include "aiote.h"
+
+#define AIOTE_ADDR_MAX 256
+#define MSG_MAGIC 0x6169u /* "ai" */
+#define MSG_VERSION 1u
+#define IMM_UNIT_SHIFT AIOTE_IMM_MAX_SHARD_LOG /* one whole write = 1 << 15 units */
+
+void aiote_set_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+
+/* ---- contexts handed to libfabric ------------------------------------ */
+enum ctx_kind { CTX_TX = 1, CTX_RECV = 2 };
+
+struct ctx_hdr {
+    struct fi_context2 fi; /* must stay first: providers in FI_CONTEXT mode use it */
+    int kind;
+};
+
+struct op;
+struct tx_ctx {
+    struct ctx_hdr h;
+    struct op *op;
+    int send_slot; /* -1 for RMA */
+    uint64_t index; /* element of the op */
+    struct tx_ctx *next_free;
+};
+
+struct recv_slot {
+    struct ctx_hdr h;
+    uint8_t *buf;
+};
+
+/* ---- memory regions --------------------------------------------------- */
+struct mr_slot {
+    struct fid_mr *mr;
+    void *desc;
+    uint8_t *addr;
+    uint64_t len;
+    uint64_t key;
+    uint32_t gen;
+    bool used;
+    int64_t refs; /* operations using it; deregistration is refused while > 0 */
+};
+
+/* ---- operations -------------------------------------------------------- */
+enum op_kind { OP_WRITES = 1, OP_PAGED = 2, OP_SEND = 3, OP_CTRL = 4 };
+
+typedef int (*ctrl_fn)(aiote_engine *e, void *arg);
+
+struct op {
+    struct op *next;                  /* submission / pending list */
+    struct op *live_prev, *live_next; /* every op the worker owns */
+    uint64_t id;
+    int kind;
+    bool cancelled;
+    bool posted_all; /* every element posted (or posting stopped) */
+
+    /* writes */
+    uint32_t mr_index; /* local region (refs held) */
+    uint8_t *local_base;
+    void *local_desc;
+    int has_imm;
+    uint32_t imm;
+    size_t n;         /* elements */
+    size_t next_post; /* first element not posted yet */
+    size_t inflight;  /* posted, not completed */
+    aiote_wr *wrs;    /* OP_WRITES */
+    /* OP_PAGED: element i computed on the fly */
+    uint32_t peer;
+    uint64_t remote_base, remote_key, page_len;
+    uint64_t src_stride, src_off, dst_stride, dst_off;
+    int64_t *src_pages, *dst_pages;
+
+    /* send */
+    uint8_t *msg;
+    size_t msg_len;
+
+    /* control (runs on the worker; the caller waits on done) */
+    ctrl_fn fn;
+    void *arg;
+    int ctrl_rc;
+    char err[256];
+    sem_t done;
+
+    /* outcome */
+    int32_t status, fi_errno, prov_errno;
+    uint64_t bad_index;
+};
+
+/* ---- ImmCounter table --------------------------------------------------- */
+struct imm_waiter {
+    uint64_t id;
+    uint32_t imm;
+    uint64_t units; /* needed */
+    struct imm_waiter *next;  /* FIFO on the entry */
+    struct imm_waiter *hnext; /* id hash chain */
+};
+
+struct imm_entry {
+    uint32_t imm;
+    uint64_t units; /* arrived, not consumed */
+    struct imm_waiter *head, *tail;
+    struct imm_entry *hnext;
+};
+
+struct imm_table {
+    pthread_mutex_t lock;
+    struct imm_entry **buckets;
+    size_t nbuckets, nentries;
+    struct imm_waiter **wbuckets;
+    size_t nwbuckets, nwaiters;
+};
+
+int imm_table_init(struct imm_table *t);
+void imm_table_destroy(struct imm_table *t);
+/* Worker: add arrivals (wire imm values); fired waiters become events. */
+struct event_buf;
+void imm_table_arrive(struct imm_table *t, const uint32_t *wire, size_t n, struct event_buf *out);
+int imm_table_wait(struct imm_table *t, uint64_t waiter_id, uint32_t imm, uint64_t count);
+int imm_table_cancel(struct imm_table *t, uint64_t waiter_id, struct event_buf *out);
+int imm_table_restore(struct imm_table *t, uint32_t imm, uint64_t count, struct event_buf *out);
+uint64_t imm_table_pending(struct imm_table *t, uint32_t imm);
+
+/* ---- event queue -------------------------------------------------------- */
+struct event_buf {
+    aiote_event *ev;
+    size_t n, cap;
+};
+int event_buf_push(struct event_buf *b, const aiote_event *ev);
+
+struct event_queue {
+    pthread_mutex_t lock;
+    struct event_buf q;
+    size_t head; /* first undelivered in q */
+    int efd;
+    bool armed; /* the loop is waiting: the next push must write the eventfd */
+};
+
+int event_queue_init(struct event_queue *q);
+void event_queue_destroy(struct event_queue *q);
+/* Move all of b into the queue (b is emptied); one eventfd write at most. */
+void event_queue_flush(struct event_queue *q, struct event_buf *b);
+size_t event_queue_take(struct event_queue *q, aiote_event *out, size_t max);
+
+/* ---- the engine --------------------------------------------------------- */
+struct aiote_engine {
+    aiote_config cfg;
+    aiote_info info;
+
+    /* libfabric objects (worker-owned once the worker runs) */
+    struct fi_info *fi;
+    struct fid_fabric *fabric;
+    struct fid_domain *domain;
+    struct fid_av *av;
+    struct fid_cq *cq;
+    struct fid_ep *ep;
+    int cq_fd; /* -1 if the CQ has no fd wait object */
+    bool is_shm;
+    uint8_t addr[AIOTE_ADDR_MAX];
+    size_t addr_len;
+
+    /* memory regions */
+    pthread_mutex_t mr_lock;
+    struct mr_slot *mrs;
+    size_t nmrs, cap_mrs;
+
+    /* peers: index -> fi_addr (grown by the worker, read by submitters) */
+    pthread_mutex_t peer_lock;
+    fi_addr_t *peer_fi;
+    uint8_t (*peer_addr)[AIOTE_ADDR_MAX];
+    size_t *peer_addr_len;
+    size_t npeers, cap_peers;
+
+    /* submission queue: many producers, the worker consumes */
+    pthread_mutex_t sub_lock;
+    struct op *sub_head, *sub_tail;
+    uint64_t *cancel_ids;
+    size_t ncancel, cap_cancel;
+    atomic_size_t outstanding; /* elements submitted, not finished: backpressure */
+    int sub_efd;
+    atomic_bool worker_sleeping;
+    atomic_bool stopping;
+    bool worker_started;
+    pthread_t worker;
+
+    /* worker-private state */
+    struct op *pend_head, *pend_tail; /* submitted, not fully posted */
+    struct op *live;                  /* all ops the worker owns */
+    struct tx_ctx *tx_ctxs, *tx_free;
+    size_t ntx;
+    struct recv_slot *recv_slots;
+    struct fid_mr *recv_mr, *send_mr;
+    uint8_t *recv_arena, *send_arena;
+    size_t slot_size;
+    int *send_free;
+    size_t nsend_free;
+    struct event_buf pending_events;
+
+    struct imm_table imms;
+    struct event_queue events;
+
+    /* statistics: written by the worker, read racily (monotonic counters) */
+    aiote_stats stats;
+};
+
+/* fabric.c */
+struct mr_reg_arg {
+    void *addr;
+    uint64_t len;
+    int access;
+    uint64_t mr_id, key, base;
+};
+struct peer_arg {
+    const uint8_t *addr;
+    size_t len;
+    uint32_t peer;
+};
+
+int fabric_open(aiote_engine *e);
+void fabric_close(aiote_engine *e);
+int fabric_post_recv(aiote_engine *e, struct recv_slot *s);
+int ctrl_mr_register(aiote_engine *e, void *arg);
+int ctrl_mr_close(aiote_engine *e, void *arg);
+int ctrl_peer_insert(aiote_engine *e, void *arg);
+
+/* worker.c */
+void *worker_main(void *arg);
+void op_free(struct op *op);
+
+#endif

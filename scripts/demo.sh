@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# The main job: set up what is missing, then run the demo on loopback.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/bootstrap.sh test
+exec .venv/bin/python examples/hello_write_imm.py "$@"

@@ -1,0 +1,137 @@
+"""Writes, imms and messages between two real processes on shm and tcp;ofi_rxm."""
+
+import asyncio
+import random
+
+import pytest
+
+import aiote
+from aiote.testing import PeerProcess
+
+
+def pattern(n: int, seed: int) -> bytes:
+    return random.Random(seed).randbytes(n)
+
+
+@pytest.fixture
+async def engine(provider, host):
+    async with aiote.TransferEngine(provider, host=host) as eng:
+        yield eng
+
+
+@pytest.fixture
+async def peer(provider):
+    async with PeerProcess(provider) as p:
+        yield p
+
+
+SIZES = [0, 1, 7, 64, 4095, 4096, 65537, 1 << 20, (16 << 20) + 3, 64 << 20]
+
+
+async def test_bytes_land_exactly(engine, peer):
+    """Sizes 0 B .. 64 MiB with unaligned offsets; only the written range changes."""
+    region = 64 << 20
+    rid, desc = await peer.call("register", region + 64, 0xEE)
+    d = aiote.MrDescriptor.from_bytes(desc)
+    src = bytearray(pattern(region + 64, 1))
+    mr = engine.register(src)
+    for i, size in enumerate(SIZES):
+        src_off, dst_off = (i * 13) % 61, (i * 29) % 63
+        await engine.write(mr, d, size, src_off, dst_off, imm=i)
+        assert await peer.call("wait_imm", i, 1, 30)
+        if size:
+            got = await peer.call("read", rid, dst_off, size)
+            assert got == bytes(src[src_off:src_off + size]), f"size {size}"
+        before = await peer.call("read", rid, dst_off - 1, 1) if dst_off else b""
+        after = await peer.call("read", rid, dst_off + size, 1)
+        assert after == b"\xee" and before in (b"", b"\xee")
+        await peer.call("fill", rid, dst_off, b"\xee" * size)  # restore the guard pattern
+
+
+async def test_imm_counts_many_values_concurrent_writers(engine, provider):
+    """Thousands of random imm values from two writer processes: counts exact, each consumed once."""
+    mr = engine.register(bytearray(4096))
+    d = mr.descriptor.to_bytes()
+    rng = random.Random(7)
+    values = [rng.randrange(0, aiote.IMM_MAX + 1) for _ in range(300)] + [5] * 200
+    counts: dict[int, int] = {}
+    for v in values:
+        counts[v] = counts.get(v, 0) + 1
+    keys = list(counts)
+    rng.shuffle(keys)
+    # arm half the waits before anything is sent, the rest after it all landed
+    early = keys[: len(keys) // 2]
+    late = keys[len(keys) // 2:]
+    early_waits = [engine.imms.wait(k, counts[k], timeout=60) for k in early]
+    async with PeerProcess(provider) as w1, PeerProcess(provider) as w2:
+        half = len(values) // 2
+        shuffled = values[:]
+        rng.shuffle(shuffled)
+        await asyncio.gather(w1.call("write_imm_many", d, shuffled[:half]),
+                             w2.call("write_imm_many", d, shuffled[half:]))
+    await asyncio.gather(*early_waits)
+    for k in late:
+        assert engine.imms.pending(k) == counts[k]
+    await asyncio.gather(*(engine.imms.wait(k, counts[k], timeout=10) for k in late))
+    # consumed, never double counted
+    assert all(engine.imms.pending(k) == 0 for k in keys)
+    with pytest.raises(aiote.ImmTimeout):
+        await engine.imms.wait(5, 1, timeout=0.05)
+    assert engine.stats()["imms_received"] == len(values)
+
+
+async def test_waiters_on_one_imm_are_served_in_order(engine, peer):
+    d = engine.register(bytearray(64)).descriptor.to_bytes()
+    first = engine.imms.wait(3, 2)
+    second = engine.imms.wait(3, 1)
+    await peer.call("write_imm_many", d, [3])
+    await asyncio.sleep(0)
+    assert not first.done() and not second.done()  # the FIFO head needs 2
+    await peer.call("write_imm_many", d, [3, 3])
+    await asyncio.wait_for(asyncio.gather(first, second), 10)
+    assert engine.imms.pending(3) == 0
+
+
+async def test_send_recv_both_ways(engine, peer):
+    echo = peer.call("echo_messages", 20)
+    msgs = [pattern(random.Random(i).randrange(0, 60000), i) for i in range(20)]
+    addr = await peer.call("address")
+    await asyncio.gather(*(engine.send(addr, m) for m in msgs))
+    replies = [await engine.recv() for _ in msgs]
+    await echo
+    assert sorted(r for r, _ in replies) == sorted(b"re:" + m for m in msgs)
+    assert all(sender == addr for _, sender in replies)
+
+
+async def test_message_too_large(engine, peer):
+    with pytest.raises(aiote.MessageTooLarge):
+        engine.send(await peer.call("address"), bytes(64 * 1024 + 1))
+
+
+async def test_paged_write_between_processes(engine, peer):
+    page, npages = 1024, 2000
+    rid, desc = await peer.call("register", page * npages, 0)
+    src = bytearray(pattern(page * npages, 3))
+    mr = engine.register(src)
+    perm = list(range(npages))
+    random.Random(1).shuffle(perm)
+    await engine.write_paged(mr, aiote.MrDescriptor.from_bytes(desc), page, list(range(npages)), perm, imm=11)
+    assert await peer.call("wait_imm", 11, npages, 30)
+    got = await peer.call("read", rid, 0, page * npages)
+    for i, p in enumerate(perm[:200]):
+        assert got[p * page:(p + 1) * page] == src[i * page:(i + 1) * page]
+    inv = [0] * npages
+    for i, p in enumerate(perm):
+        inv[p] = i
+    assert got == b"".join(bytes(src[inv[j] * page:(inv[j] + 1) * page]) for j in range(npages))
+
+
+async def test_peer_writes_into_us(engine, peer):
+    """The other direction: the peer writes, our ImmCounter sees it."""
+    dst = bytearray(1 << 20)
+    mr = engine.register(dst)
+    rid, _ = await peer.call("register", 1 << 20, 0x5A)
+    w = engine.imms.wait(77)
+    await peer.call("write", rid, mr.descriptor.to_bytes(), 1 << 20, 0, 0, 77)
+    await asyncio.wait_for(w, 10)
+    assert dst == b"\x5a" * (1 << 20)
