@@ -2,5 +2,5 @@
 # The main job: set up what is missing, then run the demo on loopback.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/bootstrap.sh test
+scripts/bootstrap.sh test,demo
 exec .venv/bin/python examples/hello_write_imm.py "$@"
