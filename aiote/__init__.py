@@ -2,12 +2,13 @@
 
 from .counters import IMM_MAX, ImmCounter
 from .descriptor import EngineAddress, MrDescriptor
-from .engine import TransferEngine
+from .engine import PeerGroup, TransferEngine
 from .errors import (
     AioteError,
     DescriptorError,
     EngineClosed,
     ImmTimeout,
+    InvalidArgument,
     MessageTooLarge,
     OutOfBounds,
     PeerUnreachable,
@@ -22,6 +23,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "TransferEngine",
+    "PeerGroup",
     "MemoryRegion",
     "MrDescriptor",
     "EngineAddress",
@@ -38,4 +40,5 @@ __all__ = [
     "RegionClosed",
     "MessageTooLarge",
     "ImmTimeout",
+    "InvalidArgument",
 ]

@@ -54,7 +54,7 @@ def error_for(code: int, message: str, *, fi_errno: int = 0, prov_errno: int = 0
     if code == lib.AIOTE_E_TOO_BIG:
         return errors.MessageTooLarge(message)
     if code == lib.AIOTE_E_INVAL:
-        return errors.AioteError(message)
+        return errors.InvalidArgument(message)
     return errors.AioteError(f"{message} (code {code})")
 
 

@@ -7,7 +7,7 @@ import itertools
 from typing import TYPE_CHECKING
 
 from ._core import check, ffi, lib
-from .errors import EngineClosed, ImmTimeout
+from .errors import EngineClosed, ImmTimeout, InvalidArgument
 
 if TYPE_CHECKING:
     from .engine import TransferEngine
@@ -39,9 +39,9 @@ class ImmCounter:
         With ``timeout`` (seconds) it fails with ImmTimeout instead, consuming nothing.
         """
         if not isinstance(imm, int) or not 0 <= imm <= IMM_MAX:
-            raise ValueError(f"imm must be an int in 0..{IMM_MAX}, got {imm!r}")
+            raise InvalidArgument(f"imm must be an int in 0..{IMM_MAX}, got {imm!r}")
         if not isinstance(count, int) or count < 1:
-            raise ValueError(f"count must be an int >= 1, got {count!r}")
+            raise InvalidArgument(f"count must be an int >= 1, got {count!r}")
         eng = self._engine
         loop = eng._loop_checked()
         fut: asyncio.Future[None] = loop.create_future()

@@ -14,10 +14,10 @@ from ._core import check, error_for, ffi, lib
 from ._log import get_logger
 from .counters import IMM_MAX, ImmCounter
 from .descriptor import EngineAddress, MrDescriptor
-from .errors import AioteError, DescriptorError, EngineClosed
+from .errors import AioteError, DescriptorError, EngineClosed, InvalidArgument
 from .memory import MemoryRegion
 
-__all__ = ["TransferEngine", "PROVIDER_ALIASES"]
+__all__ = ["TransferEngine", "PeerGroup", "PROVIDER_ALIASES"]
 
 PROVIDER_ALIASES = {"tcp": "tcp;ofi_rxm", "verbs": "verbs;ofi_rxm"}
 _POLLING = {"busy": lib.AIOTE_POLL_BUSY, "adaptive": lib.AIOTE_POLL_ADAPTIVE, "blocking": lib.AIOTE_POLL_BLOCKING}
@@ -64,15 +64,16 @@ class TransferEngine:
         send_slots: int = 64,
         max_queued: int = 1 << 20,
         delivery_complete: bool = True,
+        peer_timeout: float = 10.0,
     ):
         if nics != 1:
-            raise ValueError("only nics=1 is supported in this version")
+            raise InvalidArgument("only nics=1 is supported in this version")
         if polling not in _POLLING:
-            raise ValueError(f"polling must be one of {sorted(_POLLING)}, got {polling!r}")
+            raise InvalidArgument(f"polling must be one of {sorted(_POLLING)}, got {polling!r}")
         self.requested_provider = PROVIDER_ALIASES.get(provider, provider)
         self._cfg_args = dict(host=host, domain=domain, polling=polling, spin_us=spin_us, msg_size=msg_size,
                               recv_slots=recv_slots, send_slots=send_slots, max_queued=max_queued,
-                              delivery_complete=delivery_complete)
+                              delivery_complete=delivery_complete, peer_timeout=peer_timeout)
         self.id = next(_engine_ids)
         self._h: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -123,6 +124,7 @@ class TransferEngine:
         cfg.send_slots = a["send_slots"]
         cfg.max_queued = a["max_queued"]
         cfg.delivery_complete = 1 if a["delivery_complete"] else 0
+        cfg.peer_timeout_ms = max(1, int(a["peer_timeout"] * 1000))
         out = ffi.new("aiote_engine**")
         check(lib.aiote_engine_open(cfg, out), f"opening provider {self.requested_provider!r}")
         self._h = out[0]
@@ -310,7 +312,7 @@ class TransferEngine:
         if imm is None:
             return 0, 0
         if not isinstance(imm, int) or not 0 <= imm <= IMM_MAX:
-            raise ValueError(f"imm must be an int in 0..{IMM_MAX}, got {imm!r}")
+            raise InvalidArgument(f"imm must be an int in 0..{IMM_MAX}, got {imm!r}")
         return 1, imm
 
     def _submit_wrs(self, src: MemoryRegion | None, wrs: Any, n: int, imm: int | None,
@@ -338,7 +340,7 @@ class TransferEngine:
     def _fill(self, w: Any, peer: int, desc: MrDescriptor, src_off: int, dst_off: int, length: int) -> None:
         for name, v in (("src_offset", src_off), ("dst_offset", dst_off), ("length", length)):
             if not isinstance(v, int) or v < 0 or v >= 1 << 64:
-                raise ValueError(f"{name} must be a non-negative int, got {v!r}")
+                raise InvalidArgument(f"{name} must be a non-negative int, got {v!r}")
         w.peer = peer
         w.src_off = src_off
         w.dst_off = dst_off
@@ -367,7 +369,7 @@ class TransferEngine:
     def write_imm(self, dst: MrDescriptor, imm: int) -> asyncio.Future[None]:
         """A 0-byte write that only delivers ``imm`` to the region's owner."""
         if imm is None:
-            raise ValueError("write_imm needs an imm")
+            raise InvalidArgument("write_imm needs an imm")
         peer = self._peer_of(dst)
         wrs = ffi.new("aiote_wr[1]")
         self._fill(wrs[0], peer, dst, 0, 0, 0)
@@ -384,21 +386,20 @@ class TransferEngine:
             raise TypeError(f"src must be a MemoryRegion, got {type(src).__name__}")
         n = len(targets)
         if n == 0:
-            raise ValueError("scatter needs at least one target")
+            raise InvalidArgument("scatter needs at least one target")
         wrs = ffi.new("aiote_wr[]", n)
         for i, (desc, so, do, ln) in enumerate(targets):
             self._fill(wrs[i], self._peer_of(desc), desc, so, do, ln)
         return self._submit_wrs(src, wrs, n, imm, None)
 
-    def barrier(self, targets: Iterable[MrDescriptor], imm: int) -> asyncio.Future[None]:
+    def barrier(self, targets: Iterable[MrDescriptor] | PeerGroup, imm: int) -> asyncio.Future[None]:
         """An imm-only write to each target (each target's owner counts one ``imm``)."""
-        descs = list(targets)
-        if not descs:
-            raise ValueError("barrier needs at least one target")
-        wrs = ffi.new("aiote_wr[]", len(descs))
-        for i, d in enumerate(descs):
-            self._fill(wrs[i], self._peer_of(d), d, 0, 0, 0)
-        return self._submit_wrs(None, wrs, len(descs), imm, None)
+        group = targets if isinstance(targets, PeerGroup) else self.peer_group(targets)
+        return group.barrier(imm)
+
+    def peer_group(self, descs: Iterable[MrDescriptor]) -> PeerGroup:
+        """Validate and resolve a list of peer regions once, for repeated scatter/barrier rounds."""
+        return PeerGroup(self, list(descs))
 
     def write_paged(self, src: MemoryRegion, dst: MrDescriptor, page_len: int, src_pages: Any, dst_pages: Any,
                     src_stride: int | None = None, dst_stride: int | None = None, src_offset: int = 0,
@@ -415,15 +416,15 @@ class TransferEngine:
         sp, sp_keep, n = _int64_pages(src_pages)
         dp, dp_keep, m = _int64_pages(dst_pages)
         if n != m:
-            raise ValueError(f"src_pages has {n} entries, dst_pages {m}")
+            raise InvalidArgument(f"src_pages has {n} entries, dst_pages {m}")
         if n == 0:
-            raise ValueError("write_paged needs at least one page")
+            raise InvalidArgument("write_paged needs at least one page")
         src_stride = page_len if src_stride is None else src_stride
         dst_stride = page_len if dst_stride is None else dst_stride
         for name, v in (("page_len", page_len), ("src_stride", src_stride), ("dst_stride", dst_stride),
                         ("src_offset", src_offset), ("dst_offset", dst_offset)):
             if not isinstance(v, int) or v < 0 or v >= 1 << 64:
-                raise ValueError(f"{name} must be a non-negative int, got {v!r}")
+                raise InvalidArgument(f"{name} must be a non-negative int, got {v!r}")
         has_imm, imm_v = self._check_imm(imm)
         peer = self._peer_of(dst)
         h = self._handle()
@@ -444,9 +445,9 @@ class TransferEngine:
 
     def send(self, peer: bytes | EngineAddress, data: bytes | bytearray | memoryview) -> asyncio.Future[None]:
         """Send a small two-sided message (at most ``msg_size`` bytes) to an engine address."""
+        h = self._handle()
         addr = peer if isinstance(peer, EngineAddress) else EngineAddress.from_bytes(peer)
         p = self._peer(addr.addrs, addr.provider)
-        h = self._handle()
         payload = bytes(data)
 
         def submit(op_id: int) -> int:
@@ -506,9 +507,12 @@ class TransferEngine:
             op.future.set_result(None)
         else:
             index = int(ev.index)
-            msg = "operation failed" if ev.status != -lib.AIOTE_E_CLOSED else "engine closed"
-            op.future.set_exception(error_for(ev.status, f"{msg} (element {index})", fi_errno=ev.fi_errno,
-                                              prov_errno=ev.prov_errno, index=index))
+            if ev.status == -lib.AIOTE_E_CLOSED:
+                exc: AioteError = EngineClosed("engine closed" if self._closed else "operation withdrawn")
+            else:
+                exc = error_for(ev.status, f"element {index} failed", fi_errno=ev.fi_errno,
+                                prov_errno=ev.prov_errno, index=index)
+            op.future.set_exception(exc)
 
     def _recv_event(self, ev: Any) -> None:
         raw = ffi.buffer(ev.data, ev.payload_off + ev.len)
@@ -522,6 +526,55 @@ class TransferEngine:
                 f.set_result((payload, sender))
                 return
         self._inbox.append((payload, sender))
+
+
+class PeerGroup:
+    """Peer regions resolved once: repeated rounds skip validation and address lookups.
+
+    ``barrier(imm)`` posts the group's prebuilt batch as it is; ``scatter``
+    only fills in offsets and lengths.
+    """
+
+    def __init__(self, engine: TransferEngine, descs: list[MrDescriptor]):
+        if not descs:
+            raise InvalidArgument("a peer group needs at least one descriptor")
+        self._engine = engine
+        self.descriptors = tuple(descs)
+        n = len(descs)
+        self._template = ffi.new("aiote_wr[]", n)
+        for i, d in enumerate(descs):
+            engine._fill(self._template[i], engine._peer_of(d), d, 0, 0, 0)
+
+    def __len__(self) -> int:
+        return len(self.descriptors)
+
+    def barrier(self, imm: int) -> asyncio.Future[None]:
+        """An imm-only write to every member."""
+        if imm is None:
+            raise InvalidArgument("barrier needs an imm")
+        return self._engine._submit_wrs(None, self._template, len(self.descriptors), imm, None)
+
+    def scatter(self, src: MemoryRegion, length: int | Sequence[int], src_offsets: int | Sequence[int] = 0,
+                dst_offsets: int | Sequence[int] = 0, imm: int | None = None) -> asyncio.Future[None]:
+        """Write to every member: member i gets ``length[i]`` bytes from ``src_offsets[i]``
+        at ``dst_offsets[i]`` (scalars apply to all members)."""
+        n = len(self.descriptors)
+        wrs = ffi.new("aiote_wr[]", n)
+        ffi.memmove(wrs, self._template, ffi.sizeof("aiote_wr") * n)
+        cols = []
+        for name, v in (("length", length), ("src_offsets", src_offsets), ("dst_offsets", dst_offsets)):
+            col = [v] * n if isinstance(v, int) else list(v)
+            if len(col) != n:
+                raise InvalidArgument(f"{name} has {len(col)} entries for {n} members")
+            if any(not isinstance(x, int) or x < 0 or x >= 1 << 64 for x in col):
+                raise InvalidArgument(f"{name} must hold non-negative ints")
+            cols.append(col)
+        for i, (ln, so, do) in enumerate(zip(*cols)):
+            w = wrs[i]
+            w.len = ln
+            w.src_off = so
+            w.dst_off = do
+        return self._engine._submit_wrs(src, wrs, n, imm, None)
 
 
 def _int64_pages(pages: Any) -> tuple[Any, Any, int]:
@@ -540,7 +593,7 @@ def _int64_pages(pages: Any) -> tuple[Any, Any, int]:
         try:
             keep = array.array("q", pages)
         except (TypeError, OverflowError) as e:
-            raise ValueError(f"page indices must be integers: {e}") from e
+            raise InvalidArgument(f"page indices must be integers: {e}") from e
     n = len(keep)
     if n == 0:
         return ffi.NULL, keep, 0

@@ -16,6 +16,7 @@ __all__ = [
     "RegionClosed",
     "MessageTooLarge",
     "ImmTimeout",
+    "InvalidArgument",
 ]
 
 
@@ -53,7 +54,7 @@ class DescriptorError(AioteError, ValueError):
     """Bytes that don't parse as a descriptor or address of this version."""
 
 
-class PeerUnreachable(AioteError):
+class PeerUnreachable(ProviderError):
     """The peer can't be reached (bad address, dead process, broken connection)."""
 
 
@@ -75,3 +76,7 @@ class MessageTooLarge(AioteError, ValueError):
 
 class ImmTimeout(AioteError, asyncio.TimeoutError):
     """``imms.wait`` ran past its timeout; no count was consumed."""
+
+
+class InvalidArgument(AioteError, ValueError):
+    """An argument is out of range or of the wrong kind (imm, count, offset, page list)."""

@@ -67,6 +67,7 @@ typedef struct {
     uint32_t send_slots;      /* registered send buffers */
     uint32_t max_queued;      /* submission queue bound (elements), 0 = default */
     int delivery_complete;    /* 1: ask for FI_DELIVERY_COMPLETE on writes */
+    uint32_t peer_timeout_ms; /* an op the provider refuses this long fails (ETIMEDOUT); 0 = 10 s */
 } aiote_config;
 
 typedef struct {

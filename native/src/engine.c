@@ -43,7 +43,11 @@ static void engine_release(aiote_engine *e)
         close(e->sub_efd);
     free(e->pending_events.ev);
     free(e->mrs);
+    for (size_t i = 0; i < e->npeers; i++)
+        local_unref(e->peer_local[i]);
+    local_unref(e->local);
     free(e->peer_fi);
+    free(e->peer_local);
     free(e->peer_addr);
     free(e->peer_addr_len);
     free(e->cancel_ids);
@@ -75,6 +79,7 @@ int aiote_engine_open(const aiote_config *cfg, aiote_engine **out)
         e->cfg.send_slots = 64;
     if (!e->cfg.max_queued)
         e->cfg.max_queued = DEFAULT_MAX_QUEUED;
+    e->peer_timeout_ns = (uint64_t)(e->cfg.peer_timeout_ms ? e->cfg.peer_timeout_ms : 10000) * 1000000ull;
     e->sub_efd = -1;
     e->cq_fd = -1;
     pthread_mutex_init(&e->mr_lock, NULL);
@@ -121,7 +126,10 @@ int aiote_engine_shutdown(aiote_engine *e)
     if (e->worker_started)
         pthread_join(e->worker, NULL);
     e->worker_started = false;
-    fabric_close(e);
+    if (e->local)
+        local_close(e->local, fabric_close, e);
+    else
+        fabric_close(e);
     /* the NIC can't touch them any more: free what the worker left */
     struct op *op = e->live;
     while (op) {
@@ -401,8 +409,9 @@ int aiote_submit_writes(aiote_engine *e, uint64_t op_id, uint64_t mr_id, const a
                             (unsigned long long)w->len, (unsigned long long)s->len,
                             (unsigned long long)w->remote_len);
             *bad_index = i;
+            int code = w->peer >= np ? -AIOTE_E_PEER : -AIOTE_E_BOUNDS;
             op_free(op);
-            return w->peer >= np ? -AIOTE_E_PEER : -AIOTE_E_BOUNDS;
+            return code;
         }
     }
     rc = reserve(e, n);

@@ -157,6 +157,8 @@ int fabric_open(aiote_engine *e)
     e->addr_len = sizeof e->addr;
     FI_CHECK(fi_getname(&e->ep->fid, e->addr, &e->addr_len));
     e->info.addr_len = (int)e->addr_len;
+    if (e->is_shm && !(e->local = local_register(e->addr, e->addr_len)))
+        return -AIOTE_E_NOMEM;
 
     /* Transmit contexts bound what is in flight to what the queue can hold. */
     e->ntx = fi->tx_attr->size ? fi->tx_attr->size : 1024;
@@ -364,13 +366,16 @@ int ctrl_peer_insert(aiote_engine *e, void *argp)
         fi_addr_t *pf = realloc(e->peer_fi, cap * sizeof *pf);
         if (pf)
             e->peer_fi = pf;
+        struct local_ep **pl2 = realloc(e->peer_local, cap * sizeof *pl2);
+        if (pl2)
+            e->peer_local = pl2;
         uint8_t(*pa)[AIOTE_ADDR_MAX] = realloc(e->peer_addr, cap * sizeof *pa);
         if (pa)
             e->peer_addr = pa;
         size_t *pl = realloc(e->peer_addr_len, cap * sizeof *pl);
         if (pl)
             e->peer_addr_len = pl;
-        if (!pf || !pa || !pl) {
+        if (!pf || !pa || !pl || !pl2) {
             pthread_mutex_unlock(&e->peer_lock);
             return -AIOTE_E_NOMEM;
         }
@@ -378,6 +383,7 @@ int ctrl_peer_insert(aiote_engine *e, void *argp)
     }
     size_t i = e->npeers;
     e->peer_fi[i] = fa;
+    e->peer_local[i] = e->is_shm ? local_lookup(a->addr, a->len) : NULL;
     memcpy(e->peer_addr[i], a->addr, a->len);
     e->peer_addr_len[i] = a->len;
     e->npeers++;

@@ -70,6 +70,7 @@ struct op {
     int kind;
     bool cancelled;
     bool posted_all; /* every element posted (or posting stopped) */
+    uint64_t eagain_since; /* when the provider started refusing it (ns), 0 if not */
 
     /* writes */
     uint32_t mr_index; /* local region (refs held) */
@@ -171,6 +172,7 @@ struct aiote_engine {
     struct fid_cq *cq;
     struct fid_ep *ep;
     int cq_fd; /* -1 if the CQ has no fd wait object */
+    uint64_t peer_timeout_ns;
     bool is_shm;
     uint8_t addr[AIOTE_ADDR_MAX];
     size_t addr_len;
@@ -183,6 +185,8 @@ struct aiote_engine {
     /* peers: index -> fi_addr (grown by the worker, read by submitters) */
     pthread_mutex_t peer_lock;
     fi_addr_t *peer_fi;
+    struct local_ep **peer_local; /* same-process shm peer, or NULL */
+    struct local_ep *local;       /* this engine, if shm */
     uint8_t (*peer_addr)[AIOTE_ADDR_MAX];
     size_t *peer_addr_len;
     size_t npeers, cap_peers;
@@ -218,6 +222,21 @@ struct aiote_engine {
     /* statistics: written by the worker, read racily (monotonic counters) */
     aiote_stats stats;
 };
+
+/* local_peers.c: same-process shm engines (see there) */
+struct local_ep {
+    uint8_t addr[AIOTE_ADDR_MAX];
+    size_t len;
+    atomic_bool open;
+    int refs;
+    struct local_ep *next;
+};
+struct local_ep *local_register(const uint8_t *addr, size_t len);
+struct local_ep *local_lookup(const uint8_t *addr, size_t len);
+void local_unref(struct local_ep *l);
+void local_read_lock(void);
+void local_read_unlock(void);
+void local_close(struct local_ep *l, void (*teardown)(aiote_engine *), aiote_engine *e);
 
 /* fabric.c */
 struct mr_reg_arg {

@@ -93,16 +93,19 @@ static inline void elem(const struct op *op, size_t i, aiote_wr *w)
     w->remote_key = op->remote_key;
 }
 
-/* 0: posted (or nothing to post), 1: try later, <0: -fi_errno */
+/* 0: posted (or nothing to post), 1: provider said -FI_EAGAIN, 2: no transmit
+ * context free (wait for our completions), <0: -fi_errno */
 static int post_write(aiote_engine *e, struct op *op, size_t i)
 {
     aiote_wr w;
     elem(op, i, &w);
     if (w.len == 0 && !op->has_imm)
         return 0;
+    if (e->peer_local[w.peer] && !atomic_load(&e->peer_local[w.peer]->open))
+        return -FI_ENOTCONN; /* a same-process peer that closed */
     struct tx_ctx *c = e->tx_free;
     if (!c)
-        return 1;
+        return 2;
     struct iovec iov = {.iov_base = op->local_base + w.src_off, .iov_len = w.len};
     void *desc = op->local_desc;
     struct fi_rma_iov riov = {.addr = w.remote_base + w.dst_off, .len = w.len, .key = w.remote_key};
@@ -142,7 +145,9 @@ static int post_send(aiote_engine *e, struct op *op)
 {
     struct tx_ctx *c = e->tx_free;
     if (!c || !e->nsend_free)
-        return 1;
+        return 2;
+    if (e->peer_local[op->peer] && !atomic_load(&e->peer_local[op->peer]->open))
+        return -FI_ENOTCONN;
     int slot = e->send_free[e->nsend_free - 1];
     uint8_t *buf = e->send_arena + (size_t)slot * e->slot_size;
     uint32_t hdr[4] = {MSG_MAGIC | (MSG_VERSION << 16), (uint32_t)e->addr_len, (uint32_t)op->msg_len, 0};
@@ -175,22 +180,44 @@ static void fail_op(struct op *op, int32_t status, int fi_err, int prov_err, uin
     op->bad_index = index;
 }
 
-/* Post queued work in order; stop at the first operation the queue refuses. */
-static bool post_pending(aiote_engine *e)
+#define MAX_BLOCKED_OPS 8 /* refused ops to try past before giving up this round */
+
+/* Post queued work in submission order.  An op the provider refuses
+ * (-FI_EAGAIN: queue full, or its peer still connecting) stays queued and
+ * the next ops get their turn, so one unreachable peer can't stall the
+ * others; an op refused without any progress for peer_timeout fails with
+ * ETIMEDOUT (its peer is taken for unreachable). */
+static bool post_pending(aiote_engine *e, uint64_t now)
 {
     bool did = false;
-    while (e->pend_head) {
-        struct op *op = e->pend_head;
+    int blocked = 0;
+    struct op *prev = NULL, *op = e->pend_head;
+    while (op && blocked < MAX_BLOCKED_OPS) {
+        struct op *next = op->next;
         if (op->cancelled && op->next_post < op->n) {
             fail_op(op, -AIOTE_E_CLOSED, FI_ECANCELED, 0, op->next_post);
             op->n = op->next_post;
         }
+        bool refused = false;
         while (op->next_post < op->n) {
             int rc = op->kind == OP_SEND ? post_send(e, op) : post_write(e, op, op->next_post);
-            if (rc == 1) {
+            if (rc == 2) { /* our own transmit contexts are all in flight: wait for completions */
                 e->stats.eagain++;
                 return did;
             }
+            if (rc == 1) {
+                e->stats.eagain++;
+                if (!op->eagain_since)
+                    op->eagain_since = now;
+                else if (now - op->eagain_since > e->peer_timeout_ns) {
+                    fail_op(op, -AIOTE_E_PROVIDER, FI_ETIMEDOUT, 0, op->next_post);
+                    op->n = op->next_post;
+                    break;
+                }
+                refused = true;
+                break;
+            }
+            op->eagain_since = 0;
             if (rc < 0) {
                 fail_op(op, -AIOTE_E_PROVIDER, -rc, 0, op->next_post);
                 op->n = op->next_post; /* post nothing more of it */
@@ -199,13 +226,24 @@ static bool post_pending(aiote_engine *e)
             op->next_post++;
             did = true;
         }
-        e->pend_head = op->next;
-        if (!e->pend_head)
-            e->pend_tail = NULL;
+        if (refused) {
+            blocked++;
+            prev = op;
+            op = next;
+            continue;
+        }
+        /* fully posted (or stopped): unlink */
+        if (prev)
+            prev->next = next;
+        else
+            e->pend_head = next;
+        if (e->pend_tail == op)
+            e->pend_tail = prev;
         op->next = NULL;
         op->posted_all = true;
         if (op->inflight == 0)
             finish_op(e, op);
+        op = next;
     }
     return did;
 }
@@ -424,13 +462,17 @@ void *worker_main(void *arg)
         bool active = take_submissions(e);
         if (atomic_load(&e->stopping))
             break;
-        active |= post_pending(e);
+        if (e->local)
+            local_read_lock();
+        active |= post_pending(e, now_ns());
         for (int i = 0; i < 4; i++) {
             size_t n = poll_cq(e);
             if (!n)
                 break;
             active = true;
         }
+        if (e->local)
+            local_read_unlock();
         if (e->pending_events.n)
             event_queue_flush(&e->events, &e->pending_events);
         if (active) {
