@@ -20,6 +20,7 @@ _PEER_ERRNOS = {
     _errno.EPIPE,
     _errno.ETIMEDOUT,
     _errno.EHOSTDOWN,
+    _errno.ENETDOWN,
 }
 
 
@@ -32,7 +33,7 @@ def fi_strerror(fi_errno: int) -> str:
 
 
 def error_for(code: int, message: str, *, fi_errno: int = 0, prov_errno: int = 0,
-              index: int | None = None) -> errors.AioteError:
+              index: int | None = None, nic: int | None = None) -> errors.AioteError:
     """Build the exception for a negative AIOTE_E_* code."""
     code = -code
     if code == lib.AIOTE_E_PROVIDER:
@@ -40,7 +41,7 @@ def error_for(code: int, message: str, *, fi_errno: int = 0, prov_errno: int = 0
             message = f"{message}: {fi_strerror(fi_errno)} (fi_errno {fi_errno})" if message else (
                 f"{fi_strerror(fi_errno)} (fi_errno {fi_errno})")
         cls = errors.PeerUnreachable if fi_errno in _PEER_ERRNOS else errors.ProviderError
-        return cls(message, fi_errno=fi_errno, prov_errno=prov_errno, index=index)
+        return cls(message, fi_errno=fi_errno, prov_errno=prov_errno, index=index, nic=nic)
     if code == lib.AIOTE_E_BOUNDS:
         return errors.OutOfBounds(message, index=index)
     if code == lib.AIOTE_E_NO_MR:

@@ -20,6 +20,7 @@ from .memory import MemoryRegion
 __all__ = ["TransferEngine", "PeerGroup", "PROVIDER_ALIASES"]
 
 PROVIDER_ALIASES = {"tcp": "tcp;ofi_rxm", "verbs": "verbs;ofi_rxm"}
+_ROUTING = {"round_robin": lib.AIOTE_ROUTE_ROUND_ROBIN, "pinned": lib.AIOTE_ROUTE_PINNED}
 _POLLING = {"busy": lib.AIOTE_POLL_BUSY, "adaptive": lib.AIOTE_POLL_ADAPTIVE, "blocking": lib.AIOTE_POLL_BLOCKING}
 _EVENT_BATCH = 256
 _engine_ids = itertools.count(1)
@@ -56,8 +57,11 @@ class TransferEngine:
         *,
         host: str | None = None,
         domain: str | None = None,
-        nics: int = 1,
+        nics: int | Sequence[str] = 1,
         polling: str = "adaptive",
+        routing: str = "round_robin",
+        pinned_nic: int = 0,
+        stripe_threshold: int = 256 * 1024,
         spin_us: int = 50,
         msg_size: int = 64 * 1024,
         recv_slots: int = 64,
@@ -66,12 +70,24 @@ class TransferEngine:
         delivery_complete: bool = True,
         peer_timeout: float = 10.0,
     ):
-        if nics != 1:
-            raise InvalidArgument("only nics=1 is supported in this version")
+        if isinstance(nics, int):
+            if not 1 <= nics <= lib.AIOTE_MAX_NICS:
+                raise InvalidArgument(f"nics must be 1..{lib.AIOTE_MAX_NICS}, got {nics}")
+            nnics = nics
+        else:
+            names = list(nics)
+            if not 1 <= len(names) <= lib.AIOTE_MAX_NICS or any(not n or "," in n for n in names):
+                raise InvalidArgument(f"nics must name 1..{lib.AIOTE_MAX_NICS} domains, got {names!r}")
+            if domain is not None:
+                raise InvalidArgument("give either domain= or a list of NIC names, not both")
+            nnics, domain = len(names), ",".join(names)
+        if routing not in _ROUTING:
+            raise InvalidArgument(f"routing must be one of {sorted(_ROUTING)}, got {routing!r}")
         if polling not in _POLLING:
             raise InvalidArgument(f"polling must be one of {sorted(_POLLING)}, got {polling!r}")
         self.requested_provider = PROVIDER_ALIASES.get(provider, provider)
-        self._cfg_args = dict(host=host, domain=domain, polling=polling, spin_us=spin_us, msg_size=msg_size,
+        self._cfg_args = dict(host=host, domain=domain, nics=nnics, routing=routing, pinned_nic=pinned_nic,
+                              stripe_threshold=stripe_threshold, polling=polling, spin_us=spin_us, msg_size=msg_size,
                               recv_slots=recv_slots, send_slots=send_slots, max_queued=max_queued,
                               delivery_complete=delivery_complete, peer_timeout=peer_timeout)
         self.id = next(_engine_ids)
@@ -82,7 +98,8 @@ class TransferEngine:
         self._op_ids = itertools.count(1)
         self._deferred: collections.deque[tuple[Any, int]] = collections.deque()
         self._regions: set[MemoryRegion] = set()
-        self._peers: dict[bytes, int] = {}
+        self._peers: dict[tuple[bytes, ...], int] = {}
+        self._rdescs: dict[MrDescriptor, int] = {}
         self._inbox: collections.deque[tuple[bytes, bytes]] = collections.deque()
         self._recv_waiters: collections.deque[asyncio.Future[tuple[bytes, bytes]]] = collections.deque()
         self._events = ffi.new("aiote_event[]", _EVENT_BATCH)
@@ -117,6 +134,10 @@ class TransferEngine:
         if a["domain"]:
             keep.append(ffi.new("char[]", a["domain"].encode()))
             cfg.domain = keep[-1]
+        cfg.nics = a["nics"]
+        cfg.routing = _ROUTING[a["routing"]]
+        cfg.pinned_nic = a["pinned_nic"]
+        cfg.stripe_threshold = a["stripe_threshold"]
         cfg.polling = _POLLING[a["polling"]]
         cfg.spin_us = a["spin_us"]
         cfg.msg_size = a["msg_size"]
@@ -130,10 +151,13 @@ class TransferEngine:
         self._h = out[0]
         info = self.info()
         self.provider = info["provider"]
-        buf = ffi.new("uint8_t[]", 256)
-        n = ffi.new("size_t*", 256)
-        check(lib.aiote_engine_address(self._h, buf, n))
-        self._nic_addrs = (bytes(ffi.buffer(buf, n[0])),)
+        addrs = []
+        for i in range(info["nics"]):
+            buf = ffi.new("uint8_t[]", 256)
+            n = ffi.new("size_t*", 256)
+            check(lib.aiote_engine_address(self._h, i, buf, n))
+            addrs.append(bytes(ffi.buffer(buf, n[0])))
+        self._nic_addrs = tuple(addrs)
         self._efd = lib.aiote_engine_eventfd(self._h)
         self._loop.add_reader(self._efd, self._on_events)
         self._log = self._log.bind(provider=self.provider)
@@ -225,6 +249,7 @@ class TransferEngine:
             "delivery_complete": bool(i.delivery_complete),
             "cq_wait_fd": bool(i.wait_fd),
             "hmem": bool(i.hmem),
+            "nics": int(i.nics),
         }
 
     def stats(self) -> dict[str, int]:
@@ -232,6 +257,20 @@ class TransferEngine:
         s = ffi.new("aiote_stats*")
         check(lib.aiote_engine_stats(self._handle(), s))
         return {name: int(getattr(s, name)) for name in dir(s)}
+
+    def nic_stats(self) -> list[dict[str, int]]:
+        """Per-NIC counters: writes posted, bytes, completions, errors, imms received, failed."""
+        out = []
+        c = ffi.new("aiote_nic_counters*")
+        for i in range(len(self._nic_addrs)):
+            check(lib.aiote_nic_stats(self._handle(), i, c))
+            out.append({name: int(getattr(c, name)) for name in dir(c)})
+        return out
+
+    def fail_nic(self, nic: int) -> None:
+        """Take NIC ``nic`` out of service, as a NIC failure would: what is in flight on it
+        fails with a ProviderError naming it (``.nic``); later work uses the other NICs."""
+        check(lib.aiote_nic_fail(self._handle(), nic), "fail_nic")
 
     # -- memory --------------------------------------------------------------------
 
@@ -245,18 +284,27 @@ class TransferEngine:
     def _peer(self, addrs: tuple[bytes, ...], provider: str) -> int:
         if provider != self.provider:
             raise DescriptorError(f"descriptor is for provider {provider!r}, this engine uses {self.provider!r}")
-        raw = addrs[0]
-        p = self._peers.get(raw)
+        p = self._peers.get(addrs)
         if p is None:
+            blob = _addr_blob(addrs)
             out = ffi.new("uint32_t*")
-            check(lib.aiote_peer_insert(self._handle(), raw, len(raw), out), "peer address")
-            p = self._peers[raw] = int(out[0])
+            check(lib.aiote_peer_insert(self._handle(), blob, len(blob), out), "peer address")
+            p = self._peers[addrs] = int(out[0])
         return p
 
-    def _peer_of(self, desc: MrDescriptor) -> int:
-        if not isinstance(desc, MrDescriptor):
-            raise DescriptorError(f"expected MrDescriptor, got {type(desc).__name__}")
-        return self._peer(desc.addrs, desc.provider)
+    def _rdesc(self, desc: MrDescriptor) -> int:
+        """The native id of a remote region (resolved once per descriptor)."""
+        r = self._rdescs.get(desc)
+        if r is None:
+            if not isinstance(desc, MrDescriptor):
+                raise DescriptorError(f"expected MrDescriptor, got {type(desc).__name__}")
+            peer = self._peer(desc.addrs, desc.provider)
+            out = ffi.new("uint32_t*")
+            keys = ffi.new("uint64_t[]", list(desc.keys))
+            check(lib.aiote_rdesc_insert(self._handle(), peer, desc.base, desc.length, keys, len(desc.keys), out),
+                  "descriptor")
+            r = self._rdescs[desc] = int(out[0])
+        return r
 
     # -- submission ----------------------------------------------------------------
 
@@ -337,17 +385,14 @@ class TransferEngine:
             r = self._scratch_mr = self.register(bytearray(64))
         return r
 
-    def _fill(self, w: Any, peer: int, desc: MrDescriptor, src_off: int, dst_off: int, length: int) -> None:
+    def _fill(self, w: Any, desc: MrDescriptor, src_off: int, dst_off: int, length: int) -> None:
         for name, v in (("src_offset", src_off), ("dst_offset", dst_off), ("length", length)):
             if not isinstance(v, int) or v < 0 or v >= 1 << 64:
                 raise InvalidArgument(f"{name} must be a non-negative int, got {v!r}")
-        w.peer = peer
+        w.rdesc = self._rdesc(desc)
         w.src_off = src_off
         w.dst_off = dst_off
         w.len = length
-        w.remote_base = desc.base
-        w.remote_len = desc.length
-        w.remote_key = desc.keys[0]
 
     def write(self, src: MemoryRegion, dst: MrDescriptor, length: int | None = None, src_offset: int = 0,
               dst_offset: int = 0, imm: int | None = None) -> asyncio.Future[None]:
@@ -361,18 +406,16 @@ class TransferEngine:
             raise TypeError(f"src must be a MemoryRegion, got {type(src).__name__}")
         if length is None:
             length = src.nbytes - src_offset
-        peer = self._peer_of(dst)
         wrs = ffi.new("aiote_wr[1]")
-        self._fill(wrs[0], peer, dst, src_offset, dst_offset, length)
+        self._fill(wrs[0], dst, src_offset, dst_offset, length)
         return self._submit_wrs(src, wrs, 1, imm, None)
 
     def write_imm(self, dst: MrDescriptor, imm: int) -> asyncio.Future[None]:
         """A 0-byte write that only delivers ``imm`` to the region's owner."""
         if imm is None:
             raise InvalidArgument("write_imm needs an imm")
-        peer = self._peer_of(dst)
         wrs = ffi.new("aiote_wr[1]")
-        self._fill(wrs[0], peer, dst, 0, 0, 0)
+        self._fill(wrs[0], dst, 0, 0, 0)
         return self._submit_wrs(None, wrs, 1, imm, None)
 
     def scatter(self, src: MemoryRegion, targets: Sequence[tuple[MrDescriptor, int, int, int]],
@@ -389,7 +432,7 @@ class TransferEngine:
             raise InvalidArgument("scatter needs at least one target")
         wrs = ffi.new("aiote_wr[]", n)
         for i, (desc, so, do, ln) in enumerate(targets):
-            self._fill(wrs[i], self._peer_of(desc), desc, so, do, ln)
+            self._fill(wrs[i], desc, so, do, ln)
         return self._submit_wrs(src, wrs, n, imm, None)
 
     def barrier(self, targets: Iterable[MrDescriptor] | PeerGroup, imm: int) -> asyncio.Future[None]:
@@ -426,13 +469,13 @@ class TransferEngine:
             if not isinstance(v, int) or v < 0 or v >= 1 << 64:
                 raise InvalidArgument(f"{name} must be a non-negative int, got {v!r}")
         has_imm, imm_v = self._check_imm(imm)
-        peer = self._peer_of(dst)
+        rd = self._rdesc(dst)
         h = self._handle()
         mr_id = src._mr_id()
         bad = ffi.new("uint64_t*")
 
         def submit(op_id: int) -> int:
-            rc = lib.aiote_submit_paged(h, op_id, mr_id, peer, dst.base, dst.length, dst.keys[0], page_len,
+            rc = lib.aiote_submit_paged(h, op_id, mr_id, rd, page_len,
                                         sp, src_stride, src_offset, dp, dst_stride, dst_offset, n,
                                         has_imm, imm_v, bad)
             if rc < 0 and rc != -lib.AIOTE_E_AGAIN:
@@ -510,8 +553,10 @@ class TransferEngine:
             if ev.status == -lib.AIOTE_E_CLOSED:
                 exc: AioteError = EngineClosed("engine closed" if self._closed else "operation withdrawn")
             else:
-                exc = error_for(ev.status, f"element {index} failed", fi_errno=ev.fi_errno,
-                                prov_errno=ev.prov_errno, index=index)
+                nic = int(ev.nic) if ev.nic >= 0 else None
+                where = f"element {index}" + (f" on NIC {nic}" if nic is not None else "")
+                exc = error_for(ev.status, f"{where} failed", fi_errno=ev.fi_errno,
+                                prov_errno=ev.prov_errno, index=index, nic=nic)
             op.future.set_exception(exc)
 
     def _recv_event(self, ev: Any) -> None:
@@ -519,7 +564,7 @@ class TransferEngine:
         src = raw[ev.src_off:ev.src_off + ev.src_len]
         payload = raw[ev.payload_off:ev.payload_off + ev.len]
         lib.aiote_free(ev.data)
-        sender = EngineAddress(self.provider, (src,)).to_bytes()
+        sender = EngineAddress(self.provider, _parse_addr_blob(src)).to_bytes()  # checked in C
         while self._recv_waiters:
             f = self._recv_waiters.popleft()
             if not f.done():
@@ -543,7 +588,7 @@ class PeerGroup:
         n = len(descs)
         self._template = ffi.new("aiote_wr[]", n)
         for i, d in enumerate(descs):
-            engine._fill(self._template[i], engine._peer_of(d), d, 0, 0, 0)
+            engine._fill(self._template[i], d, 0, 0, 0)
 
     def __len__(self) -> int:
         return len(self.descriptors)
@@ -575,6 +620,20 @@ class PeerGroup:
             w.src_off = so
             w.dst_off = do
         return self._engine._submit_wrs(src, wrs, n, imm, None)
+
+
+def _addr_blob(addrs: tuple[bytes, ...]) -> bytes:
+    """Addresses as the native layer takes them: count u8, then (u16 length, bytes) each."""
+    return bytes([len(addrs)]) + b"".join(len(a).to_bytes(2, "little") + a for a in addrs)
+
+
+def _parse_addr_blob(blob: bytes) -> tuple[bytes, ...]:
+    out, pos = [], 1
+    for _ in range(blob[0]):
+        n = int.from_bytes(blob[pos:pos + 2], "little")
+        out.append(blob[pos + 2:pos + 2 + n])
+        pos += 2 + n
+    return tuple(out)
 
 
 def _int64_pages(pages: Any) -> tuple[Any, Any, int]:

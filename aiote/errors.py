@@ -27,15 +27,17 @@ class AioteError(Exception):
 class ProviderError(AioteError):
     """A libfabric operation failed.
 
-    ``fi_errno`` is libfabric's (positive) error number, ``text`` its
-    description, ``index`` the failing element of a batch (or None).
+    ``fi_errno`` is libfabric's (positive) error number, ``index`` the
+    failing element of a batch and ``nic`` the NIC it failed on (or None).
     """
 
-    def __init__(self, message: str, fi_errno: int = 0, prov_errno: int = 0, index: int | None = None):
+    def __init__(self, message: str, fi_errno: int = 0, prov_errno: int = 0, index: int | None = None,
+                 nic: int | None = None):
         super().__init__(message)
         self.fi_errno = fi_errno
         self.prov_errno = prov_errno
         self.index = index
+        self.nic = nic
 
 
 class RegistrationError(AioteError, TypeError):

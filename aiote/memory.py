@@ -59,17 +59,19 @@ class MemoryRegion:
     def __init__(self, engine: TransferEngine, obj: Any):
         addr, nbytes, keep = buffer_address(obj)
         mr_id = ffi.new("uint64_t*")
-        key = ffi.new("uint64_t*")
+        keys = ffi.new("uint64_t[]", lib.AIOTE_MAX_NICS)
         base = ffi.new("uint64_t*")
         check(lib.aiote_mr_register(engine._handle(), ffi.cast("void*", addr), nbytes,
-                                    lib.AIOTE_ACCESS_LOCAL | lib.AIOTE_ACCESS_REMOTE, mr_id, key, base),
+                                    lib.AIOTE_ACCESS_LOCAL | lib.AIOTE_ACCESS_REMOTE, mr_id, keys, base),
               "register")
         self._engine = engine
         self._keep = keep
         self._id = int(mr_id[0])
         self.address = addr
         self.nbytes = nbytes
-        self._descriptor = MrDescriptor(engine.provider, engine._nic_addrs, int(base[0]), nbytes, (int(key[0]),))
+        nnics = len(engine._nic_addrs)
+        self._descriptor = MrDescriptor(engine.provider, engine._nic_addrs, int(base[0]), nbytes,
+                                        tuple(int(keys[i]) for i in range(nnics)))
         self._closed = False
         engine._regions.add(self)
 

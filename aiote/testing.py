@@ -220,6 +220,13 @@ class PeerProcess:
         os.kill(self.proc.pid, signal.SIGKILL)
         self.proc.join(10)
 
+    def pause(self) -> None:
+        """SIGSTOP the peer: its engine stops progressing (writes to it stay in flight)."""
+        os.kill(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        os.kill(self.proc.pid, signal.SIGCONT)
+
     async def stop(self, timeout: float = 10) -> None:
         if self.proc is None:
             return

@@ -3,4 +3,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/bootstrap.sh test,demo
-exec .venv/bin/python examples/hello_write_imm.py "$@"
+exec .venv/bin/python -m examples.kvcache "$@"

@@ -52,6 +52,11 @@ enum {
     /* access flags for registration */
     AIOTE_ACCESS_LOCAL = 1,   /* source of writes / sends */
     AIOTE_ACCESS_REMOTE = 2,  /* target of remote writes */
+
+    /* NICs */
+    AIOTE_MAX_NICS = 16,
+    AIOTE_ROUTE_ROUND_ROBIN = 0, /* stripe large writes, spread batch elements */
+    AIOTE_ROUTE_PINNED = 1,      /* everything on one NIC (pinned_nic) */
 };
 
 typedef struct aiote_engine aiote_engine;
@@ -59,7 +64,12 @@ typedef struct aiote_engine aiote_engine;
 typedef struct {
     const char *provider;     /* "shm", "tcp;ofi_rxm", "efa", ... or NULL for the first RMA-capable */
     const char *node;         /* address to bind (e.g. "127.0.0.1"), or NULL */
-    const char *domain;       /* domain (NIC) name, or NULL */
+    const char *domain;       /* domain (NIC) names, comma-separated; cycled over the NICs; NULL = any */
+    uint32_t nics;            /* NICs (domain + endpoint each); 0 = 1 */
+    int routing;              /* AIOTE_ROUTE_* */
+    uint32_t pinned_nic;
+    uint64_t stripe_threshold;/* writes this large or larger are striped over NICs; 0 = 256 KiB */
+    uint64_t stripe_min;      /* smallest shard; 0 = 64 KiB */
     int polling;              /* AIOTE_POLL_* */
     uint32_t spin_us;         /* adaptive: spin this long before sleeping */
     uint32_t msg_size;        /* largest send/recv payload */
@@ -85,6 +95,7 @@ typedef struct {
     int wait_fd;              /* the CQ offers an fd to sleep on */
     int hmem;                 /* provider advertises FI_HMEM */
     int addr_len;
+    int nics;
 } aiote_info;
 
 typedef struct {
@@ -94,6 +105,8 @@ typedef struct {
     int32_t fi_errno;         /* libfabric errno (positive) when the provider failed */
     int32_t prov_errno;
     uint64_t index;           /* failing element of a batch */
+    int32_t nic;              /* failing NIC, -1 if none */
+    int32_t _pad;
     void *data;               /* EV_RECV: message buffer (free with aiote_free) */
     uint64_t len;             /* EV_RECV: payload length */
     uint64_t src_off;         /* EV_RECV: sender address offset within data */
@@ -103,15 +116,23 @@ typedef struct {
 
 /* One write of a batch.  len == 0 with has_imm is an imm-only write. */
 typedef struct {
-    uint32_t peer;            /* from aiote_peer_insert */
+    uint32_t rdesc;           /* remote region, from aiote_rdesc_insert */
     uint32_t _pad;
     uint64_t src_off;         /* offset in the local region */
     uint64_t dst_off;         /* offset in the remote region */
     uint64_t len;
-    uint64_t remote_base;     /* address the remote key is based at */
-    uint64_t remote_len;      /* length of the remote region (bounds) */
-    uint64_t remote_key;
 } aiote_wr;
+
+/* Per-NIC counters. */
+typedef struct {
+    uint64_t writes_posted;
+    uint64_t bytes_written;
+    uint64_t completions;
+    uint64_t errors;
+    uint64_t imms_received;
+    int failed;               /* the NIC was taken out of service */
+    int fi_errno;
+} aiote_nic_counters;
 
 /* Counters of one engine. */
 typedef struct {
@@ -141,19 +162,29 @@ int aiote_engine_shutdown(aiote_engine *e);
 void aiote_engine_free(aiote_engine *e);
 int aiote_engine_eventfd(aiote_engine *e);
 int aiote_engine_info(aiote_engine *e, aiote_info *out);
-/* The endpoint's address; *len is in/out. */
-int aiote_engine_address(aiote_engine *e, uint8_t *buf, size_t *len);
+/* One NIC's endpoint address; *len is in/out. */
+int aiote_engine_address(aiote_engine *e, uint32_t nic, uint8_t *buf, size_t *len);
 int aiote_engine_stats(aiote_engine *e, aiote_stats *out);
+int aiote_nic_stats(aiote_engine *e, uint32_t nic, aiote_nic_counters *out);
+/* Take a NIC out of service (as a NIC failure would): operations in flight
+ * on it fail naming it; later work goes to the other NICs. */
+int aiote_nic_fail(aiote_engine *e, uint32_t nic);
 
-/* Memory registration.  *base is the address remote writes must target at
- * offset 0 (the virtual address, or 0 for offset-based providers). */
+/* Memory registration on every NIC.  keys receives one key per NIC;
+ * *base is the address remote writes target at offset 0 (the virtual
+ * address, or 0 for offset-based providers). */
 int aiote_mr_register(aiote_engine *e, void *addr, uint64_t len, int access,
-                      uint64_t *mr_id, uint64_t *key, uint64_t *base);
+                      uint64_t *mr_id, uint64_t *keys, uint64_t *base);
 /* AIOTE_E_BUSY while an operation uses the region. */
 int aiote_mr_deregister(aiote_engine *e, uint64_t mr_id);
 
-/* Resolve a peer address to an index (cached: the same bytes give the same peer). */
-int aiote_peer_insert(aiote_engine *e, const uint8_t *addr, size_t len, uint32_t *peer);
+/* Resolve a peer's addresses to an index (cached: the same bytes give the
+ * same peer).  addrs: count u8, then per NIC a u16 (little endian) length
+ * and that many address bytes. */
+int aiote_peer_insert(aiote_engine *e, const uint8_t *addrs, size_t len, uint32_t *peer);
+/* A remote region of a peer: one key per peer NIC.  Returns an id for aiote_wr. */
+int aiote_rdesc_insert(aiote_engine *e, uint32_t peer, uint64_t base, uint64_t len,
+                       const uint64_t *keys, uint32_t nkeys, uint32_t *rdesc);
 
 /* A batch of writes from one local region.  Every element is bounds-checked
  * before anything is posted; on AIOTE_E_BOUNDS *bad_index names the element.
@@ -164,8 +195,7 @@ int aiote_submit_writes(aiote_engine *e, uint64_t op_id, uint64_t mr_id,
 /* Paged writes: page i goes from src_off + src_pages[i]*src_stride to
  * dst_off + dst_pages[i]*dst_stride, page_len bytes each. */
 int aiote_submit_paged(aiote_engine *e, uint64_t op_id, uint64_t mr_id,
-                       uint32_t peer, uint64_t remote_base, uint64_t remote_len,
-                       uint64_t remote_key, uint64_t page_len,
+                       uint32_t rdesc, uint64_t page_len,
                        const int64_t *src_pages, uint64_t src_stride, uint64_t src_off,
                        const int64_t *dst_pages, uint64_t dst_stride, uint64_t dst_off,
                        size_t n, int has_imm, uint32_t imm, uint64_t *bad_index);

@@ -43,13 +43,17 @@ static void engine_release(aiote_engine *e)
         close(e->sub_efd);
     free(e->pending_events.ev);
     free(e->mrs);
-    for (size_t i = 0; i < e->npeers; i++)
-        local_unref(e->peer_local[i]);
-    local_unref(e->local);
-    free(e->peer_fi);
-    free(e->peer_local);
-    free(e->peer_addr);
-    free(e->peer_addr_len);
+    for (size_t i = 0; i < e->npeers; i++) {
+        for (uint32_t j = 0; j < e->peers[i]->nnics; j++)
+            local_unref(e->peers[i]->local[j]);
+        free(e->peers[i]);
+    }
+    free(e->peers);
+    for (size_t i = 0; i < e->nrdescs; i++)
+        free(e->rdescs[i]);
+    free(e->rdescs);
+    for (uint32_t i = 0; i < AIOTE_MAX_NICS; i++)
+        local_unref(e->nics[i].local);
     free(e->cancel_ids);
     pthread_mutex_destroy(&e->mr_lock);
     pthread_mutex_destroy(&e->peer_lock);
@@ -79,9 +83,17 @@ int aiote_engine_open(const aiote_config *cfg, aiote_engine **out)
         e->cfg.send_slots = 64;
     if (!e->cfg.max_queued)
         e->cfg.max_queued = DEFAULT_MAX_QUEUED;
+    if (!e->cfg.stripe_threshold)
+        e->cfg.stripe_threshold = 256 * 1024;
+    if (!e->cfg.stripe_min)
+        e->cfg.stripe_min = 64 * 1024;
+    if (e->cfg.routing != AIOTE_ROUTE_ROUND_ROBIN && e->cfg.routing != AIOTE_ROUTE_PINNED) {
+        aiote_set_error("invalid routing %d", e->cfg.routing);
+        free(e);
+        return -AIOTE_E_INVAL;
+    }
     e->peer_timeout_ns = (uint64_t)(e->cfg.peer_timeout_ms ? e->cfg.peer_timeout_ms : 10000) * 1000000ull;
     e->sub_efd = -1;
-    e->cq_fd = -1;
     pthread_mutex_init(&e->mr_lock, NULL);
     pthread_mutex_init(&e->peer_lock, NULL);
     pthread_mutex_init(&e->sub_lock, NULL);
@@ -126,10 +138,7 @@ int aiote_engine_shutdown(aiote_engine *e)
     if (e->worker_started)
         pthread_join(e->worker, NULL);
     e->worker_started = false;
-    if (e->local)
-        local_close(e->local, fabric_close, e);
-    else
-        fabric_close(e);
+    fabric_close(e);
     /* the NIC can't touch them any more: free what the worker left */
     struct op *op = e->live;
     while (op) {
@@ -158,21 +167,36 @@ int aiote_engine_info(aiote_engine *e, aiote_info *out)
     return 0;
 }
 
-int aiote_engine_address(aiote_engine *e, uint8_t *buf, size_t *len)
+int aiote_engine_address(aiote_engine *e, uint32_t nic, uint8_t *buf, size_t *len)
 {
-    if (*len < e->addr_len) {
-        *len = e->addr_len;
+    if (nic >= e->nnics) {
+        aiote_set_error("no NIC %u (engine has %u)", nic, e->nnics);
+        return -AIOTE_E_INVAL;
+    }
+    struct nic *n = &e->nics[nic];
+    if (*len < n->addr_len) {
+        *len = n->addr_len;
         aiote_set_error("address buffer too small");
         return -AIOTE_E_INVAL;
     }
-    memcpy(buf, e->addr, e->addr_len);
-    *len = e->addr_len;
+    memcpy(buf, n->addr, n->addr_len);
+    *len = n->addr_len;
     return 0;
 }
 
 int aiote_engine_stats(aiote_engine *e, aiote_stats *out)
 {
     *out = e->stats;
+    return 0;
+}
+
+int aiote_nic_stats(aiote_engine *e, uint32_t nic, aiote_nic_counters *out)
+{
+    if (nic >= e->nnics) {
+        aiote_set_error("no NIC %u (engine has %u)", nic, e->nnics);
+        return -AIOTE_E_INVAL;
+    }
+    *out = e->nics[nic].stats;
     return 0;
 }
 
@@ -254,7 +278,7 @@ static struct mr_slot *mr_lookup(aiote_engine *e, uint64_t mr_id)
 }
 
 int aiote_mr_register(aiote_engine *e, void *addr, uint64_t len, int access, uint64_t *mr_id,
-                      uint64_t *key, uint64_t *base)
+                      uint64_t *keys, uint64_t *base)
 {
     if (!addr || len == 0) {
         aiote_set_error("cannot register an empty buffer");
@@ -265,7 +289,7 @@ int aiote_mr_register(aiote_engine *e, void *addr, uint64_t len, int access, uin
     if (rc)
         return rc;
     *mr_id = a.mr_id;
-    *key = a.key;
+    memcpy(keys, a.keys, e->nnics * sizeof *keys);
     *base = a.base;
     return 0;
 }
@@ -285,27 +309,78 @@ int aiote_mr_deregister(aiote_engine *e, uint64_t mr_id)
         aiote_set_error("memory region is in use by %lld operation(s)", (long long)refs);
         return -AIOTE_E_BUSY;
     }
-    struct fid_mr *mr = s->mr;
+    struct mr_close_arg a;
+    memcpy(a.mr, s->mr, sizeof a.mr);
+    memset(s->mr, 0, sizeof s->mr);
     s->used = false;
-    s->mr = NULL;
     pthread_mutex_unlock(&e->mr_lock);
-    int rc = run_ctrl(e, ctrl_mr_close, mr);
+    int rc = run_ctrl(e, ctrl_mr_close, &a);
     if (rc == -AIOTE_E_CLOSED)
         rc = 0; /* engine shut down: the region was closed with it */
     return rc;
 }
 
-int aiote_peer_insert(aiote_engine *e, const uint8_t *addr, size_t len, uint32_t *peer)
+int aiote_peer_insert(aiote_engine *e, const uint8_t *addrs, size_t len, uint32_t *peer)
 {
-    if (!addr || len == 0 || len > AIOTE_ADDR_MAX) {
-        aiote_set_error("peer address must be 1..%d bytes, got %zu", AIOTE_ADDR_MAX, len);
+    if (!addrs || len == 0 || len > 1 + AIOTE_MAX_NICS * (2 + AIOTE_ADDR_MAX)) {
+        aiote_set_error("peer address list of %zu bytes is malformed", len);
         return -AIOTE_E_PEER;
     }
-    struct peer_arg a = {.addr = addr, .len = len};
+    struct peer_arg a = {.addrs = addrs, .len = len};
     int rc = run_ctrl(e, ctrl_peer_insert, &a);
     if (!rc)
         *peer = a.peer;
     return rc;
+}
+
+int aiote_rdesc_insert(aiote_engine *e, uint32_t peer, uint64_t base, uint64_t len, const uint64_t *keys,
+                       uint32_t nkeys, uint32_t *rdesc)
+{
+    pthread_mutex_lock(&e->peer_lock);
+    if (peer >= e->npeers) {
+        pthread_mutex_unlock(&e->peer_lock);
+        aiote_set_error("unknown peer %u", peer);
+        return -AIOTE_E_PEER;
+    }
+    uint32_t pn = e->peers[peer]->nnics;
+    if (nkeys != pn || len == 0) {
+        pthread_mutex_unlock(&e->peer_lock);
+        aiote_set_error("descriptor has %u keys for a peer with %u NICs (length %llu)", nkeys, pn,
+                        (unsigned long long)len);
+        return -AIOTE_E_INVAL;
+    }
+    if (e->nrdescs == e->cap_rdescs) {
+        size_t cap = e->cap_rdescs ? e->cap_rdescs * 2 : 64;
+        struct rdesc **n = realloc(e->rdescs, cap * sizeof *n);
+        if (!n) {
+            pthread_mutex_unlock(&e->peer_lock);
+            return -AIOTE_E_NOMEM;
+        }
+        e->rdescs = n;
+        e->cap_rdescs = cap;
+    }
+    struct rdesc *rd = calloc(1, sizeof *rd);
+    if (!rd || e->nrdescs >= UINT32_MAX) {
+        pthread_mutex_unlock(&e->peer_lock);
+        free(rd);
+        return -AIOTE_E_NOMEM;
+    }
+    rd->peer = peer;
+    rd->base = base;
+    rd->len = len;
+    memcpy(rd->keys, keys, nkeys * sizeof *keys);
+    *rdesc = (uint32_t)e->nrdescs;
+    e->rdescs[e->nrdescs++] = rd;
+    pthread_mutex_unlock(&e->peer_lock);
+    return 0;
+}
+
+static const struct rdesc *rdesc_get(aiote_engine *e, uint32_t id)
+{
+    pthread_mutex_lock(&e->peer_lock);
+    const struct rdesc *rd = id < e->nrdescs ? e->rdescs[id] : NULL;
+    pthread_mutex_unlock(&e->peer_lock);
+    return rd;
 }
 
 static inline bool out_of(uint64_t off, uint64_t len, uint64_t total)
@@ -321,6 +396,7 @@ static size_t npeers_now(aiote_engine *e)
     return n;
 }
 
+
 /* Look up the local region and take a reference for the op. */
 static int take_local(aiote_engine *e, struct op *op, uint64_t mr_id, struct mr_slot **slot)
 {
@@ -334,7 +410,7 @@ static int take_local(aiote_engine *e, struct op *op, uint64_t mr_id, struct mr_
     *slot = s;
     op->mr_index = (uint32_t)(mr_id & 0xffffffffu);
     op->local_base = s->addr;
-    op->local_desc = s->desc;
+    memcpy(op->local_desc, s->desc, sizeof op->local_desc);
     return 0; /* mr_lock held: caller validates, then commit_local/abort_local */
 }
 
@@ -374,18 +450,31 @@ int aiote_submit_writes(aiote_engine *e, uint64_t op_id, uint64_t mr_id, const a
     struct op *op = calloc(1, sizeof *op);
     if (!op)
         return -AIOTE_E_NOMEM;
-    op->wrs = malloc(n * sizeof *wrs);
+    op->wrs = malloc(n * sizeof *op->wrs);
     if (!op->wrs) {
         free(op);
         return -AIOTE_E_NOMEM;
     }
-    memcpy(op->wrs, wrs, n * sizeof *wrs);
     op->kind = OP_WRITES;
     op->id = op_id;
-    op->n = n;
+    op->n = op->n_submitted = n;
     op->has_imm = has_imm;
     op->imm = imm;
-    size_t np = npeers_now(e);
+    /* resolve remote regions (stable pointers) before taking the region lock */
+    pthread_mutex_lock(&e->peer_lock);
+    size_t nrd = e->nrdescs;
+    for (size_t i = 0; i < n; i++) {
+        if (wrs[i].rdesc >= nrd) {
+            pthread_mutex_unlock(&e->peer_lock);
+            aiote_set_error("element %zu: unknown remote region %u", i, wrs[i].rdesc);
+            *bad_index = i;
+            op_free(op);
+            return -AIOTE_E_PEER;
+        }
+        op->wrs[i] = (struct welem){.rd = e->rdescs[wrs[i].rdesc], .src_off = wrs[i].src_off,
+                                    .dst_off = wrs[i].dst_off, .len = wrs[i].len};
+    }
+    pthread_mutex_unlock(&e->peer_lock);
     struct mr_slot *s;
     int rc = take_local(e, op, mr_id, &s);
     if (rc) {
@@ -394,24 +483,21 @@ int aiote_submit_writes(aiote_engine *e, uint64_t op_id, uint64_t mr_id, const a
     }
     /* every element is checked before anything is posted */
     for (size_t i = 0; i < n; i++) {
-        const aiote_wr *w = &op->wrs[i];
+        const struct welem *w = &op->wrs[i];
         const char *what = NULL;
-        if (w->peer >= np)
-            what = "unknown peer";
-        else if (out_of(w->src_off, w->len, s->len))
+        if (out_of(w->src_off, w->len, s->len))
             what = "source range outside the local region";
-        else if (out_of(w->dst_off, w->len, w->remote_len))
+        else if (out_of(w->dst_off, w->len, w->rd->len))
             what = "destination range outside the remote region";
         if (what) {
             pthread_mutex_unlock(&e->mr_lock);
             aiote_set_error("element %zu: %s (src_off=%llu dst_off=%llu len=%llu, local=%llu remote=%llu)",
                             i, what, (unsigned long long)w->src_off, (unsigned long long)w->dst_off,
                             (unsigned long long)w->len, (unsigned long long)s->len,
-                            (unsigned long long)w->remote_len);
+                            (unsigned long long)w->rd->len);
             *bad_index = i;
-            int code = w->peer >= np ? -AIOTE_E_PEER : -AIOTE_E_BOUNDS;
             op_free(op);
-            return code;
+            return -AIOTE_E_BOUNDS;
         }
     }
     rc = reserve(e, n);
@@ -424,8 +510,7 @@ int aiote_submit_writes(aiote_engine *e, uint64_t op_id, uint64_t mr_id, const a
     return submit_op(e, op, n);
 }
 
-int aiote_submit_paged(aiote_engine *e, uint64_t op_id, uint64_t mr_id, uint32_t peer,
-                       uint64_t remote_base, uint64_t remote_len, uint64_t remote_key,
+int aiote_submit_paged(aiote_engine *e, uint64_t op_id, uint64_t mr_id, uint32_t rdesc,
                        uint64_t page_len, const int64_t *src_pages, uint64_t src_stride,
                        uint64_t src_off, const int64_t *dst_pages, uint64_t dst_stride,
                        uint64_t dst_off, size_t n, int has_imm, uint32_t imm, uint64_t *bad_index)
@@ -439,10 +524,12 @@ int aiote_submit_paged(aiote_engine *e, uint64_t op_id, uint64_t mr_id, uint32_t
         aiote_set_error("empty batch");
         return -AIOTE_E_INVAL;
     }
-    if (peer >= npeers_now(e)) {
-        aiote_set_error("unknown peer %u", peer);
+    const struct rdesc *rd = rdesc_get(e, rdesc);
+    if (!rd) {
+        aiote_set_error("unknown remote region %u", rdesc);
         return -AIOTE_E_PEER;
     }
+    uint64_t remote_len = rd->len;
     struct op *op = calloc(1, sizeof *op);
     if (!op)
         return -AIOTE_E_NOMEM;
@@ -456,12 +543,10 @@ int aiote_submit_paged(aiote_engine *e, uint64_t op_id, uint64_t mr_id, uint32_t
     memcpy(op->dst_pages, dst_pages, n * sizeof(int64_t));
     op->kind = OP_PAGED;
     op->id = op_id;
-    op->n = n;
+    op->n = op->n_submitted = n;
     op->has_imm = has_imm;
     op->imm = imm;
-    op->peer = peer;
-    op->remote_base = remote_base;
-    op->remote_key = remote_key;
+    op->rd = rd;
     op->page_len = page_len;
     op->src_stride = src_stride;
     op->src_off = src_off;
@@ -525,7 +610,7 @@ int aiote_submit_send(aiote_engine *e, uint64_t op_id, uint32_t peer, const void
     op->msg_len = len;
     op->kind = OP_SEND;
     op->id = op_id;
-    op->n = 1;
+    op->n = op->n_submitted = 1;
     op->peer = peer;
     int rc = reserve(e, 1);
     if (rc) {
@@ -594,4 +679,13 @@ int aiote_imm_pending(aiote_engine *e, uint32_t imm, uint64_t *count)
 int aiote_poll_events(aiote_engine *e, aiote_event *out, size_t max)
 {
     return (int)event_queue_take(&e->events, out, max);
+}
+
+int aiote_nic_fail(aiote_engine *e, uint32_t nic)
+{
+    if (nic >= e->nnics) {
+        aiote_set_error("no NIC %u (engine has %u)", nic, e->nnics);
+        return -AIOTE_E_INVAL;
+    }
+    return run_ctrl(e, ctrl_nic_fail, &nic);
 }

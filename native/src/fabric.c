@@ -1,5 +1,6 @@
-/* libfabric set-up: provider choice, endpoint, CQ, AV, message slots, and
- * the control operations (registration, peer insertion) that the worker runs. */
+/* libfabric set-up: provider choice and one domain + endpoint per NIC, the
+ * message slots, and the control operations (registration, peers, NIC
+ * failure) that the worker runs. */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <stdio.h>
@@ -16,7 +17,16 @@
 #define MR_MODE_SUPPORTED \
     (FI_MR_LOCAL | FI_MR_VIRT_ADDR | FI_MR_ALLOCATED | FI_MR_PROV_KEY | FI_MR_ENDPOINT)
 
-static struct fi_info *make_hints(const aiote_config *cfg, bool dc)
+#define FI_CHECK(call)                                                                 \
+    do {                                                                               \
+        int _rc = (int)(call);                                                         \
+        if (_rc) {                                                                     \
+            aiote_set_error("%s failed: %s (%d)", #call, fi_strerror(-_rc), _rc);      \
+            return -AIOTE_E_PROVIDER;                                                  \
+        }                                                                              \
+    } while (0)
+
+static struct fi_info *make_hints(const aiote_config *cfg, const char *domain, bool dc)
 {
     struct fi_info *h = fi_allocinfo();
     if (!h)
@@ -26,27 +36,45 @@ static struct fi_info *make_hints(const aiote_config *cfg, bool dc)
     /* we hand providers a fi_context2 per operation */
     h->mode = FI_CONTEXT | FI_CONTEXT2;
     h->domain_attr->mr_mode = MR_MODE_SUPPORTED;
-    /* only the worker thread touches the endpoint */
+    /* only the worker thread touches the endpoints */
     h->domain_attr->threading = FI_THREAD_DOMAIN;
     h->domain_attr->resource_mgmt = FI_RM_ENABLED;
     if (dc)
         h->tx_attr->op_flags = FI_DELIVERY_COMPLETE;
     if (cfg->provider && *cfg->provider)
         h->fabric_attr->prov_name = strdup(cfg->provider);
-    if (cfg->domain && *cfg->domain)
-        h->domain_attr->name = strdup(cfg->domain);
+    if (domain && *domain)
+        h->domain_attr->name = strdup(domain);
     return h;
 }
 
-static int get_info(aiote_engine *e)
+/* The domain name for NIC i: the i-th of the comma-separated list, cycled. */
+static void domain_for(const char *list, uint32_t i, char *out, size_t cap)
+{
+    out[0] = 0;
+    if (!list || !*list)
+        return;
+    size_t count = 1;
+    for (const char *p = list; *p; p++)
+        count += *p == ',';
+    size_t want = i % count;
+    const char *p = list;
+    for (size_t k = 0; k < want; k++)
+        p = strchr(p, ',') + 1;
+    size_t n = strcspn(p, ",");
+    if (n >= cap)
+        n = cap - 1;
+    memcpy(out, p, n);
+    out[n] = 0;
+}
+
+static int get_info(aiote_engine *e, struct nic *n, const char *domain, bool want_dc, bool *got_dc)
 {
     const aiote_config *cfg = &e->cfg;
     int last = -FI_ENODATA;
-    for (int attempt = 0; attempt < 2; attempt++) {
-        bool dc = cfg->delivery_complete && attempt == 0;
-        if (!cfg->delivery_complete && attempt == 0)
-            continue;
-        struct fi_info *h = make_hints(cfg, dc);
+    for (int attempt = want_dc ? 0 : 1; attempt < 2; attempt++) {
+        bool dc = attempt == 0;
+        struct fi_info *h = make_hints(cfg, domain, dc);
         if (!h)
             return -AIOTE_E_NOMEM;
         struct fi_info *res = NULL;
@@ -63,40 +91,53 @@ static int get_info(aiote_engine *e)
                 continue;
             if (it->domain_attr->cq_data_size < 4)
                 continue;
-            e->fi = fi_dupinfo(it);
-            e->info.delivery_complete = dc;
+            n->fi = fi_dupinfo(it);
+            *got_dc = dc;
             break;
         }
         fi_freeinfo(res);
-        if (e->fi)
+        if (n->fi)
             return 0;
         last = -FI_ENODATA;
     }
     aiote_set_error("no libfabric provider matches provider=%s node=%s domain=%s: %s",
                     cfg->provider ? cfg->provider : "(any)", cfg->node ? cfg->node : "(none)",
-                    cfg->domain ? cfg->domain : "(any)", fi_strerror(-last));
+                    domain && *domain ? domain : "(any)", fi_strerror(-last));
     return -AIOTE_E_PROVIDER;
 }
 
-#define FI_CHECK(call)                                                                 \
-    do {                                                                               \
-        int _rc = (int)(call);                                                         \
-        if (_rc) {                                                                     \
-            aiote_set_error("%s failed: %s (%d)", #call, fi_strerror(-_rc), _rc);      \
-            return -AIOTE_E_PROVIDER;                                                  \
-        }                                                                              \
-    } while (0)
-
-static int register_arena(aiote_engine *e, uint8_t *buf, size_t len, uint64_t access,
-                          struct fid_mr **mr)
+static uint64_t random_key(const struct fi_info *fi)
 {
     uint64_t key = 0;
-    if (!(e->fi->domain_attr->mr_mode & FI_MR_PROV_KEY) && getrandom(&key, sizeof key, 0) != sizeof key)
-        key = (uint64_t)(uintptr_t)buf ^ 0x9e3779b97f4a7c15ull;
-    FI_CHECK(fi_mr_reg(e->domain, buf, len, access, 0, key, 0, mr, NULL));
-    if (e->fi->domain_attr->mr_mode & FI_MR_ENDPOINT) {
-        FI_CHECK(fi_mr_bind(*mr, &e->ep->fid, 0));
-        FI_CHECK(fi_mr_enable(*mr));
+    if (getrandom(&key, sizeof key, 0) != sizeof key)
+        key = 0;
+    size_t ksz = fi->domain_attr->mr_key_size;
+    if (ksz && ksz < 8)
+        key &= (1ull << (8 * ksz)) - 1;
+    return key ? key : 0x5eed;
+}
+
+static int nic_mr_reg(struct nic *n, void *buf, size_t len, uint64_t access, struct fid_mr **mr)
+{
+    bool prov_key = n->fi->domain_attr->mr_mode & FI_MR_PROV_KEY;
+    int rc = -FI_ENOKEY;
+    /* Requested keys are random 64-bit values (never sequential): on tcp and
+     * shm the requested key is the key, and guessing it would let any peer
+     * write here.  Retry on the rare collision. */
+    for (int tries = 0; tries < 8 && rc == -FI_ENOKEY; tries++)
+        rc = fi_mr_reg(n->domain, buf, len, access, 0, prov_key ? 0 : random_key(n->fi), 0, mr, NULL);
+    if (rc) {
+        aiote_set_error("fi_mr_reg(%p, %zu) on NIC %d failed: %s (%d)", buf, len, n->index,
+                        fi_strerror(-rc), rc);
+        return -AIOTE_E_PROVIDER;
+    }
+    if (n->fi->domain_attr->mr_mode & FI_MR_ENDPOINT) {
+        if ((rc = fi_mr_bind(*mr, &n->ep->fid, 0)) || (rc = fi_mr_enable(*mr))) {
+            fi_close(&(*mr)->fid);
+            *mr = NULL;
+            aiote_set_error("binding region to NIC %d failed: %s", n->index, fi_strerror(-rc));
+            return -AIOTE_E_PROVIDER;
+        }
     }
     return 0;
 }
@@ -104,15 +145,88 @@ static int register_arena(aiote_engine *e, uint8_t *buf, size_t len, uint64_t ac
 int fabric_post_recv(aiote_engine *e, struct recv_slot *s)
 {
     void *desc = fi_mr_desc(e->recv_mr);
-    return (int)fi_recv(e->ep, s->buf, e->slot_size, desc, FI_ADDR_UNSPEC, &s->h.fi);
+    return (int)fi_recv(e->nics[0].ep, s->buf, e->slot_size, desc, FI_ADDR_UNSPEC, &s->h.fi);
+}
+
+static int nic_open(aiote_engine *e, struct nic *n, bool want_dc, bool *got_dc)
+{
+    char domain[128];
+    domain_for(e->cfg.domain, (uint32_t)n->index, domain, sizeof domain);
+    int rc = get_info(e, n, domain, want_dc, got_dc);
+    if (rc)
+        return rc;
+    struct fi_info *fi = n->fi;
+    FI_CHECK(fi_fabric(fi->fabric_attr, &n->fabric, NULL));
+    FI_CHECK(fi_domain(n->fabric, fi, &n->domain, NULL));
+
+    /* Prefer a CQ with an fd to sleep on; fall back to none (timed sleeps). */
+    struct fi_cq_attr ca = {.format = FI_CQ_FORMAT_DATA, .size = 0, .wait_obj = FI_WAIT_NONE};
+    n->cq_fd = -1;
+    if (e->cfg.polling != AIOTE_POLL_BUSY) {
+        ca.wait_obj = FI_WAIT_FD;
+        if (fi_cq_open(n->domain, &ca, &n->cq, NULL) == 0) {
+            int fd = -1;
+            if (fi_control(&n->cq->fid, FI_GETWAIT, &fd) == 0 && fd >= 0)
+                n->cq_fd = fd;
+        } else {
+            n->cq = NULL;
+        }
+    }
+    if (!n->cq) {
+        ca.wait_obj = FI_WAIT_NONE;
+        FI_CHECK(fi_cq_open(n->domain, &ca, &n->cq, NULL));
+    }
+    struct fi_av_attr aa = {.type = FI_AV_TABLE};
+    FI_CHECK(fi_av_open(n->domain, &aa, &n->av, NULL));
+    FI_CHECK(fi_endpoint(n->domain, fi, &n->ep, NULL));
+    FI_CHECK(fi_ep_bind(n->ep, &n->cq->fid, FI_TRANSMIT | FI_RECV));
+    FI_CHECK(fi_ep_bind(n->ep, &n->av->fid, 0));
+    FI_CHECK(fi_enable(n->ep));
+    n->addr_len = sizeof n->addr;
+    FI_CHECK(fi_getname(&n->ep->fid, n->addr, &n->addr_len));
+    if (e->is_shm && !(n->local = local_register(n->addr, n->addr_len)))
+        return -AIOTE_E_NOMEM;
+
+    /* Transmit contexts bound what is in flight to what the queue can hold. */
+    n->ntx = fi->tx_attr->size ? fi->tx_attr->size : 1024;
+    if (n->ntx > 8192)
+        n->ntx = 8192;
+    n->tx_ctxs = calloc(n->ntx, sizeof *n->tx_ctxs);
+    if (!n->tx_ctxs)
+        return -AIOTE_E_NOMEM;
+    for (size_t i = 0; i < n->ntx; i++) {
+        n->tx_ctxs[i].h.kind = CTX_TX;
+        n->tx_ctxs[i].nic = n;
+        n->tx_ctxs[i].next_free = i + 1 < n->ntx ? &n->tx_ctxs[i + 1] : NULL;
+    }
+    n->tx_free = &n->tx_ctxs[0];
+    return 0;
 }
 
 int fabric_open(aiote_engine *e)
 {
-    int rc = get_info(e);
-    if (rc)
-        return rc;
-    struct fi_info *fi = e->fi;
+    e->nnics = e->cfg.nics ? e->cfg.nics : 1;
+    if (e->nnics > AIOTE_MAX_NICS) {
+        aiote_set_error("at most %d NICs per engine", AIOTE_MAX_NICS);
+        return -AIOTE_E_INVAL;
+    }
+    e->is_shm = e->cfg.provider && strcmp(e->cfg.provider, "shm") == 0;
+    bool dc = e->cfg.delivery_complete;
+    for (uint32_t i = 0; i < e->nnics; i++) {
+        struct nic *n = &e->nics[i];
+        n->index = (int)i;
+        n->cq_fd = -1;
+        bool got_dc = false;
+        int rc = nic_open(e, n, dc, &got_dc);
+        if (rc)
+            return rc;
+        if (i == 0) {
+            e->is_shm = strcmp(n->fi->fabric_attr->prov_name, "shm") == 0;
+            dc = got_dc; /* every NIC gets the same completion semantics */
+        }
+    }
+    /* the provider facts come from NIC 0 (all NICs use one provider) */
+    struct fi_info *fi = e->nics[0].fi;
     snprintf(e->info.provider, sizeof e->info.provider, "%s", fi->fabric_attr->prov_name);
     snprintf(e->info.fabric, sizeof e->info.fabric, "%s", fi->fabric_attr->name);
     snprintf(e->info.domain, sizeof e->info.domain, "%s", fi->domain_attr->name);
@@ -124,65 +238,33 @@ int fabric_open(aiote_engine *e)
     e->info.tx_size = fi->tx_attr->size;
     e->info.rx_size = fi->rx_attr->size;
     e->info.hmem = (fi->caps & FI_HMEM) != 0;
-    e->is_shm = strcmp(fi->fabric_attr->prov_name, "shm") == 0;
+    e->info.delivery_complete = dc;
+    e->info.wait_fd = e->nics[0].cq_fd >= 0;
+    e->info.addr_len = (int)e->nics[0].addr_len;
+    e->info.nics = (int)e->nnics;
 
-    FI_CHECK(fi_fabric(fi->fabric_attr, &e->fabric, NULL));
-    FI_CHECK(fi_domain(e->fabric, fi, &e->domain, NULL));
-
-    /* Prefer a CQ with an fd to sleep on; fall back to none (timed sleeps). */
-    struct fi_cq_attr ca = {.format = FI_CQ_FORMAT_DATA, .size = 0, .wait_obj = FI_WAIT_NONE};
-    e->cq_fd = -1;
-    if (e->cfg.polling != AIOTE_POLL_BUSY) {
-        ca.wait_obj = FI_WAIT_FD;
-        if (fi_cq_open(e->domain, &ca, &e->cq, NULL) == 0) {
-            int fd = -1;
-            if (fi_control(&e->cq->fid, FI_GETWAIT, &fd) == 0 && fd >= 0)
-                e->cq_fd = fd;
-        } else {
-            e->cq = NULL;
-        }
+    /* our addresses as peers see them (also the sender field of messages) */
+    uint8_t *b = e->self_blob;
+    *b++ = (uint8_t)e->nnics;
+    for (uint32_t i = 0; i < e->nnics; i++) {
+        uint16_t l = (uint16_t)e->nics[i].addr_len;
+        memcpy(b, &l, 2);
+        memcpy(b + 2, e->nics[i].addr, l);
+        b += 2 + l;
     }
-    if (!e->cq) {
-        ca.wait_obj = FI_WAIT_NONE;
-        FI_CHECK(fi_cq_open(e->domain, &ca, &e->cq, NULL));
-    }
-    e->info.wait_fd = e->cq_fd >= 0;
+    e->self_blob_len = (size_t)(b - e->self_blob);
 
-    struct fi_av_attr aa = {.type = FI_AV_TABLE};
-    FI_CHECK(fi_av_open(e->domain, &aa, &e->av, NULL));
-    FI_CHECK(fi_endpoint(e->domain, fi, &e->ep, NULL));
-    FI_CHECK(fi_ep_bind(e->ep, &e->cq->fid, FI_TRANSMIT | FI_RECV));
-    FI_CHECK(fi_ep_bind(e->ep, &e->av->fid, 0));
-    FI_CHECK(fi_enable(e->ep));
-    e->addr_len = sizeof e->addr;
-    FI_CHECK(fi_getname(&e->ep->fid, e->addr, &e->addr_len));
-    e->info.addr_len = (int)e->addr_len;
-    if (e->is_shm && !(e->local = local_register(e->addr, e->addr_len)))
-        return -AIOTE_E_NOMEM;
-
-    /* Transmit contexts bound what is in flight to what the queue can hold. */
-    e->ntx = fi->tx_attr->size ? fi->tx_attr->size : 1024;
-    if (e->ntx > 8192)
-        e->ntx = 8192;
-    e->tx_ctxs = calloc(e->ntx, sizeof *e->tx_ctxs);
-    if (!e->tx_ctxs)
-        return -AIOTE_E_NOMEM;
-    for (size_t i = 0; i < e->ntx; i++) {
-        e->tx_ctxs[i].h.kind = CTX_TX;
-        e->tx_ctxs[i].next_free = i + 1 < e->ntx ? &e->tx_ctxs[i + 1] : NULL;
-    }
-    e->tx_free = &e->tx_ctxs[0];
-
-    /* message slots: header + sender address + payload */
-    e->slot_size = sizeof(uint32_t) * 4 + AIOTE_ADDR_MAX + e->cfg.msg_size;
+    /* message slots on NIC 0: header + sender addresses + payload */
+    struct nic *n0 = &e->nics[0];
+    e->slot_size = sizeof(uint32_t) * 4 + sizeof e->self_blob + e->cfg.msg_size;
     size_t nrecv = e->cfg.recv_slots, nsend = e->cfg.send_slots;
     if (posix_memalign((void **)&e->recv_arena, 4096, e->slot_size * nrecv) ||
         posix_memalign((void **)&e->send_arena, 4096, e->slot_size * nsend))
         return -AIOTE_E_NOMEM;
-    rc = register_arena(e, e->recv_arena, e->slot_size * nrecv, FI_RECV, &e->recv_mr);
+    int rc = nic_mr_reg(n0, e->recv_arena, e->slot_size * nrecv, FI_RECV, &e->recv_mr);
     if (rc)
         return rc;
-    rc = register_arena(e, e->send_arena, e->slot_size * nsend, FI_SEND, &e->send_mr);
+    rc = nic_mr_reg(n0, e->send_arena, e->slot_size * nsend, FI_SEND, &e->send_mr);
     if (rc)
         return rc;
     e->recv_slots = calloc(nrecv, sizeof *e->recv_slots);
@@ -200,17 +282,51 @@ int fabric_open(aiote_engine *e)
     return 0;
 }
 
+static void nic_close_ep(struct nic *n)
+{
+    if (n->ep)
+        fi_close(&n->ep->fid);
+    n->ep = NULL;
+}
+
+static void nic_close_rest(struct nic *n)
+{
+    if (n->av)
+        fi_close(&n->av->fid);
+    if (n->cq)
+        fi_close(&n->cq->fid);
+    if (n->domain)
+        fi_close(&n->domain->fid);
+    if (n->fabric)
+        fi_close(&n->fabric->fid);
+    n->av = NULL;
+    n->cq = NULL;
+    n->domain = NULL;
+    n->fabric = NULL;
+    if (n->fi)
+        fi_freeinfo(n->fi);
+    n->fi = NULL;
+    free(n->tx_ctxs);
+    n->tx_ctxs = NULL;
+}
+
 void fabric_close(aiote_engine *e)
 {
-    /* Endpoint first: it stops the NIC touching any buffer. */
-    if (e->ep)
-        fi_close(&e->ep->fid);
-    e->ep = NULL;
+    if (e->is_shm)
+        local_close_begin(); /* see local_peers.c */
+    for (uint32_t i = 0; i < AIOTE_MAX_NICS; i++)
+        if (e->nics[i].local)
+            atomic_store(&e->nics[i].local->open, false);
+    /* Endpoints first: they stop the NICs touching any buffer. */
+    for (uint32_t i = 0; i < AIOTE_MAX_NICS; i++)
+        nic_close_ep(&e->nics[i]);
     pthread_mutex_lock(&e->mr_lock);
     for (size_t i = 0; i < e->nmrs; i++) {
-        if (e->mrs[i].used && e->mrs[i].mr)
-            fi_close(&e->mrs[i].mr->fid);
-        e->mrs[i].mr = NULL;
+        for (uint32_t k = 0; k < AIOTE_MAX_NICS; k++) {
+            if (e->mrs[i].used && e->mrs[i].mr[k])
+                fi_close(&e->mrs[i].mr[k]->fid);
+            e->mrs[i].mr[k] = NULL;
+        }
         e->mrs[i].used = false;
     }
     pthread_mutex_unlock(&e->mr_lock);
@@ -219,30 +335,17 @@ void fabric_close(aiote_engine *e)
     if (e->send_mr)
         fi_close(&e->send_mr->fid);
     e->recv_mr = e->send_mr = NULL;
-    if (e->av)
-        fi_close(&e->av->fid);
-    if (e->cq)
-        fi_close(&e->cq->fid);
-    if (e->domain)
-        fi_close(&e->domain->fid);
-    if (e->fabric)
-        fi_close(&e->fabric->fid);
-    e->av = NULL;
-    e->cq = NULL;
-    e->domain = NULL;
-    e->fabric = NULL;
-    if (e->fi)
-        fi_freeinfo(e->fi);
-    e->fi = NULL;
+    for (uint32_t i = 0; i < AIOTE_MAX_NICS; i++)
+        nic_close_rest(&e->nics[i]);
+    if (e->is_shm)
+        local_close_end();
     free(e->recv_arena);
     free(e->send_arena);
     free(e->recv_slots);
     free(e->send_free);
-    free(e->tx_ctxs);
     e->recv_arena = e->send_arena = NULL;
     e->recv_slots = NULL;
     e->send_free = NULL;
-    e->tx_ctxs = NULL;
 }
 
 /* ---- control operations (run on the worker thread) -------------------- */
@@ -255,37 +358,13 @@ int ctrl_mr_register(aiote_engine *e, void *argp)
         acc |= FI_WRITE | FI_SEND;
     if (a->access & AIOTE_ACCESS_REMOTE)
         acc |= FI_REMOTE_WRITE;
-    bool prov_key = e->fi->domain_attr->mr_mode & FI_MR_PROV_KEY;
-    size_t ksz = e->fi->domain_attr->mr_key_size;
-    struct fid_mr *mr = NULL;
-    int rc = -FI_ENOKEY;
-    /* Requested keys are random 64-bit values (never sequential): on tcp and
-     * shm the requested key is the key, and guessing it would let any peer
-     * write here.  Retry on the rare collision. */
-    for (int tries = 0; tries < 8 && rc == -FI_ENOKEY; tries++) {
-        uint64_t key = 0;
-        if (!prov_key) {
-            if (getrandom(&key, sizeof key, 0) != sizeof key) {
-                aiote_set_error("getrandom failed: %s", strerror(errno));
-                return -AIOTE_E_PROVIDER;
-            }
-            if (ksz && ksz < 8)
-                key &= (1ull << (8 * ksz)) - 1;
-            if (key == 0)
-                key = 0x5eed;
-        }
-        rc = fi_mr_reg(e->domain, a->addr, a->len, acc, 0, key, 0, &mr, NULL);
-    }
-    if (rc) {
-        aiote_set_error("fi_mr_reg(%p, %llu) failed: %s (%d)", a->addr,
-                        (unsigned long long)a->len, fi_strerror(-rc), rc);
-        return -AIOTE_E_PROVIDER;
-    }
-    if (e->fi->domain_attr->mr_mode & FI_MR_ENDPOINT) {
-        if ((rc = fi_mr_bind(mr, &e->ep->fid, 0)) || (rc = fi_mr_enable(mr))) {
-            fi_close(&mr->fid);
-            aiote_set_error("binding region to endpoint failed: %s", fi_strerror(-rc));
-            return -AIOTE_E_PROVIDER;
+    struct fid_mr *mrs[AIOTE_MAX_NICS] = {0};
+    for (uint32_t i = 0; i < e->nnics; i++) {
+        int rc = nic_mr_reg(&e->nics[i], a->addr, a->len, acc, &mrs[i]);
+        if (rc) {
+            for (uint32_t k = 0; k < i; k++)
+                fi_close(&mrs[k]->fid);
+            return rc;
         }
     }
     pthread_mutex_lock(&e->mr_lock);
@@ -301,7 +380,8 @@ int ctrl_mr_register(aiote_engine *e, void *argp)
             struct mr_slot *n = realloc(e->mrs, cap * sizeof *n);
             if (!n) {
                 pthread_mutex_unlock(&e->mr_lock);
-                fi_close(&mr->fid);
+                for (uint32_t k = 0; k < e->nnics; k++)
+                    fi_close(&mrs[k]->fid);
                 return -AIOTE_E_NOMEM;
             }
             memset(n + e->cap_mrs, 0, (cap - e->cap_mrs) * sizeof *n);
@@ -311,83 +391,141 @@ int ctrl_mr_register(aiote_engine *e, void *argp)
         e->nmrs++;
     }
     struct mr_slot *s = &e->mrs[idx];
-    s->mr = mr;
-    s->desc = fi_mr_desc(mr);
+    for (uint32_t k = 0; k < e->nnics; k++) {
+        s->mr[k] = mrs[k];
+        s->desc[k] = fi_mr_desc(mrs[k]);
+        a->keys[k] = fi_mr_key(mrs[k]);
+    }
     s->addr = a->addr;
     s->len = a->len;
-    s->key = fi_mr_key(mr);
     s->gen++;
     s->used = true;
     s->refs = 0;
     a->mr_id = ((uint64_t)s->gen << 32) | idx;
-    a->key = s->key;
-    a->base = (e->fi->domain_attr->mr_mode & FI_MR_VIRT_ADDR) ? (uint64_t)(uintptr_t)a->addr : 0;
+    a->base = (e->nics[0].fi->domain_attr->mr_mode & FI_MR_VIRT_ADDR) ? (uint64_t)(uintptr_t)a->addr : 0;
     pthread_mutex_unlock(&e->mr_lock);
     return 0;
 }
 
-int ctrl_mr_close(aiote_engine *e, void *arg)
+int ctrl_mr_close(aiote_engine *e, void *argp)
 {
-    (void)e;
-    struct fid_mr *mr = arg;
-    int rc = fi_close(&mr->fid);
-    if (rc) {
-        aiote_set_error("fi_close(mr) failed: %s", fi_strerror(-rc));
+    struct mr_close_arg *a = argp;
+    int first = 0;
+    for (uint32_t k = 0; k < AIOTE_MAX_NICS; k++) {
+        if (!a->mr[k])
+            continue;
+        int rc = fi_close(&a->mr[k]->fid);
+        if (rc && !first)
+            first = rc;
+    }
+    if (first) {
+        aiote_set_error("fi_close(mr) failed: %s", fi_strerror(-first));
         return -AIOTE_E_PROVIDER;
     }
+    return 0;
+}
+
+/* Parse a peer address list: count u8, then count x (u16 len, bytes).  The
+ * bytes come from another process (a descriptor, a message): check every
+ * length against the buffer. */
+int parse_addrs(const uint8_t *b, size_t len, uint32_t *n, const uint8_t **addrs, size_t *lens)
+{
+    if (!b || len < 1)
+        return -AIOTE_E_PEER;
+    uint32_t count = b[0];
+    if (count < 1 || count > AIOTE_MAX_NICS)
+        return -AIOTE_E_PEER;
+    size_t pos = 1;
+    for (uint32_t i = 0; i < count; i++) {
+        if (len - pos < 2)
+            return -AIOTE_E_PEER;
+        uint16_t l;
+        memcpy(&l, b + pos, 2);
+        pos += 2;
+        if (l < 1 || l > AIOTE_ADDR_MAX || len - pos < l)
+            return -AIOTE_E_PEER;
+        addrs[i] = b + pos;
+        lens[i] = l;
+        pos += l;
+    }
+    if (pos != len)
+        return -AIOTE_E_PEER;
+    *n = count;
     return 0;
 }
 
 int ctrl_peer_insert(aiote_engine *e, void *argp)
 {
     struct peer_arg *a = argp;
-    pthread_mutex_lock(&e->peer_lock);
+    const uint8_t *addrs[AIOTE_MAX_NICS];
+    size_t lens[AIOTE_MAX_NICS];
+    uint32_t count = 0;
+    if (parse_addrs(a->addrs, a->len, &count, addrs, lens)) {
+        aiote_set_error("malformed peer address list (%zu bytes)", a->len);
+        return -AIOTE_E_PEER;
+    }
     for (size_t i = 0; i < e->npeers; i++) {
-        if (e->peer_addr_len[i] == a->len && memcmp(e->peer_addr[i], a->addr, a->len) == 0) {
+        struct peer *p = e->peers[i];
+        if (p->blob_len == a->len && memcmp(p->blob, a->addrs, a->len) == 0) {
             a->peer = (uint32_t)i;
-            pthread_mutex_unlock(&e->peer_lock);
             return 0;
         }
     }
-    pthread_mutex_unlock(&e->peer_lock);
-    /* The AV copies what it needs; pad the address to the provider's size. */
-    uint8_t buf[AIOTE_ADDR_MAX] = {0};
-    memcpy(buf, a->addr, a->len);
-    fi_addr_t fa = FI_ADDR_NOTAVAIL;
-    int n = fi_av_insert(e->av, buf, 1, &fa, 0, NULL);
-    if (n != 1 || fa == FI_ADDR_NOTAVAIL) {
-        aiote_set_error("fi_av_insert rejected the peer address (%zu bytes): %s", a->len,
-                        n < 0 ? fi_strerror(-n) : "not inserted");
-        return -AIOTE_E_PEER;
+    struct peer *p = calloc(1, sizeof *p + a->len);
+    if (!p)
+        return -AIOTE_E_NOMEM;
+    p->nnics = count;
+    p->blob_len = a->len;
+    memcpy(p->blob, a->addrs, a->len);
+    /* The AV copies what it needs; pad each address to the provider's size. */
+    for (uint32_t j = 0; j < count; j++) {
+        uint8_t buf[AIOTE_ADDR_MAX] = {0};
+        memcpy(buf, addrs[j], lens[j]);
+        for (uint32_t i = 0; i < e->nnics; i++) {
+            fi_addr_t fa = FI_ADDR_NOTAVAIL;
+            int r = fi_av_insert(e->nics[i].av, buf, 1, &fa, 0, NULL);
+            if (r != 1 || fa == FI_ADDR_NOTAVAIL) {
+                for (uint32_t k = 0; k < j; k++)
+                    local_unref(p->local[k]);
+                free(p);
+                aiote_set_error("NIC %u rejected peer address %u (%zu bytes): %s", i, j, lens[j],
+                                r < 0 ? fi_strerror(-r) : "not inserted");
+                return -AIOTE_E_PEER;
+            }
+            p->fi[i][j] = fa;
+        }
+        p->local[j] = e->is_shm ? local_lookup(addrs[j], lens[j]) : NULL;
     }
     pthread_mutex_lock(&e->peer_lock);
     if (e->npeers == e->cap_peers) {
         size_t cap = e->cap_peers ? e->cap_peers * 2 : 16;
-        fi_addr_t *pf = realloc(e->peer_fi, cap * sizeof *pf);
-        if (pf)
-            e->peer_fi = pf;
-        struct local_ep **pl2 = realloc(e->peer_local, cap * sizeof *pl2);
-        if (pl2)
-            e->peer_local = pl2;
-        uint8_t(*pa)[AIOTE_ADDR_MAX] = realloc(e->peer_addr, cap * sizeof *pa);
-        if (pa)
-            e->peer_addr = pa;
-        size_t *pl = realloc(e->peer_addr_len, cap * sizeof *pl);
-        if (pl)
-            e->peer_addr_len = pl;
-        if (!pf || !pa || !pl || !pl2) {
+        struct peer **np = realloc(e->peers, cap * sizeof *np);
+        if (!np) {
             pthread_mutex_unlock(&e->peer_lock);
+            free(p);
             return -AIOTE_E_NOMEM;
         }
+        e->peers = np;
         e->cap_peers = cap;
     }
-    size_t i = e->npeers;
-    e->peer_fi[i] = fa;
-    e->peer_local[i] = e->is_shm ? local_lookup(a->addr, a->len) : NULL;
-    memcpy(e->peer_addr[i], a->addr, a->len);
-    e->peer_addr_len[i] = a->len;
-    e->npeers++;
-    a->peer = (uint32_t)i;
+    a->peer = (uint32_t)e->npeers;
+    e->peers[e->npeers++] = p;
     pthread_mutex_unlock(&e->peer_lock);
+    return 0;
+}
+
+/* Take a NIC out of service: what is in flight on it fails naming it and
+ * the router skips it from now on.  The endpoint stays open and its CQ is
+ * still read: imms peers already sent through it keep counting, and late
+ * completions of the failed contexts are dropped (worker.c).  Closing it
+ * would tear down shm state other endpoints of the process rely on. */
+int ctrl_nic_fail(aiote_engine *e, void *arg)
+{
+    struct nic *n = &e->nics[*(uint32_t *)arg];
+    if (atomic_exchange(&n->failed, true))
+        return 0;
+    n->stats.failed = 1;
+    n->stats.fi_errno = FI_ECANCELED;
+    fail_nic_inflight(e, n, FI_ECANCELED);
     return 0;
 }

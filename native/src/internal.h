@@ -33,9 +33,11 @@ struct ctx_hdr {
 };
 
 struct op;
+struct nic;
 struct tx_ctx {
     struct ctx_hdr h;
     struct op *op;
+    struct nic *nic;
     int send_slot; /* -1 for RMA */
     uint64_t index; /* element of the op */
     struct tx_ctx *next_free;
@@ -48,11 +50,10 @@ struct recv_slot {
 
 /* ---- memory regions --------------------------------------------------- */
 struct mr_slot {
-    struct fid_mr *mr;
-    void *desc;
+    struct fid_mr *mr[AIOTE_MAX_NICS];
+    void *desc[AIOTE_MAX_NICS];
     uint8_t *addr;
     uint64_t len;
-    uint64_t key;
     uint32_t gen;
     bool used;
     int64_t refs; /* operations using it; deregistration is refused while > 0 */
@@ -63,32 +64,49 @@ enum op_kind { OP_WRITES = 1, OP_PAGED = 2, OP_SEND = 3, OP_CTRL = 4 };
 
 typedef int (*ctrl_fn)(aiote_engine *e, void *arg);
 
+/* A remote region; immutable once made, never freed before the engine, so
+ * queued elements can point at it. */
+struct rdesc {
+    uint32_t peer;
+    uint64_t base, len;
+    uint64_t keys[AIOTE_MAX_NICS];
+};
+
+/* One element of a write batch, resolved at submission. */
+struct welem {
+    const struct rdesc *rd;
+    uint64_t src_off, dst_off, len;
+};
+
 struct op {
     struct op *next;                  /* submission / pending list */
     struct op *live_prev, *live_next; /* every op the worker owns */
     uint64_t id;
     int kind;
     bool cancelled;
-    bool posted_all; /* every element posted (or posting stopped) */
+    bool posted_all;       /* every element posted (or posting stopped) */
     uint64_t eagain_since; /* when the provider started refusing it (ns), 0 if not */
 
     /* writes */
     uint32_t mr_index; /* local region (refs held) */
     uint8_t *local_base;
-    void *local_desc;
+    void *local_desc[AIOTE_MAX_NICS];
     int has_imm;
     uint32_t imm;
-    size_t n;         /* elements */
-    size_t next_post; /* first element not posted yet */
-    size_t inflight;  /* posted, not completed */
-    aiote_wr *wrs;    /* OP_WRITES */
+    size_t n;           /* elements still to post (cut short on error/cancel) */
+    size_t n_submitted; /* elements submitted (backpressure accounting) */
+    size_t next_post;   /* first element not fully posted yet */
+    uint32_t next_shard; /* of element next_post */
+    size_t inflight;    /* posted shards, not completed */
+    struct welem *wrs;  /* OP_WRITES */
     /* OP_PAGED: element i computed on the fly */
-    uint32_t peer;
-    uint64_t remote_base, remote_key, page_len;
+    const struct rdesc *rd;
+    uint64_t page_len;
     uint64_t src_stride, src_off, dst_stride, dst_off;
     int64_t *src_pages, *dst_pages;
 
     /* send */
+    uint32_t peer;
     uint8_t *msg;
     size_t msg_len;
 
@@ -100,7 +118,7 @@ struct op {
     sem_t done;
 
     /* outcome */
-    int32_t status, fi_errno, prov_errno;
+    int32_t status, fi_errno, prov_errno, nic;
     uint64_t bad_index;
 };
 
@@ -159,12 +177,11 @@ void event_queue_destroy(struct event_queue *q);
 void event_queue_flush(struct event_queue *q, struct event_buf *b);
 size_t event_queue_take(struct event_queue *q, aiote_event *out, size_t max);
 
-/* ---- the engine --------------------------------------------------------- */
-struct aiote_engine {
-    aiote_config cfg;
-    aiote_info info;
+/* ---- NICs and peers ----------------------------------------------------- */
+struct local_ep;
 
-    /* libfabric objects (worker-owned once the worker runs) */
+struct nic {
+    int index;
     struct fi_info *fi;
     struct fid_fabric *fabric;
     struct fid_domain *domain;
@@ -172,24 +189,48 @@ struct aiote_engine {
     struct fid_cq *cq;
     struct fid_ep *ep;
     int cq_fd; /* -1 if the CQ has no fd wait object */
-    uint64_t peer_timeout_ns;
-    bool is_shm;
     uint8_t addr[AIOTE_ADDR_MAX];
     size_t addr_len;
+    struct local_ep *local; /* this endpoint, if shm */
+    struct tx_ctx *tx_ctxs, *tx_free;
+    size_t ntx;
+    atomic_bool failed;
+    aiote_nic_counters stats;
+};
+
+struct peer {
+    uint32_t nnics;
+    fi_addr_t fi[AIOTE_MAX_NICS][AIOTE_MAX_NICS]; /* [our NIC][their NIC] */
+    struct local_ep *local[AIOTE_MAX_NICS];       /* their NIC j, if a same-process shm endpoint */
+    size_t blob_len;
+    uint8_t blob[]; /* the address bytes it was inserted with (cache key) */
+};
+
+/* ---- the engine --------------------------------------------------------- */
+struct aiote_engine {
+    aiote_config cfg;
+    aiote_info info;
+    uint64_t peer_timeout_ns;
+    bool is_shm;
+
+    struct nic nics[AIOTE_MAX_NICS];
+    uint32_t nnics;
+    uint32_t rr; /* round-robin cursor (worker) */
+    uint8_t self_blob[1 + AIOTE_MAX_NICS * (2 + AIOTE_ADDR_MAX)];
+    size_t self_blob_len;
 
     /* memory regions */
     pthread_mutex_t mr_lock;
     struct mr_slot *mrs;
     size_t nmrs, cap_mrs;
 
-    /* peers: index -> fi_addr (grown by the worker, read by submitters) */
+    /* peers (grown by the worker; submitters read npeers under peer_lock) and
+     * remote regions (stable pointers) */
     pthread_mutex_t peer_lock;
-    fi_addr_t *peer_fi;
-    struct local_ep **peer_local; /* same-process shm peer, or NULL */
-    struct local_ep *local;       /* this engine, if shm */
-    uint8_t (*peer_addr)[AIOTE_ADDR_MAX];
-    size_t *peer_addr_len;
+    struct peer **peers;
     size_t npeers, cap_peers;
+    struct rdesc **rdescs;
+    size_t nrdescs, cap_rdescs;
 
     /* submission queue: many producers, the worker consumes */
     pthread_mutex_t sub_lock;
@@ -206,9 +247,7 @@ struct aiote_engine {
     /* worker-private state */
     struct op *pend_head, *pend_tail; /* submitted, not fully posted */
     struct op *live;                  /* all ops the worker owns */
-    struct tx_ctx *tx_ctxs, *tx_free;
-    size_t ntx;
-    struct recv_slot *recv_slots;
+    struct recv_slot *recv_slots;     /* messages use NIC 0 */
     struct fid_mr *recv_mr, *send_mr;
     uint8_t *recv_arena, *send_arena;
     size_t slot_size;
@@ -236,24 +275,31 @@ struct local_ep *local_lookup(const uint8_t *addr, size_t len);
 void local_unref(struct local_ep *l);
 void local_read_lock(void);
 void local_read_unlock(void);
-void local_close(struct local_ep *l, void (*teardown)(aiote_engine *), aiote_engine *e);
+void local_close_begin(void);
+void local_close_end(void);
 
 /* fabric.c */
 struct mr_reg_arg {
     void *addr;
     uint64_t len;
     int access;
-    uint64_t mr_id, key, base;
+    uint64_t mr_id, base;
+    uint64_t keys[AIOTE_MAX_NICS];
 };
 struct peer_arg {
-    const uint8_t *addr;
+    const uint8_t *addrs;
     size_t len;
     uint32_t peer;
+};
+struct mr_close_arg {
+    struct fid_mr *mr[AIOTE_MAX_NICS];
 };
 
 int fabric_open(aiote_engine *e);
 void fabric_close(aiote_engine *e);
 int fabric_post_recv(aiote_engine *e, struct recv_slot *s);
+int parse_addrs(const uint8_t *b, size_t len, uint32_t *n, const uint8_t **addrs, size_t *lens);
+int ctrl_nic_fail(aiote_engine *e, void *arg);
 int ctrl_mr_register(aiote_engine *e, void *arg);
 int ctrl_mr_close(aiote_engine *e, void *arg);
 int ctrl_peer_insert(aiote_engine *e, void *arg);
@@ -261,5 +307,6 @@ int ctrl_peer_insert(aiote_engine *e, void *arg);
 /* worker.c */
 void *worker_main(void *arg);
 void op_free(struct op *op);
+void fail_nic_inflight(aiote_engine *e, struct nic *n, int fi_err);
 
 #endif

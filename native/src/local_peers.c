@@ -64,10 +64,5 @@ void local_unref(struct local_ep *l)
 void local_read_lock(void) { pthread_rwlock_rdlock(&g_lock); }
 void local_read_unlock(void) { pthread_rwlock_unlock(&g_lock); }
 
-void local_close(struct local_ep *l, void (*teardown)(aiote_engine *), aiote_engine *e)
-{
-    pthread_rwlock_wrlock(&g_lock);
-    atomic_store(&l->open, false);
-    teardown(e);
-    pthread_rwlock_unlock(&g_lock);
-}
+void local_close_begin(void) { pthread_rwlock_wrlock(&g_lock); }
+void local_close_end(void) { pthread_rwlock_unlock(&g_lock); }

@@ -1,10 +1,17 @@
-/* The worker thread: the only thread that touches a live endpoint.
+/* The worker thread: the only thread that touches live endpoints.
  *
- * Each iteration: take new submissions, post what the transmit queue takes
- * (work that gets -FI_EAGAIN stays queued, in order), read the CQ, count
- * imm arrivals, and hand finished operations to the event queue in one
- * flush.  When idle it spins (busy), spins briefly then sleeps (adaptive), or
- * sleeps at once (blocking) on the CQ's fd and the submission eventfd. */
+ * Each iteration: take new submissions, post what the transmit queues take
+ * (work that gets -FI_EAGAIN stays queued), read every NIC's CQ, count imm
+ * arrivals, and hand finished operations to the event queue in one flush.
+ * When idle it spins (busy), spins briefly then sleeps (adaptive), or sleeps
+ * at once (blocking) on the CQs' fds and the submission eventfd.
+ *
+ * Routing: an element of a batch goes whole to one NIC pair, chosen round
+ * robin; a write of at least stripe_threshold bytes is split into 2^s shards
+ * (enough for the larger NIC count of the two sides), shard i on our NIC
+ * i mod k_local to their NIC i mod k_remote.  Every shard carries the imm
+ * with s in its top bits, so the receiver's ImmCounter adds 1/2^s of a write
+ * per shard and counts whole writes whatever the NIC counts. */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <poll.h>
@@ -18,6 +25,8 @@
 #include "internal.h"
 
 #define CQ_BATCH 64
+#define MAX_BLOCKED_OPS 8 /* refused ops to try past before giving up this round */
+#define SHARD_ALIGN 64
 
 static uint64_t now_ns(void)
 {
@@ -68,109 +77,19 @@ static void finish_op(aiote_engine *e, struct op *op)
         .fi_errno = op->fi_errno,
         .prov_errno = op->prov_errno,
         .index = op->bad_index,
+        .nic = op->status ? op->nic : -1,
     };
     event_buf_push(&e->pending_events, &ev);
     if (op->status)
         e->stats.ops_failed++;
     else
         e->stats.ops_completed++;
-    atomic_fetch_sub(&e->outstanding, op->kind == OP_SEND ? 1 : (op->n ? op->n : 1));
+    atomic_fetch_sub(&e->outstanding, op->kind == OP_SEND ? 1 : (op->n_submitted ? op->n_submitted : 1));
     live_remove(e, op);
     op_free(op);
 }
 
-static inline void elem(const struct op *op, size_t i, aiote_wr *w)
-{
-    if (op->kind == OP_WRITES) {
-        *w = op->wrs[i];
-        return;
-    }
-    w->peer = op->peer;
-    w->len = op->page_len;
-    w->src_off = op->src_off + (uint64_t)op->src_pages[i] * op->src_stride;
-    w->dst_off = op->dst_off + (uint64_t)op->dst_pages[i] * op->dst_stride;
-    w->remote_base = op->remote_base;
-    w->remote_key = op->remote_key;
-}
-
-/* 0: posted (or nothing to post), 1: provider said -FI_EAGAIN, 2: no transmit
- * context free (wait for our completions), <0: -fi_errno */
-static int post_write(aiote_engine *e, struct op *op, size_t i)
-{
-    aiote_wr w;
-    elem(op, i, &w);
-    if (w.len == 0 && !op->has_imm)
-        return 0;
-    if (e->peer_local[w.peer] && !atomic_load(&e->peer_local[w.peer]->open))
-        return -FI_ENOTCONN; /* a same-process peer that closed */
-    struct tx_ctx *c = e->tx_free;
-    if (!c)
-        return 2;
-    struct iovec iov = {.iov_base = op->local_base + w.src_off, .iov_len = w.len};
-    void *desc = op->local_desc;
-    struct fi_rma_iov riov = {.addr = w.remote_base + w.dst_off, .len = w.len, .key = w.remote_key};
-    struct fi_msg_rma msg = {
-        .msg_iov = &iov,
-        .desc = &desc,
-        .iov_count = 1,
-        .addr = e->peer_fi[w.peer],
-        .rma_iov = &riov,
-        .rma_iov_count = 1,
-        .context = &c->h.fi,
-        .data = op->imm,
-    };
-    uint64_t flags = FI_COMPLETION;
-    if (op->has_imm)
-        flags |= FI_REMOTE_CQ_DATA;
-    /* shm never completes a 0-byte write asked for delivery-complete
-     * (LIBFABRIC-NOTES.md); there is no payload to deliver anyway. */
-    if (e->info.delivery_complete && !(e->is_shm && w.len == 0))
-        flags |= FI_DELIVERY_COMPLETE;
-    ssize_t rc = fi_writemsg(e->ep, &msg, flags);
-    if (rc == -FI_EAGAIN)
-        return 1;
-    if (rc)
-        return (int)rc;
-    e->tx_free = c->next_free;
-    c->op = op;
-    c->send_slot = -1;
-    c->index = i;
-    op->inflight++;
-    e->stats.writes_posted++;
-    e->stats.bytes_written += w.len;
-    return 0;
-}
-
-static int post_send(aiote_engine *e, struct op *op)
-{
-    struct tx_ctx *c = e->tx_free;
-    if (!c || !e->nsend_free)
-        return 2;
-    if (e->peer_local[op->peer] && !atomic_load(&e->peer_local[op->peer]->open))
-        return -FI_ENOTCONN;
-    int slot = e->send_free[e->nsend_free - 1];
-    uint8_t *buf = e->send_arena + (size_t)slot * e->slot_size;
-    uint32_t hdr[4] = {MSG_MAGIC | (MSG_VERSION << 16), (uint32_t)e->addr_len, (uint32_t)op->msg_len, 0};
-    memcpy(buf, hdr, sizeof hdr);
-    memcpy(buf + sizeof hdr, e->addr, e->addr_len);
-    memcpy(buf + sizeof hdr + e->addr_len, op->msg, op->msg_len);
-    size_t total = sizeof hdr + e->addr_len + op->msg_len;
-    ssize_t rc = fi_send(e->ep, buf, total, fi_mr_desc(e->send_mr), e->peer_fi[op->peer], &c->h.fi);
-    if (rc == -FI_EAGAIN)
-        return 1;
-    if (rc)
-        return (int)rc;
-    e->nsend_free--;
-    e->tx_free = c->next_free;
-    c->op = op;
-    c->send_slot = slot;
-    c->index = 0;
-    op->inflight++;
-    e->stats.msgs_sent++;
-    return 0;
-}
-
-static void fail_op(struct op *op, int32_t status, int fi_err, int prov_err, uint64_t index)
+static void fail_op(struct op *op, int32_t status, int fi_err, int prov_err, uint64_t index, int nic)
 {
     if (op->status)
         return; /* keep the first error */
@@ -178,9 +97,161 @@ static void fail_op(struct op *op, int32_t status, int fi_err, int prov_err, uin
     op->fi_errno = fi_err;
     op->prov_errno = prov_err;
     op->bad_index = index;
+    op->nic = nic;
 }
 
-#define MAX_BLOCKED_OPS 8 /* refused ops to try past before giving up this round */
+static inline void elem(const struct op *op, size_t i, struct welem *w)
+{
+    if (op->kind == OP_WRITES) {
+        *w = op->wrs[i];
+        return;
+    }
+    w->rd = op->rd;
+    w->len = op->page_len;
+    w->src_off = op->src_off + (uint64_t)op->src_pages[i] * op->src_stride;
+    w->dst_off = op->dst_off + (uint64_t)op->dst_pages[i] * op->dst_stride;
+}
+
+/* log2 of the shard count of an element */
+static unsigned shard_log(const aiote_engine *e, const struct op *op, const struct peer *p, uint64_t len)
+{
+    uint32_t k = e->nnics > p->nnics ? e->nnics : p->nnics;
+    if (k == 1 || op->kind != OP_WRITES || e->cfg.routing == AIOTE_ROUTE_PINNED ||
+        len < e->cfg.stripe_threshold)
+        return 0;
+    unsigned lg = 0;
+    while ((1u << lg) < k)
+        lg++;
+    while (lg > 0 && (len >> lg) < e->cfg.stripe_min)
+        lg--;
+    return lg;
+}
+
+/* Our NIC for a shard: the wanted one, or the next one still in service. */
+static struct nic *pick_nic(aiote_engine *e, uint32_t want)
+{
+    for (uint32_t k = 0; k < e->nnics; k++) {
+        struct nic *n = &e->nics[(want + k) % e->nnics];
+        if (!atomic_load(&n->failed))
+            return n;
+    }
+    return NULL;
+}
+
+/* 0: posted (or nothing to post), 1: provider said -FI_EAGAIN, 2: no transmit
+ * context free (wait for our completions), <0: -fi_errno (*nic_out names the NIC) */
+static int post_shard(aiote_engine *e, struct op *op, size_t i, int *nic_out)
+{
+    struct welem w;
+    elem(op, i, &w);
+    if (w.len == 0 && !op->has_imm)
+        return 0;
+    const struct rdesc *rd = w.rd;
+    const struct peer *p = e->peers[rd->peer];
+    unsigned lg = shard_log(e, op, p, w.len);
+    uint32_t s = op->next_shard, nshards = 1u << lg;
+    uint32_t want_local, remote;
+    if (e->cfg.routing == AIOTE_ROUTE_PINNED) {
+        want_local = e->cfg.pinned_nic % e->nnics;
+        remote = e->cfg.pinned_nic % p->nnics;
+    } else if (nshards > 1) {
+        want_local = s % e->nnics;
+        remote = s % p->nnics;
+    } else {
+        /* advances on every attempt: an element refused on one NIC tries the next */
+        want_local = e->rr % e->nnics;
+        remote = e->rr % p->nnics;
+        e->rr++;
+    }
+    struct nic *n = pick_nic(e, want_local);
+    if (!n) {
+        *nic_out = (int)want_local;
+        return -FI_ENETDOWN; /* every NIC failed */
+    }
+    *nic_out = n->index;
+    if (p->local[remote] && !atomic_load(&p->local[remote]->open))
+        return -FI_ENOTCONN; /* a same-process peer that closed */
+    struct tx_ctx *c = n->tx_free;
+    if (!c)
+        return 2;
+    uint64_t chunk = nshards > 1 ? (w.len >> lg) & ~(uint64_t)(SHARD_ALIGN - 1) : w.len;
+    uint64_t off = (uint64_t)s * chunk;
+    uint64_t len = s + 1 == nshards ? w.len - off : chunk;
+    struct iovec iov = {.iov_base = op->local_base + w.src_off + off, .iov_len = len};
+    void *desc = op->local_desc[n->index];
+    struct fi_rma_iov riov = {.addr = rd->base + w.dst_off + off, .len = len, .key = rd->keys[remote]};
+    struct fi_msg_rma msg = {
+        .msg_iov = &iov,
+        .desc = &desc,
+        .iov_count = 1,
+        .addr = p->fi[n->index][remote],
+        .rma_iov = &riov,
+        .rma_iov_count = 1,
+        .context = &c->h.fi,
+        .data = op->imm | ((uint32_t)lg << AIOTE_IMM_SHARD_SHIFT),
+    };
+    uint64_t flags = FI_COMPLETION;
+    if (op->has_imm)
+        flags |= FI_REMOTE_CQ_DATA;
+    /* shm never completes a 0-byte write asked for delivery-complete
+     * (LIBFABRIC-NOTES.md); there is no payload to deliver anyway. */
+    if (e->info.delivery_complete && !(e->is_shm && len == 0))
+        flags |= FI_DELIVERY_COMPLETE;
+    ssize_t rc = fi_writemsg(n->ep, &msg, flags);
+    if (rc == -FI_EAGAIN)
+        return 1;
+    if (rc)
+        return (int)rc;
+    n->tx_free = c->next_free;
+    c->op = op;
+    c->send_slot = -1;
+    c->index = i;
+    op->inflight++;
+    e->stats.writes_posted++;
+    e->stats.bytes_written += len;
+    n->stats.writes_posted++;
+    n->stats.bytes_written += len;
+    if (s + 1 < nshards) {
+        op->next_shard++;
+        return 3; /* more shards of this element */
+    }
+    op->next_shard = 0;
+    return 0;
+}
+
+static int post_send(aiote_engine *e, struct op *op, int *nic_out)
+{
+    struct nic *n = &e->nics[0];
+    const struct peer *p = e->peers[op->peer];
+    *nic_out = 0;
+    if (atomic_load(&n->failed))
+        return -FI_ENETDOWN;
+    struct tx_ctx *c = n->tx_free;
+    if (!c || !e->nsend_free)
+        return 2;
+    if (p->local[0] && !atomic_load(&p->local[0]->open))
+        return -FI_ENOTCONN;
+    int slot = e->send_free[e->nsend_free - 1];
+    uint8_t *buf = e->send_arena + (size_t)slot * e->slot_size;
+    uint32_t hdr[4] = {MSG_MAGIC | (MSG_VERSION << 16), (uint32_t)e->self_blob_len, (uint32_t)op->msg_len, 0};
+    memcpy(buf, hdr, sizeof hdr);
+    memcpy(buf + sizeof hdr, e->self_blob, e->self_blob_len);
+    memcpy(buf + sizeof hdr + e->self_blob_len, op->msg, op->msg_len);
+    size_t total = sizeof hdr + e->self_blob_len + op->msg_len;
+    ssize_t rc = fi_send(n->ep, buf, total, fi_mr_desc(e->send_mr), p->fi[0][0], &c->h.fi);
+    if (rc == -FI_EAGAIN)
+        return 1;
+    if (rc)
+        return (int)rc;
+    e->nsend_free--;
+    n->tx_free = c->next_free;
+    c->op = op;
+    c->send_slot = slot;
+    c->index = 0;
+    op->inflight++;
+    e->stats.msgs_sent++;
+    return 0;
+}
 
 /* Post queued work in submission order.  An op the provider refuses
  * (-FI_EAGAIN: queue full, or its peer still connecting) stays queued and
@@ -195,23 +266,24 @@ static bool post_pending(aiote_engine *e, uint64_t now)
     while (op && blocked < MAX_BLOCKED_OPS) {
         struct op *next = op->next;
         if (op->cancelled && op->next_post < op->n) {
-            fail_op(op, -AIOTE_E_CLOSED, FI_ECANCELED, 0, op->next_post);
+            fail_op(op, -AIOTE_E_CLOSED, FI_ECANCELED, 0, op->next_post, -1);
             op->n = op->next_post;
         }
         bool refused = false;
         while (op->next_post < op->n) {
-            int rc = op->kind == OP_SEND ? post_send(e, op) : post_write(e, op, op->next_post);
-            if (rc == 2) { /* our own transmit contexts are all in flight: wait for completions */
+            int nic = -1;
+            int rc = op->kind == OP_SEND ? post_send(e, op, &nic) : post_shard(e, op, op->next_post, &nic);
+            if (rc == 2) { /* our transmit contexts are all in flight: wait for completions */
                 e->stats.eagain++;
                 return did;
             }
             if (rc == 1) {
                 e->stats.eagain++;
-                if (!op->eagain_since)
+                if (!op->eagain_since) {
                     op->eagain_since = now;
-                else if (now - op->eagain_since > e->peer_timeout_ns) {
-                    fail_op(op, -AIOTE_E_PROVIDER, FI_ETIMEDOUT, 0, op->next_post);
-                    op->n = op->next_post;
+                } else if (now - op->eagain_since > e->peer_timeout_ns) {
+                    fail_op(op, -AIOTE_E_PROVIDER, FI_ETIMEDOUT, 0, op->next_post, nic);
+                    op->n = op->next_post; /* post nothing more of it */
                     break;
                 }
                 refused = true;
@@ -219,12 +291,16 @@ static bool post_pending(aiote_engine *e, uint64_t now)
             }
             op->eagain_since = 0;
             if (rc < 0) {
-                fail_op(op, -AIOTE_E_PROVIDER, -rc, 0, op->next_post);
+                fail_op(op, -AIOTE_E_PROVIDER, -rc, 0, op->next_post, nic);
+                if (nic >= 0 && nic < (int)e->nnics)
+                    e->nics[nic].stats.errors++;
                 op->n = op->next_post; /* post nothing more of it */
                 break;
             }
-            op->next_post++;
             did = true;
+            if (rc == 3)
+                continue; /* next shard of the same element */
+            op->next_post++;
         }
         if (refused) {
             blocked++;
@@ -251,14 +327,33 @@ static bool post_pending(aiote_engine *e, uint64_t now)
 static void tx_done(aiote_engine *e, struct tx_ctx *c)
 {
     struct op *op = c->op;
+    struct nic *n = c->nic;
     if (c->send_slot >= 0)
         e->send_free[e->nsend_free++] = c->send_slot;
     c->op = NULL;
-    c->next_free = e->tx_free;
-    e->tx_free = c;
+    c->next_free = n->tx_free;
+    n->tx_free = c;
+    n->stats.completions++;
     op->inflight--;
     if (op->posted_all && op->inflight == 0)
         finish_op(e, op);
+}
+
+/* A failed NIC's outstanding contexts will never complete: fail them now. */
+void fail_nic_inflight(aiote_engine *e, struct nic *n, int fi_err)
+{
+    for (size_t i = 0; i < n->ntx; i++) {
+        struct tx_ctx *c = &n->tx_ctxs[i];
+        if (!c->op)
+            continue;
+        struct op *op = c->op;
+        fail_op(op, -AIOTE_E_PROVIDER, fi_err, 0, c->index, n->index);
+        if (!op->posted_all)
+            op->n = op->next_post;
+        n->stats.errors++;
+        tx_done(e, c);
+    }
+    event_queue_flush(&e->events, &e->pending_events);
 }
 
 static void recv_done(aiote_engine *e, struct recv_slot *s, size_t len)
@@ -269,7 +364,14 @@ static void recv_done(aiote_engine *e, struct recv_slot *s, size_t len)
     if (ok) {
         memcpy(hdr, b, sizeof hdr);
         ok = (hdr[0] & 0xffff) == MSG_MAGIC && (hdr[0] >> 16) == MSG_VERSION &&
-             hdr[1] <= AIOTE_ADDR_MAX && (uint64_t)hdr[1] + hdr[2] == len - sizeof hdr;
+             hdr[1] <= sizeof e->self_blob && (uint64_t)hdr[1] + hdr[2] == len - sizeof hdr;
+    }
+    if (ok) {
+        /* the sender's addresses must parse: the reply goes there */
+        const uint8_t *addrs[AIOTE_MAX_NICS];
+        size_t lens[AIOTE_MAX_NICS];
+        uint32_t count;
+        ok = parse_addrs(b + sizeof hdr, hdr[1], &count, addrs, lens) == 0;
     }
     if (ok) {
         uint8_t *copy = malloc(len);
@@ -282,6 +384,7 @@ static void recv_done(aiote_engine *e, struct recv_slot *s, size_t len)
                 .src_off = sizeof hdr,
                 .src_len = hdr[1],
                 .payload_off = sizeof hdr + hdr[1],
+                .nic = -1,
             };
             event_buf_push(&e->pending_events, &ev);
             e->stats.msgs_received++;
@@ -289,19 +392,18 @@ static void recv_done(aiote_engine *e, struct recv_slot *s, size_t len)
     } else {
         e->stats.bad_msgs++; /* malformed message from the wire: dropped */
     }
-    int rc;
-    while ((rc = fabric_post_recv(e, s)) == -FI_EAGAIN)
-        fi_cq_read(e->cq, NULL, 0);
+    while (fabric_post_recv(e, s) == -FI_EAGAIN)
+        fi_cq_read(e->nics[0].cq, NULL, 0);
 }
 
-static size_t poll_cq(aiote_engine *e)
+static size_t poll_cq(aiote_engine *e, struct nic *n)
 {
     struct fi_cq_data_entry ents[CQ_BATCH];
     uint32_t imms[CQ_BATCH];
     size_t nimm = 0;
-    ssize_t n = fi_cq_read(e->cq, ents, CQ_BATCH);
-    if (n > 0) {
-        for (ssize_t i = 0; i < n; i++) {
+    ssize_t got = fi_cq_read(n->cq, ents, CQ_BATCH);
+    if (got > 0) {
+        for (ssize_t i = 0; i < got; i++) {
             struct fi_cq_data_entry *en = &ents[i];
             if (en->flags & FI_REMOTE_CQ_DATA) {
                 imms[nimm++] = (uint32_t)en->data;
@@ -312,19 +414,20 @@ static size_t poll_cq(aiote_engine *e)
                 continue;
             if (h->kind == CTX_RECV)
                 recv_done(e, (struct recv_slot *)h, en->len);
-            else
+            else if (((struct tx_ctx *)h)->op) /* failed NICs' contexts were settled already */
                 tx_done(e, (struct tx_ctx *)h);
         }
         if (nimm) {
             e->stats.imms_received += nimm;
+            n->stats.imms_received += nimm;
             imm_table_arrive(&e->imms, imms, nimm, &e->pending_events);
         }
-        return (size_t)n;
+        return (size_t)got;
     }
-    if (n == -FI_EAVAIL) {
+    if (got == -FI_EAVAIL) {
         struct fi_cq_err_entry err;
         memset(&err, 0, sizeof err);
-        if (fi_cq_readerr(e->cq, &err, 0) != 1)
+        if (fi_cq_readerr(n->cq, &err, 0) != 1)
             return 0;
         struct ctx_hdr *h = err.op_context;
         if (!h) {
@@ -332,13 +435,13 @@ static size_t poll_cq(aiote_engine *e)
         } else if (h->kind == CTX_RECV) {
             /* truncated or otherwise bad message: drop it, keep the slot */
             e->stats.bad_msgs++;
-            struct recv_slot *s = (struct recv_slot *)h;
             if (err.err != FI_ECANCELED)
-                while (fabric_post_recv(e, s) == -FI_EAGAIN)
-                    fi_cq_read(e->cq, NULL, 0);
-        } else {
+                while (fabric_post_recv(e, (struct recv_slot *)h) == -FI_EAGAIN)
+                    fi_cq_read(e->nics[0].cq, NULL, 0);
+        } else if (((struct tx_ctx *)h)->op) {
             struct tx_ctx *c = (struct tx_ctx *)h;
-            fail_op(c->op, -AIOTE_E_PROVIDER, err.err, err.prov_errno, c->index);
+            fail_op(c->op, -AIOTE_E_PROVIDER, err.err, err.prov_errno, c->index, n->index);
+            n->stats.errors++;
             if (!c->op->posted_all) /* post nothing more of a failed op */
                 c->op->n = c->op->next_post;
             tx_done(e, c);
@@ -407,25 +510,34 @@ static void idle_sleep(aiote_engine *e, uint64_t *backoff_ns)
         atomic_store(&e->worker_sleeping, false);
         return;
     }
-    struct pollfd fds[2] = {{.fd = e->sub_efd, .events = POLLIN}, {.fd = e->cq_fd, .events = POLLIN}};
-    int nfds = 1;
-    struct timespec ts;
-    if (e->cq_fd >= 0) {
-        struct fid *f = &e->cq->fid;
-        if (fi_trywait(e->fabric, &f, 1) != FI_SUCCESS) {
+    struct pollfd fds[1 + AIOTE_MAX_NICS];
+    struct fid *cqs[AIOTE_MAX_NICS];
+    fds[0] = (struct pollfd){.fd = e->sub_efd, .events = POLLIN};
+    int nfds = 1, ncq = 0;
+    bool all_fd = true;
+    for (uint32_t i = 0; i < e->nnics; i++) {
+        struct nic *n = &e->nics[i];
+        if (n->cq_fd < 0) {
+            all_fd = false;
+            continue;
+        }
+        fds[nfds++] = (struct pollfd){.fd = n->cq_fd, .events = POLLIN};
+        cqs[ncq++] = &n->cq->fid;
+    }
+    struct timespec ts = {0};
+    if (all_fd && ncq) {
+        if (fi_trywait(e->nics[0].fabric, cqs, ncq) != FI_SUCCESS) {
             atomic_store(&e->worker_sleeping, false);
             return; /* completions are ready: don't sleep */
         }
-        nfds = 2;
         /* manual-progress providers need to be driven now and then */
-        ts.tv_sec = 0;
         ts.tv_nsec = 10 * 1000 * 1000;
     } else {
         /* No wait object: nap, doubling up to 200 us while idle. */
+        nfds = 1;
         *backoff_ns = *backoff_ns ? *backoff_ns * 2 : 5000;
         if (*backoff_ns > 200000)
             *backoff_ns = 200000;
-        ts.tv_sec = 0;
         ts.tv_nsec = (long)*backoff_ns;
     }
     int r = ppoll(fds, (nfds_t)nfds, &ts, NULL);
@@ -439,15 +551,15 @@ static void idle_sleep(aiote_engine *e, uint64_t *backoff_ns)
 }
 
 /* On shutdown: every op the worker owns fails with AIOTE_E_CLOSED.  Ops
- * stay allocated until the endpoint is closed (the NIC may still hold
- * their contexts); engine_shutdown frees them. */
+ * stay allocated until the endpoints are closed (a NIC may still hold their
+ * contexts); engine_shutdown frees them. */
 static void fail_all_closed(aiote_engine *e)
 {
     for (struct op *op = e->live; op; op = op->live_next) {
-        fail_op(op, -AIOTE_E_CLOSED, FI_ECANCELED, 0, op->next_post);
+        fail_op(op, -AIOTE_E_CLOSED, FI_ECANCELED, 0, op->next_post, -1);
         aiote_event ev = {.id = op->id, .kind = AIOTE_EV_OP, .status = op->status,
                           .fi_errno = op->fi_errno, .prov_errno = op->prov_errno,
-                          .index = op->bad_index};
+                          .index = op->bad_index, .nic = op->nic};
         event_buf_push(&e->pending_events, &ev);
     }
     event_queue_flush(&e->events, &e->pending_events);
@@ -462,16 +574,18 @@ void *worker_main(void *arg)
         bool active = take_submissions(e);
         if (atomic_load(&e->stopping))
             break;
-        if (e->local)
+        if (e->is_shm)
             local_read_lock();
         active |= post_pending(e, now_ns());
-        for (int i = 0; i < 4; i++) {
-            size_t n = poll_cq(e);
-            if (!n)
-                break;
-            active = true;
+        for (uint32_t k = 0; k < e->nnics; k++) {
+            struct nic *n = &e->nics[k];
+            for (int i = 0; i < 4; i++) {
+                if (!poll_cq(e, n))
+                    break;
+                active = true;
+            }
         }
-        if (e->local)
+        if (e->is_shm)
             local_read_unlock();
         if (e->pending_events.n)
             event_queue_flush(&e->events, &e->pending_events);
@@ -480,7 +594,7 @@ void *worker_main(void *arg)
             backoff = 0;
             continue;
         }
-        if (e->pend_head) { /* work waits on the queue: keep driving progress */
+        if (e->pend_head) { /* work waits on a queue: keep driving progress */
             sched_yield();
             continue;
         }

@@ -1,0 +1,1 @@
+"""Runnable examples of aiote (``python -m examples.kvcache`` from the repository root)."""
