@@ -23,7 +23,23 @@ PROVIDER_ALIASES = {"tcp": "tcp;ofi_rxm", "verbs": "verbs;ofi_rxm"}
 _ROUTING = {"round_robin": lib.AIOTE_ROUTE_ROUND_ROBIN, "pinned": lib.AIOTE_ROUTE_PINNED}
 _POLLING = {"busy": lib.AIOTE_POLL_BUSY, "adaptive": lib.AIOTE_POLL_ADAPTIVE, "blocking": lib.AIOTE_POLL_BLOCKING}
 _EVENT_BATCH = 256
+_U64 = 1 << 64
 _engine_ids = itertools.count(1)
+
+
+class _OpFuture(asyncio.Future):
+    """An operation's future: cancelling it also withdraws what is not posted yet."""
+
+    _engine: TransferEngine | None = None
+    _op_id = 0
+
+    def cancel(self, msg: Any = None) -> bool:
+        if not super().cancel(msg):
+            return False
+        eng = self._engine
+        if eng is not None and not eng._closed and self._op_id in eng._ops:
+            lib.aiote_cancel(eng._h, self._op_id)
+        return True
 
 
 class _Op:
@@ -312,7 +328,9 @@ class TransferEngine:
         """Run ``submit(op_id)``; queue it when the engine is saturated."""
         loop = self._loop_checked()
         op_id = next(self._op_ids)
-        fut: asyncio.Future[None] = loop.create_future()
+        fut = _OpFuture(loop=loop)
+        fut._engine = self
+        fut._op_id = op_id
         if self._deferred:
             rc = -lib.AIOTE_E_AGAIN
         else:
@@ -322,12 +340,7 @@ class TransferEngine:
         else:
             check(rc)
         self._ops[op_id] = _Op(fut, keep)
-        fut.add_done_callback(lambda f, op_id=op_id: self._on_op_done(op_id, f))
         return fut
-
-    def _on_op_done(self, op_id: int, fut: asyncio.Future[None]) -> None:
-        if fut.cancelled() and not self._closed and op_id in self._ops:
-            lib.aiote_cancel(self._h, op_id)  # withdraw what is not posted yet
 
     def _flush_deferred(self) -> None:
         while self._deferred:
@@ -386,9 +399,11 @@ class TransferEngine:
         return r
 
     def _fill(self, w: Any, desc: MrDescriptor, src_off: int, dst_off: int, length: int) -> None:
-        for name, v in (("src_offset", src_off), ("dst_offset", dst_off), ("length", length)):
-            if not isinstance(v, int) or v < 0 or v >= 1 << 64:
-                raise InvalidArgument(f"{name} must be a non-negative int, got {v!r}")
+        if not (type(src_off) is int and type(dst_off) is int and type(length) is int
+                and 0 <= src_off < _U64 and 0 <= dst_off < _U64 and 0 <= length < _U64):
+            for name, v in (("src_offset", src_off), ("dst_offset", dst_off), ("length", length)):
+                if not isinstance(v, int) or v < 0 or v >= _U64:
+                    raise InvalidArgument(f"{name} must be a non-negative int, got {v!r}")
         w.rdesc = self._rdesc(desc)
         w.src_off = src_off
         w.dst_off = dst_off

@@ -225,6 +225,7 @@ static int enqueue(aiote_engine *e, struct op *op)
     else
         e->sub_head = op;
     e->sub_tail = op;
+    atomic_store_explicit(&e->sub_pending, true, memory_order_release);
     pthread_mutex_unlock(&e->sub_lock);
     wake_worker(e);
     return 0;
@@ -634,6 +635,7 @@ int aiote_cancel(aiote_engine *e, uint64_t op_id)
         e->cap_cancel = cap;
     }
     e->cancel_ids[e->ncancel++] = op_id;
+    atomic_store_explicit(&e->sub_pending, true, memory_order_release);
     pthread_mutex_unlock(&e->sub_lock);
     wake_worker(e);
     return 0;

@@ -240,6 +240,7 @@ struct aiote_engine {
     atomic_size_t outstanding; /* elements submitted, not finished: backpressure */
     int sub_efd;
     atomic_bool worker_sleeping;
+    atomic_bool sub_pending; /* submissions or cancels wait in the queue */
     atomic_bool stopping;
     bool worker_started;
     pthread_t worker;

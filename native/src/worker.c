@@ -258,9 +258,10 @@ static int post_send(aiote_engine *e, struct op *op, int *nic_out)
  * the next ops get their turn, so one unreachable peer can't stall the
  * others; an op refused without any progress for peer_timeout fails with
  * ETIMEDOUT (its peer is taken for unreachable). */
-static bool post_pending(aiote_engine *e, uint64_t now)
+static bool post_pending(aiote_engine *e)
 {
     bool did = false;
+    uint64_t now = 0; /* read the clock only when the provider refuses something */
     int blocked = 0;
     struct op *prev = NULL, *op = e->pend_head;
     while (op && blocked < MAX_BLOCKED_OPS) {
@@ -279,6 +280,8 @@ static bool post_pending(aiote_engine *e, uint64_t now)
             }
             if (rc == 1) {
                 e->stats.eagain++;
+                if (!now)
+                    now = now_ns();
                 if (!op->eagain_since) {
                     op->eagain_since = now;
                 } else if (now - op->eagain_since > e->peer_timeout_ns) {
@@ -454,7 +457,10 @@ static size_t poll_cq(aiote_engine *e, struct nic *n)
 /* Move submissions and cancellations to the worker's own lists. */
 static bool take_submissions(aiote_engine *e)
 {
+    if (!atomic_load_explicit(&e->sub_pending, memory_order_acquire))
+        return false; /* nothing new: skip the lock */
     pthread_mutex_lock(&e->sub_lock);
+    atomic_store_explicit(&e->sub_pending, false, memory_order_relaxed);
     struct op *head = e->sub_head;
     e->sub_head = e->sub_tail = NULL;
     size_t ncancel = e->ncancel;
@@ -463,6 +469,8 @@ static bool take_submissions(aiote_engine *e)
         ncancel = 64;
     memcpy(cancels, e->cancel_ids + (e->ncancel - ncancel), ncancel * sizeof *cancels);
     e->ncancel -= ncancel;
+    if (e->ncancel)
+        atomic_store_explicit(&e->sub_pending, true, memory_order_relaxed); /* more next round */
     pthread_mutex_unlock(&e->sub_lock);
 
     bool did = head || ncancel;
@@ -533,11 +541,14 @@ static void idle_sleep(aiote_engine *e, uint64_t *backoff_ns)
         /* manual-progress providers need to be driven now and then */
         ts.tv_nsec = 10 * 1000 * 1000;
     } else {
-        /* No wait object: nap, doubling up to 200 us while idle. */
+        /* No wait object: nap, doubling up to 200 us while idle, or up to
+         * 20 us while writes are in flight or imm waits are armed (something
+         * is expected soon). */
         nfds = 1;
+        uint64_t cap = (e->live || e->imms.nwaiters) ? 20000 : 200000;
         *backoff_ns = *backoff_ns ? *backoff_ns * 2 : 5000;
-        if (*backoff_ns > 200000)
-            *backoff_ns = 200000;
+        if (*backoff_ns > cap)
+            *backoff_ns = cap;
         ts.tv_nsec = (long)*backoff_ns;
     }
     int r = ppoll(fds, (nfds_t)nfds, &ts, NULL);
@@ -568,7 +579,7 @@ static void fail_all_closed(aiote_engine *e)
 void *worker_main(void *arg)
 {
     aiote_engine *e = arg;
-    uint64_t last_active = now_ns(), backoff = 0;
+    uint64_t idle_since = 0, backoff = 0;
     uint64_t spin_ns = (uint64_t)e->cfg.spin_us * 1000;
     for (;;) {
         bool active = take_submissions(e);
@@ -576,7 +587,7 @@ void *worker_main(void *arg)
             break;
         if (e->is_shm)
             local_read_lock();
-        active |= post_pending(e, now_ns());
+        active |= post_pending(e);
         for (uint32_t k = 0; k < e->nnics; k++) {
             struct nic *n = &e->nics[k];
             for (int i = 0; i < 4; i++) {
@@ -590,7 +601,7 @@ void *worker_main(void *arg)
         if (e->pending_events.n)
             event_queue_flush(&e->events, &e->pending_events);
         if (active) {
-            last_active = now_ns();
+            idle_since = 0;
             backoff = 0;
             continue;
         }
@@ -600,8 +611,13 @@ void *worker_main(void *arg)
         }
         if (e->cfg.polling == AIOTE_POLL_BUSY)
             continue;
-        if (e->cfg.polling == AIOTE_POLL_ADAPTIVE && now_ns() - last_active < spin_ns)
-            continue;
+        if (e->cfg.polling == AIOTE_POLL_ADAPTIVE) {
+            uint64_t now = now_ns();
+            if (!idle_since)
+                idle_since = now;
+            if (now - idle_since < spin_ns)
+                continue;
+        }
         idle_sleep(e, &backoff);
     }
     /* ctrl ops that raced with stopping: refuse them */
