@@ -1,6 +1,7 @@
 import pytest
 
-from aiote.testing import loopback_host
+import aiote
+from aiote.testing import PeerProcess, loopback_host
 
 PROVIDERS = ["shm", "tcp"]
 
@@ -13,3 +14,17 @@ def provider(request):
 @pytest.fixture
 def host(provider):
     return loopback_host(provider)
+
+
+@pytest.fixture
+async def engine(provider, host):
+    """An engine in this process."""
+    async with aiote.TransferEngine(provider, host=host) as eng:
+        yield eng
+
+
+@pytest.fixture
+async def peer(provider):
+    """An engine in another process, driven through PeerProcess."""
+    async with PeerProcess(provider) as p:
+        yield p

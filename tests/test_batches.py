@@ -10,18 +10,6 @@ import aiote
 from aiote.testing import PeerProcess
 
 
-@pytest.fixture
-async def engine(provider, host):
-    async with aiote.TransferEngine(provider, host=host) as eng:
-        yield eng
-
-
-@pytest.fixture
-async def peer(provider):
-    async with PeerProcess(provider) as p:
-        yield p
-
-
 def expected_paged(dst: bytearray, src: bytes, page_len, src_pages, dst_pages, src_stride, dst_stride,
                    src_off=0, dst_off=0) -> bytearray:
     out = bytearray(dst)

@@ -13,18 +13,6 @@ def pattern(n: int, seed: int) -> bytes:
     return random.Random(seed).randbytes(n)
 
 
-@pytest.fixture
-async def engine(provider, host):
-    async with aiote.TransferEngine(provider, host=host) as eng:
-        yield eng
-
-
-@pytest.fixture
-async def peer(provider):
-    async with PeerProcess(provider) as p:
-        yield p
-
-
 SIZES = [0, 1, 7, 64, 4095, 4096, 65537, 1 << 20, (16 << 20) + 3, 64 << 20]
 
 
