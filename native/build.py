@@ -15,7 +15,7 @@ from cffi import FFI
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-SOURCES = ["engine.c", "fabric.c", "worker.c", "imm_table.c", "events.c", "local_peers.c"]
+SOURCES = ["engine.c", "fabric.c", "worker.c", "imm_table.c", "events.c", "local_peers.c", "discovery.c"]
 
 
 def _libfabric_flags() -> tuple[list[str], list[str], list[str]]:
@@ -57,4 +57,6 @@ ffibuilder.set_source(
 )
 
 if __name__ == "__main__":
-    ffibuilder.compile(tmpdir=str(ROOT / "build" / "cffi"), verbose=True)
+    # in-place build (aiote/_native*.so next to the package), e.g. for sanitizer builds:
+    #   CFLAGS="-fsanitize=address -g" LDFLAGS=-fsanitize=address python native/build.py
+    ffibuilder.compile(tmpdir=str(ROOT), verbose=True)
