@@ -18,6 +18,7 @@ from .errors import (
     RegistrationError,
 )
 from .memory import MemoryRegion
+from .topology import GpuInfo, NicDevice, NicInfo, Topology, nics, topology
 
 __version__ = "0.1.0"
 
@@ -41,4 +42,10 @@ __all__ = [
     "MessageTooLarge",
     "ImmTimeout",
     "InvalidArgument",
+    "nics",
+    "topology",
+    "NicInfo",
+    "NicDevice",
+    "GpuInfo",
+    "Topology",
 ]

@@ -65,6 +65,22 @@ class TransferEngine:
     write complete; with ``delivery_complete`` (the default where the
     provider offers it) that means the data is in the target's memory.  See
     docs/concepts.md for what each provider guarantees.
+
+    Parameters:
+        provider: libfabric provider: ``"shm"``, ``"tcp"`` (= ``"tcp;ofi_rxm"``),
+            ``"efa"``, ``"verbs"`` (= ``"verbs;ofi_rxm"``), or any name ``fi_info`` lists.
+        host: address to bind (e.g. ``"127.0.0.1"`` for tcp on loopback).
+        domain: libfabric domain (NIC) name(s), comma-separated; cycled over the NICs.
+        nics: how many NICs (domain + endpoint each), or a list of domain names.
+        polling: ``"busy"``, ``"adaptive"`` (spin ``spin_us``, then sleep) or ``"blocking"``.
+        routing: ``"round_robin"`` (stripe writes >= ``stripe_threshold`` bytes over
+            the NICs, spread batch elements) or ``"pinned"`` (all on ``pinned_nic``).
+        msg_size, recv_slots, send_slots: size and number of message buffers.
+        max_queued: elements submitted but not finished before submission waits.
+        delivery_complete: ask for FI_DELIVERY_COMPLETE (writes complete at the target).
+        peer_timeout: seconds an operation may be refused by the provider (EAGAIN)
+            before it fails with PeerUnreachable.
+        max_inflight: writes/sends in flight per NIC (0: the provider's queue size).
     """
 
     def __init__(
@@ -85,6 +101,7 @@ class TransferEngine:
         max_queued: int = 1 << 20,
         delivery_complete: bool = True,
         peer_timeout: float = 10.0,
+        max_inflight: int = 0,
     ):
         if isinstance(nics, int):
             if not 1 <= nics <= lib.AIOTE_MAX_NICS:
@@ -105,7 +122,8 @@ class TransferEngine:
         self._cfg_args = dict(host=host, domain=domain, nics=nnics, routing=routing, pinned_nic=pinned_nic,
                               stripe_threshold=stripe_threshold, polling=polling, spin_us=spin_us, msg_size=msg_size,
                               recv_slots=recv_slots, send_slots=send_slots, max_queued=max_queued,
-                              delivery_complete=delivery_complete, peer_timeout=peer_timeout)
+                              delivery_complete=delivery_complete, peer_timeout=peer_timeout,
+                              max_inflight=max_inflight)
         self.id = next(_engine_ids)
         self._h: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -162,6 +180,7 @@ class TransferEngine:
         cfg.max_queued = a["max_queued"]
         cfg.delivery_complete = 1 if a["delivery_complete"] else 0
         cfg.peer_timeout_ms = max(1, int(a["peer_timeout"] * 1000))
+        cfg.max_inflight = a["max_inflight"]
         out = ffi.new("aiote_engine**")
         check(lib.aiote_engine_open(cfg, out), f"opening provider {self.requested_provider!r}")
         self._h = out[0]

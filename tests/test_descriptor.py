@@ -51,7 +51,7 @@ def test_wrong_types():
         make(keys=(1, 2))
 
 
-@settings(max_examples=2000, deadline=None)
+@settings(max_examples=5000, deadline=None)
 @given(st.binary(max_size=400))
 def test_fuzz_random_bytes(data):
     for parse in (MrDescriptor.from_bytes, EngineAddress.from_bytes):
@@ -61,7 +61,7 @@ def test_fuzz_random_bytes(data):
             pass
 
 
-@settings(max_examples=2000, deadline=None)
+@settings(max_examples=5000, deadline=None)
 @given(st.data())
 def test_fuzz_mutated_valid(data):
     raw = bytearray(make().to_bytes())

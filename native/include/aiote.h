@@ -78,6 +78,7 @@ typedef struct {
     uint32_t max_queued;      /* submission queue bound (elements), 0 = default */
     int delivery_complete;    /* 1: ask for FI_DELIVERY_COMPLETE on writes */
     uint32_t peer_timeout_ms; /* an op the provider refuses this long fails (ETIMEDOUT); 0 = 10 s */
+    uint32_t max_inflight;    /* writes/sends in flight per NIC; 0 = the provider's queue size */
 } aiote_config;
 
 typedef struct {
@@ -218,5 +219,67 @@ int aiote_imm_pending(aiote_engine *e, uint32_t imm, uint64_t *count);
 /* Take up to max events; re-arms the eventfd when the queue is emptied. */
 int aiote_poll_events(aiote_engine *e, aiote_event *out, size_t max);
 void aiote_free(void *p);
+
+/* Wire-format validators (the parsers the engine uses on bytes from other
+ * processes), for tests and fuzzers: a peer address list (returns the NIC
+ * count or a negative code) and a received message. */
+int aiote_check_addrs(const uint8_t *b, size_t len);
+int aiote_check_message(const uint8_t *b, size_t len, uint64_t *payload_off, uint64_t *payload_len);
+
+/* ---- NIC discovery --------------------------------------------------------
+ * What libfabric offers on this host: one entry per provider + domain (the
+ * entries libfabric lists per endpoint type and address family are merged).
+ * Independent of any engine; callable from any thread. */
+enum {
+    AIOTE_LINK_UNKNOWN = 0,
+    AIOTE_LINK_DOWN = 1,
+    AIOTE_LINK_UP = 2,
+
+    /* aiote_nic_info.ep_types bits */
+    AIOTE_NIC_EP_MSG = 1,
+    AIOTE_NIC_EP_RDM = 2,
+    AIOTE_NIC_EP_DGRAM = 4,
+};
+
+typedef struct {
+    char provider[64];        /* "efa", "verbs;ofi_rxm", "tcp;ofi_rxm", "shm", ... */
+    char fabric[128];         /* fabric name (tcp: the interface's subnet) */
+    char domain[64];          /* domain name: what TransferEngine(nics=[...]) takes */
+    /* from info->nic where the provider fills it; "" / 0 otherwise */
+    char device[64];          /* device name: "rdmap16s27", "mlx5_0" */
+    char driver[64];
+    char vendor_id[32];
+    char device_id[32];
+    char firmware[64];
+    char pci[32];             /* "dddd:bb:dd.f" */
+    char link_address[64];
+    char network_type[32];    /* "InfiniBand", "Ethernet", ... */
+    /* capabilities, merged over the provider + domain's entries */
+    char caps_str[1024];      /* fi_tostr(caps, FI_TYPE_CAPS) */
+    char mr_mode_str[256];    /* fi_tostr(mr_mode, FI_TYPE_MR_MODE) */
+    uint64_t caps;            /* FI_* capability bits, OR-ed */
+    uint64_t mr_mode;         /* FI_MR_* bits the provider needs */
+    uint64_t mr_key_size;
+    uint64_t cq_data_size;    /* bytes of remote CQ data (imm) a write can carry */
+    uint64_t max_msg_size;
+    uint64_t inject_size;
+    uint64_t link_speed;      /* bits/s, 0 if unknown */
+    uint64_t mtu;
+    int32_t link_state;       /* AIOTE_LINK_* */
+    int32_t ep_types;         /* AIOTE_NIC_EP_* bits */
+    int32_t hmem;             /* FI_HMEM advertised (asked for explicitly) */
+    int32_t rma;              /* FI_RMA advertised */
+    int32_t has_nic_attr;     /* the provider filled info->nic */
+    int32_t from_rdm;         /* the scalars come from an FI_EP_RDM entry */
+    int32_t entries;          /* libfabric entries merged into this one */
+    int32_t _pad;
+} aiote_nic_info;
+
+/* List what libfabric offers.  provider: NULL/"" for all, else a provider
+ * name ("tcp;ofi_rxm") or one layer of it ("tcp" matches "tcp" and
+ * "tcp;ofi_rxm"); a name nothing matches gives 0 entries.  Writes up to max
+ * entries to out and returns how many there are (which may exceed max: call
+ * again with a larger array), or a negative AIOTE_E_* code. */
+int aiote_list_nics(const char *provider, aiote_nic_info *out, size_t max);
 
 #endif

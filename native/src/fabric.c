@@ -200,6 +200,7 @@ static int nic_open(aiote_engine *e, struct nic *n, bool want_dc, bool *got_dc)
         n->tx_ctxs[i].next_free = i + 1 < n->ntx ? &n->tx_ctxs[i + 1] : NULL;
     }
     n->tx_free = &n->tx_ctxs[0];
+    n->max_inflight = e->cfg.max_inflight && e->cfg.max_inflight < n->ntx ? e->cfg.max_inflight : n->ntx;
     return 0;
 }
 
@@ -422,35 +423,6 @@ int ctrl_mr_close(aiote_engine *e, void *argp)
         aiote_set_error("fi_close(mr) failed: %s", fi_strerror(-first));
         return -AIOTE_E_PROVIDER;
     }
-    return 0;
-}
-
-/* Parse a peer address list: count u8, then count x (u16 len, bytes).  The
- * bytes come from another process (a descriptor, a message): check every
- * length against the buffer. */
-int parse_addrs(const uint8_t *b, size_t len, uint32_t *n, const uint8_t **addrs, size_t *lens)
-{
-    if (!b || len < 1)
-        return -AIOTE_E_PEER;
-    uint32_t count = b[0];
-    if (count < 1 || count > AIOTE_MAX_NICS)
-        return -AIOTE_E_PEER;
-    size_t pos = 1;
-    for (uint32_t i = 0; i < count; i++) {
-        if (len - pos < 2)
-            return -AIOTE_E_PEER;
-        uint16_t l;
-        memcpy(&l, b + pos, 2);
-        pos += 2;
-        if (l < 1 || l > AIOTE_ADDR_MAX || len - pos < l)
-            return -AIOTE_E_PEER;
-        addrs[i] = b + pos;
-        lens[i] = l;
-        pos += l;
-    }
-    if (pos != len)
-        return -AIOTE_E_PEER;
-    *n = count;
     return 0;
 }
 

@@ -194,6 +194,7 @@ struct nic {
     struct local_ep *local; /* this endpoint, if shm */
     struct tx_ctx *tx_ctxs, *tx_free;
     size_t ntx;
+    size_t inflight, max_inflight;
     atomic_bool failed;
     aiote_nic_counters stats;
 };
@@ -216,7 +217,7 @@ struct aiote_engine {
     struct nic nics[AIOTE_MAX_NICS];
     uint32_t nnics;
     uint32_t rr; /* round-robin cursor (worker) */
-    uint8_t self_blob[1 + AIOTE_MAX_NICS * (2 + AIOTE_ADDR_MAX)];
+    uint8_t self_blob[1 + AIOTE_MAX_NICS * (2 + AIOTE_ADDR_MAX)]; /* MSG_SRC_MAX */
     size_t self_blob_len;
 
     /* memory regions */
@@ -279,6 +280,14 @@ void local_read_unlock(void);
 void local_close_begin(void);
 void local_close_end(void);
 
+/* wire.c */
+#define MSG_SRC_MAX (1 + AIOTE_MAX_NICS * (2 + AIOTE_ADDR_MAX))
+struct msg_view {
+    size_t src_off, src_len, payload_off, payload_len;
+};
+int parse_addrs(const uint8_t *b, size_t len, uint32_t *n, const uint8_t **addrs, size_t *lens);
+int parse_msg(const uint8_t *b, size_t len, struct msg_view *out);
+
 /* fabric.c */
 struct mr_reg_arg {
     void *addr;
@@ -299,7 +308,6 @@ struct mr_close_arg {
 int fabric_open(aiote_engine *e);
 void fabric_close(aiote_engine *e);
 int fabric_post_recv(aiote_engine *e, struct recv_slot *s);
-int parse_addrs(const uint8_t *b, size_t len, uint32_t *n, const uint8_t **addrs, size_t *lens);
 int ctrl_nic_fail(aiote_engine *e, void *arg);
 int ctrl_mr_register(aiote_engine *e, void *arg);
 int ctrl_mr_close(aiote_engine *e, void *arg);

@@ -172,7 +172,7 @@ static int post_shard(aiote_engine *e, struct op *op, size_t i, int *nic_out)
     if (p->local[remote] && !atomic_load(&p->local[remote]->open))
         return -FI_ENOTCONN; /* a same-process peer that closed */
     struct tx_ctx *c = n->tx_free;
-    if (!c)
+    if (!c || n->inflight >= n->max_inflight)
         return 2;
     uint64_t chunk = nshards > 1 ? (w.len >> lg) & ~(uint64_t)(SHARD_ALIGN - 1) : w.len;
     uint64_t off = (uint64_t)s * chunk;
@@ -203,6 +203,7 @@ static int post_shard(aiote_engine *e, struct op *op, size_t i, int *nic_out)
     if (rc)
         return (int)rc;
     n->tx_free = c->next_free;
+    n->inflight++;
     c->op = op;
     c->send_slot = -1;
     c->index = i;
@@ -227,7 +228,7 @@ static int post_send(aiote_engine *e, struct op *op, int *nic_out)
     if (atomic_load(&n->failed))
         return -FI_ENETDOWN;
     struct tx_ctx *c = n->tx_free;
-    if (!c || !e->nsend_free)
+    if (!c || !e->nsend_free || n->inflight >= n->max_inflight)
         return 2;
     if (p->local[0] && !atomic_load(&p->local[0]->open))
         return -FI_ENOTCONN;
@@ -245,6 +246,7 @@ static int post_send(aiote_engine *e, struct op *op, int *nic_out)
         return (int)rc;
     e->nsend_free--;
     n->tx_free = c->next_free;
+    n->inflight++;
     c->op = op;
     c->send_slot = slot;
     c->index = 0;
@@ -336,6 +338,7 @@ static void tx_done(aiote_engine *e, struct tx_ctx *c)
     c->op = NULL;
     c->next_free = n->tx_free;
     n->tx_free = c;
+    n->inflight--;
     n->stats.completions++;
     op->inflight--;
     if (op->posted_all && op->inflight == 0)
@@ -361,32 +364,18 @@ void fail_nic_inflight(aiote_engine *e, struct nic *n, int fi_err)
 
 static void recv_done(aiote_engine *e, struct recv_slot *s, size_t len)
 {
-    const uint8_t *b = s->buf;
-    uint32_t hdr[4];
-    bool ok = len >= sizeof hdr && len <= e->slot_size;
-    if (ok) {
-        memcpy(hdr, b, sizeof hdr);
-        ok = (hdr[0] & 0xffff) == MSG_MAGIC && (hdr[0] >> 16) == MSG_VERSION &&
-             hdr[1] <= sizeof e->self_blob && (uint64_t)hdr[1] + hdr[2] == len - sizeof hdr;
-    }
-    if (ok) {
-        /* the sender's addresses must parse: the reply goes there */
-        const uint8_t *addrs[AIOTE_MAX_NICS];
-        size_t lens[AIOTE_MAX_NICS];
-        uint32_t count;
-        ok = parse_addrs(b + sizeof hdr, hdr[1], &count, addrs, lens) == 0;
-    }
-    if (ok) {
+    struct msg_view v;
+    if (len <= e->slot_size && parse_msg(s->buf, len, &v) == 0) {
         uint8_t *copy = malloc(len);
         if (copy) {
-            memcpy(copy, b, len);
+            memcpy(copy, s->buf, len);
             aiote_event ev = {
                 .kind = AIOTE_EV_RECV,
                 .data = copy,
-                .len = hdr[2],
-                .src_off = sizeof hdr,
-                .src_len = hdr[1],
-                .payload_off = sizeof hdr + hdr[1],
+                .len = v.payload_len,
+                .src_off = v.src_off,
+                .src_len = v.src_len,
+                .payload_off = v.payload_off,
                 .nic = -1,
             };
             event_buf_push(&e->pending_events, &ev);
