@@ -1,5 +1,6 @@
 """aiote: asyncio-native one-sided RDMA WRITE with immediates, over libfabric."""
 
+from . import rendezvous  # TCPStore exchange of addresses/descriptors (imports torch lazily)
 from .counters import IMM_MAX, ImmCounter
 from .descriptor import EngineAddress, MrDescriptor
 from .engine import PeerGroup, TransferEngine
@@ -48,4 +49,5 @@ __all__ = [
     "NicDevice",
     "GpuInfo",
     "Topology",
+    "rendezvous",
 ]

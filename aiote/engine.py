@@ -75,7 +75,9 @@ class TransferEngine:
         polling: ``"busy"``, ``"adaptive"`` (spin ``spin_us``, then sleep) or ``"blocking"``.
         routing: ``"round_robin"`` (stripe writes >= ``stripe_threshold`` bytes over
             the NICs, spread batch elements) or ``"pinned"`` (all on ``pinned_nic``).
-        msg_size, recv_slots, send_slots: size and number of message buffers.
+        msg_size: largest ``send`` payload (bytes).
+        recv_slots: receive buffers kept posted for messages.
+        send_slots: registered send buffers (sends beyond them wait).
         max_queued: elements submitted but not finished before submission waits.
         delivery_complete: ask for FI_DELIVERY_COMPLETE (writes complete at the target).
         peer_timeout: seconds an operation may be refused by the provider (EAGAIN)

@@ -3,5 +3,5 @@
 # Extra arguments go to pytest (e.g. scripts/test.sh -k imm -x).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/bootstrap.sh test,demo
+scripts/bootstrap.sh test,demo,docs
 exec .venv/bin/python -m pytest "$@"

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 import aiote
-from aiote.testing import PeerProcess
 
 
 def expected_paged(dst: bytearray, src: bytes, page_len, src_pages, dst_pages, src_stride, dst_stride,
@@ -90,41 +89,40 @@ async def test_bad_page_posts_nothing(engine, peer):
     assert await peer.call("read", rid, 16, 4096 - 16) == b"\x22" * (4096 - 16)
 
 
-async def test_scatter_to_three_peers_overlapping_sources(engine, provider):
+async def test_scatter_to_three_peers_overlapping_sources(engine, aiote_make_peer):
     rng = random.Random(3)
     src = rng.randbytes(8192)
     mr = engine.register(bytearray(src))
-    async with PeerProcess(provider) as p1, PeerProcess(provider) as p2, PeerProcess(provider) as p3:
-        peers = [p1, p2, p3]
-        regs = [await p.call("register", 4096, 0) for p in peers]
-        descs = [aiote.MrDescriptor.from_bytes(d) for _, d in regs]
-        # overlapping source ranges, several targets per peer
-        targets = [(descs[0], 0, 0, 3000), (descs[1], 1000, 100, 3000), (descs[2], 2000, 4096 - 2500, 2500),
-                   (descs[0], 500, 3000, 1096)]
-        await engine.scatter(mr, targets, imm=8)
-        counts = [2, 1, 1]
-        assert all(await asyncio.gather(*(p.call("wait_imm", 8, c, 30) for p, c in zip(peers, counts))))
-        want = [bytearray(4096) for _ in peers]
-        for d, so, do, ln in targets:
-            want[descs.index(d)][do:do + ln] = src[so:so + ln]
-        for p, (rid, _), w in zip(peers, regs, want):
-            assert await p.call("read", rid, 0, 4096) == w
+    peers = list(await asyncio.gather(*(aiote_make_peer() for _ in range(3))))
+    regs = [await p.call("register", 4096, 0) for p in peers]
+    descs = [aiote.MrDescriptor.from_bytes(d) for _, d in regs]
+    # overlapping source ranges, several targets per peer
+    targets = [(descs[0], 0, 0, 3000), (descs[1], 1000, 100, 3000), (descs[2], 2000, 4096 - 2500, 2500),
+               (descs[0], 500, 3000, 1096)]
+    await engine.scatter(mr, targets, imm=8)
+    counts = [2, 1, 1]
+    assert all(await asyncio.gather(*(p.call("wait_imm", 8, c, 30) for p, c in zip(peers, counts))))
+    want = [bytearray(4096) for _ in peers]
+    for d, so, do, ln in targets:
+        want[descs.index(d)][do:do + ln] = src[so:so + ln]
+    for p, (rid, _), w in zip(peers, regs, want):
+        assert await p.call("read", rid, 0, 4096) == w
 
-        # peer group: barrier and scatter rounds reuse resolved peers
-        group = engine.peer_group(descs)
+    # peer group: barrier and scatter rounds reuse resolved peers
+    group = engine.peer_group(descs)
+    for rnd in range(5):
+        await group.barrier(100 + rnd)
+        await engine.barrier(descs, 200 + rnd)
+    await group.scatter(mr, [10, 20, 30], src_offsets=[0, 100, 200], dst_offsets=0, imm=300)
+    for p, (rid, _), so, ln in zip(peers, regs, [0, 100, 200], [10, 20, 30]):
+        assert await p.call("wait_imm", 300, 1, 10)
+        assert await p.call("read", rid, 0, ln) == src[so:so + ln]
         for rnd in range(5):
-            await group.barrier(100 + rnd)
-            await engine.barrier(descs, 200 + rnd)
-        await group.scatter(mr, [10, 20, 30], src_offsets=[0, 100, 200], dst_offsets=0, imm=300)
-        for p, (rid, _), so, ln in zip(peers, regs, [0, 100, 200], [10, 20, 30]):
-            assert await p.call("wait_imm", 300, 1, 10)
-            assert await p.call("read", rid, 0, ln) == src[so:so + ln]
-            for rnd in range(5):
-                assert await p.call("pending", 100 + rnd) == 1
-                assert await p.call("pending", 200 + rnd) == 1
-        with pytest.raises(aiote.OutOfBounds) as ei:
-            group.scatter(mr, [10, 5000, 10])
-        assert ei.value.index == 1
+            assert await p.call("pending", 100 + rnd) == 1
+            assert await p.call("pending", 200 + rnd) == 1
+    with pytest.raises(aiote.OutOfBounds) as ei:
+        group.scatter(mr, [10, 5000, 10])
+    assert ei.value.index == 1
 
 
 async def test_scatter_bad_element_names_it(engine, peer):

@@ -7,13 +7,11 @@ import numpy as np
 import pytest
 
 import aiote
-from aiote.testing import PeerProcess
 
 
 @pytest.fixture
-async def pair(provider, host):
-    async with aiote.TransferEngine(provider, host=host) as a, aiote.TransferEngine(provider, host=host) as b:
-        yield a, b
+def pair(aiote_engine_pair):
+    return aiote_engine_pair
 
 
 async def still_works(a, b):
@@ -230,20 +228,21 @@ def test_uvloop():
     uvloop.run(main())
 
 
-async def test_dead_peer_tcp_fails_pending_writes():
+@pytest.mark.aiote_providers("tcp")
+async def test_dead_peer_tcp_fails_pending_writes(aiote_make_engine, aiote_peer, aiote_faults):
     """tcp;ofi_rxm reports a killed peer: pending and new writes fail, typed."""
-    async with aiote.TransferEngine("tcp", host="127.0.0.1", peer_timeout=2) as eng, PeerProcess("tcp") as peer:
-        _, desc = await peer.call("register", 64 << 20, 0)
-        d = aiote.MrDescriptor.from_bytes(desc)
-        src = eng.register(bytearray(64 << 20))
-        await eng.write(src, d, imm=1)
-        peer.kill()
-        futs = [eng.write(src, d, imm=1) for _ in range(8)]
-        res = await asyncio.wait_for(asyncio.gather(*futs, return_exceptions=True), 30)
-        # in-flight writes: the provider cancels them (ECANCELED) or resets the connection
-        assert all(isinstance(r, aiote.ProviderError) for r in res), res
-        later = await asyncio.wait_for(asyncio.gather(eng.write(src, d, 8, imm=1), return_exceptions=True), 30)
-        assert isinstance(later[0], aiote.PeerUnreachable), later
-        # the engine keeps serving others
-        async with aiote.TransferEngine("tcp", host="127.0.0.1") as other:
-            await still_works(eng, other)
+    eng, peer = await aiote_make_engine(peer_timeout=2), aiote_peer
+    _, desc = await peer.call("register", 64 << 20, 0)
+    d = aiote.MrDescriptor.from_bytes(desc)
+    src = eng.register(bytearray(64 << 20))
+    await eng.write(src, d, imm=1)
+    aiote_faults.kill(peer)
+    futs = [eng.write(src, d, imm=1) for _ in range(8)]
+    res = await asyncio.wait_for(asyncio.gather(*futs, return_exceptions=True), 30)
+    # in-flight writes: the provider cancels them (ECANCELED) or resets the connection
+    assert all(isinstance(r, aiote.ProviderError) for r in res), res
+    later = await asyncio.wait_for(asyncio.gather(eng.write(src, d, 8, imm=1), return_exceptions=True), 30)
+    assert isinstance(later[0], aiote.PeerUnreachable), later
+    # the engine keeps serving others
+    async with aiote.TransferEngine("tcp", host="127.0.0.1") as other:
+        await still_works(eng, other)

@@ -83,45 +83,45 @@ async def test_pinned_routing_uses_one_nic(provider, host):
         assert s[0]["writes_posted"] == 0 and s[1]["writes_posted"] == 8
 
 
-async def test_nic_failure_fails_only_its_operations(provider, host):
+async def test_nic_failure_fails_only_its_operations(aiote_make_engine, aiote_make_peer, aiote_faults):
     """Writes in flight on a NIC that fails fail naming it; the other NIC carries on."""
-    async with aiote.TransferEngine(provider, host=host, nics=2, stripe_threshold=1 << 40) as a, \
-            PeerProcess(provider, nics=2) as peer:
-        rid, desc = await peer.call("register", 1 << 20, 0)
-        d = aiote.MrDescriptor.from_bytes(desc)
-        ms = a.register(bytearray(b"\x42" * (1 << 20)))
-        for _ in range(50):  # until connections on both NICs are up
-            await asyncio.gather(*(a.write(ms, d, imm=5) for _ in range(4)))
-            if all(s["completions"] >= 1 for s in a.nic_stats()):
-                break
-        assert all(s["completions"] >= 1 for s in a.nic_stats())
-        peer.pause()  # nothing completes at the target now: writes stay in flight
-        try:
-            futs = [a.write(ms, d, imm=6) for _ in range(16)]
-            deadline = asyncio.get_running_loop().time() + 30
-            # (providers may refuse further posts to a stopped target: wait for NIC 1's first)
-            while (s1 := a.nic_stats()[1])["writes_posted"] == s1["completions"]:
-                assert asyncio.get_running_loop().time() < deadline, a.nic_stats()
-                await asyncio.sleep(0)
-            on_nic1 = s1["writes_posted"] - s1["completions"]
-            a.fail_nic(1)
-            await asyncio.wait(futs, timeout=10, return_when=asyncio.FIRST_COMPLETED)
-            # resolved together, in one batch of events (a write may also have landed meanwhile)
-            failed = [f for f in futs if f.done() and f.exception() is not None]
-        finally:
-            peer.resume()
-        assert on_nic1 >= 1 and len(failed) >= on_nic1  # (more may have been posted meanwhile)
-        assert all(isinstance(f.exception(), aiote.ProviderError) and f.exception().nic == 1 for f in failed), [
-            f.exception() for f in failed]
-        await asyncio.wait_for(asyncio.gather(*(f for f in futs if f not in failed)), 30)
-        assert a.nic_stats()[1]["failed"] == 1
-        # later work goes to NIC 0 and lands
-        before = a.nic_stats()[0]["writes_posted"]
-        await asyncio.gather(*(a.write(ms, d, 100, imm=7) for _ in range(10)))
-        assert await peer.call("wait_imm", 7, 10, 10)
-        assert a.nic_stats()[0]["writes_posted"] == before + 10
-        with pytest.raises(aiote.InvalidArgument):
-            a.fail_nic(5)
+    a = await aiote_make_engine(nics=2, stripe_threshold=1 << 40)
+    peer = await aiote_make_peer(nics=2)
+    rid, desc = await peer.call("register", 1 << 20, 0)
+    d = aiote.MrDescriptor.from_bytes(desc)
+    ms = a.register(bytearray(b"\x42" * (1 << 20)))
+    for _ in range(50):  # until connections on both NICs are up
+        await asyncio.gather(*(a.write(ms, d, imm=5) for _ in range(4)))
+        if all(s["completions"] >= 1 for s in a.nic_stats()):
+            break
+    assert all(s["completions"] >= 1 for s in a.nic_stats())
+    aiote_faults.pause(peer)  # nothing completes at the target now: writes stay in flight
+    try:
+        futs = [a.write(ms, d, imm=6) for _ in range(16)]
+        deadline = asyncio.get_running_loop().time() + 30
+        # (providers may refuse further posts to a stopped target: wait for NIC 1's first)
+        while (s1 := a.nic_stats()[1])["writes_posted"] == s1["completions"]:
+            assert asyncio.get_running_loop().time() < deadline, a.nic_stats()
+            await asyncio.sleep(0)
+        on_nic1 = s1["writes_posted"] - s1["completions"]
+        await aiote_faults.fail_nic(a, 1)
+        await asyncio.wait(futs, timeout=10, return_when=asyncio.FIRST_COMPLETED)
+        # resolved together, in one batch of events (a write may also have landed meanwhile)
+        failed = [f for f in futs if f.done() and f.exception() is not None]
+    finally:
+        aiote_faults.resume(peer)
+    assert on_nic1 >= 1 and len(failed) >= on_nic1  # (more may have been posted meanwhile)
+    assert all(isinstance(f.exception(), aiote.ProviderError) and f.exception().nic == 1 for f in failed), [
+        f.exception() for f in failed]
+    await asyncio.wait_for(asyncio.gather(*(f for f in futs if f not in failed)), 30)
+    assert a.nic_stats()[1]["failed"] == 1
+    # later work goes to NIC 0 and lands
+    before = a.nic_stats()[0]["writes_posted"]
+    await asyncio.gather(*(a.write(ms, d, 100, imm=7) for _ in range(10)))
+    assert await peer.call("wait_imm", 7, 10, 10)
+    assert a.nic_stats()[0]["writes_posted"] == before + 10
+    with pytest.raises(aiote.InvalidArgument):
+        a.fail_nic(5)
 
 
 async def test_bad_nic_arguments():

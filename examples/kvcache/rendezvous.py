@@ -10,16 +10,18 @@ Keys live under a per-run prefix::
 Locally the demo hosts the store itself (``Rendezvous.host``).  Under
 torchrun the elastic agent hosts it at MASTER_ADDR:MASTER_PORT
 (TORCHELASTIC_USE_AGENT_STORE=True); without an agent rank 0 hosts it.
+Stores and waits come from ``aiote.rendezvous`` (store calls run off the
+event loop); this class only adds the demo's key prefix and settings.
 """
 
 from __future__ import annotations
 
-import asyncio
-import datetime
 import json
 import os
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
+
+import aiote.rendezvous
 
 from .model import ModelConfig
 
@@ -73,32 +75,19 @@ class Rendezvous:
     @classmethod
     def host(cls, prefix: str, host: str = "127.0.0.1", port: int = 0) -> Rendezvous:
         """Host the store in this process (port 0: a free port)."""
-        from torch.distributed import TCPStore
-
-        store = TCPStore(host, port, is_master=True, wait_for_workers=False,
-                         timeout=datetime.timedelta(seconds=60))
-        return cls(store, prefix)
+        return cls(aiote.rendezvous.create_store(host, port, is_master=True, timeout=60), prefix)
 
     @classmethod
     def connect(cls, host: str, port: int, prefix: str, timeout: float = 60) -> Rendezvous:
-        from torch.distributed import TCPStore
-
-        store = TCPStore(host, port, is_master=False, timeout=datetime.timedelta(seconds=timeout))
-        return cls(store, prefix)
+        return cls(aiote.rendezvous.create_store(host, port, is_master=False, timeout=timeout), prefix)
 
     @classmethod
     def from_torchrun_env(cls, prefix: str | None = None) -> Rendezvous:
         """The store torchrun set up (or rank 0's, when launched by hand with the same variables)."""
-        from torch.distributed import TCPStore
-
-        host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
-        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
-        store = TCPStore(host, port, world_size=world, is_master=(rank == 0 and not agent),
-                         wait_for_workers=False, timeout=datetime.timedelta(seconds=120))
         run = os.environ.get("TORCHELASTIC_RUN_ID", "manual")
         restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-        return cls(store, prefix or f"aiote-kvcache/{run}/{restart}")
+        group = aiote.rendezvous.from_env(prefix or f"aiote-kvcache/{run}/{restart}", timeout=120)
+        return cls(group.store, group.prefix)
 
     def key(self, name: str) -> str:
         return f"{self.prefix}/{name}"
@@ -111,14 +100,8 @@ class Rendezvous:
         return self.store.get(k) if self.store.check([k]) else None
 
     async def get(self, name: str, timeout: float = 60) -> bytes:
-        """Wait (in a thread: the store blocks) until ``name`` is set; return it."""
-        k = self.key(name)
-
-        def wait() -> bytes:
-            self.store.wait([k], datetime.timedelta(seconds=timeout))
-            return self.store.get(k)
-
-        return await asyncio.to_thread(wait)
+        """Wait until ``name`` is set (without blocking the event loop); return it."""
+        return await aiote.rendezvous.get(self.store, self.key(name), timeout)
 
     async def settings(self, timeout: float = 60) -> Settings:
         return Settings.from_json((await self.get("settings", timeout)).decode())

@@ -1,4 +1,4 @@
-"""Test helpers: a peer engine in another process, driven from async tests.
+"""A peer engine in another process, driven from async tests.
 
 ``async with PeerProcess("shm") as peer:`` starts a child process that runs
 its own TransferEngine and answers calls (register a buffer, read it back,
@@ -19,7 +19,7 @@ import signal
 import traceback
 from typing import Any
 
-from . import errors as _errors
+from .. import errors as _errors
 
 __all__ = ["PeerProcess", "RemoteError", "loopback_host"]
 
@@ -43,7 +43,8 @@ async def _child(conn: Any, provider: str, polling: str, kwargs: dict[str, Any])
     regions: dict[int, tuple[Any, Any]] = {}
     rids = itertools.count(1)
     done = asyncio.Event()
-    async with aiote.TransferEngine(provider, host=loopback_host(provider), polling=polling, **kwargs) as eng:
+    kwargs = {"host": loopback_host(provider), **kwargs}
+    async with aiote.TransferEngine(provider, polling=polling, **kwargs) as eng:
 
         async def handle(method: str, args: tuple) -> Any:
             if method == "address":
@@ -109,6 +110,11 @@ async def _child(conn: Any, provider: str, polling: str, kwargs: dict[str, Any])
                     data, sender = await eng.recv()
                     await eng.send(sender, b"re:" + data)
                 return None
+            if method == "fail_nic":
+                eng.fail_nic(args[0])
+                return None
+            if method == "nic_stats":
+                return eng.nic_stats()
             if method == "exit":
                 done.set()
                 return None
@@ -146,7 +152,29 @@ def _child_main(conn: Any, provider: str, polling: str, kwargs: dict[str, Any]) 
 
 
 class PeerProcess:
-    """A TransferEngine in a child process (spawned, so no inherited state)."""
+    """A TransferEngine in a child process (spawned, so no inherited state).
+
+    ``await peer.call(method, *args)`` runs ``method`` in the child:
+
+    | method | args | returns |
+    |---|---|---|
+    | `address`, `info`, `stats`, `nic_stats` | | the peer engine's |
+    | `register` | size, fill byte | `(rid, descriptor bytes)` |
+    | `read` / `fill` | rid, offset, n / rid, offset, data | bytes / None |
+    | `close_region` | rid | None |
+    | `wait_imm` | imm, count, timeout | True |
+    | `pending` | imm | imms counted and not consumed |
+    | `write` | rid, descriptor bytes, length, src_off, dst_off, imm | None |
+    | `write_many` | rid, descriptor bytes, [(length, src_off, dst_off, imm), ...] | None |
+    | `write_imm_many` | descriptor bytes, [imm, ...] | None |
+    | `write_paged` | rid, descriptor bytes, kwargs of `write_paged` | None |
+    | `send` / `recv` | address, data / | None / `(data, sender)` |
+    | `echo_messages` | n | None (answers n messages with `b"re:" + data`) |
+    | `fail_nic` | nic | None |
+
+    Faults: `kill()` (SIGKILL), `pause()` / `resume()` (SIGSTOP / SIGCONT),
+    `await fail_nic(i)`.
+    """
 
     def __init__(self, provider: str = "shm", polling: str = "adaptive", **engine_kwargs: Any):
         self.provider = provider
@@ -157,6 +185,7 @@ class PeerProcess:
         self.proc: Any = None
         self._conn: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._paused = False
 
     async def start(self, timeout: float = 30) -> PeerProcess:
         ctx = mp.get_context("spawn")
@@ -215,21 +244,37 @@ class PeerProcess:
         self._conn.send((call_id, method, args))
         return fut
 
+    @property
+    def alive(self) -> bool:
+        """The peer process is running (it may be paused)."""
+        return self.proc is not None and self.proc.is_alive()
+
     def kill(self) -> None:
         """SIGKILL the peer process (a crash, as far as its peers can tell)."""
-        os.kill(self.proc.pid, signal.SIGKILL)
+        if self.alive:
+            os.kill(self.proc.pid, signal.SIGKILL)
         self.proc.join(10)
 
     def pause(self) -> None:
         """SIGSTOP the peer: its engine stops progressing (writes to it stay in flight)."""
         os.kill(self.proc.pid, signal.SIGSTOP)
+        self._paused = True
 
     def resume(self) -> None:
-        os.kill(self.proc.pid, signal.SIGCONT)
+        """SIGCONT a paused peer."""
+        self._paused = False
+        if self.alive:
+            os.kill(self.proc.pid, signal.SIGCONT)
+
+    async def fail_nic(self, nic: int) -> None:
+        """Take the peer engine's NIC ``nic`` out of service (``TransferEngine.fail_nic``)."""
+        await self.call("fail_nic", nic)
 
     async def stop(self, timeout: float = 10) -> None:
         if self.proc is None:
             return
+        if self._paused:
+            self.resume()  # a stopped process can't answer "exit"
         if self.proc.is_alive():
             try:
                 await asyncio.wait_for(self.call("exit"), timeout)
