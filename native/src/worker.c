@@ -27,6 +27,7 @@
 #define CQ_BATCH 64
 #define MAX_BLOCKED_OPS 8 /* refused ops to try past before giving up this round */
 #define SHARD_ALIGN 64
+#define WARM_NS (50ull * 1000 * 1000) /* recent traffic keeps naps short */
 
 static uint64_t now_ns(void)
 {
@@ -500,7 +501,7 @@ static bool sub_nonempty(aiote_engine *e)
     return r;
 }
 
-static void idle_sleep(aiote_engine *e, uint64_t *backoff_ns)
+static void idle_sleep(aiote_engine *e, uint64_t *backoff_ns, bool warm)
 {
     atomic_store(&e->worker_sleeping, true);
     if (sub_nonempty(e) || atomic_load(&e->stopping) || e->pending_events.n) {
@@ -531,10 +532,11 @@ static void idle_sleep(aiote_engine *e, uint64_t *backoff_ns)
         ts.tv_nsec = 10 * 1000 * 1000;
     } else {
         /* No wait object: nap, doubling up to 200 us while idle, or up to
-         * 20 us while writes are in flight or imm waits are armed (something
-         * is expected soon). */
+         * 20 us while writes are in flight, imm waits are armed or traffic
+         * was seen in the last 50 ms (a peer's shm write may need us to
+         * progress before it can complete). */
         nfds = 1;
-        uint64_t cap = (e->live || e->imms.nwaiters) ? 20000 : 200000;
+        uint64_t cap = (warm || e->live || e->imms.nwaiters) ? 20000 : 200000;
         *backoff_ns = *backoff_ns ? *backoff_ns * 2 : 5000;
         if (*backoff_ns > cap)
             *backoff_ns = cap;
@@ -600,14 +602,12 @@ void *worker_main(void *arg)
         }
         if (e->cfg.polling == AIOTE_POLL_BUSY)
             continue;
-        if (e->cfg.polling == AIOTE_POLL_ADAPTIVE) {
-            uint64_t now = now_ns();
-            if (!idle_since)
-                idle_since = now;
-            if (now - idle_since < spin_ns)
-                continue;
-        }
-        idle_sleep(e, &backoff);
+        uint64_t now = now_ns();
+        if (!idle_since)
+            idle_since = now;
+        if (e->cfg.polling == AIOTE_POLL_ADAPTIVE && now - idle_since < spin_ns)
+            continue;
+        idle_sleep(e, &backoff, now - idle_since < WARM_NS);
     }
     /* ctrl ops that raced with stopping: refuse them */
     pthread_mutex_lock(&e->sub_lock);
