@@ -607,7 +607,8 @@ int aiote_submit_send(aiote_engine *e, uint64_t op_id, uint32_t peer, const void
         free(op);
         return -AIOTE_E_NOMEM;
     }
-    memcpy(op->msg, data, len);
+    if (len)
+        memcpy(op->msg, data, len);
     op->msg_len = len;
     op->kind = OP_SEND;
     op->id = op_id;

@@ -84,7 +84,8 @@ size_t event_queue_take(struct event_queue *q, aiote_event *out, size_t max)
     pthread_mutex_lock(&q->lock);
     size_t avail = q->q.n - q->head;
     size_t n = avail < max ? avail : max;
-    memcpy(out, q->q.ev + q->head, n * sizeof *out);
+    if (n)
+        memcpy(out, q->q.ev + q->head, n * sizeof *out);
     q->head += n;
     if (q->head == q->q.n) {
         q->head = q->q.n = 0;

@@ -457,7 +457,8 @@ static bool take_submissions(aiote_engine *e)
     uint64_t cancels[64];
     if (ncancel > 64)
         ncancel = 64;
-    memcpy(cancels, e->cancel_ids + (e->ncancel - ncancel), ncancel * sizeof *cancels);
+    if (ncancel)
+        memcpy(cancels, e->cancel_ids + (e->ncancel - ncancel), ncancel * sizeof *cancels);
     e->ncancel -= ncancel;
     if (e->ncancel)
         atomic_store_explicit(&e->sub_pending, true, memory_order_relaxed); /* more next round */
