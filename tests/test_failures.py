@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import aiote
+from aiote.testing import PeerProcess
 
 
 @pytest.fixture
@@ -246,3 +247,25 @@ async def test_dead_peer_tcp_fails_pending_writes(aiote_make_engine, aiote_peer,
     # the engine keeps serving others
     async with aiote.TransferEngine("tcp", host="127.0.0.1") as other:
         await still_works(eng, other)
+    # a restarted peer (a new process, a new address) is reachable again
+    async with PeerProcess("tcp") as again:
+        rid, desc2 = await again.call("register", 4096, 0)
+        await eng.write(src, aiote.MrDescriptor.from_bytes(desc2), 4096, imm=2)
+        assert await again.call("wait_imm", 2, 1, 10)
+        assert await again.call("read", rid, 0, 4096) == bytes(src.obj[:4096])
+
+
+@pytest.mark.aiote_providers("tcp")
+async def test_stale_descriptor_changes_no_memory(aiote_engine, aiote_peer):
+    """A region closed by its owner: a write with its old descriptor fails and changes nothing."""
+    eng, peer = aiote_engine, aiote_peer
+    rid, desc = await peer.call("register", 1 << 16, 0x77)
+    d = aiote.MrDescriptor.from_bytes(desc)
+    src = eng.register(bytearray(b"\x01" * (1 << 16)))
+    await eng.write(src, d, 16, imm=3)  # the key works while the region is open
+    assert await peer.call("wait_imm", 3, 1, 10)
+    await peer.call("close_region", rid)  # deregistered; the peer keeps the buffer to read it back
+    res = await asyncio.wait_for(asyncio.gather(eng.write(src, d, 1 << 16, imm=4), return_exceptions=True), 30)
+    assert isinstance(res[0], aiote.ProviderError), res
+    assert await peer.call("pending", 4) == 0
+    assert await peer.call("read", rid, 16, (1 << 16) - 16) == b"\x77" * ((1 << 16) - 16)

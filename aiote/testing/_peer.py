@@ -68,7 +68,8 @@ async def _child(conn: Any, provider: str, polling: str, kwargs: dict[str, Any])
                 regions[rid][0][off:off + len(data)] = data
                 return None
             if method == "close_region":
-                regions.pop(args[0])[1].close()
+                # deregister; the buffer stays readable (``read``) to check nothing lands later
+                regions[args[0]][1].close()
                 return None
             if method == "wait_imm":
                 imm, count, timeout = args
