@@ -184,7 +184,13 @@ class TransferEngine:
         cfg.peer_timeout_ms = max(1, int(a["peer_timeout"] * 1000))
         cfg.max_inflight = a["max_inflight"]
         out = ffi.new("aiote_engine**")
-        check(lib.aiote_engine_open(cfg, out), f"opening provider {self.requested_provider!r}")
+        rc = lib.aiote_engine_open(cfg, out)
+        if rc == -lib.AIOTE_E_PROVIDER and "busy" in _last_error_lower():
+            # shm names its region after the pid; one left by a killed process
+            # whose pid came round again makes the first open fail with EBUSY
+            # (and removes the stale file): the second open succeeds.
+            rc = lib.aiote_engine_open(cfg, out)
+        check(rc, f"opening provider {self.requested_provider!r}")
         self._h = out[0]
         info = self.info()
         self.provider = info["provider"]
@@ -656,6 +662,10 @@ class PeerGroup:
             w.src_off = so
             w.dst_off = do
         return self._engine._submit_wrs(src, wrs, n, imm, None)
+
+
+def _last_error_lower() -> str:
+    return ffi.string(lib.aiote_last_error()).decode(errors="replace").lower()
 
 
 def _addr_blob(addrs: tuple[bytes, ...]) -> bytes:

@@ -26,7 +26,9 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 RAW_DIR = HERE / "raw"
 FI_BENCH = RAW_DIR / "fi_bench"
-RESULTS_DIR = HERE / "results"
+FI_KBENCH = RAW_DIR / "fi_kbench"
+# AIOTE_BENCH_RESULTS: write results elsewhere (e.g. a device machine's $OUT)
+RESULTS_DIR = Path(os.environ["AIOTE_BENCH_RESULTS"]) if os.environ.get("AIOTE_BENCH_RESULTS") else HERE / "results"
 IMG_DIR = ROOT / "docs" / "img"
 
 # aiote provider name -> libfabric provider string that fi_bench takes
@@ -73,9 +75,12 @@ def fmt_rate(x: float | None) -> str:
 
 
 def ensure_fi_bench(rebuild: bool = False) -> Path:
-    """Build benchmarks/raw/fi_bench if it is missing or older than its source."""
-    src = RAW_DIR / "fi_bench.c"
-    if rebuild or not FI_BENCH.exists() or FI_BENCH.stat().st_mtime < src.stat().st_mtime:
+    """Build benchmarks/raw/fi_bench and fi_kbench if missing or older than their sources."""
+    stale = any(
+        not exe.exists() or exe.stat().st_mtime < src.stat().st_mtime
+        for exe, src in ((FI_BENCH, RAW_DIR / "fi_bench.c"), (FI_KBENCH, RAW_DIR / "fi_kbench.c"))
+    )
+    if rebuild or stale:
         subprocess.run(["sh", str(RAW_DIR / "build.sh")], check=True)
     return FI_BENCH
 
@@ -93,6 +98,28 @@ def fi_bench(
         str(iters),
         str(inflight),
         str(dc),
+    ]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout + 30)
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
+    if p.returncode != 0 or not lines:
+        raise RuntimeError(f"{' '.join(cmd)} failed (rc {p.returncode}): {p.stderr.strip()[-500:]}")
+    return json.loads(lines[-1])
+
+
+def fi_kbench(
+    provider: str, k: int, size: int, iters: int, inflight: int = 32, dc: int = 1, threads: int = 0, timeout: int = 60
+) -> dict[str, Any]:
+    """Run the raw k-NIC baseline (fi_kbench) once; returns its JSON line as a dict."""
+    env = dict(os.environ, FI_BENCH_TIMEOUT=str(timeout))
+    cmd = [
+        str(FI_KBENCH),
+        PROVIDERS.get(provider, provider),
+        str(k),
+        str(size),
+        str(iters),
+        str(inflight),
+        str(dc),
+        str(threads),
     ]
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout + 30)
     lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
@@ -165,6 +192,45 @@ def spread(s: dict[str, Any]) -> float:
     return s["max"] / s["min"]
 
 
+# ---------------------------------------------------------------- CPU time per thread
+
+_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def thread_cpu() -> dict[int, tuple[str, float, float]]:
+    """This process's threads: tid -> (name, user s, system s), from /proc/self/task."""
+    out: dict[int, tuple[str, float, float]] = {}
+    for d in Path("/proc/self/task").iterdir():
+        try:
+            st = (d / "stat").read_text()
+        except OSError:
+            continue
+        name = st[st.index("(") + 1 : st.rindex(")")]
+        f = st[st.rindex(")") + 2 :].split()
+        out[int(d.name)] = (name, int(f[11]) / _TICK, int(f[12]) / _TICK)
+    return out
+
+
+def cpu_delta(
+    before: dict[int, tuple[str, float, float]],
+    after: dict[int, tuple[str, float, float]],
+    seconds: float,
+    only: set[int] | None = None,
+) -> dict[str, Any]:
+    """Per-thread busy share of ``seconds`` (user+system) and the system part, busiest first.
+
+    ``only``: the tids to report (e.g. the threads an engine started).  Clock-tick
+    resolution (10 ms): meaningful for windows of ~0.3 s and more."""
+    rows = []
+    for tid, (name, u1, s1) in after.items():
+        if only is not None and tid not in only:
+            continue
+        _, u0, s0 = before.get(tid, (name, 0.0, 0.0))
+        rows.append({"tid": tid, "name": name, "busy": (u1 - u0 + s1 - s0) / seconds, "sys": (s1 - s0) / seconds})
+    rows.sort(key=lambda r: -r["busy"])
+    return {"threads": rows, "seconds": seconds}
+
+
 # ---------------------------------------------------------------- machine facts
 
 
@@ -201,6 +267,9 @@ def machine_info() -> dict[str, Any]:
         "git": _sh(f"git -C {ROOT} rev-parse --short HEAD")
         + (" (dirty)" if _sh(f"git -C {ROOT} status --porcelain -- aiote native") else ""),
         "native_so_sha256": _native_hash(),
+        "aiote_path": str(Path(aiote.__file__).resolve().parent),
+        # set by whoever runs a build other than this checkout's (e.g. an export of one commit)
+        "aiote_rev": os.environ.get("AIOTE_BENCH_REV", ""),
         "loadavg_start": loadavg(),
     }
 
@@ -229,6 +298,14 @@ def _native_hash() -> str:
 
 
 # ---------------------------------------------------------------- results
+
+
+def rel(path: Path) -> str:
+    """A path relative to the repository root where it lies inside it."""
+    try:
+        return str(path.resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
 
 
 def write_results(name: str, data: dict[str, Any]) -> Path:
@@ -278,7 +355,9 @@ async def _target(conn: Any) -> None:
             eng = aiote.TransferEngine(
                 provider, host=loopback_host(provider), polling=polling, delivery_complete=dc, **kw
             )
+            tids = set(thread_cpu())
             eng.open()
+            st["engine_tids"] = set(thread_cpu()) - tids  # the worker thread(s)
             buf = bytearray(b"\0") * region  # touches every page, like fi_bench's memset
             st.update(eng=eng, buf=buf, mr=eng.register(buf))
             return st["mr"].descriptor.to_bytes()
@@ -302,6 +381,10 @@ async def _target(conn: Any) -> None:
             return True
         if cmd == "stats":
             return st["eng"].stats()
+        if cmd == "nic_stats":
+            return st["eng"].nic_stats()
+        if cmd == "cpu":  # (snapshot of this process's threads, tids of the engine's threads)
+            return thread_cpu(), st.get("engine_tids", set())
         if cmd == "close":
             await close_engine()
             return True
@@ -423,7 +506,8 @@ def header(con: Any, title: str, info: dict[str, Any]) -> None:
     con.rule(title)
     con.print(
         f"{info['date']}  nproc={info['nproc']}  kernel={info['kernel']}  libfabric={info['libfabric']}  "
-        f"aiote={info['aiote']} ({info['git']})  load={info['loadavg_start']}"
+        f"aiote={info['aiote']} ({info.get('aiote_rev') or info['git']}, {info.get('aiote_path', '')})  "
+        f"load={info['loadavg_start']}"
     )
     if info["nproc"] and int(info["nproc"] or 0) <= 2:
         con.print(

@@ -286,7 +286,7 @@ async def amain(args: argparse.Namespace) -> int:
         out["plot"] = str(img.relative_to(C.ROOT))
         con.print(f"plot: {out['plot']}")
     path = C.write_results(args.name, out)
-    con.print(f"results: {path.relative_to(C.ROOT)}  ({out['seconds']} s)")
+    con.print(f"results: {C.rel(path)}  ({out['seconds']} s)")
     return 0
 
 

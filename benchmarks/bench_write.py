@@ -67,20 +67,31 @@ async def aiote_bw(
     imm: int,
     driver: str,
     target_polling: str | None = None,
+    engine_kw: dict[str, Any] | None = None,
+    cpu: bool = False,
 ) -> dict[str, Any]:
+    """One aiote throughput measurement.  ``engine_kw``: TransferEngine keywords of both
+    engines (default C.ENGINE_KW; bench_nics passes nics=k).  ``cpu``: also return the
+    busy share of the engines' worker threads (both processes) over the timed part."""
     import aiote
 
-    desc = await target.call("open", provider, target_polling or polling, True, size, C.ENGINE_KW)
+    kw = C.ENGINE_KW if engine_kw is None else engine_kw
+    desc = await target.call("open", provider, target_polling or polling, True, size, kw)
     try:
+        tids = set(C.thread_cpu())
         async with aiote.TransferEngine(
-            provider, host=C.loopback_host(provider), polling=polling, delivery_complete=True, **C.ENGINE_KW
+            provider, host=C.loopback_host(provider), polling=polling, delivery_complete=True, **kw
         ) as eng:
+            my_tids = set(C.thread_cpu()) - tids  # the worker thread(s) this engine started
             buf = bytearray(b"\xa5") * size
             mr = eng.register(buf)
             d = aiote.MrDescriptor.from_bytes(desc)
             warm = min(inflight, iters)  # connection set-up + faults, like fi_bench
             await asyncio.gather(*(eng.write(mr, d, size, 0, 0, imm=imm) for _ in range(warm)))
 
+            if cpu:
+                t_cpu0 = await target.call("cpu")
+                my_cpu0 = C.thread_cpu()
             t0 = time.perf_counter()
             if driver == "tasks":
                 # what a user writes: INFLIGHT coroutines, each awaiting its writes in turn
@@ -118,6 +129,9 @@ async def aiote_bw(
                     post()
                 await fin
             dt = time.perf_counter() - t0
+            if cpu:
+                my_cpu1 = C.thread_cpu()
+                t_cpu1, t_tids = await target.call("cpu")
             # every write landed, once: the target counted warm + iters imms
             await target.call("wait", imm, warm + iters, 60)
             ok = await target.call("check", 0, size, 0xA5)
@@ -125,18 +139,29 @@ async def aiote_bw(
                 raise RuntimeError(f"target region does not hold the written bytes ({size} B)")
             stats = eng.stats()
             tstats = await target.call("stats")
+            nics = eng.nic_stats()
+            tnics = await target.call("nic_stats")
             mr.close()
     finally:
         await target.call("close")
     keep = ("writes_posted", "eagain", "wakeups")
-    return {
+    res = {
         "gbps": size * iters / dt / 1e9,
         "ops_per_s": iters / dt,
         "iters": iters,
         "seconds": dt,
         "initiator_stats": {k: stats.get(k) for k in keep},
         "target_stats": {k: tstats.get(k) for k in ("imms_received", "wakeups")},
+        "initiator_nics": nics,
+        "target_nics": tnics,
     }
+    if cpu:
+        res["cpu"] = {
+            "initiator_worker": C.cpu_delta(my_cpu0, my_cpu1, dt, only=my_tids),
+            "initiator_loop": C.cpu_delta(my_cpu0, my_cpu1, dt, only={os.getpid()}),
+            "target_worker": C.cpu_delta(t_cpu0[0], t_cpu1, dt, only=t_tids),
+        }
+    return res
 
 
 async def run_bw(con: Any, args: argparse.Namespace, provider: str, target: C.Target) -> list[dict[str, Any]]:
@@ -509,7 +534,7 @@ async def amain(args: argparse.Namespace) -> int:
         out["plot"] = str(img.relative_to(C.ROOT))
         con.print(f"plot: {out['plot']}")
     path = C.write_results(args.name, out)
-    con.print(f"results: {path.relative_to(C.ROOT)}  ({out['seconds']} s)")
+    con.print(f"results: {C.rel(path)}  ({out['seconds']} s)")
     return 0
 
 

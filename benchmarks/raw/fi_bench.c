@@ -243,6 +243,26 @@ static void read_all(void *p, size_t n)
 
 /* ---- libfabric ---------------------------------------------------------- */
 
+/*
+ * shm names its region /dev/shm/<pid>:<domain>:<ep> by default.  A process
+ * killed with SIGKILL leaves its region behind, and a later process that gets
+ * the same pid then fails fi_enable() with -EBUSY (seen on the shared dev VM,
+ * where tests kill peers).  Ask for a name of our own instead.
+ */
+static void shm_unique_name(struct fi_info *hints, int index)
+{
+	uint32_t r = 0;
+	if (strcmp(O.prov, "shm"))
+		return;
+	if (getrandom(&r, sizeof r, 0) != sizeof r)
+		r = (uint32_t)time(NULL);
+	char name[64];
+	snprintf(name, sizeof name, "fi_shm://fib%d_%08x_%d", (int)getpid(), r, index);
+	hints->addr_format = FI_ADDR_STR;
+	hints->src_addr = strdup(name);
+	hints->src_addrlen = strlen(name) + 1;
+}
+
 static void setup(void)
 {
 	struct fi_info *hints = fi_allocinfo();
@@ -257,6 +277,7 @@ static void setup(void)
 	hints->domain_attr->threading = FI_THREAD_DOMAIN;
 	/* No FI_RX_CQ_DATA: the imm must arrive without posted receives. */
 	hints->mode = FI_CONTEXT | FI_CONTEXT2;
+	shm_unique_name(hints, 0);
 
 	const char *node = getenv("FI_BENCH_NODE");
 	if (!node)
