@@ -7,7 +7,7 @@ import itertools
 from typing import TYPE_CHECKING
 
 from ._core import check, ffi, lib
-from .errors import EngineClosed, ImmTimeout, InvalidArgument
+from .errors import ImmTimeout, InvalidArgument
 
 if TYPE_CHECKING:
     from .engine import TransferEngine
@@ -102,6 +102,3 @@ class ImmCounter:
             self._waiters.pop(wid, None)
             entry[0].set_exception(ImmTimeout(f"{count} imm(s) {imm} not seen within {timeout} s"))
 
-
-def _closed_error() -> EngineClosed:
-    return EngineClosed("engine closed while waiting for imms")

@@ -226,8 +226,6 @@ class TransferEngine:
             if not op.future.done():
                 op.future.set_exception(closed())
         self._ops.clear()
-        for _fn, _ in self._deferred:
-            pass
         self._fail_deferred(closed)
         self.imms._fail_all(closed)
         while self._recv_waiters:

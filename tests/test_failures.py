@@ -1,6 +1,7 @@
 """Failure paths: each gets a typed error and leaves the engine usable (except after close)."""
 
 import asyncio
+import errno
 import time
 
 import numpy as np
@@ -269,3 +270,19 @@ async def test_stale_descriptor_changes_no_memory(aiote_engine, aiote_peer):
     assert isinstance(res[0], aiote.ProviderError), res
     assert await peer.call("pending", 4) == 0
     assert await peer.call("read", rid, 16, (1 << 16) - 16) == b"\x77" * ((1 << 16) - 16)
+
+
+async def test_peer_that_never_accepts_times_out(aiote_make_engine, aiote_provider):
+    """A peer that stopped before the first write: the provider refuses the post (EAGAIN)
+    until peer_timeout, then the write fails with PeerUnreachable (ETIMEDOUT)."""
+    eng = await aiote_make_engine(peer_timeout=1)
+    async with PeerProcess(aiote_provider) as peer:
+        _, desc = await peer.call("register", 4096, 0)
+        d = aiote.MrDescriptor.from_bytes(desc)
+        src = eng.register(bytearray(4096))
+        peer.pause()
+        try:
+            res = await asyncio.wait_for(asyncio.gather(eng.write(src, d, imm=1), return_exceptions=True), 30)
+        finally:
+            peer.resume()
+        assert isinstance(res[0], aiote.PeerUnreachable) and res[0].fi_errno == errno.ETIMEDOUT, res
