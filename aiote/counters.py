@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from ._core import check, ffi, lib
-from .errors import ImmTimeout, InvalidArgument
+from .descriptor import EngineAddress
+from .errors import ImmTimeout, InvalidArgument, PeerUnreachable
 
 if TYPE_CHECKING:
     from .engine import TransferEngine
@@ -32,11 +34,19 @@ class ImmCounter:
         self._engine = engine
         self._ids = itertools.count(1)
         self._waiters: dict[int, tuple[asyncio.Future[None], int, int]] = {}
+        self._by_peer: dict[int, set[int]] = {}  # peer index -> waits that watch it
 
-    def wait(self, imm: int, count: int = 1, timeout: float | None = None) -> asyncio.Future[None]:
+    def wait(self, imm: int, count: int = 1, timeout: float | None = None,
+             peer: bytes | EngineAddress | None = None) -> asyncio.Future[None]:
         """Future that resolves when ``count`` writes carrying ``imm`` have landed.
 
         With ``timeout`` (seconds) it fails with ImmTimeout instead, consuming nothing.
+        With ``peer`` (the writer's engine address) it fails with PeerUnreachable,
+        consuming nothing, once the engine learns that peer is dead: at once for a
+        shm peer whose process exited, within about ``peer_timeout`` otherwise (the
+        engine probes a watched peer with a small message every
+        ``min(peer_timeout / 4, 0.25)`` s; the probe failing, or not being taken for
+        ``peer_timeout``, marks it down).
         """
         if not isinstance(imm, int) or not 0 <= imm <= IMM_MAX:
             raise InvalidArgument(f"imm must be an int in 0..{IMM_MAX}, got {imm!r}")
@@ -44,6 +54,10 @@ class ImmCounter:
             raise InvalidArgument(f"count must be an int >= 1, got {count!r}")
         eng = self._engine
         loop = eng._loop_checked()
+        pidx = None
+        if peer is not None:
+            addr = peer if isinstance(peer, EngineAddress) else EngineAddress.from_bytes(peer)
+            pidx = eng._peer(addr.addrs, addr.provider)
         fut: asyncio.Future[None] = loop.create_future()
         wid = next(self._ids)
         rc = check(lib.aiote_imm_wait(eng._handle(), wid, imm, count), "imms.wait")
@@ -52,6 +66,8 @@ class ImmCounter:
             return fut
         self._waiters[wid] = (fut, imm, count)
         fut.add_done_callback(lambda f, wid=wid: self._on_done(wid, f))
+        if pidx is not None:
+            self._watch(wid, pidx, fut)
         if timeout is not None:
             handle = loop.call_later(timeout, self._expire, wid, imm, count, timeout)
             fut.add_done_callback(lambda f: handle.cancel())
@@ -75,6 +91,16 @@ class ImmCounter:
         else:
             fut.set_result(None)
 
+    def _peer_down(self, peer: int, exc_factory: Callable[[], Exception]) -> None:
+        for wid in list(self._by_peer.get(peer, ())):
+            entry = self._waiters.get(wid)
+            if entry is None or entry[0].done():
+                continue
+            if lib.aiote_imm_cancel(self._engine._handle(), wid) == 1:
+                self._waiters.pop(wid, None)
+                entry[0].set_exception(exc_factory())
+            # else it fired in C a moment ago: _fired() resolves it
+
     def _fail_all(self, exc_factory) -> None:
         waiters, self._waiters = self._waiters, {}
         for fut, _, _ in waiters.values():
@@ -82,6 +108,24 @@ class ImmCounter:
                 fut.set_exception(exc_factory())
 
     # -- internals -------------------------------------------------------------
+
+    def _watch(self, wid: int, peer: int, fut: asyncio.Future[None]) -> None:
+        h = self._engine._handle()
+        gone = check(lib.aiote_peer_watch(h, peer, 1), "imms.wait")
+        self._by_peer.setdefault(peer, set()).add(wid)
+
+        def unwatch(_: asyncio.Future[None]) -> None:
+            waiters = self._by_peer.get(peer)
+            if waiters is not None:
+                waiters.discard(wid)
+                if not waiters:
+                    del self._by_peer[peer]
+            if not self._engine.closed:
+                lib.aiote_peer_watch(self._engine._handle(), peer, -1)
+
+        fut.add_done_callback(unwatch)
+        if gone:
+            self._peer_down(peer, lambda: PeerUnreachable("peer is down (its process exited)"))
 
     def _restore(self, imm: int, count: int) -> None:
         if not self._engine.closed:

@@ -10,11 +10,11 @@ import os
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from ._core import check, error_for, ffi, lib
+from ._core import check, error_for, ffi, fi_strerror, lib
 from ._log import get_logger
 from .counters import IMM_MAX, ImmCounter
 from .descriptor import EngineAddress, MrDescriptor
-from .errors import AioteError, DescriptorError, EngineClosed, InvalidArgument
+from .errors import AioteError, DescriptorError, EngineClosed, InvalidArgument, PeerUnreachable, QueueFull
 from .memory import MemoryRegion
 
 __all__ = ["TransferEngine", "PeerGroup", "PROVIDER_ALIASES"]
@@ -79,6 +79,9 @@ class TransferEngine:
         recv_slots: receive buffers kept posted for messages.
         send_slots: registered send buffers (sends beyond them wait).
         max_queued: elements submitted but not finished before submission waits.
+        max_deferred: operations that may wait (in Python) for ``max_queued`` room; one
+            more raises QueueFull and queues nothing.  ``await engine.drain()`` waits
+            for room, like ``StreamWriter.drain``.
         delivery_complete: ask for FI_DELIVERY_COMPLETE (writes complete at the target).
         peer_timeout: seconds an operation may be refused by the provider (EAGAIN)
             before it fails with PeerUnreachable.
@@ -101,6 +104,7 @@ class TransferEngine:
         recv_slots: int = 64,
         send_slots: int = 64,
         max_queued: int = 1 << 20,
+        max_deferred: int = 1 << 16,
         delivery_complete: bool = True,
         peer_timeout: float = 10.0,
         max_inflight: int = 0,
@@ -133,6 +137,10 @@ class TransferEngine:
         self._ops: dict[int, _Op] = {}
         self._op_ids = itertools.count(1)
         self._deferred: collections.deque[tuple[Any, int]] = collections.deque()
+        if not isinstance(max_deferred, int) or max_deferred < 1:
+            raise InvalidArgument(f"max_deferred must be an int >= 1, got {max_deferred!r}")
+        self._max_deferred = max_deferred
+        self._drainers: list[asyncio.Future[None]] = []
         self._regions: set[MemoryRegion] = set()
         self._peers: dict[tuple[bytes, ...], int] = {}
         self._rdescs: dict[MrDescriptor, int] = {}
@@ -357,6 +365,9 @@ class TransferEngine:
         fut._engine = self
         fut._op_id = op_id
         if self._deferred:
+            if len(self._deferred) >= self._max_deferred:
+                raise QueueFull(f"{len(self._deferred)} operations already wait for the engine "
+                                f"(max_deferred); await engine.drain()")
             rc = -lib.AIOTE_E_AGAIN
         else:
             rc = submit(op_id)
@@ -367,7 +378,29 @@ class TransferEngine:
         self._ops[op_id] = _Op(fut, keep)
         return fut
 
+    async def drain(self) -> None:
+        """Wait until no operation waits in Python for room in the engine's queue.
+
+        ``write`` and friends never block: when ``max_queued`` elements are in the
+        engine, further operations wait in a Python queue of at most ``max_deferred``
+        (then QueueFull).  A producer that may outrun the NIC awaits ``drain()`` now
+        and then to keep that queue, and its memory, bounded.
+        """
+        if not self._deferred:
+            return
+        fut = self._loop_checked().create_future()
+        self._drainers.append(fut)
+        await fut
+
     def _flush_deferred(self) -> None:
+        self._flush_deferred_ops()
+        if not self._deferred and self._drainers:
+            drainers, self._drainers = self._drainers, []
+            for f in drainers:
+                if not f.done():
+                    f.set_result(None)
+
+    def _flush_deferred_ops(self) -> None:
         while self._deferred:
             submit, op_id = self._deferred[0]
             op = self._ops.get(op_id)
@@ -392,6 +425,10 @@ class TransferEngine:
             op = self._ops.pop(op_id, None)
             if op is not None and not op.future.done():
                 op.future.set_exception(exc_factory())
+        drainers, self._drainers = self._drainers, []
+        for f in drainers:
+            if not f.done():
+                f.set_result(None)  # nothing waits any more: the ops failed with the engine
 
     @staticmethod
     def _check_imm(imm: int | None) -> tuple[int, int]:
@@ -579,6 +616,8 @@ class TransferEngine:
                     self.imms._fired(int(ev.id))
                 elif kind == lib.AIOTE_EV_RECV:
                     self._recv_event(ev)
+                elif kind == lib.AIOTE_EV_PEER_DOWN:
+                    self._peer_down(ev)
             if n < _EVENT_BATCH:
                 return
 
@@ -598,6 +637,19 @@ class TransferEngine:
                 exc = error_for(ev.status, f"{where} failed", fi_errno=ev.fi_errno,
                                 prov_errno=ev.prov_errno, index=index, nic=nic)
             op.future.set_exception(exc)
+
+    def _peer_down(self, ev: Any) -> None:
+        idx = int(ev.id)
+        if ev.index:  # its process exited: forget it, so its address resolves afresh
+            gone = [a for a, p in self._peers.items() if p == idx]
+            for a in gone:
+                del self._peers[a]
+            for d in [d for d in self._rdescs if d.addrs in gone]:
+                del self._rdescs[d]
+        why = "its process exited" if ev.index else f"it stopped answering: {fi_strerror(int(ev.fi_errno))}"
+        self._log.warning("peer.down", peer=idx, fi_errno=int(ev.fi_errno), exited=bool(ev.index))
+        self.imms._peer_down(idx, lambda: PeerUnreachable(f"peer is down ({why})", fi_errno=int(ev.fi_errno),
+                                                           prov_errno=int(ev.prov_errno)))
 
     def _recv_event(self, ev: Any) -> None:
         raw = ffi.buffer(ev.data, ev.payload_off + ev.len)

@@ -16,6 +16,7 @@ __all__ = [
     "RegionClosed",
     "MessageTooLarge",
     "ImmTimeout",
+    "QueueFull",
     "InvalidArgument",
 ]
 
@@ -82,3 +83,11 @@ class ImmTimeout(AioteError, asyncio.TimeoutError):
 
 class InvalidArgument(AioteError, ValueError):
     """An argument is out of range or of the wrong kind (imm, count, offset, page list)."""
+
+
+class QueueFull(AioteError):
+    """Submission refused: ``max_deferred`` operations already wait for the engine.
+
+    Nothing of the refused operation was queued or posted.  ``await engine.drain()``
+    waits until the waiting operations have been handed to the engine.
+    """

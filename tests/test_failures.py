@@ -286,3 +286,87 @@ async def test_peer_that_never_accepts_times_out(aiote_make_engine, aiote_provid
         finally:
             peer.resume()
         assert isinstance(res[0], aiote.PeerUnreachable) and res[0].fi_errno == errno.ETIMEDOUT, res
+
+
+@pytest.mark.aiote_providers("shm")
+async def test_dead_peer_shm_fails_pending_and_spares_others(aiote_make_engine, aiote_make_peer, aiote_faults):
+    """shm never reports a killed peer: the engine sees its process exit (pidfd), fails what
+    was in flight to it, and traffic to other peers, in flight at the same moment, completes."""
+    eng = await aiote_make_engine(peer_timeout=30)  # the timeout must not be what ends it
+    dead, live = await aiote_make_peer(), await aiote_make_peer()
+    _, dd = await dead.call("register", 16 << 20, 0)
+    rid, ld = await live.call("register", 1 << 20, 0)
+    dd, ld = aiote.MrDescriptor.from_bytes(dd), aiote.MrDescriptor.from_bytes(ld)
+    src = eng.register(bytearray(np.random.default_rng(5).integers(0, 256, 16 << 20, dtype=np.uint8)))
+    await eng.write(src, dd, imm=1)  # connected and working
+    to_dead = [eng.write(src, dd, imm=1) for _ in range(16)] + [eng.send(await dead.call("address"), b"x")]
+    aiote_faults.kill(dead)
+    to_live = [eng.write(src, ld, 1 << 16, i << 16, i << 16, imm=9) for i in range(16)]
+    res = await asyncio.wait_for(asyncio.gather(*to_dead, *to_live, return_exceptions=True), 20)
+    dead_res, live_res = res[:len(to_dead)], res[len(to_dead):]
+    assert all(r is None or isinstance(r, aiote.PeerUnreachable) for r in dead_res), dead_res
+    assert any(isinstance(r, aiote.PeerUnreachable) for r in dead_res), dead_res
+    assert live_res == [None] * 16
+    assert await live.call("wait_imm", 9, 16, 10)
+    assert await live.call("read", rid, 0, 1 << 20) == bytes(src.obj[:1 << 20])
+    # new work to the dead peer fails at once, typed
+    with pytest.raises(aiote.PeerUnreachable):
+        await asyncio.wait_for(eng.write(src, dd, 64, imm=1), 10)
+    # a restarted peer (a new process, so a new address) is reachable
+    again = await aiote_make_peer()
+    rid2, d2 = await again.call("register", 4096, 0)
+    await eng.write(src, aiote.MrDescriptor.from_bytes(d2), 4096, imm=2)
+    assert await again.call("wait_imm", 2, 1, 10)
+    assert await again.call("read", rid2, 0, 4096) == bytes(src.obj[:4096])
+
+
+async def test_wait_on_a_dead_writer_fails(aiote_make_engine, aiote_make_peer, aiote_faults):
+    """imms.wait(..., peer=writer): the writer dies part way; the wait fails with
+    PeerUnreachable and consumes nothing (what landed stays counted)."""
+    eng = await aiote_make_engine(peer_timeout=2)
+    dst = eng.register(bytearray(4096))
+    writer = await aiote_make_peer()
+    rid, _ = await writer.call("register", 4096, 0)
+    addr = await writer.call("address")
+    w = eng.imms.wait(77, 5, peer=addr)
+    await writer.call("write_many", rid, dst.descriptor.to_bytes(), [(64, 0, 64 * i, 77) for i in range(2)])
+    aiote_faults.kill(writer)
+    with pytest.raises(aiote.PeerUnreachable):
+        await asyncio.wait_for(w, 20)
+    assert eng.imms.pending(77) == 2
+    # a wait on a writer that is alive resolves as usual, probes and all
+    other = await aiote_make_peer()
+    rid, _ = await other.call("register", 4096, 0)
+    w = eng.imms.wait(78, 3, peer=await other.call("address"))
+    await other.call("write_many", rid, dst.descriptor.to_bytes(), [(64, 0, 64 * i, 78) for i in range(3)])
+    await asyncio.wait_for(w, 20)
+    assert eng.imms.pending(78) == 0
+    # a wait naming a peer already known dead fails without waiting (shm: the process is gone)
+    if eng.provider == "shm":
+        with pytest.raises(aiote.PeerUnreachable):
+            await asyncio.wait_for(eng.imms.wait(79, 1, peer=addr), 20)
+
+
+async def test_submission_backpressure_is_bounded(aiote_make_engine):
+    """Past max_queued elements, operations wait in Python; past max_deferred of those,
+    submission raises QueueFull and queues nothing; drain() waits for room."""
+    a = await aiote_make_engine(max_queued=4, max_deferred=8)
+    b = await aiote_make_engine()
+    src = a.register(bytearray(range(256)) * 256)
+    dst = b.register(bytearray(64 * 1024))
+    futs = []
+    with pytest.raises(aiote.QueueFull):
+        for i in range(1000):
+            futs.append(a.write(src, dst.descriptor, 4096, 0, (i % 16) * 4096, imm=5))
+    # at least max_queued went to the engine (more if some finished meanwhile), then
+    # exactly max_deferred wait in Python; the refused one is nowhere
+    assert len(a._deferred) == 8 and len(futs) >= 4 + 8
+    await a.drain()
+    assert len(a._deferred) == 0
+    more = [a.write(src, dst.descriptor, 4096, 0, 0, imm=5) for _ in range(4)]
+    await asyncio.wait_for(asyncio.gather(*futs, *more), 30)
+    await asyncio.wait_for(b.imms.wait(5, len(futs) + 4), 30)
+    assert b.imms.pending(5) == 0
+    assert bytes(dst.obj[:4096]) == bytes(src.obj[:4096])
+    with pytest.raises(aiote.InvalidArgument):
+        aiote.TransferEngine("shm", max_deferred=0)

@@ -42,6 +42,7 @@ enum {
     AIOTE_EV_OP = 1,        /* an operation finished (status 0 or error) */
     AIOTE_EV_IMM = 2,       /* an imm waiter's threshold was reached */
     AIOTE_EV_RECV = 3,      /* a message arrived: data/len/src/src_len */
+    AIOTE_EV_PEER_DOWN = 4, /* id = peer index: its process exited or it stopped answering (fi_errno) */
 
     /* imm layout: the top bits are reserved for the shard count of a
      * striped write, so the receiver counts whole logical writes. */
@@ -183,6 +184,11 @@ int aiote_mr_deregister(aiote_engine *e, uint64_t mr_id);
  * same peer).  addrs: count u8, then per NIC a u16 (little endian) length
  * and that many address bytes. */
 int aiote_peer_insert(aiote_engine *e, const uint8_t *addrs, size_t len, uint32_t *peer);
+/* Watch a peer (delta +1 / -1): while watched, the engine probes it with a
+ * small message every ping interval and reports AIOTE_EV_PEER_DOWN when the
+ * probe fails or times out (peer_timeout).  shm peers' processes are
+ * watched without probes (pidfd) from insertion on. */
+int aiote_peer_watch(aiote_engine *e, uint32_t peer, int delta);
 /* A remote region of a peer: one key per peer NIC.  Returns an id for aiote_wr. */
 int aiote_rdesc_insert(aiote_engine *e, uint32_t peer, uint64_t base, uint64_t len,
                        const uint64_t *keys, uint32_t nkeys, uint32_t *rdesc);

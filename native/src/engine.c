@@ -93,6 +93,13 @@ int aiote_engine_open(const aiote_config *cfg, aiote_engine **out)
         return -AIOTE_E_INVAL;
     }
     e->peer_timeout_ns = (uint64_t)(e->cfg.peer_timeout_ms ? e->cfg.peer_timeout_ms : 10000) * 1000000ull;
+    /* probes of watched peers: often enough to notice a death well within
+     * peer_timeout, rarely enough to cost nothing */
+    e->ping_interval_ns = e->peer_timeout_ns / 4;
+    if (e->ping_interval_ns > 250000000ull)
+        e->ping_interval_ns = 250000000ull;
+    if (e->ping_interval_ns < 10000000ull)
+        e->ping_interval_ns = 10000000ull;
     e->sub_efd = -1;
     pthread_mutex_init(&e->mr_lock, NULL);
     pthread_mutex_init(&e->peer_lock, NULL);
@@ -332,6 +339,23 @@ int aiote_peer_insert(aiote_engine *e, const uint8_t *addrs, size_t len, uint32_
     if (!rc)
         *peer = a.peer;
     return rc;
+}
+
+int aiote_peer_watch(aiote_engine *e, uint32_t peer, int delta)
+{
+    pthread_mutex_lock(&e->peer_lock);
+    if (peer >= e->npeers || (delta != 1 && delta != -1)) {
+        pthread_mutex_unlock(&e->peer_lock);
+        aiote_set_error("unknown peer %u or bad delta %d", peer, delta);
+        return -AIOTE_E_INVAL;
+    }
+    struct peer *p = e->peers[peer];
+    int before = atomic_fetch_add(&p->watch, delta);
+    if (before + delta < 0)
+        atomic_store(&p->watch, 0);
+    bool gone = p->gone;
+    pthread_mutex_unlock(&e->peer_lock);
+    return gone ? 1 : 0;
 }
 
 int aiote_rdesc_insert(aiote_engine *e, uint32_t peer, uint64_t base, uint64_t len, const uint64_t *keys,

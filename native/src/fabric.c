@@ -6,7 +6,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <poll.h>
+#include <signal.h>
 #include <sys/random.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 #include "internal.h"
@@ -319,6 +322,10 @@ void fabric_close(aiote_engine *e)
         if (e->nics[i].local)
             atomic_store(&e->nics[i].local->open, false);
     /* Endpoints first: they stop the NICs touching any buffer. */
+    pthread_mutex_lock(&e->peer_lock);
+    for (size_t i = 0; i < e->npeers; i++)
+        peer_close(e, e->peers[i]);
+    pthread_mutex_unlock(&e->peer_lock);
     for (uint32_t i = 0; i < AIOTE_MAX_NICS; i++)
         nic_close_ep(&e->nics[i]);
     pthread_mutex_lock(&e->mr_lock);
@@ -438,7 +445,8 @@ int ctrl_peer_insert(aiote_engine *e, void *argp)
     }
     for (size_t i = 0; i < e->npeers; i++) {
         struct peer *p = e->peers[i];
-        if (p->blob_len == a->len && memcmp(p->blob, a->addrs, a->len) == 0) {
+        /* a dead process's address may come back (pid reuse): a new peer then */
+        if (!p->gone && p->blob_len == a->len && memcmp(p->blob, a->addrs, a->len) == 0) {
             a->peer = (uint32_t)i;
             return 0;
         }
@@ -447,6 +455,7 @@ int ctrl_peer_insert(aiote_engine *e, void *argp)
     if (!p)
         return -AIOTE_E_NOMEM;
     p->nnics = count;
+    p->pidfd = -1;
     p->blob_len = a->len;
     memcpy(p->blob, a->addrs, a->len);
     /* The AV copies what it needs; pad each address to the provider's size. */
@@ -468,12 +477,25 @@ int ctrl_peer_insert(aiote_engine *e, void *argp)
         }
         p->local[j] = e->is_shm ? local_lookup(addrs[j], lens[j]) : NULL;
     }
+    if (e->is_shm && !p->local[0]) {
+        int rc = peer_open_eps(e, p);
+        if (rc) {
+            peer_close(e, p);
+            for (uint32_t k = 0; k < count; k++)
+                local_unref(p->local[k]);
+            free(p);
+            return rc;
+        }
+    }
     pthread_mutex_lock(&e->peer_lock);
     if (e->npeers == e->cap_peers) {
         size_t cap = e->cap_peers ? e->cap_peers * 2 : 16;
         struct peer **np = realloc(e->peers, cap * sizeof *np);
         if (!np) {
             pthread_mutex_unlock(&e->peer_lock);
+            peer_close(e, p);
+            for (uint32_t k = 0; k < count; k++)
+                local_unref(p->local[k]);
             free(p);
             return -AIOTE_E_NOMEM;
         }
@@ -500,4 +522,76 @@ int ctrl_nic_fail(aiote_engine *e, void *arg)
     n->stats.fi_errno = FI_ECANCELED;
     fail_nic_inflight(e, n, FI_ECANCELED);
     return 0;
+}
+
+/* ---- shm peers: their processes and our endpoints to them -------------- */
+
+/* libfabric shm names endpoints "fi_shm://<pid>:..." (or "<pid>:..."). */
+static int shm_addr_pid(const uint8_t *a, size_t len)
+{
+    static const char pre[] = "fi_shm://";
+    size_t i = 0;
+    if (len >= sizeof pre - 1 && memcmp(a, pre, sizeof pre - 1) == 0)
+        i = sizeof pre - 1;
+    long pid = 0;
+    size_t start = i;
+    while (i < len && a[i] >= '0' && a[i] <= '9' && pid < (1L << 22))
+        pid = pid * 10 + (a[i++] - '0');
+    if (i == start || i >= len || a[i] != ':' || pid <= 0 || pid >= (1L << 22))
+        return 0;
+    return (int)pid;
+}
+
+/* An endpoint of our own per NIC for this peer, and a pidfd on its process
+ * so its death is seen at once (shm itself never reports it). */
+int peer_open_eps(aiote_engine *e, struct peer *p)
+{
+    const uint8_t *addrs[AIOTE_MAX_NICS];
+    size_t lens[AIOTE_MAX_NICS];
+    uint32_t count;
+    if (parse_addrs(p->blob, p->blob_len, &count, addrs, lens))
+        return -AIOTE_E_PEER;
+    p->pid = shm_addr_pid(addrs[0], lens[0]);
+    if (p->pid && p->pid != getpid()) {
+#ifdef SYS_pidfd_open
+        p->pidfd = (int)syscall(SYS_pidfd_open, p->pid, 0);
+        if (p->pidfd < 0 && errno == ESRCH)
+            p->gone = true; /* already exited */
+#endif
+    }
+    for (uint32_t i = 0; i < e->nnics; i++) {
+        struct nic *n = &e->nics[i];
+        FI_CHECK(fi_endpoint(n->domain, n->fi, &p->ep[i], NULL));
+        FI_CHECK(fi_ep_bind(p->ep[i], &n->cq->fid, FI_TRANSMIT | FI_RECV));
+        FI_CHECK(fi_ep_bind(p->ep[i], &n->av->fid, 0));
+        FI_CHECK(fi_enable(p->ep[i]));
+    }
+    return 0;
+}
+
+void peer_close(aiote_engine *e, struct peer *p)
+{
+    (void)e;
+    for (uint32_t i = 0; i < AIOTE_MAX_NICS; i++) {
+        if (p->ep[i])
+            fi_close(&p->ep[i]->fid);
+        p->ep[i] = NULL;
+    }
+    if (p->pidfd >= 0)
+        close(p->pidfd);
+    p->pidfd = -1;
+}
+
+/* Has the peer's process exited?  pidfd where the kernel has it, else kill(0). */
+bool peer_process_gone(struct peer *p)
+{
+    if (p->gone)
+        return true;
+    if (p->pidfd >= 0) {
+        struct pollfd f = {.fd = p->pidfd, .events = POLLIN};
+        return poll(&f, 1, 0) > 0;
+    }
+    if (p->pid && p->pid != getpid())
+        return kill(p->pid, 0) != 0 && errno == ESRCH;
+    return false;
 }

@@ -39,6 +39,7 @@ struct tx_ctx {
     struct op *op;
     struct nic *nic;
     int send_slot; /* -1 for RMA */
+    uint32_t peer;  /* whom it went to: a dead peer's contexts are failed */
     uint64_t index; /* element of the op */
     struct tx_ctx *next_free;
 };
@@ -60,7 +61,8 @@ struct mr_slot {
 };
 
 /* ---- operations -------------------------------------------------------- */
-enum op_kind { OP_WRITES = 1, OP_PAGED = 2, OP_SEND = 3, OP_CTRL = 4 };
+enum op_kind { OP_WRITES = 1, OP_PAGED = 2, OP_SEND = 3, OP_CTRL = 4, OP_PING = 5 };
+#define MSG_FLAG_PING 1u /* message header flag: a liveness probe, dropped by the receiver */
 
 typedef int (*ctrl_fn)(aiote_engine *e, void *arg);
 
@@ -203,6 +205,17 @@ struct peer {
     uint32_t nnics;
     fi_addr_t fi[AIOTE_MAX_NICS][AIOTE_MAX_NICS]; /* [our NIC][their NIC] */
     struct local_ep *local[AIOTE_MAX_NICS];       /* their NIC j, if a same-process shm endpoint */
+    /* shm: our own endpoint per NIC for traffic to this peer.  The provider
+     * completes an endpoint's operations in order, so a dead peer's writes
+     * (which never complete) would stall every later one; on its own
+     * endpoint they stall nothing else and die with it.  NULL: the NIC's. */
+    struct fid_ep *ep[AIOTE_MAX_NICS];
+    int pid;      /* shm: the peer's process (from its address), 0 if unknown */
+    int pidfd;    /* readable once that process has exited; -1 if none */
+    atomic_bool gone; /* its process exited: everything to it fails from now on */
+    atomic_int watch;      /* armed waits that need to hear of its death (aiote_peer_watch) */
+    bool ping_inflight;
+    uint64_t next_ping_ns;
     size_t blob_len;
     uint8_t blob[]; /* the address bytes it was inserted with (cache key) */
 };
@@ -259,6 +272,9 @@ struct aiote_engine {
 
     struct imm_table imms;
     struct event_queue events;
+
+    uint64_t next_liveness_ns; /* worker: next check of peers' processes and pings */
+    uint64_t ping_interval_ns;
 
     /* statistics: written by the worker, read racily (monotonic counters) */
     aiote_stats stats;
@@ -317,5 +333,11 @@ int ctrl_peer_insert(aiote_engine *e, void *arg);
 void *worker_main(void *arg);
 void op_free(struct op *op);
 void fail_nic_inflight(aiote_engine *e, struct nic *n, int fi_err);
+void peer_down(aiote_engine *e, uint32_t idx, int fi_err);
+
+/* fabric.c: per-peer endpoints (shm) */
+int peer_open_eps(aiote_engine *e, struct peer *p);
+void peer_close(aiote_engine *e, struct peer *p);
+bool peer_process_gone(struct peer *p);
 
 #endif

@@ -70,6 +70,18 @@ static void release_mr(aiote_engine *e, struct op *op)
 /* Report the operation and free it (nothing of it is in flight). */
 static void finish_op(aiote_engine *e, struct op *op)
 {
+    if (op->kind == OP_PING) {
+        struct peer *p = e->peers[op->peer];
+        p->ping_inflight = false;
+        if (op->status && !p->gone) {
+            aiote_event ev = {.id = op->peer, .kind = AIOTE_EV_PEER_DOWN, .status = op->status,
+                              .fi_errno = op->fi_errno, .prov_errno = op->prov_errno, .nic = op->nic};
+            event_buf_push(&e->pending_events, &ev);
+        }
+        live_remove(e, op);
+        op_free(op);
+        return;
+    }
     release_mr(e, op);
     aiote_event ev = {
         .id = op->id,
@@ -172,6 +184,8 @@ static int post_shard(aiote_engine *e, struct op *op, size_t i, int *nic_out)
     *nic_out = n->index;
     if (p->local[remote] && !atomic_load(&p->local[remote]->open))
         return -FI_ENOTCONN; /* a same-process peer that closed */
+    if (p->gone)
+        return -FI_ECONNRESET; /* its process exited */
     struct tx_ctx *c = n->tx_free;
     if (!c || n->inflight >= n->max_inflight)
         return 2;
@@ -198,7 +212,7 @@ static int post_shard(aiote_engine *e, struct op *op, size_t i, int *nic_out)
      * (LIBFABRIC-NOTES.md); there is no payload to deliver anyway. */
     if (e->info.delivery_complete && !(e->is_shm && len == 0))
         flags |= FI_DELIVERY_COMPLETE;
-    ssize_t rc = fi_writemsg(n->ep, &msg, flags);
+    ssize_t rc = fi_writemsg(p->ep[n->index] ? p->ep[n->index] : n->ep, &msg, flags);
     if (rc == -FI_EAGAIN)
         return 1;
     if (rc)
@@ -207,6 +221,7 @@ static int post_shard(aiote_engine *e, struct op *op, size_t i, int *nic_out)
     n->inflight++;
     c->op = op;
     c->send_slot = -1;
+    c->peer = rd->peer;
     c->index = i;
     op->inflight++;
     e->stats.writes_posted++;
@@ -233,14 +248,17 @@ static int post_send(aiote_engine *e, struct op *op, int *nic_out)
         return 2;
     if (p->local[0] && !atomic_load(&p->local[0]->open))
         return -FI_ENOTCONN;
+    if (p->gone)
+        return -FI_ECONNRESET;
     int slot = e->send_free[e->nsend_free - 1];
     uint8_t *buf = e->send_arena + (size_t)slot * e->slot_size;
-    uint32_t hdr[4] = {MSG_MAGIC | (MSG_VERSION << 16), (uint32_t)e->self_blob_len, (uint32_t)op->msg_len, 0};
+    uint32_t hdr[4] = {MSG_MAGIC | (MSG_VERSION << 16), (uint32_t)e->self_blob_len, (uint32_t)op->msg_len,
+                       op->kind == OP_PING ? MSG_FLAG_PING : 0};
     memcpy(buf, hdr, sizeof hdr);
     memcpy(buf + sizeof hdr, e->self_blob, e->self_blob_len);
     memcpy(buf + sizeof hdr + e->self_blob_len, op->msg, op->msg_len);
     size_t total = sizeof hdr + e->self_blob_len + op->msg_len;
-    ssize_t rc = fi_send(n->ep, buf, total, fi_mr_desc(e->send_mr), p->fi[0][0], &c->h.fi);
+    ssize_t rc = fi_send(p->ep[0] ? p->ep[0] : n->ep, buf, total, fi_mr_desc(e->send_mr), p->fi[0][0], &c->h.fi);
     if (rc == -FI_EAGAIN)
         return 1;
     if (rc)
@@ -250,6 +268,7 @@ static int post_send(aiote_engine *e, struct op *op, int *nic_out)
     n->inflight++;
     c->op = op;
     c->send_slot = slot;
+    c->peer = op->peer;
     c->index = 0;
     op->inflight++;
     e->stats.msgs_sent++;
@@ -276,7 +295,8 @@ static bool post_pending(aiote_engine *e)
         bool refused = false;
         while (op->next_post < op->n) {
             int nic = -1;
-            int rc = op->kind == OP_SEND ? post_send(e, op, &nic) : post_shard(e, op, op->next_post, &nic);
+            int rc = op->kind == OP_SEND || op->kind == OP_PING ? post_send(e, op, &nic)
+                                                                : post_shard(e, op, op->next_post, &nic);
             if (rc == 2) { /* our transmit contexts are all in flight: wait for completions */
                 e->stats.eagain++;
                 return did;
@@ -363,10 +383,95 @@ void fail_nic_inflight(aiote_engine *e, struct nic *n, int fi_err)
     event_queue_flush(&e->events, &e->pending_events);
 }
 
+static size_t poll_cq(aiote_engine *e, struct nic *n);
+
+/* A peer's process exited: what is in flight to it will never complete (shm
+ * gives no signal).  Settle what its endpoints already completed, close
+ * them, fail the rest, and forget its address so a new process that gets
+ * the same name is a new peer. */
+void peer_down(aiote_engine *e, uint32_t idx, int fi_err)
+{
+    struct peer *p = e->peers[idx];
+    if (p->gone && !p->ep[0] && p->pidfd < 0)
+        return;
+    p->gone = true;
+    for (uint32_t k = 0; k < e->nnics; k++)
+        while (poll_cq(e, &e->nics[k]))
+            ;
+    peer_close(e, p);
+    for (uint32_t k = 0; k < e->nnics; k++) {
+        struct nic *n = &e->nics[k];
+        for (size_t i = 0; i < n->ntx; i++) {
+            struct tx_ctx *c = &n->tx_ctxs[i];
+            if (!c->op || c->peer != idx)
+                continue;
+            struct op *op = c->op;
+            fail_op(op, -AIOTE_E_PROVIDER, fi_err, 0, c->index, n->index);
+            if (!op->posted_all)
+                op->n = op->next_post;
+            tx_done(e, c);
+        }
+        for (uint32_t j = 0; j < p->nnics; j++)
+            fi_av_remove(n->av, &p->fi[k][j], 1, 0);
+    }
+    aiote_event ev = {.id = idx, .kind = AIOTE_EV_PEER_DOWN, .status = -AIOTE_E_PROVIDER,
+                      .fi_errno = fi_err, .index = 1 /* exited */, .nic = -1};
+    event_buf_push(&e->pending_events, &ev);
+}
+
+/* Every few ms: peers whose process exited go down; watched peers get a
+ * probe message each ping interval (its failure or timeout reports them). */
+static void check_peers(aiote_engine *e, uint64_t now)
+{
+    if (now < e->next_liveness_ns)
+        return;
+    e->next_liveness_ns = now + 2 * 1000 * 1000;
+    size_t np = e->npeers;
+    for (size_t i = 0; i < np; i++) {
+        struct peer *p = e->peers[i];
+        if ((p->pidfd >= 0 || (p->pid && p->ep[0])) && peer_process_gone(p)) {
+            peer_down(e, (uint32_t)i, FI_ECONNRESET);
+            continue;
+        }
+        if (!atomic_load_explicit(&p->watch, memory_order_relaxed) || p->gone || p->ping_inflight ||
+            now < p->next_ping_ns)
+            continue;
+        if (p->pidfd >= 0)
+            continue; /* its process is watched directly */
+        struct op *op = calloc(1, sizeof *op);
+        if (!op)
+            continue;
+        op->kind = OP_PING;
+        op->peer = (uint32_t)i;
+        op->n = 1;
+        op->msg = malloc(1);
+        if (!op->msg) {
+            free(op);
+            continue;
+        }
+        p->ping_inflight = true;
+        p->next_ping_ns = now + e->ping_interval_ns;
+        op->live_next = e->live;
+        if (e->live)
+            e->live->live_prev = op;
+        e->live = op;
+        if (e->pend_tail)
+            e->pend_tail->next = op;
+        else
+            e->pend_head = op;
+        e->pend_tail = op;
+    }
+}
+
 static void recv_done(aiote_engine *e, struct recv_slot *s, size_t len)
 {
     struct msg_view v;
-    if (len <= e->slot_size && parse_msg(s->buf, len, &v) == 0) {
+    uint32_t flags = 0;
+    if (len >= 16)
+        memcpy(&flags, s->buf + 12, sizeof flags);
+    if (len <= e->slot_size && parse_msg(s->buf, len, &v) == 0 && (flags & MSG_FLAG_PING)) {
+        /* a peer's liveness probe: receiving it was the answer */
+    } else if (len <= e->slot_size && parse_msg(s->buf, len, &v) == 0) {
         uint8_t *copy = malloc(len);
         if (copy) {
             memcpy(copy, s->buf, len);
@@ -559,6 +664,8 @@ static void idle_sleep(aiote_engine *e, uint64_t *backoff_ns, bool warm)
 static void fail_all_closed(aiote_engine *e)
 {
     for (struct op *op = e->live; op; op = op->live_next) {
+        if (op->kind == OP_PING)
+            continue;
         fail_op(op, -AIOTE_E_CLOSED, FI_ECANCELED, 0, op->next_post, -1);
         aiote_event ev = {.id = op->id, .kind = AIOTE_EV_OP, .status = op->status,
                           .fi_errno = op->fi_errno, .prov_errno = op->prov_errno,
@@ -588,6 +695,7 @@ void *worker_main(void *arg)
                 active = true;
             }
         }
+        check_peers(e, now_ns());
         if (e->is_shm)
             local_read_unlock();
         if (e->pending_events.n)
