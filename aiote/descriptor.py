@@ -7,6 +7,10 @@ Layout (version 1, little endian)::
     nnics x (key u64 | addr_len u16 | addr bytes)
 
 An engine address is the same without base/length/keys (magic "AIOA").
+Version 2 descriptors (GPU regions) append one extension::
+
+    ext_type u8 (1 = CUDA) | ext_len u16 | CudaExt (see there)
+
 Parsing checks every length against the data: forged or truncated bytes raise
 DescriptorError, never anything worse.
 """
@@ -18,9 +22,10 @@ from dataclasses import dataclass
 
 from .errors import DescriptorError
 
-__all__ = ["MrDescriptor", "EngineAddress"]
+__all__ = ["MrDescriptor", "EngineAddress", "CudaExt"]
 
 _VERSION = 1
+_VERSION_EXT = 2
 _MAX_NICS = 16
 _MAX_ADDR = 256
 _HDR = struct.Struct("<4sBBH")
@@ -49,18 +54,18 @@ class _Reader:
             raise DescriptorError(f"{len(self.data) - self.pos} unexpected trailing bytes")
 
 
-def _header(data: object, magic: bytes) -> tuple[_Reader, int]:
+def _header(data: object, magic: bytes) -> tuple[_Reader, int, int]:
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise DescriptorError(f"expected bytes, got {type(data).__name__}")
     r = _Reader(bytes(data))
     m, version, nnics, _ = r.unpack(_HDR)
     if m != magic:
         raise DescriptorError(f"bad magic {m!r} (expected {magic!r})")
-    if version != _VERSION:
-        raise DescriptorError(f"unsupported version {version} (this aiote reads {_VERSION})")
+    if version != _VERSION and not (magic == b"AIOD" and version == _VERSION_EXT):
+        raise DescriptorError(f"unsupported version {version} (this aiote reads {_VERSION}, {_VERSION_EXT})")
     if not 1 <= nnics <= _MAX_NICS:
         raise DescriptorError(f"bad NIC count {nnics}")
-    return r, nnics
+    return r, nnics, version
 
 
 def _read_provider(r: _Reader) -> str:
@@ -109,11 +114,66 @@ class EngineAddress:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> EngineAddress:
-        r, nnics = _header(data, b"AIOA")
+        r, nnics, _ = _header(data, b"AIOA")
         provider = _read_provider(r)
         addrs = tuple(_read_addr(r) for _ in range(nnics))
         r.done()
         return cls(provider, addrs)
+
+
+_CUDA_EXT = struct.Struct("<BBHIQQ16s16s64s")
+_CUDA_MODES = {1: "staged", 2: "direct"}
+
+
+@dataclass(frozen=True)
+class CudaExt:
+    """What a peer needs to know of a GPU region.
+
+    ``mode``: ``"staged"`` — the NIC keys address a pinned host mirror; bytes
+    written there reach the GPU when the owner copies them after a commit
+    message (the writer sends it); ``"direct"`` — the keys address the GPU
+    memory itself (GPUDirect).  ``token`` names the region in commit messages
+    (random 64-bit, as secret as a key).  ``host``, ``pid``, ``device_uuid``,
+    ``ipc_handle`` (all zero if none) and ``ipc_offset`` let a process on the
+    same host map the memory with CUDA IPC instead.
+    """
+
+    mode: str
+    device: int
+    token: int
+    host: bytes
+    pid: int
+    device_uuid: bytes
+    ipc_handle: bytes
+    ipc_offset: int
+
+    def __post_init__(self) -> None:
+        if self.mode not in _CUDA_MODES.values():
+            raise DescriptorError(f"bad CUDA region mode {self.mode!r}")
+        if not 0 <= self.device < 256 or not 0 <= self.pid < 1 << 32:
+            raise DescriptorError("bad CUDA device or pid")
+        if len(self.host) != 16 or len(self.device_uuid) != 16 or len(self.ipc_handle) != 64:
+            raise DescriptorError("bad CUDA extension field sizes")
+        if not 0 <= self.token < 1 << 64 or not 0 <= self.ipc_offset < 1 << 64:
+            raise DescriptorError("bad CUDA token or IPC offset")
+
+    @property
+    def has_ipc(self) -> bool:
+        return any(self.ipc_handle)
+
+    def pack(self) -> bytes:
+        mode = {v: k for k, v in _CUDA_MODES.items()}[self.mode]
+        return _CUDA_EXT.pack(mode, self.device, 0, self.pid, self.token, self.ipc_offset, self.host,
+                              self.device_uuid, self.ipc_handle)
+
+    @classmethod
+    def unpack(cls, b: bytes) -> CudaExt:
+        if len(b) != _CUDA_EXT.size:
+            raise DescriptorError(f"CUDA extension of {len(b)} bytes (expected {_CUDA_EXT.size})")
+        mode, device, _, pid, token, ipc_offset, host, duuid, handle = _CUDA_EXT.unpack(b)
+        if mode not in _CUDA_MODES:
+            raise DescriptorError(f"bad CUDA region mode {mode}")
+        return cls(_CUDA_MODES[mode], device, token, host, pid, duuid, handle, ipc_offset)
 
 
 @dataclass(frozen=True)
@@ -130,9 +190,12 @@ class MrDescriptor:
     base: int
     length: int
     keys: tuple[int, ...]
+    cuda: CudaExt | None = None  # set for GPU regions
 
     def __post_init__(self) -> None:
         _check_common(self.provider, self.addrs)
+        if self.cuda is not None and not isinstance(self.cuda, CudaExt):
+            raise DescriptorError("cuda must be a CudaExt")
         if len(self.keys) != len(self.addrs):
             raise DescriptorError("one key per NIC address is required")
         if not 0 <= self.base < 1 << 64 or not 0 < self.length < 1 << 64:
@@ -146,15 +209,19 @@ class MrDescriptor:
 
     def to_bytes(self) -> bytes:
         p = self.provider.encode()
-        out = [_HDR.pack(b"AIOD", _VERSION, len(self.addrs), 0), _REGION.pack(self.base, self.length),
+        version = _VERSION if self.cuda is None else _VERSION_EXT
+        out = [_HDR.pack(b"AIOD", version, len(self.addrs), 0), _REGION.pack(self.base, self.length),
                bytes([len(p)]), p]
         for a, k in zip(self.addrs, self.keys):
             out += [_KEY.pack(k, len(a)), a]
+        if self.cuda is not None:
+            ext = self.cuda.pack()
+            out += [struct.pack("<BH", 1, len(ext)), ext]
         return b"".join(out)
 
     @classmethod
     def from_bytes(cls, data: bytes) -> MrDescriptor:
-        r, nnics = _header(data, b"AIOD")
+        r, nnics, version = _header(data, b"AIOD")
         base, length = r.unpack(_REGION)
         provider = _read_provider(r)
         keys, addrs = [], []
@@ -164,11 +231,18 @@ class MrDescriptor:
                 raise DescriptorError(f"bad address length {n}")
             keys.append(k)
             addrs.append(r.take(n))
+        cuda = None
+        if version == _VERSION_EXT:
+            ext_type, ext_len = r.unpack(struct.Struct("<BH"))
+            if ext_type != 1:
+                raise DescriptorError(f"unknown descriptor extension {ext_type}")
+            cuda = CudaExt.unpack(r.take(ext_len))
         r.done()
-        return cls(provider, tuple(addrs), base, length, tuple(keys))
+        return cls(provider, tuple(addrs), base, length, tuple(keys), cuda)
 
     def __reduce__(self):
         return (MrDescriptor.from_bytes, (self.to_bytes(),))
 
     def __repr__(self) -> str:
-        return f"MrDescriptor(provider={self.provider!r}, nics={len(self.addrs)}, length={self.length})"
+        gpu = f", cuda={self.cuda.mode}:{self.cuda.device}" if self.cuda else ""
+        return f"MrDescriptor(provider={self.provider!r}, nics={len(self.addrs)}, length={self.length}{gpu})"

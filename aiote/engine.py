@@ -7,14 +7,16 @@ import asyncio
 import collections
 import itertools
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+from . import cuda
 from ._core import check, error_for, ffi, fi_strerror, lib
 from ._log import get_logger
 from .counters import IMM_MAX, ImmCounter
 from .descriptor import EngineAddress, MrDescriptor
 from .errors import AioteError, DescriptorError, EngineClosed, InvalidArgument, PeerUnreachable, QueueFull
+from .gpu import Element, GpuPaths, check_elements
 from .memory import MemoryRegion
 
 __all__ = ["TransferEngine", "PeerGroup", "PROVIDER_ALIASES"]
@@ -86,6 +88,13 @@ class TransferEngine:
         peer_timeout: seconds an operation may be refused by the provider (EAGAIN)
             before it fails with PeerUnreachable.
         max_inflight: writes/sends in flight per NIC (0: the provider's queue size).
+        gpu: how CUDA buffers are registered: ``"direct"`` (the NIC reads and writes
+            GPU memory: efa, verbs with GPUDirect), ``"staged"`` (a pinned host mirror,
+            copies on the copy engines; shm, tcp) or ``"auto"`` (direct on efa/verbs,
+            else staged).  See docs/gpu.md.
+        cuda_ipc: write GPU regions of other processes on this host through CUDA IPC
+            (NVLink/PCIe copies) instead of the NIC.
+        gpu_chunk: bytes per pipelined chunk of a staged transfer.
     """
 
     def __init__(
@@ -108,6 +117,9 @@ class TransferEngine:
         delivery_complete: bool = True,
         peer_timeout: float = 10.0,
         max_inflight: int = 0,
+        gpu: str = "auto",
+        cuda_ipc: bool = True,
+        gpu_chunk: int = 4 << 20,
     ):
         if isinstance(nics, int):
             if not 1 <= nics <= lib.AIOTE_MAX_NICS:
@@ -124,7 +136,15 @@ class TransferEngine:
             raise InvalidArgument(f"routing must be one of {sorted(_ROUTING)}, got {routing!r}")
         if polling not in _POLLING:
             raise InvalidArgument(f"polling must be one of {sorted(_POLLING)}, got {polling!r}")
+        if gpu not in ("auto", "staged", "direct"):
+            raise InvalidArgument(f"gpu must be 'auto', 'staged' or 'direct', got {gpu!r}")
+        if not isinstance(gpu_chunk, int) or gpu_chunk < 4096:
+            raise InvalidArgument(f"gpu_chunk must be an int >= 4096, got {gpu_chunk!r}")
         self.requested_provider = PROVIDER_ALIASES.get(provider, provider)
+        if gpu == "auto":
+            gpu = "direct" if self.requested_provider.split(";")[0] in ("efa", "verbs") else "staged"
+        self._gpu_mode, self._cuda_ipc, self._gpu_chunk = gpu, cuda_ipc, gpu_chunk
+        self._gpu: GpuPaths | None = None
         self._cfg_args = dict(host=host, domain=domain, nics=nnics, routing=routing, pinned_nic=pinned_nic,
                               stripe_threshold=stripe_threshold, polling=polling, spin_us=spin_us, msg_size=msg_size,
                               recv_slots=recv_slots, send_slots=send_slots, max_queued=max_queued,
@@ -191,6 +211,7 @@ class TransferEngine:
         cfg.delivery_complete = 1 if a["delivery_complete"] else 0
         cfg.peer_timeout_ms = max(1, int(a["peer_timeout"] * 1000))
         cfg.max_inflight = a["max_inflight"]
+        cfg.hmem = 1 if self._gpu_mode == "direct" else 0
         out = ffi.new("aiote_engine**")
         rc = lib.aiote_engine_open(cfg, out)
         if rc == -lib.AIOTE_E_PROVIDER and "busy" in _last_error_lower():
@@ -219,7 +240,7 @@ class TransferEngine:
         """Close the engine: fail pending operations with EngineClosed, join the worker."""
         self._close()
 
-    def _close(self) -> None:
+    def _close(self, failure: Callable[[], AioteError] | None = None) -> None:
         if self._closed:
             return
         self._closed = True
@@ -229,13 +250,15 @@ class TransferEngine:
             self._loop.remove_reader(self._efd)
         lib.aiote_engine_shutdown(self._h)  # joins the worker; queued work fails as closed
         self._drain()
-        closed = lambda: EngineClosed("engine closed")  # noqa: E731
+        closed = failure or (lambda: EngineClosed("engine closed"))
         for op in self._ops.values():
             if not op.future.done():
                 op.future.set_exception(closed())
         self._ops.clear()
         self._fail_deferred(closed)
         self.imms._fail_all(closed)
+        if self._gpu is not None:
+            self._gpu.close()  # waits for copies in flight before mirrors are freed
         while self._recv_waiters:
             f = self._recv_waiters.popleft()
             if not f.done():
@@ -324,9 +347,25 @@ class TransferEngine:
     # -- memory --------------------------------------------------------------------
 
     def register(self, buf: Any) -> MemoryRegion:
-        """Register a writable, contiguous host buffer (bytearray, memoryview, numpy, torch CPU)."""
+        """Register a writable, contiguous buffer: host memory (bytearray, memoryview,
+        numpy, torch CPU) or CUDA memory (torch CUDA tensors, ``__cuda_array_interface__``;
+        see ``gpu=``)."""
         self._handle()
+        if getattr(buf, "is_cuda", False) or hasattr(buf, "__cuda_array_interface__"):
+            cp = cuda.cuda_pointer(buf)
+            if cp is not None:
+                return self._gpu_paths().register(cp)
         return MemoryRegion(self, buf)
+
+    def _gpu_paths(self) -> GpuPaths:
+        if self._gpu is None:
+            self._gpu = GpuPaths(self, self._gpu_mode, self._cuda_ipc, self._gpu_chunk)
+        return self._gpu
+
+    @property
+    def gpu_stats(self) -> dict[str, int]:
+        """Bytes staged in/out, CUDA IPC writes, commits sent/received/bad (GPU paths)."""
+        return dict(self._gpu.stats) if self._gpu is not None else {}
 
     # -- peers ---------------------------------------------------------------------
 
@@ -485,7 +524,40 @@ class TransferEngine:
             length = src.nbytes - src_offset
         wrs = ffi.new("aiote_wr[1]")
         self._fill(wrs[0], dst, src_offset, dst_offset, length)
+        if src.cuda is not None or dst.cuda is not None:
+            return self._gpu_submit(src, [(dst, src_offset, dst_offset, length)], imm)
         return self._submit_wrs(src, wrs, 1, imm, None)
+
+    # -- GPU paths (aiote/gpu.py) -------------------------------------------------------
+
+    def _gpu_submit(self, src: MemoryRegion, elems: Sequence[tuple[MrDescriptor, int, int, int]],
+                    imm: int | None) -> asyncio.Future[None]:
+        self._check_imm(imm)
+        src._mr_id()
+        es = [Element(d, so, do, ln) for d, so, do, ln in elems]
+        check_elements(src.nbytes, es)
+        return self._gpu_paths().submit(src, es, imm)
+
+    def _write_ranges(self, src: MemoryRegion | None, dst: MrDescriptor, ranges: Sequence[tuple[int, int, int]],
+                      imm: int | None) -> asyncio.Future[None]:
+        """NIC writes (src_off, dst_off, len) of one source region into one descriptor."""
+        wrs = ffi.new("aiote_wr[]", len(ranges))
+        for i, (so, do, ln) in enumerate(ranges):
+            self._fill(wrs[i], dst, so, do, ln)
+        return self._submit_wrs(src, wrs, len(ranges), imm, None)
+
+    def _imm_only(self, dst: MrDescriptor, imm: int, count: int) -> asyncio.Future[None]:
+        """count imm-only writes to dst's owner."""
+        wrs = ffi.new("aiote_wr[]", count)
+        for i in range(count):
+            self._fill(wrs[i], dst, 0, 0, 0)
+        return self._submit_wrs(None, wrs, count, imm, None)
+
+    def _send_ctrl(self, peer: EngineAddress, body: bytes) -> asyncio.Future[None]:
+        return self._send(peer, body, lib.AIOTE_MSG_CTRL)
+
+    def _imm_arrive(self, imm: int, count: int) -> None:
+        check(lib.aiote_imm_arrive(self._handle(), imm, count), "imm")
 
     def write_imm(self, dst: MrDescriptor, imm: int) -> asyncio.Future[None]:
         """A 0-byte write that only delivers ``imm`` to the region's owner."""
@@ -510,6 +582,8 @@ class TransferEngine:
         wrs = ffi.new("aiote_wr[]", n)
         for i, (desc, so, do, ln) in enumerate(targets):
             self._fill(wrs[i], desc, so, do, ln)
+        if src.cuda is not None or any(t[0].cuda is not None for t in targets):
+            return self._gpu_submit(src, list(targets), imm)
         return self._submit_wrs(src, wrs, n, imm, None)
 
     def barrier(self, targets: Iterable[MrDescriptor] | PeerGroup, imm: int) -> asyncio.Future[None]:
@@ -547,6 +621,12 @@ class TransferEngine:
                 raise InvalidArgument(f"{name} must be a non-negative int, got {v!r}")
         has_imm, imm_v = self._check_imm(imm)
         rd = self._rdesc(dst)
+        if src.cuda is not None or dst.cuda is not None:
+            sl, dl = [int(x) for x in _as_list(src_pages)], [int(x) for x in _as_list(dst_pages)]
+            if any(p < 0 for p in sl) or any(p < 0 for p in dl):
+                raise InvalidArgument("page numbers must be >= 0")
+            return self._gpu_submit(src, [(dst, src_offset + a * src_stride, dst_offset + b * dst_stride, page_len)
+                                          for a, b in zip(sl, dl)], imm)
         h = self._handle()
         mr_id = src._mr_id()
         bad = ffi.new("uint64_t*")
@@ -565,13 +645,17 @@ class TransferEngine:
 
     def send(self, peer: bytes | EngineAddress, data: bytes | bytearray | memoryview) -> asyncio.Future[None]:
         """Send a small two-sided message (at most ``msg_size`` bytes) to an engine address."""
+        return self._send(peer, data, 0)
+
+    def _send(self, peer: bytes | EngineAddress, data: bytes | bytearray | memoryview,
+              flags: int) -> asyncio.Future[None]:
         h = self._handle()
         addr = peer if isinstance(peer, EngineAddress) else EngineAddress.from_bytes(peer)
         p = self._peer(addr.addrs, addr.provider)
         payload = bytes(data)
 
         def submit(op_id: int) -> int:
-            rc = lib.aiote_submit_send(h, op_id, p, payload, len(payload))
+            rc = lib.aiote_submit_send(h, op_id, p, payload, len(payload), flags)
             if rc < 0 and rc != -lib.AIOTE_E_AGAIN:
                 check(rc, "send")
             return rc
@@ -618,6 +702,8 @@ class TransferEngine:
                     self._recv_event(ev)
                 elif kind == lib.AIOTE_EV_PEER_DOWN:
                     self._peer_down(ev)
+                elif kind == lib.AIOTE_EV_WEDGED:
+                    self._loop_checked().call_soon(self._wedged, int(ev.id))
             if n < _EVENT_BATCH:
                 return
 
@@ -638,6 +724,15 @@ class TransferEngine:
                                 prov_errno=ev.prov_errno, index=index, nic=nic)
             op.future.set_exception(exc)
 
+    def _wedged(self, peer: int) -> None:
+        """The worker is stuck for good inside the provider (see aiote_engine's watchdog)."""
+        if self._closed:
+            return
+        self._log.error("engine.wedged", peer=peer)
+        self._close(lambda: PeerUnreachable(
+            f"engine unusable: libfabric shm is stuck on dead peer {peer} (its process died holding a "
+            "lock in its shared region); open a new engine"))
+
     def _peer_down(self, ev: Any) -> None:
         idx = int(ev.id)
         if ev.index:  # its process exited: forget it, so its address resolves afresh
@@ -656,6 +751,10 @@ class TransferEngine:
         src = raw[ev.src_off:ev.src_off + ev.src_len]
         payload = raw[ev.payload_off:ev.payload_off + ev.len]
         lib.aiote_free(ev.data)
+        if ev.index & lib.AIOTE_MSG_CTRL:  # aiote's own: a GPU staging commit
+            if self._gpu is not None:
+                self._gpu.on_commit(payload)
+            return
         sender = EngineAddress(self.provider, _parse_addr_blob(src)).to_bytes()  # checked in C
         while self._recv_waiters:
             f = self._recv_waiters.popleft()
@@ -711,6 +810,9 @@ class PeerGroup:
             w.len = ln
             w.src_off = so
             w.dst_off = do
+        if src.cuda is not None or any(d.cuda is not None for d in self.descriptors):
+            return self._engine._gpu_submit(src, [(d, so, do, ln) for d, (ln, so, do) in
+                                                  zip(self.descriptors, zip(*cols))], imm)
         return self._engine._submit_wrs(src, wrs, n, imm, None)
 
 
@@ -730,6 +832,12 @@ def _parse_addr_blob(blob: bytes) -> tuple[bytes, ...]:
         out.append(blob[pos + 2:pos + 2 + n])
         pos += 2 + n
     return tuple(out)
+
+
+def _as_list(pages: Any) -> list[int]:
+    """A page list as Python ints (GPU paths walk pages in Python)."""
+    _, keep, _ = _int64_pages(pages)
+    return list(keep)
 
 
 def _int64_pages(pages: Any) -> tuple[Any, Any, int]:

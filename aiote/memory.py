@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ._core import check, ffi, lib
@@ -27,7 +28,7 @@ def buffer_address(obj: Any, writable: bool = True) -> tuple[int, int, Any]:
     """
     if _is_torch_tensor(obj):
         if obj.is_cuda:
-            raise RegistrationError("CUDA tensors are not supported yet (host memory only)")
+            raise RegistrationError("CUDA tensor given where host memory is needed")
         if not obj.is_contiguous():
             raise RegistrationError("tensor must be contiguous")
         nbytes = obj.numel() * obj.element_size()
@@ -56,14 +57,24 @@ class MemoryRegion:
     uses it; afterwards writes with its old descriptor fail and change nothing.
     """
 
-    def __init__(self, engine: TransferEngine, obj: Any):
-        addr, nbytes, keep = buffer_address(obj)
+    #: GPU regions: the device ordinal (None for host memory) and aiote.gpu's bookkeeping
+    device: int | None = None
+    cuda: Any = None
+
+    def __init__(self, engine: TransferEngine, obj: Any, *, _raw: tuple[int, int, Any] | None = None,
+                 _cuda_device: int | None = None):
+        addr, nbytes, keep = _raw if _raw is not None else buffer_address(obj)
         mr_id = ffi.new("uint64_t*")
         keys = ffi.new("uint64_t[]", lib.AIOTE_MAX_NICS)
         base = ffi.new("uint64_t*")
-        check(lib.aiote_mr_register(engine._handle(), ffi.cast("void*", addr), nbytes,
-                                    lib.AIOTE_ACCESS_LOCAL | lib.AIOTE_ACCESS_REMOTE, mr_id, keys, base),
-              "register")
+        access = lib.AIOTE_ACCESS_LOCAL | lib.AIOTE_ACCESS_REMOTE
+        if _cuda_device is None:
+            rc = lib.aiote_mr_register(engine._handle(), ffi.cast("void*", addr), nbytes, access, mr_id, keys, base)
+        else:
+            rc = lib.aiote_mr_register_cuda(engine._handle(), ffi.cast("void*", addr), nbytes, access, _cuda_device,
+                                            mr_id, keys, base)
+        check(rc, "register")
+        self._on_close: list[Callable[[], None]] = []
         self._engine = engine
         self._keep = keep
         self._id = int(mr_id[0])
@@ -74,6 +85,16 @@ class MemoryRegion:
                                         tuple(int(keys[i]) for i in range(nnics)))
         self._closed = False
         engine._regions.add(self)
+
+    @classmethod
+    def _from_raw(cls, engine: TransferEngine, addr: int, nbytes: int, keep: Any) -> MemoryRegion:
+        """Register host memory aiote allocated itself (a GPU region's pinned mirror)."""
+        return cls(engine, None, _raw=(addr, nbytes, keep))
+
+    @classmethod
+    def _from_device(cls, engine: TransferEngine, cp: Any) -> MemoryRegion:
+        """Register device memory with the NIC itself (GPUDirect)."""
+        return cls(engine, None, _raw=(cp.ptr, cp.nbytes, cp.keep), _cuda_device=cp.device)
 
     @property
     def obj(self) -> Any:
@@ -102,10 +123,17 @@ class MemoryRegion:
         self._closed = True
         self._engine._regions.discard(self)
         self._keep = None
+        self._run_on_close()
 
     def _engine_closed(self) -> None:
         self._closed = True
         self._keep = None
+        self._run_on_close()
+
+    def _run_on_close(self) -> None:
+        hooks, self._on_close = self._on_close, []
+        for h in hooks:
+            h()
 
     def __enter__(self) -> MemoryRegion:
         return self
@@ -118,4 +146,5 @@ class MemoryRegion:
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
-        return f"<MemoryRegion {self.nbytes} bytes {state}>"
+        where = f" cuda:{self.device}" if self.device is not None else ""
+        return f"<MemoryRegion {self.nbytes} bytes{where} {state}>"

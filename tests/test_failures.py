@@ -289,35 +289,62 @@ async def test_peer_that_never_accepts_times_out(aiote_make_engine, aiote_provid
 
 
 @pytest.mark.aiote_providers("shm")
-async def test_dead_peer_shm_fails_pending_and_spares_others(aiote_make_engine, aiote_make_peer, aiote_faults):
-    """shm never reports a killed peer: the engine sees its process exit (pidfd), fails what
-    was in flight to it, and traffic to other peers, in flight at the same moment, completes."""
+async def test_dead_peer_shm_fails_and_spares_others(aiote_make_engine, aiote_make_peer, aiote_faults):
+    """shm never reports a killed peer: the engine sees its process exit (pidfd) and fails
+    what goes to it; traffic to other peers, at the same moment, completes."""
     eng = await aiote_make_engine(peer_timeout=30)  # the timeout must not be what ends it
     dead, live = await aiote_make_peer(), await aiote_make_peer()
-    _, dd = await dead.call("register", 16 << 20, 0)
+    _, dd = await dead.call("register", 1 << 20, 0)
     rid, ld = await live.call("register", 1 << 20, 0)
     dd, ld = aiote.MrDescriptor.from_bytes(dd), aiote.MrDescriptor.from_bytes(ld)
-    src = eng.register(bytearray(np.random.default_rng(5).integers(0, 256, 16 << 20, dtype=np.uint8)))
-    await eng.write(src, dd, imm=1)  # connected and working
-    to_dead = [eng.write(src, dd, imm=1) for _ in range(16)] + [eng.send(await dead.call("address"), b"x")]
+    src = eng.register(bytearray(np.random.default_rng(5).integers(0, 256, 1 << 20, dtype=np.uint8)))
+    await eng.write(src, dd, imm=1)  # connected and working; the peer is idle again
+    dead_addr = await dead.call("address")
     aiote_faults.kill(dead)
+    await asyncio.get_running_loop().run_in_executor(None, dead.proc.join)  # gone, for sure
+    to_dead = [eng.write(src, dd, imm=1) for _ in range(8)] + [eng.send(dead_addr, b"x")]
     to_live = [eng.write(src, ld, 1 << 16, i << 16, i << 16, imm=9) for i in range(16)]
     res = await asyncio.wait_for(asyncio.gather(*to_dead, *to_live, return_exceptions=True), 20)
     dead_res, live_res = res[:len(to_dead)], res[len(to_dead):]
-    assert all(r is None or isinstance(r, aiote.PeerUnreachable) for r in dead_res), dead_res
-    assert any(isinstance(r, aiote.PeerUnreachable) for r in dead_res), dead_res
+    assert all(isinstance(r, aiote.PeerUnreachable) for r in dead_res), dead_res
     assert live_res == [None] * 16
     assert await live.call("wait_imm", 9, 16, 10)
-    assert await live.call("read", rid, 0, 1 << 20) == bytes(src.obj[:1 << 20])
-    # new work to the dead peer fails at once, typed
-    with pytest.raises(aiote.PeerUnreachable):
-        await asyncio.wait_for(eng.write(src, dd, 64, imm=1), 10)
+    assert await live.call("read", rid, 0, 1 << 20) == bytes(src.obj)
     # a restarted peer (a new process, so a new address) is reachable
     again = await aiote_make_peer()
     rid2, d2 = await again.call("register", 4096, 0)
     await eng.write(src, aiote.MrDescriptor.from_bytes(d2), 4096, imm=2)
     assert await again.call("wait_imm", 2, 1, 10)
     assert await again.call("read", rid2, 0, 4096) == bytes(src.obj[:4096])
+
+
+@pytest.mark.aiote_providers("shm")
+async def test_shm_peer_killed_mid_transfer_never_hangs(aiote_make_engine, aiote_make_peer, aiote_faults):
+    """Killed while writes to it are in flight.  Everything to it fails with PeerUnreachable.
+    If it died inside libfabric shm's critical section, the lock it held stays taken and the
+    next post to it can never return: the engine notices (watchdog) and fails everything with
+    PeerUnreachable instead of hanging.  Otherwise other peers are served as usual."""
+    eng = await aiote_make_engine(peer_timeout=30)
+    dead, live = await aiote_make_peer(), await aiote_make_peer()
+    _, dd = await dead.call("register", 16 << 20, 0)
+    rid, ld = await live.call("register", 1 << 20, 0)
+    dd, ld = aiote.MrDescriptor.from_bytes(dd), aiote.MrDescriptor.from_bytes(ld)
+    src = eng.register(bytearray(16 << 20))
+    await eng.write(src, dd, imm=1)
+    to_dead = [eng.write(src, dd, imm=1) for _ in range(16)]
+    aiote_faults.kill(dead)
+    to_live = [eng.write(src, ld, 1 << 16, 0, i << 16, imm=9) for i in range(16)]
+    res = await asyncio.wait_for(asyncio.gather(*to_dead, *to_live, return_exceptions=True), 30)
+    dead_res, live_res = res[:16], res[16:]
+    assert all(r is None or isinstance(r, aiote.PeerUnreachable) for r in dead_res), dead_res
+    assert any(isinstance(r, aiote.PeerUnreachable) for r in dead_res), dead_res
+    if eng.closed:  # wedged: everything failed, typed
+        assert all(isinstance(r, aiote.PeerUnreachable) for r in live_res if r is not None), live_res
+        with pytest.raises(aiote.EngineClosed):
+            eng.write(src, ld, 16)
+    else:
+        assert live_res == [None] * 16
+        assert await live.call("wait_imm", 9, 16, 10)
 
 
 async def test_wait_on_a_dead_writer_fails(aiote_make_engine, aiote_make_peer, aiote_faults):
@@ -370,3 +397,42 @@ async def test_submission_backpressure_is_bounded(aiote_make_engine):
     assert bytes(dst.obj[:4096]) == bytes(src.obj[:4096])
     with pytest.raises(aiote.InvalidArgument):
         aiote.TransferEngine("shm", max_deferred=0)
+
+
+@pytest.mark.aiote_providers("shm")
+async def test_shm_peer_dying_inside_the_provider_wedges_only_that_engine(aiote_make_engine, aiote_make_peer):
+    """A shm peer killed while it copies a large write dies holding the spin lock of its
+    shared region; libfabric 1.17's next post to it would spin forever.  The engine's
+    watchdog sees its worker stuck on that dead peer, stops the worker, and fails every
+    pending operation with PeerUnreachable; the process and other engines carry on."""
+    n = 256 << 20
+    eng = await aiote_make_engine(peer_timeout=30)
+    src = eng.register(bytearray(b"\x01") * n)
+    for _ in range(5):
+        peer = await aiote_make_peer()
+        rid, d = await peer.call("register", n, 0)
+        d = aiote.MrDescriptor.from_bytes(d)
+        addr = await peer.call("address")
+        w = eng.write(src, d, imm=1)
+        while True:  # until the copy is under way in the peer (it holds its region's lock)
+            first, last = await peer.call("read", rid, 0, 1), await peer.call("read", rid, n - 1, 1)
+            if first == b"\x01" or last == b"\x01" or w.done():
+                break
+        if last == b"\x01" or w.done():
+            continue  # finished before we looked: try again
+        peer.kill()
+        res = await asyncio.wait_for(asyncio.gather(w, eng.send(addr, b"x"), return_exceptions=True), 30)
+        assert all(isinstance(r, aiote.PeerUnreachable) for r in res), res
+        assert eng.closed
+        with pytest.raises(aiote.EngineClosed):
+            eng.write(src, d, 16)
+        break
+    else:
+        pytest.skip("no write was caught mid-copy in 5 tries")
+    # the process and its other shm engines are fine
+    other, live = await aiote_make_engine(), await aiote_make_peer()
+    rid, ld = await live.call("register", 4096, 0)
+    s2 = other.register(bytearray(b"\x07") * 4096)
+    await other.write(s2, aiote.MrDescriptor.from_bytes(ld), imm=3)
+    assert await live.call("wait_imm", 3, 1, 10)
+    assert await live.call("read", rid, 0, 4096) == b"\x07" * 4096

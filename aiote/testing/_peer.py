@@ -60,13 +60,36 @@ async def _child(conn: Any, provider: str, polling: str, kwargs: dict[str, Any])
                 rid = next(rids)
                 regions[rid] = (buf, mr)
                 return rid, mr.descriptor.to_bytes()
+            if method == "register_cuda":
+                # a uint8 CUDA tensor (torch) on the given device, filled with a byte
+                size, fill, device = args
+                import torch
+
+                buf = torch.full((size,), fill, dtype=torch.uint8, device=f"cuda:{device}")
+                torch.cuda.synchronize(device)
+                mr = eng.register(buf)
+                rid = next(rids)
+                regions[rid] = (buf, mr)
+                return rid, mr.descriptor.to_bytes()
             if method == "read":
                 rid, off, n = args
-                return bytes(regions[rid][0][off:off + n])
+                buf = regions[rid][0]
+                if getattr(buf, "is_cuda", False):
+                    return buf[off:off + n].cpu().numpy().tobytes()
+                return bytes(buf[off:off + n])
             if method == "fill":
                 rid, off, data = args
-                regions[rid][0][off:off + len(data)] = data
+                buf = regions[rid][0]
+                if getattr(buf, "is_cuda", False):
+                    import torch
+
+                    buf[off:off + len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(buf.device)
+                    torch.cuda.synchronize(buf.device)
+                else:
+                    buf[off:off + len(data)] = data
                 return None
+            if method == "gpu_stats":
+                return eng.gpu_stats
             if method == "close_region":
                 # deregister; the buffer stays readable (``read``) to check nothing lands later
                 regions[args[0]][1].close()
@@ -161,6 +184,8 @@ class PeerProcess:
     |---|---|---|
     | `address`, `info`, `stats`, `nic_stats` | | the peer engine's |
     | `register` | size, fill byte | `(rid, descriptor bytes)` |
+    | `register_cuda` | size, fill byte, device | `(rid, descriptor bytes)` (a torch CUDA tensor) |
+    | `gpu_stats` | | the peer engine's `gpu_stats` |
     | `read` / `fill` | rid, offset, n / rid, offset, data | bytes / None |
     | `close_region` | rid | None |
     | `wait_imm` | imm, count, timeout | True |

@@ -43,6 +43,8 @@ enum {
     AIOTE_EV_IMM = 2,       /* an imm waiter's threshold was reached */
     AIOTE_EV_RECV = 3,      /* a message arrived: data/len/src/src_len */
     AIOTE_EV_PEER_DOWN = 4, /* id = peer index: its process exited or it stopped answering (fi_errno) */
+    AIOTE_EV_WEDGED = 5,    /* id = peer index: the worker is stuck inside the provider on that dead
+                             * peer (shm: a lock its process died holding); the engine is unusable */
 
     /* imm layout: the top bits are reserved for the shard count of a
      * striped write, so the receiver counts whole logical writes. */
@@ -58,6 +60,9 @@ enum {
     AIOTE_MAX_NICS = 16,
     AIOTE_ROUTE_ROUND_ROBIN = 0, /* stripe large writes, spread batch elements */
     AIOTE_ROUTE_PINNED = 1,      /* everything on one NIC (pinned_nic) */
+
+    /* message flags (aiote_submit_send) */
+    AIOTE_MSG_CTRL = 2,
 };
 
 typedef struct aiote_engine aiote_engine;
@@ -80,6 +85,7 @@ typedef struct {
     int delivery_complete;    /* 1: ask for FI_DELIVERY_COMPLETE on writes */
     uint32_t peer_timeout_ms; /* an op the provider refuses this long fails (ETIMEDOUT); 0 = 10 s */
     uint32_t max_inflight;    /* writes/sends in flight per NIC; 0 = the provider's queue size */
+    int hmem;                 /* 1: ask for FI_HMEM (device memory registered directly: GPUDirect) */
 } aiote_config;
 
 typedef struct {
@@ -177,6 +183,10 @@ int aiote_nic_fail(aiote_engine *e, uint32_t nic);
  * address, or 0 for offset-based providers). */
 int aiote_mr_register(aiote_engine *e, void *addr, uint64_t len, int access,
                       uint64_t *mr_id, uint64_t *keys, uint64_t *base);
+/* The same for CUDA device memory (needs an engine opened with hmem = 1):
+ * the NIC reads and writes the GPU's memory directly. */
+int aiote_mr_register_cuda(aiote_engine *e, void *addr, uint64_t len, int access, int device,
+                           uint64_t *mr_id, uint64_t *keys, uint64_t *base);
 /* AIOTE_E_BUSY while an operation uses the region. */
 int aiote_mr_deregister(aiote_engine *e, uint64_t mr_id);
 
@@ -206,9 +216,11 @@ int aiote_submit_paged(aiote_engine *e, uint64_t op_id, uint64_t mr_id,
                        const int64_t *src_pages, uint64_t src_stride, uint64_t src_off,
                        const int64_t *dst_pages, uint64_t dst_stride, uint64_t dst_off,
                        size_t n, int has_imm, uint32_t imm, uint64_t *bad_index);
-/* Two-sided message (copied; the caller's buffer is free on return). */
+/* Two-sided message (copied; the caller's buffer is free on return).
+ * flags travel with it and come back in the receiver's event (.index):
+ * AIOTE_MSG_CTRL marks aiote's own control messages (GPU staging). */
 int aiote_submit_send(aiote_engine *e, uint64_t op_id, uint32_t peer,
-                      const void *data, size_t len);
+                      const void *data, size_t len, uint32_t flags);
 /* Fail the operation with AIOTE_E_CLOSED-like cancellation if it has not been
  * posted yet; returns 1 if it was withdrawn, 0 if already posted/finished. */
 int aiote_cancel(aiote_engine *e, uint64_t op_id);
@@ -219,6 +231,9 @@ int aiote_imm_wait(aiote_engine *e, uint64_t waiter_id, uint32_t imm, uint64_t c
 int aiote_imm_cancel(aiote_engine *e, uint64_t waiter_id);
 /* Give back count whole writes to imm (a fired waiter whose awaiter left). */
 int aiote_imm_restore(aiote_engine *e, uint32_t imm, uint64_t count);
+/* Count count whole writes of imm as arrived now (data that reached its
+ * place by another route than the NIC's, e.g. a staged GPU copy). */
+int aiote_imm_arrive(aiote_engine *e, uint32_t imm, uint64_t count);
 /* Whole writes with this imm that landed and were not consumed yet. */
 int aiote_imm_pending(aiote_engine *e, uint32_t imm, uint64_t *count);
 

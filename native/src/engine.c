@@ -119,6 +119,11 @@ int aiote_engine_open(const aiote_config *cfg, aiote_engine **out)
         aiote_set_error("cannot start the worker thread: %s", strerror(errno));
         rc = -AIOTE_E_NOMEM;
     }
+    if (!rc && e->is_shm) {
+        pthread_mutex_init(&e->wd_lock, NULL);
+        pthread_cond_init(&e->wd_cond, NULL);
+        e->watchdog_started = pthread_create(&e->watchdog, NULL, watchdog_main, e) == 0;
+    }
     if (rc) {
         char saved[sizeof last_error];
         memcpy(saved, last_error, sizeof saved);
@@ -142,6 +147,25 @@ int aiote_engine_shutdown(aiote_engine *e)
     uint64_t one = 1;
     ssize_t r = write(e->sub_efd, &one, sizeof one);
     (void)r;
+    if (e->watchdog_started) {
+        pthread_mutex_lock(&e->wd_lock);
+        pthread_cond_signal(&e->wd_cond);
+        pthread_mutex_unlock(&e->wd_lock);
+        pthread_join(e->watchdog, NULL);
+        e->watchdog_started = false;
+    }
+    if (atomic_load(&e->wedged)) {
+        /* the worker was stuck inside the provider for good and has been
+         * cancelled there; the provider's state is beyond repair: leave the
+         * endpoints and everything behind (aiote_engine_free keeps it too) */
+        struct timespec ts;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        ts.tv_sec += 2;
+        if (pthread_timedjoin_np(e->worker, NULL, &ts) != 0)
+            pthread_detach(e->worker);
+        e->worker_started = false;
+        return 0;
+    }
     if (e->worker_started)
         pthread_join(e->worker, NULL);
     e->worker_started = false;
@@ -163,6 +187,12 @@ void aiote_engine_free(aiote_engine *e)
     if (!e)
         return;
     aiote_engine_shutdown(e);
+    if (atomic_load(&e->wedged))
+        return; /* a worker stuck in the provider may still touch it: leaked on purpose */
+    if (e->is_shm) {
+        pthread_mutex_destroy(&e->wd_lock);
+        pthread_cond_destroy(&e->wd_cond);
+    }
     engine_release(e);
 }
 
@@ -292,7 +322,28 @@ int aiote_mr_register(aiote_engine *e, void *addr, uint64_t len, int access, uin
         aiote_set_error("cannot register an empty buffer");
         return -AIOTE_E_INVAL;
     }
-    struct mr_reg_arg a = {.addr = addr, .len = len, .access = access};
+    struct mr_reg_arg a = {.addr = addr, .len = len, .access = access, .cuda_device = -1};
+    int rc = run_ctrl(e, ctrl_mr_register, &a);
+    if (rc)
+        return rc;
+    *mr_id = a.mr_id;
+    memcpy(keys, a.keys, e->nnics * sizeof *keys);
+    *base = a.base;
+    return 0;
+}
+
+int aiote_mr_register_cuda(aiote_engine *e, void *addr, uint64_t len, int access, int device,
+                           uint64_t *mr_id, uint64_t *keys, uint64_t *base)
+{
+    if (!addr || len == 0 || device < 0) {
+        aiote_set_error("cannot register an empty buffer or device %d", device);
+        return -AIOTE_E_INVAL;
+    }
+    if (!e->cfg.hmem || !e->info.hmem) {
+        aiote_set_error("this engine was not opened for device memory (FI_HMEM)");
+        return -AIOTE_E_INVAL;
+    }
+    struct mr_reg_arg a = {.addr = addr, .len = len, .access = access, .cuda_device = device};
     int rc = run_ctrl(e, ctrl_mr_register, &a);
     if (rc)
         return rc;
@@ -613,8 +664,13 @@ int aiote_submit_paged(aiote_engine *e, uint64_t op_id, uint64_t mr_id, uint32_t
     return submit_op(e, op, n);
 }
 
-int aiote_submit_send(aiote_engine *e, uint64_t op_id, uint32_t peer, const void *data, size_t len)
+int aiote_submit_send(aiote_engine *e, uint64_t op_id, uint32_t peer, const void *data, size_t len,
+                      uint32_t flags)
 {
+    if (flags & ~(uint32_t)AIOTE_MSG_CTRL) {
+        aiote_set_error("unknown message flags %#x", flags);
+        return -AIOTE_E_INVAL;
+    }
     if (len > e->cfg.msg_size) {
         aiote_set_error("message of %zu bytes exceeds msg_size %u", len, e->cfg.msg_size);
         return -AIOTE_E_TOO_BIG;
@@ -634,6 +690,7 @@ int aiote_submit_send(aiote_engine *e, uint64_t op_id, uint32_t peer, const void
     if (len)
         memcpy(op->msg, data, len);
     op->msg_len = len;
+    op->msg_flags = flags;
     op->kind = OP_SEND;
     op->id = op_id;
     op->n = op->n_submitted = 1;
@@ -695,6 +752,11 @@ int aiote_imm_restore(aiote_engine *e, uint32_t imm, uint64_t count)
     if (rc == -AIOTE_E_INVAL)
         aiote_set_error("imm must be 0..%u", IMM_USER_MAX);
     return rc;
+}
+
+int aiote_imm_arrive(aiote_engine *e, uint32_t imm, uint64_t count)
+{
+    return aiote_imm_restore(e, imm, count);
 }
 
 int aiote_imm_pending(aiote_engine *e, uint32_t imm, uint64_t *count)

@@ -18,7 +18,7 @@
 
 /* mr_mode bits we know how to honour; providers needing others are skipped. */
 #define MR_MODE_SUPPORTED \
-    (FI_MR_LOCAL | FI_MR_VIRT_ADDR | FI_MR_ALLOCATED | FI_MR_PROV_KEY | FI_MR_ENDPOINT)
+    (FI_MR_LOCAL | FI_MR_VIRT_ADDR | FI_MR_ALLOCATED | FI_MR_PROV_KEY | FI_MR_ENDPOINT | FI_MR_HMEM)
 
 #define FI_CHECK(call)                                                                 \
     do {                                                                               \
@@ -35,6 +35,8 @@ static struct fi_info *make_hints(const aiote_config *cfg, const char *domain, b
     if (!h)
         return NULL;
     h->caps = FI_RMA | FI_MSG | FI_WRITE | FI_REMOTE_WRITE | FI_SEND | FI_RECV;
+    if (cfg->hmem)
+        h->caps |= FI_HMEM; /* device memory registered directly (GPUDirect RDMA) */
     h->ep_attr->type = FI_EP_RDM;
     /* we hand providers a fi_context2 per operation */
     h->mode = FI_CONTEXT | FI_CONTEXT2;
@@ -120,15 +122,26 @@ static uint64_t random_key(const struct fi_info *fi)
     return key ? key : 0x5eed;
 }
 
-static int nic_mr_reg(struct nic *n, void *buf, size_t len, uint64_t access, struct fid_mr **mr)
+static int nic_mr_reg(struct nic *n, void *buf, size_t len, uint64_t access, int cuda_device, struct fid_mr **mr)
 {
     bool prov_key = n->fi->domain_attr->mr_mode & FI_MR_PROV_KEY;
     int rc = -FI_ENOKEY;
     /* Requested keys are random 64-bit values (never sequential): on tcp and
      * shm the requested key is the key, and guessing it would let any peer
      * write here.  Retry on the rare collision. */
-    for (int tries = 0; tries < 8 && rc == -FI_ENOKEY; tries++)
-        rc = fi_mr_reg(n->domain, buf, len, access, 0, prov_key ? 0 : random_key(n->fi), 0, mr, NULL);
+    for (int tries = 0; tries < 8 && rc == -FI_ENOKEY; tries++) {
+        struct iovec iov = {.iov_base = buf, .iov_len = len};
+        struct fi_mr_attr attr = {
+            .mr_iov = &iov,
+            .iov_count = 1,
+            .access = access,
+            .requested_key = prov_key ? 0 : random_key(n->fi),
+            .iface = cuda_device >= 0 ? FI_HMEM_CUDA : FI_HMEM_SYSTEM,
+        };
+        if (cuda_device >= 0)
+            attr.device.cuda = cuda_device;
+        rc = fi_mr_regattr(n->domain, &attr, 0, mr);
+    }
     if (rc) {
         aiote_set_error("fi_mr_reg(%p, %zu) on NIC %d failed: %s (%d)", buf, len, n->index,
                         fi_strerror(-rc), rc);
@@ -265,10 +278,10 @@ int fabric_open(aiote_engine *e)
     if (posix_memalign((void **)&e->recv_arena, 4096, e->slot_size * nrecv) ||
         posix_memalign((void **)&e->send_arena, 4096, e->slot_size * nsend))
         return -AIOTE_E_NOMEM;
-    int rc = nic_mr_reg(n0, e->recv_arena, e->slot_size * nrecv, FI_RECV, &e->recv_mr);
+    int rc = nic_mr_reg(n0, e->recv_arena, e->slot_size * nrecv, FI_RECV, -1, &e->recv_mr);
     if (rc)
         return rc;
-    rc = nic_mr_reg(n0, e->send_arena, e->slot_size * nsend, FI_SEND, &e->send_mr);
+    rc = nic_mr_reg(n0, e->send_arena, e->slot_size * nsend, FI_SEND, -1, &e->send_mr);
     if (rc)
         return rc;
     e->recv_slots = calloc(nrecv, sizeof *e->recv_slots);
@@ -368,7 +381,7 @@ int ctrl_mr_register(aiote_engine *e, void *argp)
         acc |= FI_REMOTE_WRITE;
     struct fid_mr *mrs[AIOTE_MAX_NICS] = {0};
     for (uint32_t i = 0; i < e->nnics; i++) {
-        int rc = nic_mr_reg(&e->nics[i], a->addr, a->len, acc, &mrs[i]);
+        int rc = nic_mr_reg(&e->nics[i], a->addr, a->len, acc, a->cuda_device, &mrs[i]);
         if (rc) {
             for (uint32_t k = 0; k < i; k++)
                 fi_close(&mrs[k]->fid);

@@ -111,6 +111,7 @@ struct op {
     uint32_t peer;
     uint8_t *msg;
     size_t msg_len;
+    uint32_t msg_flags;
 
     /* control (runs on the worker; the caller waits on done) */
     ctrl_fn fn;
@@ -274,6 +275,19 @@ struct aiote_engine {
     struct event_queue events;
 
     uint64_t next_liveness_ns; /* worker: next check of peers' processes and pings */
+
+    /* watchdog (shm): a peer killed inside libfabric shm's critical section
+     * leaves a spin lock in its region held forever, and whoever posts to it
+     * next spins forever.  The worker says whom it posts to; a thread notices
+     * the worker stuck there with that peer dead and declares the engine
+     * wedged (Python fails everything; shutdown leaves the thread behind). */
+    atomic_uint posting_peer;   /* peer index + 1 during a provider post to it, else 0 */
+    atomic_uint_fast64_t post_seq;
+    atomic_bool wedged;
+    bool watchdog_started;
+    pthread_t watchdog;
+    pthread_mutex_t wd_lock;
+    pthread_cond_t wd_cond;
     uint64_t ping_interval_ns;
 
     /* statistics: written by the worker, read racily (monotonic counters) */
@@ -309,6 +323,7 @@ struct mr_reg_arg {
     void *addr;
     uint64_t len;
     int access;
+    int cuda_device; /* -1: host memory */
     uint64_t mr_id, base;
     uint64_t keys[AIOTE_MAX_NICS];
 };
@@ -331,6 +346,7 @@ int ctrl_peer_insert(aiote_engine *e, void *arg);
 
 /* worker.c */
 void *worker_main(void *arg);
+void *watchdog_main(void *arg);
 void op_free(struct op *op);
 void fail_nic_inflight(aiote_engine *e, struct nic *n, int fi_err);
 void peer_down(aiote_engine *e, uint32_t idx, int fi_err);

@@ -151,6 +151,24 @@ static struct nic *pick_nic(aiote_engine *e, uint32_t want)
     return NULL;
 }
 
+/* A provider post to a shm peer: the watchdog may find us stuck in it for
+ * good (see struct aiote_engine) and cancel the thread, which only takes
+ * effect here (cancellation is asynchronous but disabled elsewhere). */
+static inline void watched_post_begin(aiote_engine *e, uint32_t peer)
+{
+    int old;
+    atomic_store_explicit(&e->posting_peer, peer + 1, memory_order_relaxed);
+    pthread_setcancelstate(PTHREAD_CANCEL_ENABLE, &old);
+}
+
+static inline void watched_post_end(aiote_engine *e)
+{
+    int old;
+    pthread_setcancelstate(PTHREAD_CANCEL_DISABLE, &old);
+    atomic_store_explicit(&e->posting_peer, 0, memory_order_relaxed);
+    atomic_fetch_add_explicit(&e->post_seq, 1, memory_order_relaxed);
+}
+
 /* 0: posted (or nothing to post), 1: provider said -FI_EAGAIN, 2: no transmit
  * context free (wait for our completions), <0: -fi_errno (*nic_out names the NIC) */
 static int post_shard(aiote_engine *e, struct op *op, size_t i, int *nic_out)
@@ -212,7 +230,11 @@ static int post_shard(aiote_engine *e, struct op *op, size_t i, int *nic_out)
      * (LIBFABRIC-NOTES.md); there is no payload to deliver anyway. */
     if (e->info.delivery_complete && !(e->is_shm && len == 0))
         flags |= FI_DELIVERY_COMPLETE;
+    if (p->ep[n->index])
+        watched_post_begin(e, rd->peer);
     ssize_t rc = fi_writemsg(p->ep[n->index] ? p->ep[n->index] : n->ep, &msg, flags);
+    if (p->ep[n->index])
+        watched_post_end(e);
     if (rc == -FI_EAGAIN)
         return 1;
     if (rc)
@@ -253,12 +275,16 @@ static int post_send(aiote_engine *e, struct op *op, int *nic_out)
     int slot = e->send_free[e->nsend_free - 1];
     uint8_t *buf = e->send_arena + (size_t)slot * e->slot_size;
     uint32_t hdr[4] = {MSG_MAGIC | (MSG_VERSION << 16), (uint32_t)e->self_blob_len, (uint32_t)op->msg_len,
-                       op->kind == OP_PING ? MSG_FLAG_PING : 0};
+                       op->kind == OP_PING ? MSG_FLAG_PING : op->msg_flags};
     memcpy(buf, hdr, sizeof hdr);
     memcpy(buf + sizeof hdr, e->self_blob, e->self_blob_len);
     memcpy(buf + sizeof hdr + e->self_blob_len, op->msg, op->msg_len);
     size_t total = sizeof hdr + e->self_blob_len + op->msg_len;
+    if (p->ep[0])
+        watched_post_begin(e, op->peer);
     ssize_t rc = fi_send(p->ep[0] ? p->ep[0] : n->ep, buf, total, fi_mr_desc(e->send_mr), p->fi[0][0], &c->h.fi);
+    if (p->ep[0])
+        watched_post_end(e);
     if (rc == -FI_EAGAIN)
         return 1;
     if (rc)
@@ -482,6 +508,7 @@ static void recv_done(aiote_engine *e, struct recv_slot *s, size_t len)
                 .src_off = v.src_off,
                 .src_len = v.src_len,
                 .payload_off = v.payload_off,
+                .index = flags & AIOTE_MSG_CTRL,
                 .nic = -1,
             };
             event_buf_push(&e->pending_events, &ev);
@@ -678,6 +705,9 @@ static void fail_all_closed(aiote_engine *e)
 void *worker_main(void *arg)
 {
     aiote_engine *e = arg;
+    int old;
+    pthread_setcancelstate(PTHREAD_CANCEL_DISABLE, &old);
+    pthread_setcanceltype(PTHREAD_CANCEL_ASYNCHRONOUS, &old);
     uint64_t idle_since = 0, backoff = 0;
     uint64_t spin_ns = (uint64_t)e->cfg.spin_us * 1000;
     for (;;) {
@@ -739,5 +769,56 @@ void *worker_main(void *arg)
         }
     }
     fail_all_closed(e);
+    return NULL;
+}
+
+/* See struct aiote_engine (watchdog).  Samples every 100 ms; half a second
+ * inside one post to a peer whose process is gone means it never returns. */
+void *watchdog_main(void *arg)
+{
+    aiote_engine *e = arg;
+    unsigned last_peer = 0, stuck = 0;
+    uint64_t last_seq = 0;
+    pthread_mutex_lock(&e->wd_lock);
+    while (!atomic_load(&e->stopping)) {
+        struct timespec ts;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        ts.tv_nsec += 100 * 1000 * 1000;
+        if (ts.tv_nsec >= 1000000000L) {
+            ts.tv_sec++;
+            ts.tv_nsec -= 1000000000L;
+        }
+        pthread_cond_timedwait(&e->wd_cond, &e->wd_lock, &ts);
+        if (atomic_load(&e->stopping))
+            break;
+        unsigned pp = atomic_load_explicit(&e->posting_peer, memory_order_relaxed);
+        uint64_t seq = atomic_load_explicit(&e->post_seq, memory_order_relaxed);
+        stuck = (pp && pp == last_peer && seq == last_seq) ? stuck + 1 : 0;
+        last_peer = pp;
+        last_seq = seq;
+        if (stuck < 5)
+            continue;
+        pthread_mutex_lock(&e->peer_lock);
+        struct peer *p = pp - 1 < e->npeers ? e->peers[pp - 1] : NULL;
+        bool dead = p && peer_process_gone(p);
+        pthread_mutex_unlock(&e->peer_lock);
+        if (!dead)
+            continue;
+        atomic_store(&e->wedged, true);
+        /* The worker holds the same-process shm read lock (local_peers.c)
+         * and will never return to drop it: drop it for it, or every later
+         * shm engine close in this process would wait forever.  (glibc's
+         * rwlock keeps a reader count, not owners.) */
+        local_read_unlock();
+        pthread_cancel(e->worker); /* stop it spinning (it is in a watched post) */
+        struct event_buf b = {0};
+        aiote_event ev = {.id = pp - 1, .kind = AIOTE_EV_WEDGED, .status = -AIOTE_E_PROVIDER,
+                          .fi_errno = FI_ECONNRESET, .nic = -1};
+        event_buf_push(&b, &ev);
+        event_queue_flush(&e->events, &b);
+        free(b.ev);
+        break;
+    }
+    pthread_mutex_unlock(&e->wd_lock);
     return NULL;
 }

@@ -1,0 +1,114 @@
+"""GPU-path logic that needs no GPU: descriptor extension, chunking, commit parsing."""
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import aiote
+from aiote import cuda
+from aiote.descriptor import CudaExt
+from aiote.gpu import Element, _merge, check_elements, chunk_elements
+
+
+def ext(**kw):
+    base = dict(mode="staged", device=1, token=0xDEADBEEF12345678, host=b"h" * 16, pid=1234,
+                device_uuid=b"u" * 16, ipc_handle=b"\x01" * 64, ipc_offset=4096)
+    base.update(kw)
+    return CudaExt(**base)
+
+
+def desc(cuda_ext=None, length=1 << 20):
+    return aiote.MrDescriptor("shm", (b"fi_shm://1:0:0",), 0x1000, length, (42,), cuda_ext)
+
+
+def test_cuda_descriptor_round_trip():
+    d = desc(ext())
+    b = d.to_bytes()
+    assert b[4] == 2  # version 2: the CUDA extension follows
+    assert aiote.MrDescriptor.from_bytes(b) == d
+    assert desc().to_bytes()[4] == 1  # host regions keep version 1
+    assert "cuda=staged:1" in repr(d) and "deadbeef" not in repr(d).lower()
+    assert ext(ipc_handle=bytes(64)).has_ipc is False
+
+
+@pytest.mark.parametrize("bad", [dict(mode="weird"), dict(device=300), dict(host=b"x"), dict(ipc_handle=b"1"),
+                                 dict(token=-1), dict(pid=1 << 33)])
+def test_cuda_ext_checks_fields(bad):
+    with pytest.raises(aiote.DescriptorError):
+        ext(**bad)
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.binary(max_size=200), st.integers(0, 140))
+def test_forged_cuda_descriptors_are_typed_errors(junk, cut):
+    good = desc(ext()).to_bytes()
+    for data in (good[:cut] + junk, good[:cut], good + junk[:3]):
+        try:
+            aiote.MrDescriptor.from_bytes(data)
+        except aiote.DescriptorError:
+            pass
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.integers(0, 5000), min_size=1, max_size=40), st.integers(1, 4096))
+def test_chunks_cover_every_byte_once(lengths, chunk):
+    d = desc()
+    es, off = [], 0
+    for n in lengths:
+        es.append(Element(d, off, off * 2, n))
+        off += n
+    chunks = chunk_elements(es, chunk)
+    got = sorted((s, dd, n) for c in chunks for (s, dd, n, _, _) in c if n)
+    want = []
+    for e in es:
+        if e.length <= chunk:
+            want.append((e.src_off, e.dst_off, e.length))
+        else:
+            want += [(e.src_off + o, e.dst_off + o, min(chunk, e.length - o)) for o in range(0, e.length, chunk)]
+    assert got == sorted(w for w in want if w[2])
+    # exactly one "last part" per element: that is where its imm is counted
+    assert sum(1 for c in chunks for p in c if p[4]) == len(es)
+    for c in chunks:
+        assert sum(p[2] for p in c) <= max(chunk, max(lengths)) and len(c) <= 2000
+
+
+def test_merge_joins_contiguous_ranges():
+    assert _merge([(0, 100, 10), (10, 110, 5), (20, 200, 1), (21, 201, 0), (21, 201, 4)]) == [
+        (0, 100, 15), (20, 200, 5)]
+
+
+def test_element_bounds():
+    d = desc(length=100)
+    check_elements(100, [Element(d, 0, 0, 100)])
+    with pytest.raises(aiote.OutOfBounds) as ei:
+        check_elements(100, [Element(d, 0, 0, 10), Element(d, 95, 0, 10)])
+    assert ei.value.index == 1
+    with pytest.raises(aiote.OutOfBounds):
+        check_elements(100, [Element(d, 0, 91, 10)])
+
+
+def test_host_buffers_are_not_cuda():
+    assert cuda.cuda_pointer(bytearray(8)) is None
+    assert len(cuda.boot_id()) == 16
+
+
+async def test_bad_gpu_options():
+    with pytest.raises(aiote.InvalidArgument):
+        aiote.TransferEngine("shm", gpu="fast")
+    with pytest.raises(aiote.InvalidArgument):
+        aiote.TransferEngine("shm", gpu_chunk=10)
+
+
+async def test_forged_commits_are_dropped(aiote_engine_pair):
+    """A commit message for no region, or out of bounds, changes nothing and counts nothing."""
+    a, b = aiote_engine_pair
+    import struct
+
+    for body in (b"junk", struct.pack("<4sQIII", b"AGC1", 1, 5, 1, 0),
+                 struct.pack("<4sQIII", b"AGC1", 1, 5, 1, 1) + struct.pack("<QQ", 0, 1 << 40)):
+        await a._send_ctrl(b.address if isinstance(b.address, aiote.EngineAddress)
+                           else aiote.EngineAddress.from_bytes(b.address), body)
+    # a normal message after them arrives; the forged ones never reach recv() or the counter
+    await a.send(b.address, b"after")
+    assert (await b.recv())[0] == b"after"
+    assert b.imms.pending(5) == 0
