@@ -31,6 +31,7 @@ _CU_STREAM_NON_BLOCKING = 1
 _CU_EVENT_DISABLE_TIMING = 2
 _CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS = 1
 IPC_HANDLE_SIZE = 64
+_CUDA_ERROR_NOT_READY = 600
 
 
 class CudaError(AioteError):
@@ -161,6 +162,19 @@ class _Driver:
 
     def record(self, event: int, stream: int) -> None:
         self.call("cuEventRecord", ctypes.c_void_p(event), ctypes.c_void_p(stream))
+
+    def query(self, event: int) -> bool | CudaError:
+        """True if the event has happened, False if not yet, else the error."""
+        rc = self._fn("cuEventQuery")(ctypes.c_void_p(event))
+        if rc == 0:
+            return True
+        if rc == _CUDA_ERROR_NOT_READY:
+            return False
+        try:
+            self._check(rc, "cuEventQuery")
+        except CudaError as e:
+            return e
+        return True
 
     def synchronize(self, event: int) -> None:
         """Block until the event has happened (ctypes drops the GIL meanwhile)."""

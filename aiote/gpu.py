@@ -19,19 +19,18 @@ once the copy's event has completed, so ``imms.wait`` keeps its meaning.
 
 Copies run on streams of their own (``cuMemcpyAsync``, the copy engines, no
 kernels); a source tensor's pending work on torch's current stream is waited
-for first.  Completion of copies is seen by one thread per engine that waits
-on CUDA events and hands the result to the event loop.
+for first.  A CUDA host function queued after the copies wakes the event loop
+through an eventfd (see _CopyWaiter).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import os
-import queue
 import secrets
 import struct
 import sys
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
@@ -76,54 +75,72 @@ class _GpuInfo:
     token: int
 
 
-class _EventThread:
-    """Waits on CUDA events in order and resolves asyncio futures."""
+class _CopyWaiter:
+    """Resolves futures when copies queued on aiote's streams are done.
 
-    def __init__(self) -> None:
-        self._q: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name="aiote-cuda-events", daemon=True)
-        self._thread.start()
+    After each batch of copies, a CUDA host function (``aiote_host_notify``,
+    C, no Python and no GIL) adds 1 to an eventfd the event loop watches; the
+    loop then resolves, in order, every pending copy whose event has completed.
+    One wake-up of the loop per completion, no thread of our own."""
 
-    def wait(self, loop: asyncio.AbstractEventLoop, device: int, event: int) -> asyncio.Future[None]:
-        fut: asyncio.Future[None] = loop.create_future()
-        self._q.put((loop, device, event, fut))
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        from ._core import ffi, lib
+
+        self._drv = cuda.driver()
+        self._loop = loop
+        self._efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._fn = int(ffi.cast("uintptr_t", ffi.addressof(lib, "aiote_host_notify")))
+        self._pending: dict[int, collections.deque[tuple[int, asyncio.Future[None]]]] = {}
+        loop.add_reader(self._efd, self._on_notify)
+
+    def after(self, device: int, stream: int) -> asyncio.Future[None]:
+        """A future for everything queued on stream so far."""
+        drv = self._drv
+        ev = drv.event()
+        drv.record(ev, stream)
+        drv.call("cuLaunchHostFunc", _vp(stream), _vp(self._fn), _vp(self._efd))
+        fut: asyncio.Future[None] = self._loop.create_future()
+        self._pending.setdefault(device, collections.deque()).append((ev, fut))
         return fut
 
-    def stop(self) -> None:
-        self._q.put(None)
-        self._thread.join()
+    def _on_notify(self) -> None:
+        try:
+            os.eventfd_read(self._efd)
+        except BlockingIOError:
+            pass
+        drv = self._drv
+        for device, q in self._pending.items():
+            if not q:
+                continue
+            drv.use_device(device)
+            while q:
+                ev, fut = q[0]
+                rc = drv.query(ev)
+                if rc is False:
+                    break  # not yet (a later notification comes)
+                q.popleft()
+                drv.destroy_event(ev)
+                if not fut.done():
+                    if rc is True:
+                        fut.set_result(None)
+                    else:
+                        fut.set_exception(rc)
 
-    def _run(self) -> None:
-        drv = cuda.driver()
-        while True:
-            item = self._q.get()
-            if item is None:
-                return
-            loop, device, event, fut = item
-            err: BaseException | None = None
-            try:
-                drv.use_device(device)
-                drv.synchronize(event)
-            except cuda.CudaError as e:
-                err = e
-            finally:
+    def close(self) -> None:
+        """Wait for copies in flight (their buffers may be freed next)."""
+        self._loop.remove_reader(self._efd)
+        for device, q in self._pending.items():
+            for ev, fut in q:
                 try:
-                    drv.destroy_event(event)
+                    self._drv.use_device(device)
+                    self._drv.synchronize(ev)
+                    self._drv.destroy_event(ev)
                 except cuda.CudaError:
                     pass
-            try:
-                loop.call_soon_threadsafe(_settle, fut, err)
-            except RuntimeError:
-                pass  # the loop is closed: nobody waits any more
-
-
-def _settle(fut: asyncio.Future[None], err: BaseException | None) -> None:
-    if fut.done():
-        return
-    if err is None:
-        fut.set_result(None)
-    else:
-        fut.set_exception(err)
+                if not fut.done():
+                    fut.cancel()
+        self._pending.clear()
+        os.close(self._efd)
 
 
 def chunk_elements(es: Sequence[Element], cap: int, max_ranges: int = 2000) -> list[list[Part]]:
@@ -178,7 +195,7 @@ class GpuPaths:
         self._boot = cuda.boot_id()
         self._pid = os.getpid()
         self._streams: dict[int, int] = {}
-        self._events: _EventThread | None = None
+        self._waiter: _CopyWaiter | None = None
         self._by_token: dict[int, MemoryRegion] = {}
         self._ipc_maps: dict[tuple[int, bytes], int] = {}  # (pid, handle) -> mapped base
         self.stats = {"staged_in": 0, "staged_out": 0, "ipc_writes": 0, "commits_sent": 0,
@@ -249,11 +266,9 @@ class GpuPaths:
         stream = self._stream(device)
         for dst, src, n in pairs:
             drv.copy(dst, src, n, stream)
-        ev = drv.event()
-        drv.record(ev, stream)
-        if self._events is None:
-            self._events = _EventThread()
-        return self._events.wait(self._engine._loop_checked(), device, ev)
+        if self._waiter is None:
+            self._waiter = _CopyWaiter(self._engine._loop_checked())
+        return self._waiter.after(device, stream)
 
     # -- writes --------------------------------------------------------------------
 
@@ -408,9 +423,9 @@ class GpuPaths:
     # -- closing ---------------------------------------------------------------------
 
     def close(self) -> None:
-        if self._events is not None:
-            self._events.stop()
-            self._events = None
+        if self._waiter is not None:
+            self._waiter.close()
+            self._waiter = None
         for base in self._ipc_maps.values():
             try:
                 self._drv.ipc_close(base)

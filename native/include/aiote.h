@@ -247,6 +247,10 @@ void aiote_free(void *p);
 int aiote_check_addrs(const uint8_t *b, size_t len);
 int aiote_check_message(const uint8_t *b, size_t len, uint64_t *payload_off, uint64_t *payload_len);
 
+/* A CUDA host function (cuLaunchHostFunc) that wakes the event loop: arg is
+ * an eventfd number cast to a pointer; it adds 1 to it.  No CUDA needed here. */
+void aiote_host_notify(void *efd);
+
 /* ---- NIC discovery --------------------------------------------------------
  * What libfabric offers on this host: one entry per provider + domain (the
  * entries libfabric lists per endpoint type and address family are merged).

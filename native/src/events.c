@@ -94,3 +94,10 @@ size_t event_queue_take(struct event_queue *q, aiote_event *out, size_t max)
     pthread_mutex_unlock(&q->lock);
     return n;
 }
+
+void aiote_host_notify(void *efd)
+{
+    uint64_t one = 1;
+    ssize_t r = write((int)(intptr_t)efd, &one, sizeof one);
+    (void)r;
+}

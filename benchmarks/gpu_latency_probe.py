@@ -1,0 +1,62 @@
+"""Where one GPU->GPU write's time goes (aiote CUDA IPC path, 4 KiB, 2 GPUs).
+
+Medians of 50: queuing a copy and seeing its completion in the event loop, an
+imm-only write, a whole write, and an empty event-loop turn.
+
+    PYTHONPATH=$PWD python3 benchmarks/gpu_latency_probe.py
+"""
+
+import asyncio
+import multiprocessing as mp
+import statistics
+import sys
+import time
+
+import torch
+
+import aiote
+
+sys.path.insert(0, "benchmarks")
+from bench_gpu import _aiote_target  # noqa: E402
+
+
+def med(xs: list[float]) -> float:
+    return round(statistics.median(xs), 1)
+
+
+async def main() -> None:
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    p = ctx.Process(target=_aiote_target, args=(child, 1 << 20, True), daemon=True)
+    p.start()
+    async with aiote.TransferEngine("shm") as eng:
+        src = eng.register(torch.ones(1 << 20, dtype=torch.uint8, device="cuda:0"))
+        loop = asyncio.get_running_loop()
+        d = aiote.MrDescriptor.from_bytes(await loop.run_in_executor(None, parent.recv))
+        g = eng._gpu_paths()
+        for _ in range(5):
+            await eng.write(src, d, 4096, imm=1)
+        a: list[float] = []
+        b: list[float] = []
+        c: list[float] = []
+        e: list[float] = []
+        for _ in range(50):
+            t = time.perf_counter()
+            await g._copies(0, [(src.cuda.mirror or src.cuda.ptr, src.cuda.ptr, 4096)])
+            a.append((time.perf_counter() - t) * 1e6)
+            t = time.perf_counter()
+            await eng._imm_only(d, 5, 1)
+            b.append((time.perf_counter() - t) * 1e6)
+            t = time.perf_counter()
+            await eng.write(src, d, 4096, imm=1)
+            c.append((time.perf_counter() - t) * 1e6)
+            t = time.perf_counter()
+            await asyncio.sleep(0)
+            e.append((time.perf_counter() - t) * 1e6)
+        print("copies+event", med(a), "imm_only", med(b), "write", med(c), "loop turn", med(e))
+    parent.send(b"x")
+    p.join(10)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
