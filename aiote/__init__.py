@@ -19,12 +19,13 @@ from .errors import (
     RegionInUse,
     RegistrationError,
 )
-from .memory import MemoryRegion
+from .memory import MemoryRegion, host_buffer
 from .topology import GpuInfo, NicDevice, NicInfo, Topology, nics, topology
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "host_buffer",
     "TransferEngine",
     "PeerGroup",
     "MemoryRegion",

@@ -123,3 +123,22 @@ async def test_peer_writes_into_us(engine, peer):
     await peer.call("write", rid, mr.descriptor.to_bytes(), 1 << 20, 0, 0, 77)
     await asyncio.wait_for(w, 10)
     assert dst == b"\x5a" * (1 << 20)
+
+
+async def test_host_buffer_huge_page_aligned_and_usable(aiote_engine_pair):
+    """aiote.host_buffer: 2 MiB-aligned (THP-advised) memory that registers and carries writes."""
+    import numpy as np
+
+    a, b = aiote_engine_pair
+    n = (8 << 20) + 3
+    src_mv, dst_mv = aiote.host_buffer(n), aiote.host_buffer(n, huge_pages=False)
+    src_np = np.frombuffer(src_mv, dtype=np.uint8)
+    assert src_np.ctypes.data % (2 << 20) == 0 and len(src_mv) == n and not src_mv.readonly
+    src_np[:] = np.random.default_rng(1).integers(0, 256, n, dtype=np.uint8)
+    src, dst = a.register(src_mv), b.register(dst_mv)
+    w = b.imms.wait(31, 1, timeout=30)
+    await a.write(src, dst.descriptor, imm=31)
+    await w
+    assert bytes(dst_mv) == bytes(src_mv)
+    with pytest.raises(aiote.RegistrationError):
+        aiote.host_buffer(0)
