@@ -21,10 +21,13 @@ from .errors import (
 )
 from .memory import MemoryRegion, host_buffer
 from .topology import GpuInfo, NicDevice, NicInfo, Topology, nics, topology
+from .watch import Prepared, Watcher
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Prepared",
+    "Watcher",
     "host_buffer",
     "TransferEngine",
     "PeerGroup",

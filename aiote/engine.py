@@ -18,6 +18,7 @@ from .descriptor import EngineAddress, MrDescriptor
 from .errors import AioteError, DescriptorError, EngineClosed, InvalidArgument, PeerUnreachable, QueueFull
 from .gpu import Element, GpuPaths, check_elements
 from .memory import MemoryRegion
+from .watch import Prepared, Watcher
 
 __all__ = ["TransferEngine", "PeerGroup", "PROVIDER_ALIASES"]
 
@@ -162,6 +163,8 @@ class TransferEngine:
         self._max_deferred = max_deferred
         self._drainers: list[asyncio.Future[None]] = []
         self._regions: set[MemoryRegion] = set()
+        self._watchers: dict[int, Watcher] = {}
+        self._watch_rids: dict[int, Watcher] = {}  # armed notify reactions
         self._peers: dict[tuple[bytes, ...], int] = {}
         self._rdescs: dict[MrDescriptor, int] = {}
         self._inbox: collections.deque[tuple[bytes, bytes]] = collections.deque()
@@ -263,6 +266,8 @@ class TransferEngine:
             f = self._recv_waiters.popleft()
             if not f.done():
                 f.set_exception(closed())
+        for w in list(self._watchers.values()):
+            w._release()
         for r in list(self._regions):
             r._engine_closed()
         self._regions.clear()
@@ -528,6 +533,72 @@ class TransferEngine:
             return self._gpu_submit(src, [(dst, src_offset, dst_offset, length)], imm)
         return self._submit_wrs(src, wrs, 1, imm, None)
 
+    # -- watchers: transfers fired by a word in memory (aiote/watch.py) ------------------
+
+    def watcher(self, *, cuda: bool = False, device: int = 0, buffer: Any = None, offset: int = 0) -> Watcher:
+        """A watched 64-bit word: in device-mapped pinned memory (``cuda=True``, for kernels
+        and CUDA graphs), in ``buffer`` at ``offset`` (e.g. shared memory another process
+        writes), or in a fresh page."""
+        self._handle()
+        return Watcher(self, cuda=cuda, device=device, buffer=buffer, offset=offset)
+
+    def prepare_write(self, src: MemoryRegion, dst: MrDescriptor, length: int | None = None, src_offset: int = 0,
+                      dst_offset: int = 0, imm: int | None = None) -> Prepared:
+        """A write checked now and posted by C each time a watcher reaction fires."""
+        if length is None:
+            length = src.nbytes - src_offset
+        return self.prepare_scatter(src, [(dst, src_offset, dst_offset, length)], imm)
+
+    def prepare_scatter(self, src: MemoryRegion, targets: Sequence[tuple[MrDescriptor, int, int, int]],
+                        imm: int | None = None) -> Prepared:
+        """Like ``scatter``, prepared (see ``prepare_write``)."""
+        self._check_prepared_src(src, [t[0] for t in targets])
+        n = len(targets)
+        if n == 0:
+            raise InvalidArgument("a prepared transfer needs at least one element")
+        wrs = ffi.new("aiote_wr[]", n)
+        for i, (desc, so, do, ln) in enumerate(targets):
+            self._fill(wrs[i], desc, so, do, ln)
+        has_imm, imm_v = self._check_imm(imm)
+        bad, out = ffi.new("uint64_t*"), ffi.new("uint32_t*")
+        check(lib.aiote_prepare_writes(self._handle(), src._mr_id(), wrs, n, has_imm, imm_v, bad, out),
+              "prepare", index=int(bad[0]))
+        return Prepared(self, int(out[0]), src)
+
+    def prepare_barrier(self, targets: Iterable[MrDescriptor], imm: int) -> Prepared:
+        """Like ``barrier``, prepared: an imm-only write to each target's owner."""
+        if imm is None:
+            raise InvalidArgument("a barrier needs an imm")
+        return self.prepare_scatter(self._scratch(), [(d, 0, 0, 0) for d in targets], imm)
+
+    def prepare_paged(self, src: MemoryRegion, dst: MrDescriptor, page_len: int, src_pages: Any, dst_pages: Any,
+                      src_stride: int | None = None, dst_stride: int | None = None, src_offset: int = 0,
+                      dst_offset: int = 0, imm: int | None = None) -> Prepared:
+        """Like ``write_paged``, prepared (see ``prepare_write``)."""
+        self._check_prepared_src(src, [dst])
+        sp, dp, n, src_stride, dst_stride, keep = _paged_args(page_len, src_pages, dst_pages, src_stride,
+                                                             dst_stride, src_offset, dst_offset)
+        has_imm, imm_v = self._check_imm(imm)
+        bad, out = ffi.new("uint64_t*"), ffi.new("uint32_t*")
+        check(lib.aiote_prepare_paged(self._handle(), src._mr_id(), self._rdesc(dst), page_len, sp, src_stride,
+                                      src_offset, dp, dst_stride, dst_offset, n, has_imm, imm_v, bad, out),
+              "prepare", index=int(bad[0]))
+        return Prepared(self, int(out[0]), (src, keep))
+
+    @staticmethod
+    def _check_prepared_src(src: MemoryRegion, dsts: Sequence[MrDescriptor]) -> None:
+        if not isinstance(src, MemoryRegion):
+            raise TypeError(f"src must be a MemoryRegion, got {type(src).__name__}")
+        staged = (src.cuda is not None and src.cuda.mirror) or any(
+            d.cuda is not None and d.cuda.mode == "staged" for d in dsts)
+        if staged:
+            raise InvalidArgument("prepared transfers need host memory or GPUDirect regions: a staged GPU "
+                                  "region's bytes must be copied by Python first (write it instead)")
+
+    @staticmethod
+    def _op_record(fut: asyncio.Future[None], keep: Any) -> _Op:
+        return _Op(fut, keep)
+
     # -- GPU paths (aiote/gpu.py) -------------------------------------------------------
 
     def _gpu_submit(self, src: MemoryRegion, elems: Sequence[tuple[MrDescriptor, int, int, int]],
@@ -607,22 +678,12 @@ class TransferEngine:
         """
         if not isinstance(src, MemoryRegion):
             raise TypeError(f"src must be a MemoryRegion, got {type(src).__name__}")
-        sp, sp_keep, n = _int64_pages(src_pages)
-        dp, dp_keep, m = _int64_pages(dst_pages)
-        if n != m:
-            raise InvalidArgument(f"src_pages has {n} entries, dst_pages {m}")
-        if n == 0:
-            raise InvalidArgument("write_paged needs at least one page")
-        src_stride = page_len if src_stride is None else src_stride
-        dst_stride = page_len if dst_stride is None else dst_stride
-        for name, v in (("page_len", page_len), ("src_stride", src_stride), ("dst_stride", dst_stride),
-                        ("src_offset", src_offset), ("dst_offset", dst_offset)):
-            if not isinstance(v, int) or v < 0 or v >= 1 << 64:
-                raise InvalidArgument(f"{name} must be a non-negative int, got {v!r}")
+        sp, dp, n, src_stride, dst_stride, keep = _paged_args(page_len, src_pages, dst_pages, src_stride,
+                                                             dst_stride, src_offset, dst_offset)
         has_imm, imm_v = self._check_imm(imm)
         rd = self._rdesc(dst)
         if src.cuda is not None or dst.cuda is not None:
-            sl, dl = [int(x) for x in _as_list(src_pages)], [int(x) for x in _as_list(dst_pages)]
+            sl, dl = [int(x) for x in keep[0]], [int(x) for x in keep[1]]
             if any(p < 0 for p in sl) or any(p < 0 for p in dl):
                 raise InvalidArgument("page numbers must be >= 0")
             return self._gpu_submit(src, [(dst, src_offset + a * src_stride, dst_offset + b * dst_stride, page_len)
@@ -639,7 +700,7 @@ class TransferEngine:
                 check(rc, index=int(bad[0]))
             return rc
 
-        return self._submit(submit, (src, sp_keep, dp_keep))
+        return self._submit(submit, (src, keep))
 
     # -- messages ------------------------------------------------------------------
 
@@ -702,6 +763,10 @@ class TransferEngine:
                     self._recv_event(ev)
                 elif kind == lib.AIOTE_EV_PEER_DOWN:
                     self._peer_down(ev)
+                elif kind == lib.AIOTE_EV_WATCH:
+                    w = self._watch_rids.pop(int(ev.id), None)
+                    if w is not None:
+                        w._event(ev)
                 elif kind == lib.AIOTE_EV_WEDGED:
                     self._loop_checked().call_soon(self._wedged, int(ev.id))
             if n < _EVENT_BATCH:
@@ -834,10 +899,22 @@ def _parse_addr_blob(blob: bytes) -> tuple[bytes, ...]:
     return tuple(out)
 
 
-def _as_list(pages: Any) -> list[int]:
-    """A page list as Python ints (GPU paths walk pages in Python)."""
-    _, keep, _ = _int64_pages(pages)
-    return list(keep)
+def _paged_args(page_len: Any, src_pages: Any, dst_pages: Any, src_stride: Any, dst_stride: Any,
+                src_offset: Any, dst_offset: Any) -> tuple[Any, Any, int, int, int, Any]:
+    """Checked arguments of a paged write: C page arrays, count, strides, and what keeps the arrays alive."""
+    sp, sp_keep, n = _int64_pages(src_pages)
+    dp, dp_keep, m = _int64_pages(dst_pages)
+    if n != m:
+        raise InvalidArgument(f"src_pages has {n} entries, dst_pages {m}")
+    if n == 0:
+        raise InvalidArgument("a paged write needs at least one page")
+    src_stride = page_len if src_stride is None else src_stride
+    dst_stride = page_len if dst_stride is None else dst_stride
+    for name, v in (("page_len", page_len), ("src_stride", src_stride), ("dst_stride", dst_stride),
+                    ("src_offset", src_offset), ("dst_offset", dst_offset)):
+        if not isinstance(v, int) or v < 0 or v >= 1 << 64:
+            raise InvalidArgument(f"{name} must be a non-negative int, got {v!r}")
+    return sp, dp, n, src_stride, dst_stride, (sp_keep, dp_keep)
 
 
 def _int64_pages(pages: Any) -> tuple[Any, Any, int]:

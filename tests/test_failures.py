@@ -423,12 +423,13 @@ async def test_shm_peer_dying_inside_the_provider_wedges_only_that_engine(aiote_
         peer.kill()
         res = await asyncio.wait_for(asyncio.gather(w, eng.send(addr, b"x"), return_exceptions=True), 30)
         assert all(isinstance(r, aiote.PeerUnreachable) for r in res), res
-        assert eng.closed
+        if not eng.closed:
+            continue  # it died outside the lock this time: the pidfd path handled it; again
         with pytest.raises(aiote.EngineClosed):
             eng.write(src, d, 16)
         break
     else:
-        pytest.skip("no write was caught mid-copy in 5 tries")
+        pytest.skip("no peer died holding its lock in 5 tries")
     # the process and its other shm engines are fine
     other, live = await aiote_make_engine(), await aiote_make_peer()
     rid, ld = await live.call("register", 4096, 0)

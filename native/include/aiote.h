@@ -43,6 +43,7 @@ enum {
     AIOTE_EV_IMM = 2,       /* an imm waiter's threshold was reached */
     AIOTE_EV_RECV = 3,      /* a message arrived: data/len/src/src_len */
     AIOTE_EV_PEER_DOWN = 4, /* id = peer index: its process exited or it stopped answering (fi_errno) */
+    AIOTE_EV_WATCH = 6,     /* id = reaction id: a watched word reached its threshold (index = value seen) */
     AIOTE_EV_WEDGED = 5,    /* id = peer index: the worker is stuck inside the provider on that dead
                              * peer (shm: a lock its process died holding); the engine is unusable */
 
@@ -120,6 +121,7 @@ typedef struct {
     uint64_t src_off;         /* EV_RECV: sender address offset within data */
     uint64_t src_len;         /* EV_RECV: sender address length */
     uint64_t payload_off;     /* EV_RECV: payload offset within data */
+    uint64_t time_ns;         /* EV_WATCH: when the worker saw the value (CLOCK_MONOTONIC) */
 } aiote_event;
 
 /* One write of a batch.  len == 0 with has_imm is an imm-only write. */
@@ -246,6 +248,34 @@ void aiote_free(void *p);
  * count or a negative code) and a received message. */
 int aiote_check_addrs(const uint8_t *b, size_t len);
 int aiote_check_message(const uint8_t *b, size_t len, uint64_t *payload_off, uint64_t *payload_len);
+
+/* ---- watchers: transfers triggered by a word in memory ---------------------
+ * A watcher is a 64-bit word in memory the caller owns and keeps alive until
+ * aiote_watch_remove (pinned, device-mapped host memory for a GPU writer; any
+ * memory for a CPU writer).  While reactions are armed the worker reads it on
+ * every turn of its loop (adaptive polling naps at most 5 us then).  A reaction
+ * fires once, when the value is >= its threshold; reactions of one watcher fire
+ * in threshold order (then arming order), every crossed one even if the value
+ * jumped past several.  A reaction posts a prepared transfer (its completion
+ * is an AIOTE_EV_OP event with the reaction's id) or, with prep 0, only
+ * reports AIOTE_EV_WATCH (id = reaction id, index = the value seen). */
+int aiote_watch_add(aiote_engine *e, const uint64_t *word, uint32_t *watch);
+/* Armed reactions fail (their events carry AIOTE_E_CLOSED). */
+int aiote_watch_remove(aiote_engine *e, uint32_t watch);
+int aiote_watch_arm(aiote_engine *e, uint32_t watch, uint64_t threshold, uint32_t prep, uint64_t id);
+/* Take back an armed reaction: 1 if it was still armed, 0 if it fired already. */
+int aiote_watch_disarm(aiote_engine *e, uint32_t watch, uint64_t id);
+/* A transfer checked and resolved once, posted each time a reaction fires.
+ * It holds its local region (deregistration: AIOTE_E_BUSY) until freed.
+ * Ids start at 1. */
+int aiote_prepare_writes(aiote_engine *e, uint64_t mr_id, const aiote_wr *wrs, size_t n, int has_imm,
+                         uint32_t imm, uint64_t *bad_index, uint32_t *prep);
+int aiote_prepare_paged(aiote_engine *e, uint64_t mr_id, uint32_t rdesc, uint64_t page_len,
+                        const int64_t *src_pages, uint64_t src_stride, uint64_t src_off,
+                        const int64_t *dst_pages, uint64_t dst_stride, uint64_t dst_off,
+                        size_t n, int has_imm, uint32_t imm, uint64_t *bad_index, uint32_t *prep);
+/* AIOTE_E_BUSY while a reaction refers to it. */
+int aiote_prepare_free(aiote_engine *e, uint32_t prep);
 
 /* A CUDA host function (cuLaunchHostFunc) that wakes the event loop: arg is
  * an eventfd number cast to a pointer; it adds 1 to it.  No CUDA needed here. */

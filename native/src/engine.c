@@ -32,6 +32,8 @@ void aiote_free(void *p) { free(p); }
 
 static char *dup_or_null(const char *s) { return s ? strdup(s) : NULL; }
 
+static void watches_close(aiote_engine *e);
+
 static void engine_release(aiote_engine *e)
 {
     free((char *)e->cfg.provider);
@@ -58,6 +60,9 @@ static void engine_release(aiote_engine *e)
     pthread_mutex_destroy(&e->mr_lock);
     pthread_mutex_destroy(&e->peer_lock);
     pthread_mutex_destroy(&e->sub_lock);
+    pthread_mutex_destroy(&e->watch_lock);
+    free(e->watches);
+    free(e->preps);
     free(e);
 }
 
@@ -104,7 +109,9 @@ int aiote_engine_open(const aiote_config *cfg, aiote_engine **out)
     pthread_mutex_init(&e->mr_lock, NULL);
     pthread_mutex_init(&e->peer_lock, NULL);
     pthread_mutex_init(&e->sub_lock, NULL);
+    pthread_mutex_init(&e->watch_lock, NULL);
     atomic_init(&e->outstanding, 0);
+    atomic_init(&e->narmed, 0);
     int rc = imm_table_init(&e->imms);
     if (!rc)
         rc = event_queue_init(&e->events);
@@ -169,6 +176,7 @@ int aiote_engine_shutdown(aiote_engine *e)
     if (e->worker_started)
         pthread_join(e->worker, NULL);
     e->worker_started = false;
+    watches_close(e);
     fabric_close(e);
     /* the NIC can't touch them any more: free what the worker left */
     struct op *op = e->live;
@@ -511,8 +519,11 @@ static int submit_op(aiote_engine *e, struct op *op, size_t nelems)
     return rc;
 }
 
-int aiote_submit_writes(aiote_engine *e, uint64_t op_id, uint64_t mr_id, const aiote_wr *wrs,
-                        size_t n, int has_imm, uint32_t imm, uint64_t *bad_index)
+/* Build a batch of writes: checked, remote regions resolved, the local
+ * region referenced.  With prep_out the op becomes a template (not queued,
+ * nothing reserved); else it is submitted. */
+static int writes_op(aiote_engine *e, uint64_t op_id, uint64_t mr_id, const aiote_wr *wrs, size_t n,
+                     int has_imm, uint32_t imm, uint64_t *bad_index, struct op **prep_out)
 {
     *bad_index = 0;
     if (has_imm && imm > IMM_USER_MAX) {
@@ -576,6 +587,11 @@ int aiote_submit_writes(aiote_engine *e, uint64_t op_id, uint64_t mr_id, const a
             return -AIOTE_E_BOUNDS;
         }
     }
+    if (prep_out) {
+        commit_local(e, s);
+        *prep_out = op;
+        return 0;
+    }
     rc = reserve(e, n);
     if (rc) {
         pthread_mutex_unlock(&e->mr_lock);
@@ -586,10 +602,17 @@ int aiote_submit_writes(aiote_engine *e, uint64_t op_id, uint64_t mr_id, const a
     return submit_op(e, op, n);
 }
 
-int aiote_submit_paged(aiote_engine *e, uint64_t op_id, uint64_t mr_id, uint32_t rdesc,
-                       uint64_t page_len, const int64_t *src_pages, uint64_t src_stride,
-                       uint64_t src_off, const int64_t *dst_pages, uint64_t dst_stride,
-                       uint64_t dst_off, size_t n, int has_imm, uint32_t imm, uint64_t *bad_index)
+int aiote_submit_writes(aiote_engine *e, uint64_t op_id, uint64_t mr_id, const aiote_wr *wrs,
+                        size_t n, int has_imm, uint32_t imm, uint64_t *bad_index)
+{
+    return writes_op(e, op_id, mr_id, wrs, n, has_imm, imm, bad_index, NULL);
+}
+
+static int paged_op(aiote_engine *e, uint64_t op_id, uint64_t mr_id, uint32_t rdesc,
+                    uint64_t page_len, const int64_t *src_pages, uint64_t src_stride,
+                    uint64_t src_off, const int64_t *dst_pages, uint64_t dst_stride,
+                    uint64_t dst_off, size_t n, int has_imm, uint32_t imm, uint64_t *bad_index,
+                    struct op **prep_out)
 {
     *bad_index = 0;
     if (has_imm && imm > IMM_USER_MAX) {
@@ -654,6 +677,11 @@ int aiote_submit_paged(aiote_engine *e, uint64_t op_id, uint64_t mr_id, uint32_t
             return -AIOTE_E_BOUNDS;
         }
     }
+    if (prep_out) {
+        commit_local(e, s);
+        *prep_out = op;
+        return 0;
+    }
     rc = reserve(e, n);
     if (rc) {
         pthread_mutex_unlock(&e->mr_lock);
@@ -662,6 +690,230 @@ int aiote_submit_paged(aiote_engine *e, uint64_t op_id, uint64_t mr_id, uint32_t
     }
     commit_local(e, s);
     return submit_op(e, op, n);
+}
+
+int aiote_submit_paged(aiote_engine *e, uint64_t op_id, uint64_t mr_id, uint32_t rdesc,
+                       uint64_t page_len, const int64_t *src_pages, uint64_t src_stride,
+                       uint64_t src_off, const int64_t *dst_pages, uint64_t dst_stride,
+                       uint64_t dst_off, size_t n, int has_imm, uint32_t imm, uint64_t *bad_index)
+{
+    return paged_op(e, op_id, mr_id, rdesc, page_len, src_pages, src_stride, src_off, dst_pages,
+                    dst_stride, dst_off, n, has_imm, imm, bad_index, NULL);
+}
+
+/* ---- watchers and prepared transfers ------------------------------------ */
+
+static void release_template(aiote_engine *e, struct op *t)
+{
+    pthread_mutex_lock(&e->mr_lock);
+    e->mrs[t->mr_index].refs--;
+    pthread_mutex_unlock(&e->mr_lock);
+    op_free(t);
+}
+
+static int prep_store(aiote_engine *e, struct op *t, uint32_t *prep)
+{
+    pthread_mutex_lock(&e->watch_lock);
+    size_t i = 0;
+    while (i < e->npreps && e->preps[i].tmpl)
+        i++;
+    if (i == e->npreps) {
+        struct prepared *np = realloc(e->preps, (e->npreps + 16) * sizeof *np);
+        if (!np) {
+            pthread_mutex_unlock(&e->watch_lock);
+            release_template(e, t);
+            return -AIOTE_E_NOMEM;
+        }
+        memset(np + e->npreps, 0, 16 * sizeof *np);
+        e->preps = np;
+        e->npreps += 16;
+    }
+    e->preps[i] = (struct prepared){.tmpl = t};
+    *prep = (uint32_t)i + 1;
+    pthread_mutex_unlock(&e->watch_lock);
+    return 0;
+}
+
+int aiote_prepare_writes(aiote_engine *e, uint64_t mr_id, const aiote_wr *wrs, size_t n, int has_imm,
+                         uint32_t imm, uint64_t *bad_index, uint32_t *prep)
+{
+    struct op *t = NULL;
+    int rc = writes_op(e, 0, mr_id, wrs, n, has_imm, imm, bad_index, &t);
+    return rc ? rc : prep_store(e, t, prep);
+}
+
+int aiote_prepare_paged(aiote_engine *e, uint64_t mr_id, uint32_t rdesc, uint64_t page_len,
+                        const int64_t *src_pages, uint64_t src_stride, uint64_t src_off,
+                        const int64_t *dst_pages, uint64_t dst_stride, uint64_t dst_off,
+                        size_t n, int has_imm, uint32_t imm, uint64_t *bad_index, uint32_t *prep)
+{
+    struct op *t = NULL;
+    int rc = paged_op(e, 0, mr_id, rdesc, page_len, src_pages, src_stride, src_off, dst_pages, dst_stride,
+                      dst_off, n, has_imm, imm, bad_index, &t);
+    return rc ? rc : prep_store(e, t, prep);
+}
+
+int aiote_prepare_free(aiote_engine *e, uint32_t prep)
+{
+    pthread_mutex_lock(&e->watch_lock);
+    if (prep == 0 || prep > e->npreps || !e->preps[prep - 1].tmpl) {
+        pthread_mutex_unlock(&e->watch_lock);
+        aiote_set_error("unknown prepared transfer %u", prep);
+        return -AIOTE_E_NOT_FOUND;
+    }
+    struct prepared *p = &e->preps[prep - 1];
+    if (p->armed) {
+        uint32_t armed = p->armed;
+        pthread_mutex_unlock(&e->watch_lock);
+        aiote_set_error("prepared transfer %u is armed on %u reaction(s)", prep, armed);
+        return -AIOTE_E_BUSY;
+    }
+    struct op *t = p->tmpl;
+    p->tmpl = NULL;
+    pthread_mutex_unlock(&e->watch_lock);
+    release_template(e, t);
+    return 0;
+}
+
+int aiote_watch_add(aiote_engine *e, const uint64_t *word, uint32_t *watch)
+{
+    if (!word || ((uintptr_t)word & 7)) {
+        aiote_set_error("a watched word must be a non-NULL, 8-byte aligned address");
+        return -AIOTE_E_INVAL;
+    }
+    pthread_mutex_lock(&e->watch_lock);
+    size_t i = 0;
+    while (i < e->nwatches && e->watches[i].word)
+        i++;
+    if (i == e->nwatches) {
+        struct watch *nw = realloc(e->watches, (e->nwatches + 16) * sizeof *nw);
+        if (!nw) {
+            pthread_mutex_unlock(&e->watch_lock);
+            return -AIOTE_E_NOMEM;
+        }
+        memset(nw + e->nwatches, 0, 16 * sizeof *nw);
+        e->watches = nw;
+        e->nwatches += 16;
+    }
+    e->watches[i] = (struct watch){.word = word};
+    *watch = (uint32_t)i;
+    pthread_mutex_unlock(&e->watch_lock);
+    return 0;
+}
+
+/* Report a reaction that will never fire (watch removed, engine closed). */
+static void reaction_fail(aiote_engine *e, struct reaction *r, struct event_buf *out)
+{
+    aiote_event ev = {.id = r->id, .kind = r->prep ? AIOTE_EV_OP : AIOTE_EV_WATCH,
+                      .status = -AIOTE_E_CLOSED, .fi_errno = FI_ECANCELED, .nic = -1};
+    event_buf_push(out, &ev);
+    if (r->prep)
+        e->preps[r->prep - 1].armed--;
+    atomic_fetch_sub(&e->narmed, 1);
+}
+
+int aiote_watch_remove(aiote_engine *e, uint32_t watch)
+{
+    struct event_buf out = {0};
+    pthread_mutex_lock(&e->watch_lock);
+    if (watch >= e->nwatches || !e->watches[watch].word) {
+        pthread_mutex_unlock(&e->watch_lock);
+        aiote_set_error("unknown watcher %u", watch);
+        return -AIOTE_E_NOT_FOUND;
+    }
+    struct reaction *r = e->watches[watch].head;
+    while (r) {
+        struct reaction *nx = r->next;
+        reaction_fail(e, r, &out);
+        free(r);
+        r = nx;
+    }
+    e->watches[watch] = (struct watch){0};
+    pthread_mutex_unlock(&e->watch_lock);
+    event_queue_flush(&e->events, &out);
+    free(out.ev);
+    return 0;
+}
+
+int aiote_watch_arm(aiote_engine *e, uint32_t watch, uint64_t threshold, uint32_t prep, uint64_t id)
+{
+    if (atomic_load(&e->stopping)) {
+        aiote_set_error("engine is closed");
+        return -AIOTE_E_CLOSED;
+    }
+    struct reaction *r = calloc(1, sizeof *r);
+    if (!r)
+        return -AIOTE_E_NOMEM;
+    pthread_mutex_lock(&e->watch_lock);
+    if (watch >= e->nwatches || !e->watches[watch].word ||
+        (prep && (prep > e->npreps || !e->preps[prep - 1].tmpl))) {
+        pthread_mutex_unlock(&e->watch_lock);
+        free(r);
+        aiote_set_error("unknown watcher %u or prepared transfer %u", watch, prep);
+        return -AIOTE_E_NOT_FOUND;
+    }
+    r->threshold = threshold;
+    r->prep = prep;
+    r->id = id;
+    r->seq = ++e->reaction_seq;
+    struct reaction **pp = &e->watches[watch].head;
+    while (*pp && (*pp)->threshold <= threshold)
+        pp = &(*pp)->next;
+    r->next = *pp;
+    *pp = r;
+    if (prep)
+        e->preps[prep - 1].armed++;
+    atomic_fetch_add(&e->narmed, 1);
+    pthread_mutex_unlock(&e->watch_lock);
+    wake_worker(e);
+    return 0;
+}
+
+int aiote_watch_disarm(aiote_engine *e, uint32_t watch, uint64_t id)
+{
+    pthread_mutex_lock(&e->watch_lock);
+    if (watch >= e->nwatches || !e->watches[watch].word) {
+        pthread_mutex_unlock(&e->watch_lock);
+        return 0;
+    }
+    for (struct reaction **pp = &e->watches[watch].head; *pp; pp = &(*pp)->next) {
+        struct reaction *r = *pp;
+        if (r->id != id)
+            continue;
+        *pp = r->next;
+        if (r->prep)
+            e->preps[r->prep - 1].armed--;
+        atomic_fetch_sub(&e->narmed, 1);
+        pthread_mutex_unlock(&e->watch_lock);
+        free(r);
+        return 1;
+    }
+    pthread_mutex_unlock(&e->watch_lock);
+    return 0;
+}
+
+/* Shutdown: every armed reaction fails; templates go (their regions with the engine). */
+static void watches_close(aiote_engine *e)
+{
+    struct event_buf out = {0};
+    pthread_mutex_lock(&e->watch_lock);
+    for (size_t i = 0; i < e->nwatches; i++) {
+        struct reaction *r = e->watches[i].head;
+        while (r) {
+            struct reaction *nx = r->next;
+            reaction_fail(e, r, &out);
+            free(r);
+            r = nx;
+        }
+        e->watches[i].head = NULL;
+    }
+    for (size_t i = 0; i < e->npreps; i++) {
+        op_free(e->preps[i].tmpl);
+        e->preps[i].tmpl = NULL;
+    }
+    pthread_mutex_unlock(&e->watch_lock);
+    event_queue_flush(&e->events, &out);
+    free(out.ev);
 }
 
 int aiote_submit_send(aiote_engine *e, uint64_t op_id, uint32_t peer, const void *data, size_t len,

@@ -125,6 +125,23 @@ struct op {
     uint64_t bad_index;
 };
 
+/* ---- watchers ------------------------------------------------------------ */
+struct reaction {
+    uint64_t threshold, id, seq;
+    uint32_t prep; /* 0: notify only */
+    struct reaction *next; /* sorted by (threshold, seq) */
+};
+
+struct watch {
+    const volatile uint64_t *word; /* NULL: free slot */
+    struct reaction *head;
+};
+
+struct prepared {
+    struct op *tmpl; /* NULL: free slot */
+    uint32_t armed;  /* reactions referring to it */
+};
+
 /* ---- ImmCounter table --------------------------------------------------- */
 struct imm_waiter {
     uint64_t id;
@@ -276,6 +293,15 @@ struct aiote_engine {
 
     uint64_t next_liveness_ns; /* worker: next check of peers' processes and pings */
 
+    /* watchers (under watch_lock; the worker polls while narmed > 0) */
+    pthread_mutex_t watch_lock;
+    struct watch *watches;
+    size_t nwatches;
+    struct prepared *preps;
+    size_t npreps;
+    uint64_t reaction_seq;
+    atomic_size_t narmed;
+
     /* watchdog (shm): a peer killed inside libfabric shm's critical section
      * leaves a spin lock in its region held forever, and whoever posts to it
      * next spins forever.  The worker says whom it posts to; a thread notices
@@ -347,6 +373,8 @@ int ctrl_peer_insert(aiote_engine *e, void *arg);
 /* worker.c */
 void *worker_main(void *arg);
 void *watchdog_main(void *arg);
+bool poll_watches(aiote_engine *e);
+struct op *op_clone(const struct op *tmpl, uint64_t id);
 void op_free(struct op *op);
 void fail_nic_inflight(aiote_engine *e, struct nic *n, int fi_err);
 void peer_down(aiote_engine *e, uint32_t idx, int fi_err);

@@ -16,6 +16,7 @@
 #include <errno.h>
 #include <poll.h>
 #include <sched.h>
+#include <sys/prctl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -445,6 +446,20 @@ void peer_down(aiote_engine *e, uint32_t idx, int fi_err)
     event_buf_push(&e->pending_events, &ev);
 }
 
+/* The worker owns op from now on; it is posted in turn. */
+static void add_live_pending(aiote_engine *e, struct op *op)
+{
+    op->live_next = e->live;
+    if (e->live)
+        e->live->live_prev = op;
+    e->live = op;
+    if (e->pend_tail)
+        e->pend_tail->next = op;
+    else
+        e->pend_head = op;
+    e->pend_tail = op;
+}
+
 /* Every few ms: peers whose process exited go down; watched peers get a
  * probe message each ping interval (its failure or timeout reports them). */
 static void check_peers(aiote_engine *e, uint64_t now)
@@ -477,15 +492,7 @@ static void check_peers(aiote_engine *e, uint64_t now)
         }
         p->ping_inflight = true;
         p->next_ping_ns = now + e->ping_interval_ns;
-        op->live_next = e->live;
-        if (e->live)
-            e->live->live_prev = op;
-        e->live = op;
-        if (e->pend_tail)
-            e->pend_tail->next = op;
-        else
-            e->pend_head = op;
-        e->pend_tail = op;
+        add_live_pending(e, op);
     }
 }
 
@@ -576,6 +583,92 @@ static size_t poll_cq(aiote_engine *e, struct nic *n)
     return 0;
 }
 
+/* A fired reaction's transfer: a fresh op from the prepared template. */
+struct op *op_clone(const struct op *t, uint64_t id)
+{
+    struct op *op = malloc(sizeof *op);
+    if (!op)
+        return NULL;
+    *op = *t;
+    op->wrs = NULL;
+    op->src_pages = op->dst_pages = NULL;
+    op->msg = NULL;
+    size_t n = t->n_submitted;
+    if (t->kind == OP_WRITES) {
+        op->wrs = malloc(n * sizeof *op->wrs);
+        if (!op->wrs)
+            goto fail;
+        memcpy(op->wrs, t->wrs, n * sizeof *op->wrs);
+    } else {
+        op->src_pages = malloc(n * sizeof(int64_t));
+        op->dst_pages = malloc(n * sizeof(int64_t));
+        if (!op->src_pages || !op->dst_pages)
+            goto fail;
+        memcpy(op->src_pages, t->src_pages, n * sizeof(int64_t));
+        memcpy(op->dst_pages, t->dst_pages, n * sizeof(int64_t));
+    }
+    op->next = op->live_prev = op->live_next = NULL;
+    op->id = id;
+    op->cancelled = op->posted_all = false;
+    op->eagain_since = 0;
+    op->n = n;
+    op->next_post = 0;
+    op->next_shard = 0;
+    op->inflight = 0;
+    op->status = op->fi_errno = op->prov_errno = 0;
+    op->nic = -1;
+    op->bad_index = 0;
+    return op;
+fail:
+    op_free(op);
+    return NULL;
+}
+
+/* Fire every armed reaction whose watched word has reached its threshold. */
+bool poll_watches(aiote_engine *e)
+{
+    if (!atomic_load_explicit(&e->narmed, memory_order_relaxed))
+        return false;
+    bool fired = false;
+    pthread_mutex_lock(&e->watch_lock);
+    for (size_t i = 0; i < e->nwatches; i++) {
+        struct watch *w = &e->watches[i];
+        if (!w->head)
+            continue;
+        uint64_t v = __atomic_load_n(w->word, __ATOMIC_ACQUIRE);
+        while (w->head && w->head->threshold <= v) {
+            struct reaction *r = w->head;
+            w->head = r->next;
+            atomic_fetch_sub(&e->narmed, 1);
+            fired = true;
+            if (!r->prep) {
+                aiote_event ev = {.id = r->id, .kind = AIOTE_EV_WATCH, .index = v, .nic = -1, .time_ns = now_ns()};
+                event_buf_push(&e->pending_events, &ev);
+                free(r);
+                continue;
+            }
+            struct prepared *p = &e->preps[r->prep - 1];
+            p->armed--;
+            struct op *op = op_clone(p->tmpl, r->id);
+            if (!op) {
+                aiote_event ev = {.id = r->id, .kind = AIOTE_EV_OP, .status = -AIOTE_E_NOMEM, .nic = -1};
+                event_buf_push(&e->pending_events, &ev);
+                free(r);
+                continue;
+            }
+            pthread_mutex_lock(&e->mr_lock);
+            e->mrs[op->mr_index].refs++;
+            pthread_mutex_unlock(&e->mr_lock);
+            atomic_fetch_add(&e->outstanding, op->n_submitted);
+            e->stats.ops_submitted++;
+            add_live_pending(e, op);
+            free(r);
+        }
+    }
+    pthread_mutex_unlock(&e->watch_lock);
+    return fired;
+}
+
 /* Move submissions and cancellations to the worker's own lists. */
 static bool take_submissions(aiote_engine *e)
 {
@@ -656,7 +749,8 @@ static void idle_sleep(aiote_engine *e, uint64_t *backoff_ns, bool warm)
         cqs[ncq++] = &n->cq->fid;
     }
     struct timespec ts = {0};
-    if (all_fd && ncq) {
+    bool watching = atomic_load_explicit(&e->narmed, memory_order_relaxed) != 0;
+    if (all_fd && ncq && !watching) {
         if (fi_trywait(e->nics[0].fabric, cqs, ncq) != FI_SUCCESS) {
             atomic_store(&e->worker_sleeping, false);
             return; /* completions are ready: don't sleep */
@@ -669,7 +763,8 @@ static void idle_sleep(aiote_engine *e, uint64_t *backoff_ns, bool warm)
          * was seen in the last 50 ms (a peer's shm write may need us to
          * progress before it can complete). */
         nfds = 1;
-        uint64_t cap = (warm || e->live || e->imms.nwaiters) ? 20000 : 200000;
+        /* a watched word is read once per nap: keep them short while armed */
+        uint64_t cap = watching ? 5000 : (warm || e->live || e->imms.nwaiters) ? 20000 : 200000;
         *backoff_ns = *backoff_ns ? *backoff_ns * 2 : 5000;
         if (*backoff_ns > cap)
             *backoff_ns = cap;
@@ -708,12 +803,16 @@ void *worker_main(void *arg)
     int old;
     pthread_setcancelstate(PTHREAD_CANCEL_DISABLE, &old);
     pthread_setcanceltype(PTHREAD_CANCEL_ASYNCHRONOUS, &old);
+    /* naps of a few us must last a few us, not the default 50 us timer slack
+     * (watched words and shm progress are read once per nap) */
+    prctl(PR_SET_TIMERSLACK, 1000UL, 0, 0, 0);
     uint64_t idle_since = 0, backoff = 0;
     uint64_t spin_ns = (uint64_t)e->cfg.spin_us * 1000;
     for (;;) {
         bool active = take_submissions(e);
         if (atomic_load(&e->stopping))
             break;
+        active |= poll_watches(e);
         if (e->is_shm)
             local_read_lock();
         active |= post_pending(e);
