@@ -51,8 +51,8 @@ ffibuilder.set_source(
     include_dirs=[str(HERE / "include"), str(HERE / "src"), *_incs],
     library_dirs=_libdirs,
     libraries=["fabric", "pthread"],
-    extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Werror=implicit-function-declaration",
-                        "-fvisibility=hidden"],
+    extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter",
+                        "-Werror=implicit-function-declaration", "-fvisibility=hidden"],
     extra_link_args=_link,
 )
 
