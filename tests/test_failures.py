@@ -331,6 +331,7 @@ async def test_shm_peer_killed_mid_transfer_never_hangs(aiote_make_engine, aiote
     dd, ld = aiote.MrDescriptor.from_bytes(dd), aiote.MrDescriptor.from_bytes(ld)
     src = eng.register(bytearray(16 << 20))
     await eng.write(src, dd, imm=1)
+    await eng.write(src, ld, 1 << 16, imm=8)  # both peers resolved before the kill
     to_dead = [eng.write(src, dd, imm=1) for _ in range(16)]
     aiote_faults.kill(dead)
     to_live = [eng.write(src, ld, 1 << 16, 0, i << 16, imm=9) for i in range(16)]
@@ -421,9 +422,16 @@ async def test_shm_peer_dying_inside_the_provider_wedges_only_that_engine(aiote_
         if last == b"\x01" or w.done():
             continue  # finished before we looked: try again
         peer.kill()
-        res = await asyncio.wait_for(asyncio.gather(w, eng.send(addr, b"x"), return_exceptions=True), 30)
+        sent = eng.send(addr, b"x")
+        try:  # a control call (registration) while the worker may be stuck: it must not hang either
+            eng.register(bytearray(64))
+            refused = False
+        except aiote.EngineClosed:
+            refused = True
+        res = await asyncio.wait_for(asyncio.gather(w, sent, return_exceptions=True), 30)
         assert all(isinstance(r, aiote.PeerUnreachable) for r in res), res
         if not eng.closed:
+            assert not refused
             continue  # it died outside the lock this time: the pidfd path handled it; again
         with pytest.raises(aiote.EngineClosed):
             eng.write(src, d, 16)

@@ -4,8 +4,12 @@
     w_aiote.py target    --provider shm|tcp [--polling adaptive]
     w_aiote.py initiator --provider shm|tcp --ctl-port P --sizes 64,4096,...
 
-Modes per size: ``pipe`` = 32 coroutines each awaiting ``eng.write(..., imm)``
-in turn (bench_write's "tasks" driver); ``one`` = one awaited write at a
+Modes per size: ``pipe`` = batches of 32 writes, each batch one
+``eng.scatter(..., imm)`` call (one C submission, every write with the imm),
+awaited before the next — as NIXL (a prepared 32-write transfer) and Mooncake
+(``batch_transfer_sync_write`` of 32) are driven; with ``--pipe tasks``, 32
+coroutines each awaiting ``eng.write(..., imm)`` in turn (bench_write's
+driver, the runs before 2026-11-27 18:20); ``one`` = one awaited write at a
 time.  Buffers are numpy arrays, as in the Mooncake and NIXL workers
 (numpy asks for transparent huge pages on large arrays; see _ctl.buffer).
 Complete = the write's future resolved: with ``delivery_complete=True``
@@ -76,6 +80,13 @@ async def _pipelined(eng: Any, mr: Any, d: Any, size: int, imm: int, n: int) -> 
     await asyncio.gather(*(worker() for _ in range(K.INFLIGHT)))
 
 
+async def _batched(eng: Any, mr: Any, d: Any, size: int, imm: int, n: int) -> None:
+    """n writes as n / INFLIGHT batches of INFLIGHT, one scatter call each, awaited in turn."""
+    batch = [(d, 0, 0, size)] * K.INFLIGHT
+    for _ in range(n // K.INFLIGHT):
+        await eng.scatter(mr, batch, imm=imm)
+
+
 async def initiator(args: argparse.Namespace) -> None:
     import aiote
 
@@ -97,7 +108,7 @@ async def initiator(args: argparse.Namespace) -> None:
                 if mode == "pipe":
                     n = K.pipe_ops(size)
                     t0 = K.now()
-                    await _pipelined(eng, mr, d, size, imm, n)
+                    await (_batched if args.pipe == "batch" else _pipelined)(eng, mr, d, size, imm, n)
                     dt = K.now() - t0
                 else:
                     n = K.one_ops(size)
@@ -112,7 +123,7 @@ async def initiator(args: argparse.Namespace) -> None:
                 )
                 if not r["ok"]:
                     raise RuntimeError(f"target buffer does not hold the written bytes ({size} B, {mode})")
-                K.emit(K.result("aiote", mode, size, n, dt, lat, polling=args.polling))
+                K.emit(K.result("aiote", mode, size, n, dt, lat, polling=args.polling, pipe=args.pipe))
         mr.close()
     ctl.call({"cmd": "exit"})
     ctl.close()
@@ -123,6 +134,8 @@ def main() -> int:
     p.add_argument("role", choices=["target", "initiator"])
     p.add_argument("--provider", default="shm", choices=["shm", "tcp"])
     p.add_argument("--polling", default="adaptive", choices=["adaptive", "busy", "blocking"])
+    p.add_argument("--pipe", default="batch", choices=["batch", "tasks"],
+                   help="pipelined mode: scatter batches of 32 (like the peers) or 32 coroutines of single writes")
     p.add_argument("--ctl-port", type=int, default=0)
     p.add_argument("--sizes", default="64,4096")
     p.add_argument("--mem", default="numpy", choices=["numpy", "bytearray"],

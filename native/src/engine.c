@@ -8,6 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "internal.h"
@@ -292,8 +293,23 @@ static int run_ctrl(aiote_engine *e, ctrl_fn fn, void *arg)
         free(op);
         return rc;
     }
-    while (sem_wait(&op->done) != 0 && errno == EINTR)
-        ;
+    /* Wait in slices: a wedged worker (see the watchdog) never runs it.  The
+     * op is then left behind with the engine (never freed under it). */
+    for (;;) {
+        struct timespec ts;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        ts.tv_nsec += 100 * 1000 * 1000;
+        if (ts.tv_nsec >= 1000000000L) {
+            ts.tv_sec++;
+            ts.tv_nsec -= 1000000000L;
+        }
+        if (sem_timedwait(&op->done, &ts) == 0)
+            break;
+        if (atomic_load(&e->wedged)) {
+            aiote_set_error("engine is unusable: its worker is stuck in the provider on a dead peer");
+            return -AIOTE_E_CLOSED;
+        }
+    }
     rc = op->ctrl_rc;
     if (rc)
         aiote_set_error("%s", op->err);
