@@ -43,8 +43,8 @@ class Faults:
 
     def kill(self, peer: PeerProcess) -> None:
         """SIGKILL ``peer``: a crash, as its peers see it.  Its pending calls fail with RemoteError;
-        on ``tcp`` writes to it fail with PeerUnreachable (on ``shm`` they hang: bound them with
-        ``asyncio.wait_for``, see docs/concepts.md)."""
+        writes and sends to it fail with PeerUnreachable (tcp: the provider reports it; shm: the
+        engine sees the process exit; see docs/reliability.md)."""
         peer.kill()
 
     def pause(self, peer: PeerProcess) -> None:

@@ -12,6 +12,7 @@ there is one, otherwise as RemoteError.
 from __future__ import annotations
 
 import asyncio
+import glob
 import itertools
 import multiprocessing as mp
 import os
@@ -276,10 +277,19 @@ class PeerProcess:
         return self.proc is not None and self.proc.is_alive()
 
     def kill(self) -> None:
-        """SIGKILL the peer process (a crash, as far as its peers can tell)."""
+        """SIGKILL the peer process (a crash, as far as its peers can tell).
+
+        Once it is reaped, the shm region files it leaves in /dev/shm (``<pid>:...``;
+        a real crash leaves them too) are removed, so test runs don't pile them up."""
         if self.alive:
             os.kill(self.proc.pid, signal.SIGKILL)
         self.proc.join(10)
+        if not self.proc.is_alive():
+            for f in glob.glob(f"/dev/shm/{self.proc.pid}:*"):
+                try:
+                    os.unlink(f)
+                except OSError:
+                    pass
 
     def pause(self) -> None:
         """SIGSTOP the peer: its engine stops progressing (writes to it stay in flight)."""
