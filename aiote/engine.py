@@ -807,7 +807,7 @@ class TransferEngine:
             for d in [d for d in self._rdescs if d.addrs in gone]:
                 del self._rdescs[d]
         why = "its process exited" if ev.index else f"it stopped answering: {fi_strerror(int(ev.fi_errno))}"
-        self._log.warning("peer.down", peer=idx, fi_errno=int(ev.fi_errno), exited=bool(ev.index))
+        self._log.info("peer.down", peer=idx, fi_errno=int(ev.fi_errno), exited=bool(ev.index))
         self.imms._peer_down(idx, lambda: PeerUnreachable(f"peer is down ({why})", fi_errno=int(ev.fi_errno),
                                                            prov_errno=int(ev.prov_errno)))
 
