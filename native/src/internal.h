@@ -301,6 +301,7 @@ struct aiote_engine {
     size_t npreps;
     uint64_t reaction_seq;
     atomic_size_t narmed;
+    bool fine_slack; /* worker: 1 us timer slack while reactions are armed */
 
     /* watchdog (shm): a peer killed inside libfabric shm's critical section
      * leaves a spin lock in its region held forever, and whoever posts to it
