@@ -56,6 +56,12 @@ def error_for(code: int, message: str, *, fi_errno: int = 0, prov_errno: int = 0
         return errors.MessageTooLarge(message)
     if code == lib.AIOTE_E_INVAL:
         return errors.InvalidArgument(message)
+    if code == lib.AIOTE_E_CUDA:
+        from .cuda import CudaError
+
+        if prov_errno:
+            message = f"{message}: CUDA error {prov_errno}"
+        return CudaError(message, prov_errno)
     return errors.AioteError(f"{message} (code {code})")
 
 

@@ -90,6 +90,14 @@ class _Driver:
                     self._ctx[device] = ctx
         self.call("cuCtxSetCurrent", ctx)
 
+    def context(self, device: int) -> int:
+        """The device's primary context (retained once), as an integer handle."""
+        ctx = self._ctx.get(device)
+        if ctx is None:
+            self.use_device(device)
+            ctx = self._ctx[device]
+        return int(ctx.value or 0)
+
     def device_uuid(self, device: int) -> bytes:
         dev = ctypes.c_int()
         self.call("cuDeviceGet", ctypes.byref(dev), device)

@@ -624,6 +624,44 @@ class TransferEngine:
             self._fill(wrs[i], dst, 0, 0, 0)
         return self._submit_wrs(None, wrs, count, imm, None)
 
+    def _submit_cuda(self, ctx: int, stream: int, wait: tuple[int, int], copies: Sequence[tuple[int, int, int]],
+                     src: MemoryRegion | None, dst: MrDescriptor, ranges: Sequence[tuple[int, int, int]],
+                     imm: int | None) -> asyncio.Future[None]:
+        """Copies (dst address, src address, n) on stream, then NIC writes (src_off,
+        dst_off, len) of src into dst, posted by the worker once the copies are done."""
+        has_imm, imm_v = self._check_imm(imm)
+        h = self._handle()
+        mr_id = src._mr_id() if src is not None else self._scratch()._mr_id()
+        n = len(ranges)
+        wrs = ffi.new("aiote_wr[]", n) if n else ffi.NULL
+        for i, (so, do, ln) in enumerate(ranges):
+            self._fill(wrs[i], dst, so, do, ln)
+        cps = ffi.new("aiote_copy[]", len(copies)) if copies else ffi.NULL
+        for i, (d, s_, ln) in enumerate(copies):
+            c = cps[i]
+            c.dst, c.src, c.len = d, s_, ln
+        ncopies = len(copies)
+        w, ws = wait
+        bad = ffi.new("uint64_t*")
+
+        def submit(op_id: int) -> int:
+            rc = lib.aiote_submit_cuda(h, op_id, ctx, stream, w, ws, cps, ncopies, mr_id, wrs, n, has_imm, imm_v,
+                                       bad)
+            if rc < 0 and rc != -lib.AIOTE_E_AGAIN:
+                check(rc, index=int(bad[0]))
+            return rc
+
+        return self._submit(submit, (src, wrs, cps))
+
+    def _cuda_arrive(self, ctx: int, stream: int, copies: Sequence[tuple[int, int, int]], imm: int,
+                     count: int) -> None:
+        """Copies on stream; then the worker counts count arrivals of imm (staged commits)."""
+        cps = ffi.new("aiote_copy[]", len(copies)) if copies else ffi.NULL
+        for i, (d, s_, ln) in enumerate(copies):
+            c = cps[i]
+            c.dst, c.src, c.len = d, s_, ln
+        check(lib.aiote_cuda_arrive(self._handle(), ctx, stream, cps, len(copies), imm, count), "commit")
+
     def _send_ctrl(self, peer: EngineAddress, body: bytes) -> asyncio.Future[None]:
         return self._send(peer, body, lib.AIOTE_MSG_CTRL)
 

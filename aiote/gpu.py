@@ -19,14 +19,17 @@ once the copy's event has completed, so ``imms.wait`` keeps its meaning.
 
 Copies run on streams of their own (``cuMemcpyAsync``, the copy engines, no
 kernels); a source tensor's pending work on torch's current stream is waited
-for first.  A CUDA host function queued after the copies wakes the event loop
-through an eventfd (see _CopyWaiter).
+for first.  The copies are queued by the C core (``aiote_submit_cuda``,
+``aiote_cuda_arrive``, native/src/cuda_copy.c, libcuda dlopen'd there), which
+records an event after them; the worker thread polls that event and then posts
+the operation's writes (an IPC write's imm, a staged chunk's NIC write) or
+counts the imm (a staged commit on the owner's side).  No Python runs between
+the copy and the imm.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import os
 import secrets
 import struct
@@ -37,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import cuda
 from .descriptor import CudaExt, MrDescriptor
-from .errors import OutOfBounds
+from .errors import AioteError, OutOfBounds
 
 if TYPE_CHECKING:
     from .engine import TransferEngine
@@ -73,74 +76,6 @@ class _GpuInfo:
     ptr: int        # device address of byte 0
     mirror: int     # pinned host mirror (staged), 0 for direct
     token: int
-
-
-class _CopyWaiter:
-    """Resolves futures when copies queued on aiote's streams are done.
-
-    After each batch of copies, a CUDA host function (``aiote_host_notify``,
-    C, no Python and no GIL) adds 1 to an eventfd the event loop watches; the
-    loop then resolves, in order, every pending copy whose event has completed.
-    One wake-up of the loop per completion, no thread of our own."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop):
-        from ._core import ffi, lib
-
-        self._drv = cuda.driver()
-        self._loop = loop
-        self._efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self._fn = int(ffi.cast("uintptr_t", ffi.addressof(lib, "aiote_host_notify")))
-        self._pending: dict[int, collections.deque[tuple[int, asyncio.Future[None]]]] = {}
-        loop.add_reader(self._efd, self._on_notify)
-
-    def after(self, device: int, stream: int) -> asyncio.Future[None]:
-        """A future for everything queued on stream so far."""
-        drv = self._drv
-        ev = drv.event()
-        drv.record(ev, stream)
-        drv.call("cuLaunchHostFunc", _vp(stream), _vp(self._fn), _vp(self._efd))
-        fut: asyncio.Future[None] = self._loop.create_future()
-        self._pending.setdefault(device, collections.deque()).append((ev, fut))
-        return fut
-
-    def _on_notify(self) -> None:
-        try:
-            os.eventfd_read(self._efd)
-        except BlockingIOError:
-            pass
-        drv = self._drv
-        for device, q in self._pending.items():
-            if not q:
-                continue
-            drv.use_device(device)
-            while q:
-                ev, fut = q[0]
-                rc = drv.query(ev)
-                if rc is False:
-                    break  # not yet (a later notification comes)
-                q.popleft()
-                drv.destroy_event(ev)
-                if not fut.done():
-                    if rc is True:
-                        fut.set_result(None)
-                    else:
-                        fut.set_exception(rc)
-
-    def close(self) -> None:
-        """Wait for copies in flight (their buffers may be freed next)."""
-        self._loop.remove_reader(self._efd)
-        for device, q in self._pending.items():
-            for ev, fut in q:
-                try:
-                    self._drv.use_device(device)
-                    self._drv.synchronize(ev)
-                    self._drv.destroy_event(ev)
-                except cuda.CudaError:
-                    pass
-                if not fut.done():
-                    fut.cancel()
-        self._pending.clear()
-        os.close(self._efd)
 
 
 def chunk_elements(es: Sequence[Element], cap: int, max_ranges: int = 2000) -> list[list[Part]]:
@@ -194,8 +129,11 @@ class GpuPaths:
         self._drv = cuda.driver()
         self._boot = cuda.boot_id()
         self._pid = os.getpid()
+        from ._core import check, lib
+
+        check(lib.aiote_cuda_load(), "CUDA driver")  # the C core's own binding of libcuda
         self._streams: dict[int, int] = {}
-        self._waiter: _CopyWaiter | None = None
+        self._ctxs: dict[int, int] = {}
         self._by_token: dict[int, MemoryRegion] = {}
         self._ipc_maps: dict[tuple[int, bytes], int] = {}  # (pid, handle) -> mapped base
         self.stats = {"staged_in": 0, "staged_out": 0, "ipc_writes": 0, "commits_sent": 0,
@@ -258,23 +196,37 @@ class GpuPaths:
         self._drv.call("cuStreamWaitEvent", _vp(stream), _vp(ev), 0)
         self._drv.destroy_event(ev)  # destroyed after the wait is queued: allowed by CUDA
 
-    def _copies(self, device: int, pairs: Sequence[tuple[int, int, int]]) -> asyncio.Future[None]:
-        """Queue copies (dst address, src address, n) on the device's stream; a future
-        resolves when they are done."""
-        drv = self._drv
-        drv.use_device(device)
-        stream = self._stream(device)
-        for dst, src, n in pairs:
-            drv.copy(dst, src, n, stream)
-        if self._waiter is None:
-            self._waiter = _CopyWaiter(self._engine._loop_checked())
-        return self._waiter.after(device, stream)
+    def _ctx(self, device: int) -> int:
+        c = self._ctxs.get(device)
+        if c is None:
+            c = self._ctxs[device] = self._drv.context(device)
+        return c
+
+    def _torch_stream(self, device: int) -> tuple[int, int]:
+        """(1, torch's current stream of the device) to order copies after it, or (0, 0)."""
+        torch = sys.modules.get("torch")
+        if torch is None or not torch.cuda.is_initialized():
+            return 0, 0
+        return 1, int(torch.cuda.current_stream(device).cuda_stream)
+
+    def _gated(self, device: int, wait: tuple[int, int], copies: Sequence[tuple[int, int, int]],
+               src: MemoryRegion | None, dst: MrDescriptor, ranges: Sequence[tuple[int, int, int]],
+               imm: int | None) -> asyncio.Future[None]:
+        """Copies (dst address, src address, n) on the device's stream, then NIC writes
+        (src_off, dst_off, len) of src into dst, posted by the worker once the copies
+        are done; one future for the whole."""
+        return self._engine._submit_cuda(self._ctx(device), self._stream(device), wait, copies, src, dst,
+                                         ranges, imm)
 
     # -- writes --------------------------------------------------------------------
 
     def submit(self, src: MemoryRegion | None, elems: list[Element], imm: int | None) -> asyncio.Future[None]:
         """Writes where the source or a destination is GPU memory (bounds already checked)."""
         loop = self._engine._loop_checked()
+        dst = elems[0].dst
+        if self._route(dst) == "ipc" and all(e.dst == dst for e in elems):
+            # the common case, no Python task: copies + imm in one C operation
+            return self._ipc_write(src, dst, elems, imm, self._torch_stream(self._device_of(src)))
         if src is not None and src.cuda is not None:
             self._after_torch(src.cuda.device, self._stream(src.cuda.device))
         return loop.create_task(self._run(src, elems, imm))
@@ -298,15 +250,14 @@ class GpuPaths:
                       imm: int | None) -> None:
         route = self._route(dst)
         if route == "ipc":
-            await self._ipc_write(src, dst, es, imm)
+            await self._ipc_write(src, dst, es, imm, (0, 0))  # ordered after torch's stream in submit
             return
         chunks = self._chunks(es)
         staged_src = src is not None and src.cuda is not None and src.cuda.mirror != 0
-        # NIC writes of chunk k start when its device->host copy is done; the copies
-        # of later chunks run meanwhile.
-        d2h = [self._d2h(src, c) if staged_src else None for c in chunks]  # type: ignore[arg-type]
+        # NIC writes of chunk k are posted by the worker when its device->host copy
+        # is done; the copies of later chunks run meanwhile.
         nic_imm = imm if route != "staged" else None
-        nic = [asyncio.ensure_future(self._nic_chunk(src, dst, c, f, nic_imm)) for c, f in zip(chunks, d2h)]
+        nic = [self._nic_chunk(src, dst, c, staged_src, nic_imm) for c in chunks]
         try:
             if route == "staged":
                 # commits in chunk order: the owner copies them to its GPU in arrival order
@@ -331,27 +282,23 @@ class GpuPaths:
         max_ranges = max(1, min(2000, (self._engine._cfg_args["msg_size"] - 1024) // _RANGE.size))
         return chunk_elements(es, self.chunk_bytes, max_ranges)
 
-    def _d2h(self, src: MemoryRegion, chunk: list[Part]) -> asyncio.Future[None]:
+    def _nic_chunk(self, src: MemoryRegion | None, dst: MrDescriptor, chunk: list[Part], staged_src: bool,
+                   imm: int | None) -> asyncio.Future[None]:
+        """One chunk's NIC writes (after its device->host copy for a staged source).  A chunk
+        holds whole elements, which carry the imm (if any), or one part of a cut element,
+        which doesn't."""
+        ranges = [(p[0], p[1], p[2]) for p in chunk]
+        whole = chunk[0][3]
+        assert all(p[3] == whole for p in chunk)
+        nimm = imm if whole else None
+        if not staged_src:
+            return self._engine._write_ranges(src, dst, ranges, nimm)
+        assert src is not None and src.cuda is not None
         info = src.cuda
-        assert info is not None
-        ranges = _merge([(p[0], p[0], p[2]) for p in chunk])
-        self.stats["staged_out"] += sum(n for _, _, n in ranges)
-        return self._copies(info.device, [(info.mirror + s, info.ptr + s, n) for s, _, n in ranges])
-
-    async def _nic_chunk(self, src: MemoryRegion | None, dst: MrDescriptor,
-                         chunk: list[Part], d2h: asyncio.Future[None] | None,
-                         imm: int | None) -> None:
-        if d2h is not None:
-            await d2h
-        eng = self._engine
-        whole = [(p[0], p[1], p[2]) for p in chunk if p[3]]
-        parts = [(p[0], p[1], p[2]) for p in chunk if not p[3]]
-        futs = []
-        if whole:  # whole elements carry the imm (if any); parts of cut ones don't
-            futs.append(eng._write_ranges(src, dst, whole, imm))
-        if parts:
-            futs.append(eng._write_ranges(src, dst, parts, None))
-        await asyncio.gather(*futs)
+        merged = _merge([(p[0], p[0], p[2]) for p in chunk])
+        self.stats["staged_out"] += sum(n for _, _, n in merged)
+        return self._gated(info.device, (0, 0), [(info.mirror + o, info.ptr + o, n) for o, _, n in merged],
+                           src, dst, ranges, nimm)
 
     async def _commit(self, dst: MrDescriptor, ranges: list[tuple[int, int]], imm: int | None, count: int) -> None:
         ext = dst.cuda
@@ -361,10 +308,13 @@ class GpuPaths:
         self.stats["commits_sent"] += 1
         await self._engine._send_ctrl(dst.address, body)
 
-    async def _ipc_write(self, src: MemoryRegion | None, dst: MrDescriptor, es: list[Element],
-                         imm: int | None) -> None:
+    def _ipc_write(self, src: MemoryRegion | None, dst: MrDescriptor, es: Sequence[Element],
+                   imm: int | None, wait: tuple[int, int]) -> asyncio.Future[None]:
+        """Copies into the mapped destination, then (the worker, once they are done)
+        one imm-only write per element: the owner counts the imm after the bytes landed."""
         ext = dst.cuda
         assert ext is not None
+        device = self._device_of(src)
         if ext.pid == self._pid:
             local = self._by_token[ext.token]
             assert local.cuda is not None
@@ -373,16 +323,15 @@ class GpuPaths:
             key = (ext.pid, ext.ipc_handle)
             mapped = self._ipc_maps.get(key)
             if mapped is None:
-                self._drv.use_device(self._device_of(src))
+                self._drv.use_device(device)
                 mapped = self._ipc_maps[key] = self._drv.ipc_open(ext.ipc_handle)
             base = mapped + ext.ipc_offset
         src_base = src.cuda.ptr if src is not None and src.cuda is not None else (src.address if src else 0)
         ranges = _merge([(e.src_off, e.dst_off, e.length) for e in es])
         if ranges:
             self.stats["ipc_writes"] += 1
-            await self._copies(self._device_of(src), [(base + d, src_base + s, n) for s, d, n in ranges])
-        if imm is not None:
-            await self._engine._imm_only(dst, imm, len(es))
+        imms = [(0, 0, 0)] * len(es) if imm is not None else []
+        return self._gated(device, wait, [(base + d, src_base + s, n) for s, d, n in ranges], src, dst, imms, imm)
 
     def _device_of(self, src: MemoryRegion | None) -> int:
         if src is not None and src.cuda is not None:
@@ -415,17 +364,18 @@ class GpuPaths:
             return
         self.stats["commits_received"] += 1
         self.stats["staged_in"] += sum(n for _, _, n in pairs)
-        fut = self._copies(info.device, pairs)
-        if imm != _NO_IMM and count:
-            eng = self._engine
-            fut.add_done_callback(lambda f: None if f.exception() or eng.closed else eng._imm_arrive(imm, count))
+        # the C core copies host->device and counts the imm once the copy's event completed
+        try:
+            self._engine._cuda_arrive(self._ctx(info.device), self._stream(info.device), pairs,
+                                      imm if imm != _NO_IMM else 0, count if imm != _NO_IMM else 0)
+        except AioteError as e:  # CUDA refused the copy: the imm is never counted (the waiter times out)
+            self.stats["bad_commits"] += 1
+            self._engine._log.error("gpu.commit_copy_failed", error=str(e))
 
     # -- closing ---------------------------------------------------------------------
 
     def close(self) -> None:
-        if self._waiter is not None:
-            self._waiter.close()
-            self._waiter = None
+        """After the engine's shutdown (which waited for the copies it had queued)."""
         for base in self._ipc_maps.values():
             try:
                 self._drv.ipc_close(base)

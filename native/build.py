@@ -15,7 +15,7 @@ from cffi import FFI
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-SOURCES = ["engine.c", "fabric.c", "worker.c", "imm_table.c", "events.c", "local_peers.c", "wire.c", "discovery.c"]
+SOURCES = ["engine.c", "fabric.c", "worker.c", "imm_table.c", "events.c", "local_peers.c", "wire.c", "discovery.c", "cuda_copy.c"]
 
 
 def _libfabric_flags() -> tuple[list[str], list[str], list[str]]:
@@ -50,7 +50,7 @@ ffibuilder.set_source(
     sources=[os.path.relpath(HERE / "src" / s, ROOT) for s in SOURCES],
     include_dirs=[str(HERE / "include"), str(HERE / "src"), *_incs],
     library_dirs=_libdirs,
-    libraries=["fabric", "pthread"],
+    libraries=["fabric", "pthread", "dl"],
     extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter",
                         "-Werror=implicit-function-declaration", "-fvisibility=hidden"],
     extra_link_args=_link,

@@ -219,3 +219,51 @@ async def test_cuda_graph_fires_one_paged_write_per_layer(aiote_engine_pair):
     assert w.value == 2 * layers
     assert a.stats()["writes_posted"] == 2 * layers
     w.close()
+
+
+async def test_ipc_many_small_writes_cancel_and_close(aiote_make_engine, aiote_make_peer):
+    """The C-gated IPC path: 256 small writes in flight at once land exactly; a write
+    cancelled while its copy runs never delivers its imm; closing the engine fails the
+    writes still in flight with EngineClosed (after their copies stopped touching memory)."""
+    eng = await aiote_make_engine()
+    peer = await aiote_make_peer()
+    data = pattern(MiB, 8)
+    src = eng.register(gpu_tensor(data))
+    rid, d = await peer_region(peer, MiB, "gpu")
+    await asyncio.gather(*(eng.write(src, d, 4096, src_offset=i * 4096, dst_offset=i * 4096, imm=31)
+                           for i in range(256)))
+    assert await peer.call("wait_imm", 31, 256, 60)
+    assert await peer.call("read", rid, 0, MiB) == data.tobytes()
+    assert await peer.call("pending", 31) == 0
+    big = eng.register(torch.zeros(256 * MiB, dtype=torch.uint8, device="cuda:0"))
+    rid2, d2 = await peer_region(peer, 256 * MiB, "gpu")
+    f = eng.write(big, d2, imm=32)
+    f.cancel()  # the 256 MiB copy takes far longer than the cancel takes to reach the worker
+    with pytest.raises(asyncio.CancelledError):
+        await f
+    await eng.write(src, d, 4096, imm=33)
+    assert await peer.call("wait_imm", 33, 1, 60)
+    await asyncio.sleep(0.5)
+    assert await peer.call("pending", 32) == 0
+    futs = [eng.write(big, d2, imm=34) for _ in range(4)]
+    await eng.close()
+    for f in futs:
+        with pytest.raises(aiote.EngineClosed):
+            await f
+
+
+async def test_ipc_write_is_ordered_after_torch_kernels(aiote_make_engine, aiote_make_peer):
+    """A tensor filled by a kernel on torch's current stream just before write() is read
+    after that kernel (the C core makes its copy stream wait for torch's stream)."""
+    eng = await aiote_make_engine()
+    peer = await aiote_make_peer()
+    t = torch.zeros(64 * MiB, dtype=torch.uint8, device="cuda:0")
+    torch.cuda.synchronize()
+    src = eng.register(t)
+    rid, d = await peer_region(peer, 64 * MiB, "gpu")
+    for v in (7, 9):
+        t.fill_(v)  # queued, not synchronized
+        await eng.write(src, d, imm=35)
+        assert await peer.call("wait_imm", 35, 1, 60)
+        for off in (0, 32 * MiB, 64 * MiB - 4096):
+            assert await peer.call("read", rid, off, 4096) == bytes([v]) * 4096

@@ -112,3 +112,40 @@ async def test_forged_commits_are_dropped(aiote_engine_pair):
     await a.send(b.address, b"after")
     assert (await b.recv())[0] == b"after"
     assert b.imms.pending(5) == 0
+
+
+@pytest.mark.skipif(cuda.available(), reason="checks the machine without a CUDA driver")
+async def test_native_cuda_calls_without_driver_are_typed_errors(aiote_engine):
+    """The C core's CUDA entry points refuse cleanly where libcuda.so.1 is missing."""
+    from aiote._core import error_for, ffi, lib
+
+    assert lib.aiote_cuda_load() == -lib.AIOTE_E_CUDA
+    assert b"libcuda" in ffi.string(lib.aiote_last_error())
+    h = aiote_engine._handle()
+    bad = ffi.new("uint64_t*")
+    cps = ffi.new("aiote_copy[1]")
+    rc = lib.aiote_submit_cuda(h, 1, 1, 1, 0, 0, cps, 1, 0, ffi.NULL, 0, 0, 0, bad)
+    assert rc == -lib.AIOTE_E_CUDA
+    assert isinstance(error_for(rc, "x"), cuda.CudaError)
+    assert lib.aiote_cuda_arrive(h, 1, 1, cps, 1, 5, 1) == -lib.AIOTE_E_CUDA
+    assert aiote_engine.imms.pending(5) == 0
+
+
+async def test_native_cuda_bad_arguments_are_refused(aiote_engine):
+    """Null contexts, streams, lists and addresses are refused before the driver sees them
+    (or, without a driver, refused as CUDA errors); nothing is queued, nothing crashes."""
+    from aiote._core import ffi, lib
+
+    h = aiote_engine._handle()
+    bad = ffi.new("uint64_t*")
+    mr = aiote_engine.register(bytearray(64))
+    ok = {-lib.AIOTE_E_INVAL} if cuda.available() else {-lib.AIOTE_E_CUDA}
+    cps = ffi.new("aiote_copy[1]")  # null addresses
+    assert lib.aiote_submit_cuda(h, 1, 0, 1, 0, 0, ffi.NULL, 0, mr._mr_id(), ffi.NULL, 0, 0, 0, bad) in ok
+    assert lib.aiote_submit_cuda(h, 1, 1, 0, 0, 0, ffi.NULL, 0, mr._mr_id(), ffi.NULL, 0, 0, 0, bad) in ok
+    assert lib.aiote_submit_cuda(h, 1, 1, 1, 0, 0, ffi.NULL, 3, mr._mr_id(), ffi.NULL, 0, 0, 0, bad) in ok
+    assert lib.aiote_submit_cuda(h, 1, 1, 1, 0, 0, ffi.NULL, 0, mr._mr_id(), ffi.NULL, 2, 0, 0, bad) in ok
+    assert lib.aiote_cuda_arrive(h, 1, 1, cps, 1, 5, 1) in ok
+    assert lib.aiote_cuda_arrive(h, 0, 1, ffi.NULL, 0, 5, 1) in ok
+    mr.close()  # no reference was left behind
+    assert aiote_engine.stats()["ops_submitted"] == 0

@@ -37,6 +37,7 @@ enum {
     AIOTE_E_TOO_BIG = 9,    /* message larger than the engine's message size */
     AIOTE_E_AGAIN = 10,     /* submission queue full: retry later */
     AIOTE_E_NOT_FOUND = 11,
+    AIOTE_E_CUDA = 12,      /* a CUDA driver call or copy failed (or there is no usable driver) */
 
     /* event kinds */
     AIOTE_EV_OP = 1,        /* an operation finished (status 0 or error) */
@@ -276,6 +277,34 @@ int aiote_prepare_paged(aiote_engine *e, uint64_t mr_id, uint32_t rdesc, uint64_
                         size_t n, int has_imm, uint32_t imm, uint64_t *bad_index, uint32_t *prep);
 /* AIOTE_E_BUSY while a reaction refers to it. */
 int aiote_prepare_free(aiote_engine *e, uint32_t prep);
+
+/* ---- CUDA copies ahead of an operation (cuda_copy.c) ----------------------
+ * libcuda.so.1 is dlopen'd at run time (no build-time CUDA).  Contexts,
+ * streams and addresses are the driver's (CUcontext, CUstream, CUdeviceptr /
+ * host pointers under unified addressing) passed as integers. */
+typedef struct {
+    uint64_t dst;             /* destination address */
+    uint64_t src;             /* source address */
+    uint64_t len;
+} aiote_copy;
+
+/* Load the driver: 0, or -AIOTE_E_CUDA (aiote_last_error says why). */
+int aiote_cuda_load(void);
+/* Writes that wait for copies: in ctx, queue on stream (after work already
+ * queued on wait_stream, if wait) every copy, record an event; once the event
+ * has completed the worker posts the writes exactly as aiote_submit_writes
+ * would (n may be 0: then the op completes when the copies are done).  One
+ * AIOTE_EV_OP event reports the whole; a failed copy fails it with
+ * AIOTE_E_CUDA.  Arguments are checked before anything is queued; a failure
+ * to queue returns -AIOTE_E_CUDA after waiting for what was queued. */
+int aiote_submit_cuda(aiote_engine *e, uint64_t op_id, uint64_t ctx, uint64_t stream, int wait,
+                      uint64_t wait_stream, const aiote_copy *copies, size_t ncopies, uint64_t mr_id,
+                      const aiote_wr *wrs, size_t n, int has_imm, uint32_t imm, uint64_t *bad_index);
+/* Copies, then count count whole writes of imm as arrived (the owner's side
+ * of a staged commit: the imm is counted only once the bytes are in its GPU
+ * memory).  No event of its own; count 0 only copies. */
+int aiote_cuda_arrive(aiote_engine *e, uint64_t ctx, uint64_t stream, const aiote_copy *copies,
+                      size_t ncopies, uint32_t imm, uint64_t count);
 
 /* A CUDA host function (cuLaunchHostFunc) that wakes the event loop: arg is
  * an eventfd number cast to a pointer; it adds 1 to it.  No CUDA needed here. */

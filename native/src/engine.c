@@ -188,6 +188,7 @@ int aiote_engine_shutdown(aiote_engine *e)
     }
     e->live = NULL;
     e->pend_head = e->pend_tail = NULL;
+    e->gated_head = e->gated_tail = NULL;
     return 0;
 }
 
@@ -622,6 +623,90 @@ int aiote_submit_writes(aiote_engine *e, uint64_t op_id, uint64_t mr_id, const a
                         size_t n, int has_imm, uint32_t imm, uint64_t *bad_index)
 {
     return writes_op(e, op_id, mr_id, wrs, n, has_imm, imm, bad_index, NULL);
+}
+
+/* ---- CUDA-gated operations (cuda_copy.c) -------------------------------- */
+
+static void unref_local(aiote_engine *e, struct op *op)
+{
+    pthread_mutex_lock(&e->mr_lock);
+    e->mrs[op->mr_index].refs--;
+    pthread_mutex_unlock(&e->mr_lock);
+}
+
+int aiote_submit_cuda(aiote_engine *e, uint64_t op_id, uint64_t ctx, uint64_t stream, int wait,
+                      uint64_t wait_stream, const aiote_copy *copies, size_t ncopies, uint64_t mr_id,
+                      const aiote_wr *wrs, size_t n, int has_imm, uint32_t imm, uint64_t *bad_index)
+{
+    *bad_index = 0;
+    int rc = aiote_cuda_load();
+    if (rc)
+        return rc;
+    if (!ctx || !stream || (ncopies && !copies) || (n && !wrs)) {
+        aiote_set_error("CUDA write: null context, stream or list");
+        return -AIOTE_E_INVAL;
+    }
+    struct op *op = NULL;
+    if (n) {
+        rc = writes_op(e, op_id, mr_id, wrs, n, has_imm, imm, bad_index, &op); /* checked, region held */
+        if (rc)
+            return rc;
+    } else {
+        op = calloc(1, sizeof *op);
+        if (!op)
+            return -AIOTE_E_NOMEM;
+        op->kind = OP_WRITES;
+        op->id = op_id;
+        struct mr_slot *s;
+        rc = take_local(e, op, mr_id, &s);
+        if (rc) {
+            op_free(op);
+            return rc;
+        }
+        commit_local(e, s);
+    }
+    size_t units = n ? n : 1;
+    rc = reserve(e, units);
+    if (rc) {
+        unref_local(e, op);
+        op_free(op);
+        return rc;
+    }
+    rc = cu_issue((void *)(uintptr_t)ctx, (void *)(uintptr_t)stream, wait, (void *)(uintptr_t)wait_stream,
+                  copies, ncopies, &op->cu_event);
+    if (rc) {
+        atomic_fetch_sub(&e->outstanding, units);
+        unref_local(e, op);
+        op_free(op);
+        return rc;
+    }
+    op->cu_ctx = (void *)(uintptr_t)ctx;
+    return submit_op(e, op, units);
+}
+
+int aiote_cuda_arrive(aiote_engine *e, uint64_t ctx, uint64_t stream, const aiote_copy *copies,
+                      size_t ncopies, uint32_t imm, uint64_t count)
+{
+    if (count && imm > IMM_USER_MAX) {
+        aiote_set_error("imm %u out of range 0..%u", imm, IMM_USER_MAX);
+        return -AIOTE_E_INVAL;
+    }
+    struct op *op = calloc(1, sizeof *op);
+    if (!op)
+        return -AIOTE_E_NOMEM;
+    op->kind = OP_ARRIVE;
+    op->imm = imm;
+    op->arrive_count = count;
+    int rc = cu_issue((void *)(uintptr_t)ctx, (void *)(uintptr_t)stream, 0, NULL, copies, ncopies, &op->cu_event);
+    if (rc) {
+        free(op);
+        return rc;
+    }
+    op->cu_ctx = (void *)(uintptr_t)ctx;
+    rc = enqueue(e, op);
+    if (rc)
+        op_free(op); /* waits for the copies */
+    return rc;
 }
 
 static int paged_op(aiote_engine *e, uint64_t op_id, uint64_t mr_id, uint32_t rdesc,

@@ -61,7 +61,7 @@ struct mr_slot {
 };
 
 /* ---- operations -------------------------------------------------------- */
-enum op_kind { OP_WRITES = 1, OP_PAGED = 2, OP_SEND = 3, OP_CTRL = 4, OP_PING = 5 };
+enum op_kind { OP_WRITES = 1, OP_PAGED = 2, OP_SEND = 3, OP_CTRL = 4, OP_PING = 5, OP_ARRIVE = 6 };
 #define MSG_FLAG_PING 1u /* message header flag: a liveness probe, dropped by the receiver */
 
 typedef int (*ctrl_fn)(aiote_engine *e, void *arg);
@@ -119,6 +119,10 @@ struct op {
     int ctrl_rc;
     char err[256];
     sem_t done;
+
+    /* CUDA gate (cuda_copy.c): not posted before this event has completed */
+    void *cu_ctx, *cu_event;
+    uint64_t arrive_count; /* OP_ARRIVE: whole writes of imm to count then */
 
     /* outcome */
     int32_t status, fi_errno, prov_errno, nic;
@@ -280,6 +284,7 @@ struct aiote_engine {
     /* worker-private state */
     struct op *pend_head, *pend_tail; /* submitted, not fully posted */
     struct op *live;                  /* all ops the worker owns */
+    struct op *gated_head, *gated_tail; /* waiting for their CUDA copies (linked by next) */
     struct recv_slot *recv_slots;     /* messages use NIC 0 */
     struct fid_mr *recv_mr, *send_mr;
     uint8_t *recv_arena, *send_arena;
@@ -320,6 +325,13 @@ struct aiote_engine {
     /* statistics: written by the worker, read racily (monotonic counters) */
     aiote_stats stats;
 };
+
+/* cuda_copy.c */
+const char *cu_error_name(int rc);
+int cu_issue(void *ctx, void *stream, int wait, void *wait_stream, const aiote_copy *copies, size_t n,
+             void **event_out);
+int cu_poll(void *ctx, void *event);
+void cu_release(void *ctx, void *event, bool sync);
 
 /* local_peers.c: same-process shm engines (see there) */
 struct local_ep {

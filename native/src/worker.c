@@ -41,6 +41,8 @@ void op_free(struct op *op)
 {
     if (!op)
         return;
+    if (op->cu_event) /* its copies may still touch buffers about to be freed */
+        cu_release(op->cu_ctx, op->cu_event, true);
     free(op->wrs);
     free(op->src_pages);
     free(op->dst_pages);
@@ -701,21 +703,82 @@ static bool take_submissions(aiote_engine *e)
             sem_post(&op->done);
             continue;
         }
-        e->stats.ops_submitted++;
+        if (op->kind != OP_ARRIVE)
+            e->stats.ops_submitted++;
         op->live_next = e->live;
         if (e->live)
             e->live->live_prev = op;
         e->live = op;
+        if (op->cu_event) { /* posted once its copies are done (poll_gated) */
+            if (e->gated_tail)
+                e->gated_tail->next = op;
+            else
+                e->gated_head = op;
+            e->gated_tail = op;
+            continue;
+        }
         if (e->pend_tail)
             e->pend_tail->next = op;
         else
             e->pend_head = op;
         e->pend_tail = op;
     }
-    for (size_t i = 0; i < ncancel; i++)
+    for (size_t i = 0; i < ncancel; i++) {
         for (struct op *op = e->pend_head; op; op = op->next)
             if (op->id == cancels[i])
                 op->cancelled = true;
+        for (struct op *op = e->gated_head; op; op = op->next)
+            if (op->id == cancels[i] && op->kind != OP_ARRIVE)
+                op->cancelled = true;
+    }
+    return did;
+}
+
+/* Ops whose CUDA copies are done go on: their writes are queued for
+ * posting (a cancelled one fails there, unposted), a local arrival counts
+ * its imm; a failed copy fails its op. */
+static bool poll_gated(aiote_engine *e)
+{
+    bool did = false;
+    struct op *prev = NULL, *op = e->gated_head;
+    while (op) {
+        struct op *next = op->next;
+        int rc = cu_poll(op->cu_ctx, op->cu_event);
+        if (rc == 1) {
+            prev = op;
+            op = next;
+            continue;
+        }
+        did = true;
+        if (prev)
+            prev->next = next;
+        else
+            e->gated_head = next;
+        if (e->gated_tail == op)
+            e->gated_tail = prev;
+        op->next = NULL;
+        cu_release(op->cu_ctx, op->cu_event, false);
+        op->cu_event = NULL;
+        if (op->kind == OP_ARRIVE) {
+            if (rc == 0 && op->arrive_count)
+                imm_table_restore(&e->imms, op->imm, op->arrive_count, &e->pending_events);
+            live_remove(e, op);
+            op_free(op);
+        } else if (rc || op->n == 0) {
+            if (rc) {
+                fail_op(op, -AIOTE_E_CUDA, 0, rc, 0, -1);
+                op->n = 0;
+            }
+            op->posted_all = true;
+            finish_op(e, op);
+        } else if (e->pend_tail) {
+            e->pend_tail->next = op;
+            e->pend_tail = op;
+        } else {
+            e->pend_head = e->pend_tail = op;
+        }
+        op = next;
+    }
     return did;
 }
 
@@ -794,7 +857,7 @@ static void idle_sleep(aiote_engine *e, uint64_t *backoff_ns, bool warm)
 static void fail_all_closed(aiote_engine *e)
 {
     for (struct op *op = e->live; op; op = op->live_next) {
-        if (op->kind == OP_PING)
+        if (op->kind == OP_PING || op->kind == OP_ARRIVE)
             continue;
         fail_op(op, -AIOTE_E_CLOSED, FI_ECANCELED, 0, op->next_post, -1);
         aiote_event ev = {.id = op->id, .kind = AIOTE_EV_OP, .status = op->status,
@@ -819,6 +882,8 @@ void *worker_main(void *arg)
         if (atomic_load(&e->stopping))
             break;
         active |= poll_watches(e);
+        if (e->gated_head)
+            active |= poll_gated(e);
         if (e->is_shm)
             local_read_lock();
         active |= post_pending(e);
@@ -840,7 +905,7 @@ void *worker_main(void *arg)
             backoff = 0;
             continue;
         }
-        if (e->pend_head) { /* work waits on a queue: keep driving progress */
+        if (e->pend_head || e->gated_head) { /* work waits on a queue or copies: keep driving progress */
             sched_yield();
             continue;
         }
