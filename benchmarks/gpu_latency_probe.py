@@ -1,7 +1,9 @@
 """Where one GPU->GPU write's time goes (aiote CUDA IPC path, 4 KiB, 2 GPUs).
 
-Medians of 50: queuing a copy and seeing its completion in the event loop, an
-imm-only write, a whole write, and an empty event-loop turn.
+Medians of 50: a copy alone through the C core (queued, its event polled by the
+worker, the future resolved in the event loop), an imm-only write, a whole write,
+the ``write()`` call alone (Python + queuing the copy, not its completion), and an
+empty event-loop turn.
 
     PYTHONPATH=$PWD python3 benchmarks/gpu_latency_probe.py
 """
@@ -40,9 +42,11 @@ async def main() -> None:
         b: list[float] = []
         c: list[float] = []
         e: list[float] = []
+        f: list[float] = []
+        ptr = src.cuda.ptr
         for _ in range(50):
             t = time.perf_counter()
-            await g._copies(0, [(src.cuda.mirror or src.cuda.ptr, src.cuda.ptr, 4096)])
+            await g._gated(0, (0, 0), [(ptr + (512 << 10), ptr, 4096)], src, d, [], None)
             a.append((time.perf_counter() - t) * 1e6)
             t = time.perf_counter()
             await eng._imm_only(d, 5, 1)
@@ -51,9 +55,14 @@ async def main() -> None:
             await eng.write(src, d, 4096, imm=1)
             c.append((time.perf_counter() - t) * 1e6)
             t = time.perf_counter()
+            w = eng.write(src, d, 4096, imm=1)
+            f.append((time.perf_counter() - t) * 1e6)
+            await w
+            t = time.perf_counter()
             await asyncio.sleep(0)
             e.append((time.perf_counter() - t) * 1e6)
-        print("copies+event", med(a), "imm_only", med(b), "write", med(c), "loop turn", med(e))
+        print("copy alone", med(a), "imm_only", med(b), "write", med(c), "write() call", med(f),
+              "loop turn", med(e))
     parent.send(b"x")
     p.join(10)
 

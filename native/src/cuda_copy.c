@@ -44,6 +44,7 @@ static struct {
     cu_event_record_t event_record;
     cu_event_t event_query, event_sync, event_destroy;
     cu_stream_wait_event_t stream_wait_event;
+    cu_event_t stream_query;
     cu_error_name_t error_name;
 } cu;
 
@@ -76,9 +77,11 @@ static void cu_load_once(void)
     cu.event_sync = (cu_event_t)sym(h, "cuEventSynchronize", NULL);
     cu.event_destroy = (cu_event_t)sym(h, "cuEventDestroy", "cuEventDestroy_v2");
     cu.stream_wait_event = (cu_stream_wait_event_t)sym(h, "cuStreamWaitEvent", NULL);
+    cu.stream_query = (cu_event_t)sym(h, "cuStreamQuery", NULL);
     cu.error_name = (cu_error_name_t)sym(h, "cuGetErrorName", NULL);
     if (!init || !cu.ctx_set || !cu.ctx_get || !cu.memcpy_async || !cu.event_create || !cu.event_record ||
-        !cu.event_query || !cu.event_sync || !cu.event_destroy || !cu.stream_wait_event || !cu.error_name) {
+        !cu.event_query || !cu.event_sync || !cu.event_destroy || !cu.stream_wait_event || !cu.stream_query ||
+        !cu.error_name) {
         snprintf(cu_why, sizeof cu_why, "the CUDA driver lacks an entry point aiote needs");
         cu_state = -1;
         return; /* the library stays loaded: harmless */
@@ -138,7 +141,7 @@ int cu_issue(void *ctx, void *stream, int wait, void *wait_stream, const aiote_c
     int cr = prev == ctx ? 0 : cu.ctx_set(ctx);
     if (cr)
         goto fail;
-    if (wait) {
+    if (wait && cu.stream_query(wait_stream) != 0) { /* work pending there (idle: nothing to wait for) */
         void *w = NULL;
         what = "cuEventCreate";
         if ((cr = cu.event_create(&w, CU_EVENT_DISABLE_TIMING)))
