@@ -63,6 +63,28 @@ async def main() -> None:
             e.append((time.perf_counter() - t) * 1e6)
         print("copy alone", med(a), "imm_only", med(b), "write", med(c), "write() call", med(f),
               "loop turn", med(e))
+        # the write's parts, back to back (no other operation in between)
+        ext = d.cuda
+        base = g._ipc_maps[(ext.pid, ext.ipc_handle)] + ext.ipc_offset
+        parts: dict[str, list[float]] = {k: [] for k in ("torch stream", "submit_cuda call", "submit_cuda total",
+                                                          "write call", "write total", "imm_only total")}
+        for _ in range(200):
+            t0 = time.perf_counter()
+            w = g._torch_stream(0)
+            t1 = time.perf_counter()
+            fut = eng._submit_cuda(g._ctx(0), g._stream(0), w, [(base, ptr, 4096)], src, d, [(0, 0, 0)], 1)
+            t2 = time.perf_counter()
+            await fut
+            t3 = time.perf_counter()
+            fut = eng.write(src, d, 4096, imm=1)
+            t4 = time.perf_counter()
+            await fut
+            t5 = time.perf_counter()
+            await eng._imm_only(d, 5, 1)
+            t6 = time.perf_counter()
+            for k, v in zip(parts, (t1 - t0, t2 - t1, t3 - t1, t4 - t3, t5 - t3, t6 - t5)):
+                parts[k].append(v * 1e6)
+        print("  ".join(f"{k} {med(v)}" for k, v in parts.items()))
     parent.send(b"x")
     p.join(10)
 
