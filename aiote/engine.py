@@ -527,6 +527,10 @@ class TransferEngine:
             raise TypeError(f"src must be a MemoryRegion, got {type(src).__name__}")
         if length is None:
             length = src.nbytes - src_offset
+        if self._gpu is not None and type(dst) is MrDescriptor and dst.cuda is not None:
+            fut = self._gpu.ipc_write_one(src, dst, length, src_offset, dst_offset, imm)
+            if fut is not None:  # the common GPU->GPU case on one host, checked and queued
+                return fut
         wrs = ffi.new("aiote_wr[1]")
         self._fill(wrs[0], dst, src_offset, dst_offset, length)
         if src.cuda is not None or dst.cuda is not None:

@@ -39,6 +39,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from . import cuda
+from .counters import IMM_MAX
 from .descriptor import CudaExt, MrDescriptor
 from .errors import AioteError, OutOfBounds
 
@@ -52,6 +53,7 @@ _COMMIT = struct.Struct("<4sQIII")  # magic, token, imm (or NO_IMM), imm count, 
 _RANGE = struct.Struct("<QQ")
 _MAGIC = b"AGC1"
 _NO_IMM = 0xFFFFFFFF
+_ONE_IMM = ((0, 0, 0),)  # one imm-only write
 
 
 @dataclass
@@ -310,24 +312,46 @@ class GpuPaths:
         self.stats["commits_sent"] += 1
         await self._engine._send_ctrl(dst.address, body)
 
+    def ipc_write_one(self, src: MemoryRegion, dst: MrDescriptor, length: Any, src_off: Any, dst_off: Any,
+                      imm: Any) -> asyncio.Future[None] | None:
+        """``write`` from a GPU region to a GPU region reached over CUDA IPC, without the
+        general path's layers; None when anything is unusual (the general path then
+        handles it, errors included)."""
+        info = src.cuda
+        if (info is None or type(length) is not int or type(src_off) is not int or type(dst_off) is not int
+                or not (0 < length and 0 <= src_off and 0 <= dst_off and src_off + length <= src.nbytes
+                        and dst_off + length <= dst.length)
+                or not (imm is None or type(imm) is int and 0 <= imm <= IMM_MAX)
+                or self._route(dst) != "ipc"):
+            return None
+        device = info.device
+        base = self._ipc_base(dst, device)
+        self.stats["ipc_writes"] += 1
+        return self._engine._submit_cuda(self._ctx(device), self._stream(device), self._torch_stream(device),
+                                         [(base + dst_off, info.ptr + src_off, length)], src, dst,
+                                         _ONE_IMM if imm is not None else (), imm)
+
+    def _ipc_base(self, dst: MrDescriptor, device: int) -> int:
+        """Where dst's byte 0 is mapped in this process."""
+        ext = dst.cuda
+        assert ext is not None
+        if ext.pid == self._pid:
+            local = self._by_token[ext.token]
+            assert local.cuda is not None
+            return local.cuda.ptr
+        key = (ext.pid, ext.ipc_handle)
+        mapped = self._ipc_maps.get(key)
+        if mapped is None:
+            self._drv.use_device(device)
+            mapped = self._ipc_maps[key] = self._drv.ipc_open(ext.ipc_handle)
+        return mapped + ext.ipc_offset
+
     def _ipc_write(self, src: MemoryRegion | None, dst: MrDescriptor, es: Sequence[Element],
                    imm: int | None, wait: tuple[int, int]) -> asyncio.Future[None]:
         """Copies into the mapped destination, then (the worker, once they are done)
         one imm-only write per element: the owner counts the imm after the bytes landed."""
-        ext = dst.cuda
-        assert ext is not None
         device = self._device_of(src)
-        if ext.pid == self._pid:
-            local = self._by_token[ext.token]
-            assert local.cuda is not None
-            base = local.cuda.ptr
-        else:
-            key = (ext.pid, ext.ipc_handle)
-            mapped = self._ipc_maps.get(key)
-            if mapped is None:
-                self._drv.use_device(device)
-                mapped = self._ipc_maps[key] = self._drv.ipc_open(ext.ipc_handle)
-            base = mapped + ext.ipc_offset
+        base = self._ipc_base(dst, device)
         src_base = src.cuda.ptr if src is not None and src.cuda is not None else (src.address if src else 0)
         ranges = _merge([(e.src_off, e.dst_off, e.length) for e in es])
         if ranges:
