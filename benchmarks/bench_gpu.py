@@ -42,11 +42,11 @@ def iters_for(size: int) -> int:
 # ---- aiote ---------------------------------------------------------------------------
 
 
-def _aiote_target(conn, max_size: int, ipc: bool) -> None:
+def _aiote_target(conn, max_size: int, ipc: bool, polling: str = "adaptive") -> None:
     import aiote
 
     async def main() -> None:
-        async with aiote.TransferEngine("shm", cuda_ipc=ipc) as eng:
+        async with aiote.TransferEngine("shm", cuda_ipc=ipc, polling=polling) as eng:
             dst = eng.register(torch.zeros(max_size, dtype=torch.uint8, device="cuda:1"))
             conn.send(dst.descriptor.to_bytes())
             loop = asyncio.get_running_loop()
@@ -57,16 +57,16 @@ def _aiote_target(conn, max_size: int, ipc: bool) -> None:
     asyncio.run(main())
 
 
-async def _aiote_run(sizes: list[int], ipc: bool) -> dict[int, dict[str, float]]:
+async def _aiote_run(sizes: list[int], ipc: bool, polling: str = "adaptive") -> dict[int, dict[str, float]]:
     import aiote
 
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
-    proc = ctx.Process(target=_aiote_target, args=(child, max(sizes), ipc), daemon=True)
+    proc = ctx.Process(target=_aiote_target, args=(child, max(sizes), ipc, polling), daemon=True)
     proc.start()
     out: dict[int, dict[str, float]] = {}
     try:
-        async with aiote.TransferEngine("shm", cuda_ipc=ipc) as eng:
+        async with aiote.TransferEngine("shm", cuda_ipc=ipc, polling=polling) as eng:
             src = eng.register(torch.randint(0, 256, (max(sizes),), dtype=torch.uint8, device="cuda:0"))
             loop = asyncio.get_running_loop()
             d = aiote.MrDescriptor.from_bytes(await loop.run_in_executor(None, parent.recv))
@@ -186,11 +186,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default=SIZES)
     ap.add_argument("--json")
+    ap.add_argument("--polling", default="adaptive", choices=["adaptive", "busy", "blocking"],
+                    help="both aiote engines' polling mode (default: the engine's default, adaptive)")
     a = ap.parse_args()
     sizes = [parse_size(s) for s in a.sizes.split(",")]
     results = {
-        "aiote ipc": asyncio.run(_aiote_run(sizes, True)),
-        "aiote staged": asyncio.run(_aiote_run(sizes, False)),
+        "aiote ipc": asyncio.run(_aiote_run(sizes, True, a.polling)),
+        "aiote staged": asyncio.run(_aiote_run(sizes, False, a.polling)),
         "memcpyPeer": memcpy_peer(sizes),
         "NCCL": nccl(sizes),
     }
