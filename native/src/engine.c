@@ -177,8 +177,6 @@ int aiote_engine_shutdown(aiote_engine *e)
     if (e->worker_started)
         pthread_join(e->worker, NULL);
     e->worker_started = false;
-    if (e->is_shm)
-        drain_local_inflight(e, 2000ull * 1000 * 1000); /* see there */
     watches_close(e);
     fabric_close(e);
     /* the NIC can't touch them any more: free what the worker left */

@@ -391,7 +391,6 @@ struct op *op_clone(const struct op *tmpl, uint64_t id);
 void op_free(struct op *op);
 void fail_nic_inflight(aiote_engine *e, struct nic *n, int fi_err);
 void peer_down(aiote_engine *e, uint32_t idx, int fi_err);
-void drain_local_inflight(aiote_engine *e, uint64_t max_ns);
 
 /* fabric.c: per-peer endpoints (shm) */
 int peer_open_eps(aiote_engine *e, struct peer *p);

@@ -585,68 +585,6 @@ static size_t poll_cq(aiote_engine *e, struct nic *n)
     return 0;
 }
 
-static bool same_process_open(const aiote_engine *e, uint32_t idx)
-{
-    const struct peer *p = idx < e->npeers ? e->peers[idx] : NULL;
-    if (!p || p->gone)
-        return false;
-    for (uint32_t j = 0; j < p->nnics; j++)
-        if (p->local[j] && atomic_load(&p->local[j]->open))
-            return true;
-    return false;
-}
-
-/* Shutdown, shm, after the worker stopped: libfabric shm maps a peer of the
- * same process onto that peer's own region, and that peer's endpoint goes on
- * processing the commands we posted to it, reading from and answering into
- * our endpoints' regions.  Closing our endpoints while it still holds some
- * made it touch unmapped memory and crash the process (seen in
- * test_close_with_work_in_flight: a closes with 2,000 writes to b queued, b's
- * worker crashes in fi_cq_read).  So wait, at most max_ns, until the writes
- * and sends in flight to open same-process peers have completed (their ops
- * were already reported closed: completions are only counted here). */
-void drain_local_inflight(aiote_engine *e, uint64_t max_ns)
-{
-    uint64_t deadline = now_ns() + max_ns;
-    for (;;) {
-        size_t waiting = 0;
-        local_read_lock();
-        for (uint32_t k = 0; k < e->nnics; k++) {
-            struct nic *n = &e->nics[k];
-            if (!n->cq)
-                continue;
-            for (int round = 0; round < 64; round++) {
-                struct fi_cq_data_entry ents[CQ_BATCH];
-                ssize_t got = fi_cq_read(n->cq, ents, CQ_BATCH);
-                if (got == -FI_EAVAIL) {
-                    struct fi_cq_err_entry err;
-                    memset(&err, 0, sizeof err);
-                    if (fi_cq_readerr(n->cq, &err, 0) != 1)
-                        break;
-                    struct ctx_hdr *h = err.op_context;
-                    if (h && h->kind == CTX_TX)
-                        ((struct tx_ctx *)h)->op = NULL;
-                    continue;
-                }
-                if (got <= 0)
-                    break;
-                for (ssize_t i = 0; i < got; i++) {
-                    struct ctx_hdr *h = ents[i].op_context;
-                    if (!(ents[i].flags & FI_REMOTE_CQ_DATA) && h && h->kind == CTX_TX)
-                        ((struct tx_ctx *)h)->op = NULL;
-                }
-            }
-            for (size_t i = 0; i < n->ntx; i++)
-                if (n->tx_ctxs[i].op && same_process_open(e, n->tx_ctxs[i].peer))
-                    waiting++;
-        }
-        local_read_unlock();
-        if (!waiting || now_ns() >= deadline)
-            return;
-        sched_yield();
-    }
-}
-
 /* A fired reaction's transfer: a fresh op from the prepared template. */
 struct op *op_clone(const struct op *t, uint64_t id)
 {
