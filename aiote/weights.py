@@ -242,11 +242,22 @@ class _Write:
     dst: np.ndarray  # byte offsets in the receiver's buffer
 
 
+@dataclass(frozen=True)
+class _Segment:
+    """A box of one of the trainer's local tensors, cast into staging as one contiguous block."""
+
+    tensor: str
+    at: tuple[int, ...]   # origin of the box in the local tensor
+    ext: tuple[int, ...]  # its extent
+    param: str
+    offset: int           # bytes into staging
+    nbytes: int
+
+
 @dataclass
 class _TrainerPlan:
     staging_bytes: int
-    offsets: dict[str, int]               # local tensor -> byte offset in staging
-    chunks: list[tuple[int, int]]         # staging byte ranges, cast one after another
+    chunks: list[list[_Segment]]          # cast one chunk after another
     writes: list[list[_Write]]            # per chunk
     counts: dict[int, int] = field(default_factory=dict)  # receiver -> pages this trainer sends it
 
@@ -372,16 +383,22 @@ class Schedule:
                 raise InvalidArgument(f"no inference rank holds parameter {n!r}")
 
     def _plan(self, t: int) -> _TrainerPlan:
-        tensors = self.trainers.ranks[t]
-        offs, staging = self._offsets(tensors)
-        # this trainer's pieces by parameter
+        """Trainer t's staging layout and writes.
+
+        Staging holds what the receivers need *in their layout*: each intersection of a
+        trainer piece with a receiver piece is cast into a contiguous block (a segment),
+        so a block lands with as few writes as the receiver's layout allows (a
+        row-parallel shard of full trainer rows is one write, not one per row).  The
+        same block wanted by several receivers (replicated parameters) is staged once.
+        """
         mine: dict[str, list[tuple[LocalTensor, Piece]]] = {}
-        for lt in tensors:
+        for lt in self.trainers.ranks[t]:
             for pc in lt.pieces:
                 mine.setdefault(pc.param, []).append((lt, pc))
-        src_l, dst_l, len_l, rcv_l = [], [], [], []
+        segments: dict[tuple[str, tuple[int, ...], tuple[int, ...]], _Segment] = {}
+        needs: list[tuple[_Segment, int, LocalTensor, tuple[int, ...]]] = []
+        pos = 0
         for i, rtensors in enumerate(self.inference.ranks):
-            roffs = self.receiver_offsets[i]
             for dl in rtensors:
                 isz = self._itemsize(dl)
                 for dp in dl.pieces:
@@ -392,21 +409,45 @@ class Schedule:
                         ext = tuple(hi - lo for lo, hi in x)
                         s_at = tuple(a + lo - blo for a, (lo, _), (blo, _) in zip(sp.at, x, sp.box))
                         d_at = tuple(a + lo - blo for a, (lo, _), (blo, _) in zip(dp.at, x, dp.box))
-                        s, d, run = _runs(ext, sl.shape, s_at, dl.shape, d_at)
-                        src_l.append(offs[sl.name] + s * isz)
-                        dst_l.append(roffs[dl.name] + d * isz)
-                        len_l.append(np.full(len(s), run * isz, np.int64))
-                        rcv_l.append(np.full(len(s), i, np.int64))
-        plan = _TrainerPlan(staging, offs, [], [])
-        for a in range(0, staging, self.chunk_bytes):
-            plan.chunks.append((a, min(a + self.chunk_bytes, staging)))
+                        # slabs along dim 0 of at most chunk_bytes: a chunk is cast, then sent
+                        row = math.prod(ext[1:]) * isz
+                        step = max(1, self.chunk_bytes // max(row, 1)) if ext else 1
+                        for r0 in range(0, ext[0] if ext else 1, step):
+                            sub = (min(step, ext[0] - r0),) + ext[1:] if ext else ()
+                            so = (s_at[0] + r0,) + s_at[1:] if ext else ()
+                            do = (d_at[0] + r0,) + d_at[1:] if ext else ()
+                            key = (sl.name, so, sub)
+                            seg = segments.get(key)
+                            if seg is None:
+                                pos = -(-pos // isz) * isz
+                                seg = _Segment(sl.name, so, sub, dp.param, pos, math.prod(sub) * isz)
+                                segments[key] = seg
+                                pos += seg.nbytes
+                            needs.append((seg, i, dl, do))
+        plan = _TrainerPlan(pos, [], [])
+        chunk_of: dict[int, int] = {}
+        size = 0
+        for seg in segments.values():  # in staging order
+            if not plan.chunks or (size + seg.nbytes > self.chunk_bytes and size):
+                plan.chunks.append([])
+                size = 0
+            plan.chunks[-1].append(seg)
+            chunk_of[seg.offset] = len(plan.chunks) - 1
+            size += seg.nbytes
         plan.writes = [[] for _ in plan.chunks]
-        if not src_l:
+        if not needs:
             return plan
-        src, dst, ln, rcv = (np.concatenate(x) for x in (src_l, dst_l, len_l, rcv_l))
-        src, dst, ln, rcv = _merge(src, dst, ln, rcv)
-        src, dst, ln, rcv = _split(src, dst, ln, rcv, self.chunk_bytes)
-        chunk = src // self.chunk_bytes
+        src_l, dst_l, len_l, rcv_l, chk_l = [], [], [], [], []
+        for seg, i, dl, do in needs:
+            isz = self._itemsize(dl)
+            s, d, run = _runs(seg.ext, seg.ext, (0,) * len(seg.ext), dl.shape, do)
+            src_l.append(seg.offset + s * isz)
+            dst_l.append(self.receiver_offsets[i][dl.name] + d * isz)
+            len_l.append(np.full(len(s), run * isz, np.int64))
+            rcv_l.append(np.full(len(s), i, np.int64))
+            chk_l.append(np.full(len(s), chunk_of[seg.offset], np.int64))
+        cols = [np.concatenate(x) for x in (src_l, dst_l, len_l, rcv_l, chk_l)]
+        src, dst, ln, rcv, chunk = _merge(*cols)
         order = np.lexsort((src, ln, rcv, chunk))
         src, dst, ln, rcv, chunk = src[order], dst[order], ln[order], rcv[order], chunk[order]
         keys = np.stack([chunk, rcv, ln], axis=1)
@@ -422,28 +463,15 @@ class Schedule:
         return plan
 
 
-def _merge(src: np.ndarray, dst: np.ndarray, ln: np.ndarray, rcv: np.ndarray) -> tuple[np.ndarray, ...]:
-    """Join runs that continue each other on both sides (same receiver)."""
-    order = np.lexsort((src, rcv))
-    src, dst, ln, rcv = src[order], dst[order], ln[order], rcv[order]
-    cont = np.r_[False, (src[:-1] + ln[:-1] == src[1:]) & (dst[:-1] + ln[:-1] == dst[1:]) & (rcv[:-1] == rcv[1:])]
+def _merge(src: np.ndarray, dst: np.ndarray, ln: np.ndarray, rcv: np.ndarray,
+           chunk: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Join runs that continue each other on both sides (same receiver, same chunk)."""
+    order = np.lexsort((src, rcv, chunk))
+    src, dst, ln, rcv, chunk = src[order], dst[order], ln[order], rcv[order], chunk[order]
+    cont = np.r_[False, (src[:-1] + ln[:-1] == src[1:]) & (dst[:-1] + ln[:-1] == dst[1:])
+                 & (rcv[:-1] == rcv[1:]) & (chunk[:-1] == chunk[1:])]
     starts = np.flatnonzero(~cont)
-    return src[starts], dst[starts], np.add.reduceat(ln, starts), rcv[starts]
-
-
-def _split(src: np.ndarray, dst: np.ndarray, ln: np.ndarray, rcv: np.ndarray, chunk: int) -> tuple[np.ndarray, ...]:
-    """Cut runs at chunk boundaries of the staging buffer (a chunk's runs go once it is cast)."""
-    crosses = src // chunk != (src + ln - 1) // chunk
-    if not crosses.any():
-        return src, dst, ln, rcv
-    keep = ~crosses
-    parts = [(src[keep], dst[keep], ln[keep], rcv[keep])]
-    for s, d, n, r in zip(src[crosses], dst[crosses], ln[crosses], rcv[crosses]):
-        cuts = np.arange((s // chunk + 1) * chunk, s + n, chunk, dtype=np.int64)
-        lo = np.r_[s, cuts]
-        hi = np.r_[cuts, s + n]
-        parts.append((lo, d + (lo - s), hi - lo, np.full(len(lo), r, np.int64)))
-    return tuple(np.concatenate(x) for x in zip(*parts))  # type: ignore[return-value]
+    return src[starts], dst[starts], np.add.reduceat(ln, starts), rcv[starts], chunk[starts]
 
 
 # ---------------------------------------------------------------------------- imms
@@ -554,6 +582,9 @@ class WeightSender:
         self._busy = False
         self._last: int | None = None
         self._inflight: list[asyncio.Future[None]] = []  # writes of a push that was cancelled
+        #: timings of the last successful push (seconds): waiting for the receivers' "ready"
+        #: (and the fp8 scales), casting (summed over chunks, in a thread), and the whole push
+        self.last_stats: dict[str, float] = {}
         # receivers this rank waits a "ready" from: those it writes to
         self._targets = sorted(set(self._plan.counts) | (set(range(nr)) if schedule.fp8 and rank == 0 else set()))
 
@@ -617,6 +648,9 @@ class WeightSender:
 
     async def _push(self, version: int, timeout: float | None) -> None:
         eng, sched, tag = self.engine, self.schedule, self._tag
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        cast_s = 0.0
         ready_waits = [eng.imms.wait(_imm(tag, _KIND_READY, version, i), 1, timeout=timeout,
                                      peer=self._receivers[i].slots[0].address) for i in self._targets]
         try:
@@ -633,6 +667,7 @@ class WeightSender:
                 raise UpdateFailed(f"version {version}: receiver {i} said ready for version {v}, buffer {slot}",
                                    version=version, peer=i)
             slots[i] = self._receivers[i].slots[slot]
+        t_ready = loop.time()
         writes: list[asyncio.Future[None]] = []
         self._inflight = writes
         whom: list[int] = []
@@ -644,8 +679,10 @@ class WeightSender:
                     writes.append(eng.write(self._scales_mr, slots[i], 4 * len(scales), 0,
                                             sched.scales_offset[i], imm=imm))
                     whom.append(i)
-            for c, (a, b) in enumerate(self._plan.chunks):
-                await asyncio.to_thread(self._cast, a, b, scales)
+            for c, segments in enumerate(self._plan.chunks):
+                c0 = loop.time()
+                await asyncio.to_thread(self._cast, segments, scales)
+                cast_s += loop.time() - c0
                 for w in self._plan.writes[c]:
                     writes.append(eng.write_paged(self._staging_mr, slots[w.receiver], w.page_len, w.src, w.dst,
                                                   1, 1, imm=imm))
@@ -659,25 +696,22 @@ class WeightSender:
             if err is not None:
                 raise UpdateFailed(f"version {version}: writing to receiver {i} failed: {err}",
                                    version=version, peer=i) from err
+        self.last_stats = {"ready_s": t_ready - t0, "cast_s": cast_s, "total_s": loop.time() - t0}
 
-    def _cast(self, a: int, b: int, scales: torch.Tensor | None) -> None:
-        """Cast staging bytes [a, b) from the shards (runs in a thread: torch releases the GIL)."""
+    def _cast(self, segments: Sequence[_Segment], scales: torch.Tensor | None) -> None:
+        """Cast one chunk's segments from the shards into staging (runs in a thread: torch
+        releases the GIL)."""
         import torch
 
         sched = self.schedule
-        for name, off in self._plan.offsets.items():
-            lt = self._tensors[name]
-            dt = sched.dtype_of(lt.pieces[0].param) if lt.pieces else sched.dtype
-            isz = torch.empty(0, dtype=dt).element_size()
-            n = math.prod(lt.shape)
-            lo, hi = max(a, off), min(b, off + n * isz)
-            if lo >= hi:
-                continue
-            e0, e1 = (lo - off) // isz, (hi - off) // isz
-            src = self._shards[name].reshape(-1)[e0:e1]
-            dst = self._staging[lo:hi].view(dt)
-            if scales is not None and lt.pieces and lt.pieces[0].param in sched._fp8_index:
-                s = scales[sched._fp8_index[lt.pieces[0].param]]
+        for seg in segments:
+            dt = sched.dtype_of(seg.param)
+            src = self._shards[seg.tensor]
+            for d, (a, n) in enumerate(zip(seg.at, seg.ext)):
+                src = src.narrow(d, a, n)
+            dst = self._staging[seg.offset:seg.offset + seg.nbytes].view(dt).view(seg.ext)
+            if scales is not None and seg.param in sched._fp8_index:
+                s = scales[sched._fp8_index[seg.param]]
                 dst.copy_(torch.clamp(src.float() / s, -FP8_MAX, FP8_MAX).to(dt))
             else:
                 dst.copy_(src)

@@ -66,9 +66,12 @@ def simulate(sched, trainer_shards):
     bufs = [np.zeros(n, np.uint8) for n in sched.receiver_bytes]
     for t, plan in enumerate(sched.plans):
         staging = np.zeros(plan.staging_bytes, np.uint8)
-        for name, off in plan.offsets.items():
-            raw = trainer_shards[t][name].contiguous().view(torch.uint8).numpy().reshape(-1)
-            staging[off:off + raw.size] = raw
+        for segments in plan.chunks:  # what the trainer casts: boxes of its shards, contiguous
+            for seg in segments:
+                box = tuple(slice(a, a + n) for a, n in zip(seg.at, seg.ext))
+                raw = trainer_shards[t][seg.tensor][box].contiguous().view(torch.uint8).numpy().reshape(-1)
+                assert raw.size == seg.nbytes
+                staging[seg.offset:seg.offset + seg.nbytes] = raw
         for ws in plan.writes:
             for w in ws:
                 for s, d in zip(w.src, w.dst):
@@ -91,7 +94,7 @@ def bits(t):
     return t.contiguous().view(torch.uint8)
 
 
-@pytest.mark.parametrize("seed", range(12))
+@pytest.mark.parametrize("seed", range(24))
 def test_schedule_moves_every_byte_like_the_reference(seed):
     rng = np.random.default_rng(seed)
     nt, ni = int(rng.integers(1, 5)), int(rng.integers(1, 5))
@@ -108,11 +111,12 @@ def test_schedule_moves_every_byte_like_the_reference(seed):
     fused["qkv"] = ["q", "k", "v"]
     full = {p.name: torch.randn(p.shape, generator=torch.Generator().manual_seed(seed * 100 + i))
             for i, p in enumerate(params)}
-    trainers = Layout.sharded(params, nt)
+    tplace = {p.name: Shard(int(rng.integers(0, len(p.shape)))) for p in params}  # FSDP-like, any dim
+    trainers = Layout.sharded(params, nt, tplace)
     inference = Layout.sharded(params, ni, placements, fused)
     sched = Schedule(params, trainers, inference, dtype=torch.bfloat16, chunk_bytes=int(rng.integers(8, 200)))
     cast, _ = quantize(full, torch.bfloat16, ())
-    shards = [reference_local(cast, {}, {}, nt, t) for t in range(nt)]
+    shards = [reference_local(cast, tplace, {}, nt, t) for t in range(nt)]
     bufs = simulate(sched, shards)
     for i in range(ni):
         want = reference_local(cast, placements, fused, ni, i)
@@ -129,14 +133,22 @@ def test_schedule_coalesces_contiguous_runs():
     params = [Param("w", (1024, 256))]
     sched = Schedule(params, Layout.sharded(params, 2), Layout.sharded(params, 4), chunk_bytes=1 << 30)
     assert sched.summary()["writes"] == 4
-    # row-parallel on the inference side: one page per row, grouped into one paged write per pair
+    # row-parallel on the inference side: the trainer stages each receiver's block contiguously,
+    # which lands as one write per (trainer, receiver), not one per row
     inf = Layout.sharded(params, 2, {"w": Shard(1)})
     s2 = Schedule(params, Layout.sharded(params, 2), inf, chunk_bytes=1 << 30)
-    assert s2.summary()["writes"] == 2 * 1024 and s2.summary()["calls"] == 4
+    assert s2.summary()["writes"] == 4 and s2.summary()["calls"] == 4
+    # ... unless the receiver's own layout is strided: dim-1 trainer shards into dim-0 receivers
+    s3 = Schedule(params, Layout.sharded(params, 2, default=Shard(1)), Layout.sharded(params, 2),
+                  chunk_bytes=1 << 30)
+    assert s3.summary()["writes"] == 2 * 1024 and s3.summary()["calls"] == 4
     # adjacent replicated tensors become one run
     small = [Param("a", (64,)), Param("b", (64,))]
-    s3 = Schedule(small, Layout.sharded(small, 1), Layout.sharded(small, 1, default=Replicate()))
-    assert s3.summary()["writes"] == 1
+    s4 = Schedule(small, Layout.sharded(small, 1), Layout.sharded(small, 1, default=Replicate()))
+    assert s4.summary()["writes"] == 1
+    # a replicated parameter is staged once for all receivers
+    s5 = Schedule(small, Layout.sharded(small, 1), Layout.sharded(small, 3, default=Replicate()))
+    assert s5.plans[0].staging_bytes == 2 * 64 * 2 and s5.summary()["writes"] == 3
 
 
 def test_schedule_rejects_bad_layouts():
