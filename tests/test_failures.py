@@ -445,3 +445,34 @@ async def test_shm_peer_dying_inside_the_provider_wedges_only_that_engine(aiote_
     await other.write(s2, aiote.MrDescriptor.from_bytes(ld), imm=3)
     assert await live.call("wait_imm", 3, 1, 10)
     assert await live.call("read", rid, 0, 4096) == b"\x07" * 4096
+
+
+_STALE_CHILD = r"""
+import asyncio, os, sys
+import aiote
+# what a killed process with this pid would have left: shm region files named after the pid
+stale = [f"/dev/shm/{os.getpid()}:0:{i}" for i in range(8)]
+for p in stale:
+    open(p, "wb").close()
+
+async def main():
+    async with aiote.TransferEngine("shm") as a, aiote.TransferEngine("shm") as b:
+        src, dst = bytearray(b"x" * 64), bytearray(64)
+        mr, dmr = a.register(src), b.register(dst)
+        await a.write(mr, dmr.descriptor, imm=5)
+        await b.imms.wait(5, timeout=30)
+        assert dst == src
+    print("OK", sum(os.path.exists(p) for p in stale))
+
+asyncio.run(main())
+"""
+
+
+def test_shm_files_left_by_a_dead_process_with_our_pid_are_swept(tmp_path):
+    """A killed process leaves /dev/shm/<pid>:* behind; a new process that gets the same pid
+    used to fail opening (EBUSY) or connecting its per-peer endpoints."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", _STALE_CHILD], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "OK" in r.stdout, r.stdout + r.stderr

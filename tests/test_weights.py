@@ -4,6 +4,7 @@ parallel, replicated, fp8) on real engines: bit-equal after every round, overlap
 refused, a trainer dying mid-round fails the round and the old weights stay in service."""
 
 import asyncio
+import glob
 import itertools
 import multiprocessing as mp
 import os
@@ -421,6 +422,8 @@ def test_rounds_overlap_and_trainer_death(aiote_provider):
         assert trainers[0].get(t0)[0]  # its own writes all landed (in the idle buffers)
         trainers[1].p.join(30)
         assert trainers[1].p.exitcode == 3
+        for f in glob.glob(f"/dev/shm/{trainers[1].p.pid}:*"):  # its shm regions outlive it
+            os.unlink(f)
         trainers[1].replies.pop(t1, None)
         # the old weights are still in service, bit-equal
         assert all(r.get(r.call("check", 2)) == (True, True) for r in receivers)
