@@ -31,6 +31,7 @@ rounds are never mixed.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -238,20 +239,23 @@ class _Write:
 
     receiver: int
     page_len: int
-    src: np.ndarray  # byte offsets in the trainer's staging buffer
+    src: np.ndarray  # byte offsets in the source: staging, or the trainer's local tensor ``source``
     dst: np.ndarray  # byte offsets in the receiver's buffer
+    source: int = -1  # -1: staging; k: the trainer's k-th local tensor (written from it directly)
 
 
 @dataclass(frozen=True)
 class _Segment:
-    """A box of one of the trainer's local tensors, cast into staging as one contiguous block."""
+    """A box of one of the trainer's local tensors, cast into staging as one contiguous block
+    (or, ``direct``, contiguous in the local tensor already and written from there)."""
 
     tensor: str
     at: tuple[int, ...]   # origin of the box in the local tensor
     ext: tuple[int, ...]  # its extent
     param: str
-    offset: int           # bytes into staging
+    offset: int           # bytes into staging (direct: into the local tensor)
     nbytes: int
+    direct: bool = False
 
 
 @dataclass
@@ -260,6 +264,8 @@ class _TrainerPlan:
     chunks: list[list[_Segment]]          # cast one chunk after another
     writes: list[list[_Write]]            # per chunk
     counts: dict[int, int] = field(default_factory=dict)  # receiver -> pages this trainer sends it
+    direct: list[_Write] = field(default_factory=list)   # zero-copy writes, posted before any cast
+    direct_tensors: set[str] = field(default_factory=set)
 
 
 class Schedule:
@@ -270,12 +276,18 @@ class Schedule:
     ``chunk_bytes`` is the casting granularity: a chunk's writes are posted while the
     next chunk is cast.  Each inference byte comes from exactly one trainer rank: the
     trainer layout must partition every parameter.
+
+    ``source_dtype`` is the dtype the trainers hold their shards in, if known.  Where it
+    is a parameter's wire dtype already (bf16 shards, bf16 inference, not fp8), blocks
+    that are contiguous in the shard are written straight from it (zero copy: no staging,
+    no cast; the sender registers those shards); the rest is staged as usual.
     """
 
     def __init__(self, params: Sequence[Param], trainers: Layout, inference: Layout, dtype: Any = None,
-                 fp8: Iterable[str] = (), chunk_bytes: int = 32 << 20):
+                 fp8: Iterable[str] = (), chunk_bytes: int = 32 << 20, source_dtype: Any = None):
         import torch
 
+        self.source_dtype = source_dtype
         self.params = list(params)
         self.trainers, self.inference = trainers, inference
         self.dtype = dtype or torch.bfloat16
@@ -323,11 +335,12 @@ class Schedule:
 
     def summary(self) -> dict[str, int]:
         """Totals: bytes, writes (pages) and paged-write calls per round."""
-        pages = sum(len(w.src) for p in self.plans for ws in p.writes for w in ws)
-        calls = sum(len(ws) for p in self.plans for ws in p.writes)
-        nbytes = sum(int(w.page_len) * len(w.src) for p in self.plans for ws in p.writes for w in ws)
-        return {"bytes": nbytes, "writes": pages, "calls": calls, "trainers": self.trainers.world,
-                "receivers": self.inference.world}
+        ws = [w for p in self.plans for w in itertools.chain(p.direct, *p.writes)]
+        direct = [w for p in self.plans for w in p.direct]
+        return {"bytes": sum(int(w.page_len) * len(w.src) for w in ws), "writes": sum(len(w.src) for w in ws),
+                "calls": len(ws), "direct_bytes": sum(int(w.page_len) * len(w.src) for w in direct),
+                "staging_bytes": sum(p.staging_bytes for p in self.plans),
+                "trainers": self.trainers.world, "receivers": self.inference.world}
 
     # -- construction ------------------------------------------------------------------
 
@@ -398,6 +411,11 @@ class Schedule:
         segments: dict[tuple[str, tuple[int, ...], tuple[int, ...]], _Segment] = {}
         needs: list[tuple[_Segment, int, LocalTensor, tuple[int, ...]]] = []
         pos = 0
+        index = {lt.name: k for k, lt in enumerate(self.trainers.ranks[t])}
+
+        def direct_ok(param: str) -> bool:
+            return self.source_dtype is not None and param not in self._fp8_index and self.source_dtype == self.dtype
+
         for i, rtensors in enumerate(self.inference.ranks):
             for dl in rtensors:
                 isz = self._itemsize(dl)
@@ -418,6 +436,12 @@ class Schedule:
                             do = (d_at[0] + r0,) + d_at[1:] if ext else ()
                             key = (sl.name, so, sub)
                             seg = segments.get(key)
+                            if seg is None and direct_ok(dp.param):
+                                s_run, _, n_run = _runs(sub, sl.shape, so, sub, (0,) * len(sub))
+                                if len(s_run) == 1:  # contiguous in the shard: no staging needed
+                                    seg = _Segment(sl.name, so, sub, dp.param, int(s_run[0]) * isz,
+                                                   n_run * isz, direct=True)
+                                    segments[key] = seg
                             if seg is None:
                                 pos = -(-pos // isz) * isz
                                 seg = _Segment(sl.name, so, sub, dp.param, pos, math.prod(sub) * isz)
@@ -425,19 +449,23 @@ class Schedule:
                                 pos += seg.nbytes
                             needs.append((seg, i, dl, do))
         plan = _TrainerPlan(pos, [], [])
-        chunk_of: dict[int, int] = {}
+        chunk_of: dict[_Segment, int] = {}
         size = 0
         for seg in segments.values():  # in staging order
+            if seg.direct:
+                chunk_of[seg] = -1
+                plan.direct_tensors.add(seg.tensor)
+                continue
             if not plan.chunks or (size + seg.nbytes > self.chunk_bytes and size):
                 plan.chunks.append([])
                 size = 0
             plan.chunks[-1].append(seg)
-            chunk_of[seg.offset] = len(plan.chunks) - 1
+            chunk_of[seg] = len(plan.chunks) - 1
             size += seg.nbytes
         plan.writes = [[] for _ in plan.chunks]
         if not needs:
             return plan
-        src_l, dst_l, len_l, rcv_l, chk_l = [], [], [], [], []
+        src_l, dst_l, len_l, rcv_l, chk_l, srcid_l = [], [], [], [], [], []
         for seg, i, dl, do in needs:
             isz = self._itemsize(dl)
             s, d, run = _runs(seg.ext, seg.ext, (0,) * len(seg.ext), dl.shape, do)
@@ -445,33 +473,34 @@ class Schedule:
             dst_l.append(self.receiver_offsets[i][dl.name] + d * isz)
             len_l.append(np.full(len(s), run * isz, np.int64))
             rcv_l.append(np.full(len(s), i, np.int64))
-            chk_l.append(np.full(len(s), chunk_of[seg.offset], np.int64))
-        cols = [np.concatenate(x) for x in (src_l, dst_l, len_l, rcv_l, chk_l)]
-        src, dst, ln, rcv, chunk = _merge(*cols)
-        order = np.lexsort((src, ln, rcv, chunk))
-        src, dst, ln, rcv, chunk = src[order], dst[order], ln[order], rcv[order], chunk[order]
-        keys = np.stack([chunk, rcv, ln], axis=1)
+            chk_l.append(np.full(len(s), chunk_of[seg], np.int64))
+            srcid_l.append(np.full(len(s), index[seg.tensor] if seg.direct else -1, np.int64))
+        cols = [np.concatenate(x) for x in (src_l, dst_l, len_l, rcv_l, chk_l, srcid_l)]
+        src, dst, ln, rcv, chunk, sid = _merge(*cols)
+        order = np.lexsort((src, ln, rcv, sid, chunk))
+        src, dst, ln, rcv, chunk, sid = (x[order] for x in (src, dst, ln, rcv, chunk, sid))
+        keys = np.stack([chunk, sid, rcv, ln], axis=1)
         starts = np.flatnonzero(np.r_[True, (keys[1:] != keys[:-1]).any(axis=1)])
         ends = np.r_[starts[1:], len(src)]
         for a, b in zip(starts, ends):
-            c, i, n = int(chunk[a]), int(rcv[a]), int(ln[a])
+            c, k, i, n = int(chunk[a]), int(sid[a]), int(rcv[a]), int(ln[a])
             for lo in range(a, b, _MAX_PAGES):
                 hi = min(lo + _MAX_PAGES, b)
-                plan.writes[c].append(_Write(i, n, np.ascontiguousarray(src[lo:hi]),
-                                             np.ascontiguousarray(dst[lo:hi])))
+                w = _Write(i, n, np.ascontiguousarray(src[lo:hi]), np.ascontiguousarray(dst[lo:hi]), k)
+                (plan.direct if c < 0 else plan.writes[c]).append(w)
             plan.counts[i] = plan.counts.get(i, 0) + int(b - a)
         return plan
 
 
-def _merge(src: np.ndarray, dst: np.ndarray, ln: np.ndarray, rcv: np.ndarray,
-           chunk: np.ndarray) -> tuple[np.ndarray, ...]:
-    """Join runs that continue each other on both sides (same receiver, same chunk)."""
-    order = np.lexsort((src, rcv, chunk))
-    src, dst, ln, rcv, chunk = src[order], dst[order], ln[order], rcv[order], chunk[order]
+def _merge(src: np.ndarray, dst: np.ndarray, ln: np.ndarray, rcv: np.ndarray, chunk: np.ndarray,
+           sid: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Join runs that continue each other on both sides (same receiver, chunk and source)."""
+    order = np.lexsort((src, sid, rcv, chunk))
+    src, dst, ln, rcv, chunk, sid = (x[order] for x in (src, dst, ln, rcv, chunk, sid))
     cont = np.r_[False, (src[:-1] + ln[:-1] == src[1:]) & (dst[:-1] + ln[:-1] == dst[1:])
-                 & (rcv[:-1] == rcv[1:]) & (chunk[:-1] == chunk[1:])]
+                 & (rcv[:-1] == rcv[1:]) & (chunk[:-1] == chunk[1:]) & (sid[:-1] == sid[1:])]
     starts = np.flatnonzero(~cont)
-    return src[starts], dst[starts], np.add.reduceat(ln, starts), rcv[starts], chunk[starts]
+    return src[starts], dst[starts], np.add.reduceat(ln, starts), rcv[starts], chunk[starts], sid[starts]
 
 
 # ---------------------------------------------------------------------------- imms
@@ -570,6 +599,9 @@ class WeightSender:
         device = first.device if first is not None and first.is_cuda else None
         self._staging = _buffer(self._plan.staging_bytes, torch.uint8, device)
         self._staging_mr = engine.register(self._staging) if self._plan.staging_bytes else None
+        self._direct_mrs: dict[str, tuple[torch.Tensor, MemoryRegion]] = {}
+        self._register_direct()
+        self._names = [lt.name for lt in schedule.trainers.ranks[rank]]
         nr, nt, nf = schedule.inference.world, schedule.trainers.world, len(schedule.fp8)
         self._ready = _buffer(16 * nr, torch.int64, None).view(nr, 2)
         self._ready_mr = engine.register(self._ready)
@@ -599,11 +631,26 @@ class WeightSender:
                                       f"the layout says {lt.shape}")
             if not t.is_floating_point():
                 raise InvalidArgument(f"{name!r}: weights must be floating point, got {t.dtype}")
+            if name in self._plan.direct_tensors and (t.dtype != self.schedule.source_dtype or
+                                                      not t.is_contiguous()):
+                raise InvalidArgument(f"{name!r}: the schedule writes it straight from the shard, which must be "
+                                      f"a contiguous {self.schedule.source_dtype} tensor (got {t.dtype})")
             out[name] = t
         extra = set(shards) - set(self._tensors)
         if extra:
             raise InvalidArgument(f"trainer rank {self.rank}: shards not in the layout: {sorted(extra)}")
         return out
+
+    def _register_direct(self) -> None:
+        """Register the shards that zero-copy writes read (again if a push brought new tensors)."""
+        for name in self._plan.direct_tensors:
+            t = self._shards[name]
+            old = self._direct_mrs.get(name)
+            if old is not None and old[0] is t:
+                continue
+            if old is not None:
+                old[1].close()
+            self._direct_mrs[name] = (t, self.engine.register(t))
 
     @property
     def buffers(self) -> SenderBuffers:
@@ -636,6 +683,7 @@ class WeightSender:
         _check_version(version, self._last)
         if shards is not None:
             self._shards = self._check_shards(shards)
+            self._register_direct()
         self._busy = True
         self._last = version
         try:
@@ -679,6 +727,10 @@ class WeightSender:
                     writes.append(eng.write(self._scales_mr, slots[i], 4 * len(scales), 0,
                                             sched.scales_offset[i], imm=imm))
                     whom.append(i)
+            for w in self._plan.direct:  # zero copy: straight from the shards, before any cast
+                mr = self._direct_mrs[self._names[w.source]][1]
+                writes.append(eng.write_paged(mr, slots[w.receiver], w.page_len, w.src, w.dst, 1, 1, imm=imm))
+                whom.append(w.receiver)
             for c, segments in enumerate(self._plan.chunks):
                 c0 = loop.time()
                 await asyncio.to_thread(self._cast, segments, scales)

@@ -73,10 +73,12 @@ def simulate(sched, trainer_shards):
                 raw = trainer_shards[t][seg.tensor][box].contiguous().view(torch.uint8).numpy().reshape(-1)
                 assert raw.size == seg.nbytes
                 staging[seg.offset:seg.offset + seg.nbytes] = raw
-        for ws in plan.writes:
-            for w in ws:
-                for s, d in zip(w.src, w.dst):
-                    bufs[w.receiver][d:d + w.page_len] = staging[s:s + w.page_len]
+        names = [lt.name for lt in sched.trainers.ranks[t]]
+        for w in [*plan.direct, *(w for ws in plan.writes for w in ws)]:
+            src = staging if w.source < 0 else \
+                trainer_shards[t][names[w.source]].contiguous().view(torch.uint8).numpy().reshape(-1)
+            for s, d in zip(w.src, w.dst):
+                bufs[w.receiver][d:d + w.page_len] = src[s:s + w.page_len]
     return bufs
 
 
@@ -95,8 +97,9 @@ def bits(t):
     return t.contiguous().view(torch.uint8)
 
 
-@pytest.mark.parametrize("seed", range(24))
-def test_schedule_moves_every_byte_like_the_reference(seed):
+@pytest.mark.parametrize("direct", [False, True], ids=["staged", "zero-copy"])
+@pytest.mark.parametrize("seed", range(16))
+def test_schedule_moves_every_byte_like_the_reference(seed, direct):
     rng = np.random.default_rng(seed)
     nt, ni = int(rng.integers(1, 5)), int(rng.integers(1, 5))
     params, placements, fused = [], {}, {}
@@ -115,7 +118,9 @@ def test_schedule_moves_every_byte_like_the_reference(seed):
     tplace = {p.name: Shard(int(rng.integers(0, len(p.shape)))) for p in params}  # FSDP-like, any dim
     trainers = Layout.sharded(params, nt, tplace)
     inference = Layout.sharded(params, ni, placements, fused)
-    sched = Schedule(params, trainers, inference, dtype=torch.bfloat16, chunk_bytes=int(rng.integers(8, 200)))
+    sched = Schedule(params, trainers, inference, dtype=torch.bfloat16, chunk_bytes=int(rng.integers(8, 200)),
+                     source_dtype=torch.bfloat16 if direct else None)
+    assert (sched.summary()["direct_bytes"] > 0) == direct
     cast, _ = quantize(full, torch.bfloat16, ())
     shards = [reference_local(cast, tplace, {}, nt, t) for t in range(nt)]
     bufs = simulate(sched, shards)
@@ -125,8 +130,7 @@ def test_schedule_moves_every_byte_like_the_reference(seed):
         assert set(got) == set(want)
         for n in want:
             assert torch.equal(bits(got[n]), bits(want[n])), (seed, i, n)
-    total = sum(len(w.src) for p in sched.plans for ws in p.writes for w in ws)
-    assert total == sum(c for e in sched.expected for c in e.values())
+    assert sched.summary()["writes"] == sum(c for e in sched.expected for c in e.values())
 
 
 def test_schedule_coalesces_contiguous_runs():
@@ -207,6 +211,34 @@ async def test_sender_and_receiver_refuse_bad_input(aiote_provider, aiote_host):
         with pytest.raises(asyncio.CancelledError):
             await first
         assert torch.equal(rcv.weights["w"], full.to(torch.bfloat16)) and rcv.version == 1
+
+
+async def test_zero_copy_when_the_shards_are_already_bf16(aiote_provider, aiote_host):
+    import aiote
+    from aiote.weights import WeightReceiver, WeightSender
+
+    params = [Param("w", (64, 32)), Param("o", (32, 64))]
+    sched = Schedule(params, Layout.sharded(params, 1), Layout.sharded(params, 2, {"o": Shard(1)}),
+                     source_dtype=torch.bfloat16, chunk_bytes=1024)
+    summ = sched.summary()
+    assert summ["direct_bytes"] == 64 * 32 * 2  # w: column-parallel rows, straight from the shard
+    assert summ["staging_bytes"] == 32 * 64 * 2  # o: row-parallel blocks, gathered in staging
+    async with aiote.TransferEngine(aiote_provider, host=aiote_host) as eng:
+        with pytest.raises(InvalidArgument, match="contiguous torch.bfloat16"):
+            WeightSender(eng, sched, 0, {"w": torch.zeros(64, 32), "o": torch.zeros(32, 64, dtype=torch.bfloat16)})
+        full = {"w": torch.randn(64, 32).to(torch.bfloat16), "o": torch.randn(32, 64).to(torch.bfloat16)}
+        snd = WeightSender(eng, sched, 0, {k: v.clone() for k, v in full.items()})
+        rcvs = [WeightReceiver(eng, sched, i) for i in range(2)]
+        snd.connect([r.buffers for r in rcvs], [snd.buffers])
+        for r in rcvs:
+            r.connect([snd.buffers])
+        for version in (1, 2):
+            new = {k: v + version for k, v in full.items()}
+            await asyncio.gather(snd.push(version, shards=new, timeout=30),
+                                 *(r.receive(version, timeout=30) for r in rcvs))
+            for i, r in enumerate(rcvs):
+                want = reference_local(new, {"o": Shard(1)}, {}, 2, i)
+                assert all(torch.equal(r.weights[n], want[n]) for n in want), (version, i)
 
 
 # ------------------------------------------------------------------ processes
