@@ -64,7 +64,9 @@ def schedule(args):
 
     params, trainers, inference = model(args.gb, args.hidden)
     fp8 = [p.name for p in params if args.fp8 and p.name.endswith(("gate", "up", "down"))]
-    return Schedule(params, trainers, inference, dtype=torch.bfloat16, fp8=fp8, chunk_bytes=args.chunk_mb << 20)
+    src = torch.bfloat16 if args.trainer_dtype == "bf16" else None
+    return Schedule(params, trainers, inference, dtype=torch.bfloat16, fp8=fp8, chunk_bytes=args.chunk_mb << 20,
+                    source_dtype=src)
 
 
 # ------------------------------------------------------------------ aiote
@@ -84,7 +86,8 @@ def _aiote_main(role, rank, provider, args, conn):
             sched = schedule(args)
             if role == "t":
                 g = torch.Generator().manual_seed(rank)
-                shards = {lt.name: torch.empty(lt.shape).uniform_(-1, 1, generator=g)
+                dt = torch.bfloat16 if args.trainer_dtype == "bf16" else torch.float32
+                shards = {lt.name: torch.empty(lt.shape).uniform_(-1, 1, generator=g).to(dt)
                           for lt in sched.trainers.ranks[rank]}
                 side = WeightSender(eng, sched, rank, shards)
             else:
@@ -163,7 +166,9 @@ def _gloo_main(rank, port, args, conn):
     is_trainer = rank < TRAINERS
     if is_trainer:
         g = torch.Generator().manual_seed(rank)
-        shards = {lt.name: torch.empty(lt.shape).uniform_(-1, 1, generator=g) for lt in sched.trainers.ranks[rank]}
+        dt = torch.bfloat16 if args.trainer_dtype == "bf16" else torch.float32
+        shards = {lt.name: torch.empty(lt.shape).uniform_(-1, 1, generator=g).to(dt)
+                  for lt in sched.trainers.ranks[rank]}
         shard_numel = [sum(math.prod(lt.shape) for lt in sched.trainers.ranks[t]) for t in range(TRAINERS)]
     total = sum(math.prod(p.shape) for p in params)
     full = torch.empty(total, dtype=torch.bfloat16) if rank == 0 or not is_trainer else None
@@ -266,6 +271,9 @@ def main():
     ap.add_argument("--rounds", type=int, default=3, help="timed rounds per system (after warm-up)")
     ap.add_argument("--chunk-mb", type=int, default=64, help="trainers cast this much before posting its writes")
     ap.add_argument("--fp8", action="store_true", help="send gate/up/down as fp8 e4m3 (per-tensor scales)")
+    ap.add_argument("--trainer-dtype", choices=["fp32", "bf16"], default="fp32",
+                    help="what the trainers hold: fp32 (cast to bf16 every round) or bf16 (blocks contiguous in "
+                         "the shard are written from it, zero copy)")
     ap.add_argument("--no-gloo", action="store_true")
     args = ap.parse_args()
     con = C.console()
@@ -275,7 +283,8 @@ def main():
     summ = sched.summary()
     con.print(f"model: {len(sched.params)} params, {summ['bytes'] / 1e9:.2f} GB per round on the wire "
               f"({'fp8 gate/up/down, ' if args.fp8 else ''}bf16 otherwise), {summ['writes']} writes in "
-              f"{summ['calls']} paged calls; chunk {args.chunk_mb} MiB")
+              f"{summ['calls']} paged calls; chunk {args.chunk_mb} MiB; trainers hold {args.trainer_dtype}: "
+              f"{summ['direct_bytes'] / 1e9:.2f} GB zero copy, {summ['staging_bytes'] / 1e9:.2f} GB staged")
     results = {"args": vars(args), "summary": summ, "machine": info, "systems": {}}
     rows = []
     for prov in args.providers.split(","):
