@@ -672,9 +672,12 @@ class WeightSender:
         waits for them to finish the previous round), then casts and writes.  Returns
         once all its writes are in the receivers' memory.  Raises UpdateInProgress
         if a push is in flight here, InvalidArgument for a version not newer than the
-        last one pushed, UpdateFailed (its ``__cause__`` says why: PeerUnreachable,
-        ImmTimeout, ...) if a peer is gone or ``timeout`` seconds pass while waiting
-        for peers.  A failed version is not pushed again: continue with a newer one.
+        last one pushed, UpdateFailed (``.peer`` the receiver or trainer rank,
+        ``__cause__`` why: PeerUnreachable, ImmTimeout, ...) if a peer is gone or
+        ``timeout`` seconds pass waiting for one.  A receiver that is gone (or never
+        asks within ``timeout``) doesn't hold the others back: they still get their
+        writes, then the push raises naming it.  A failed version is not pushed
+        again: continue with a newer one.
         """
         if self._busy:
             raise UpdateInProgress(f"trainer rank {self.rank}: a push is in flight")
@@ -703,18 +706,23 @@ class WeightSender:
                                      peer=self._receivers[i].slots[0].address) for i in self._targets]
         try:
             scales = await self._agree_scales(version, timeout) if sched.fp8 else None
-            await _first_failure(ready_waits, version, "receiver", self._targets)
+            # every receiver's word (or its failure): the ready ones get their writes even if
+            # another one is dead, so one lost receiver doesn't stall the rest
+            ready = await _settle(ready_waits)
         except BaseException:
             for f in ready_waits:
                 f.cancel()
             raise
-        slots = {}
-        for i in self._targets:
+        slots: dict[int, MrDescriptor] = {}
+        failed: list[tuple[int, BaseException]] = []
+        for i, err in zip(self._targets, ready):
             v, slot = (int(x) for x in self._ready[i])
-            if v != version or slot not in (0, 1):
-                raise UpdateFailed(f"version {version}: receiver {i} said ready for version {v}, buffer {slot}",
-                                   version=version, peer=i)
-            slots[i] = self._receivers[i].slots[slot]
+            if err is None and (v != version or slot not in (0, 1)):
+                err = UpdateFailed(f"receiver {i} said ready for version {v}, buffer {slot}", version=version, peer=i)
+            if err is None:
+                slots[i] = self._receivers[i].slots[slot]
+            else:
+                failed.append((i, err))
         t_ready = loop.time()
         writes: list[asyncio.Future[None]] = []
         self._inflight = writes
@@ -723,19 +731,23 @@ class WeightSender:
         try:
             if scales is not None and self.rank == 0:
                 self._scales[:len(scales)] = scales
-                for i in self._targets:
+                for i in slots:
                     writes.append(eng.write(self._scales_mr, slots[i], 4 * len(scales), 0,
                                             sched.scales_offset[i], imm=imm))
                     whom.append(i)
             for w in self._plan.direct:  # zero copy: straight from the shards, before any cast
-                mr = self._direct_mrs[self._names[w.source]][1]
-                writes.append(eng.write_paged(mr, slots[w.receiver], w.page_len, w.src, w.dst, 1, 1, imm=imm))
-                whom.append(w.receiver)
+                if w.receiver in slots:
+                    mr = self._direct_mrs[self._names[w.source]][1]
+                    writes.append(eng.write_paged(mr, slots[w.receiver], w.page_len, w.src, w.dst, 1, 1, imm=imm))
+                    whom.append(w.receiver)
             for c, segments in enumerate(self._plan.chunks):
+                todo = [w for w in self._plan.writes[c] if w.receiver in slots]
+                if not todo:
+                    continue
                 c0 = loop.time()
                 await asyncio.to_thread(self._cast, segments, scales)
                 cast_s += loop.time() - c0
-                for w in self._plan.writes[c]:
+                for w in todo:
                     writes.append(eng.write_paged(self._staging_mr, slots[w.receiver], w.page_len, w.src, w.dst,
                                                   1, 1, imm=imm))
                     whom.append(w.receiver)
@@ -744,10 +756,12 @@ class WeightSender:
             raise UpdateFailed(f"version {version}: posting writes failed: {e}", version=version) from e
         errors = await _settle(writes)
         self._inflight = []
-        for i, err in zip(whom, errors):
-            if err is not None:
-                raise UpdateFailed(f"version {version}: writing to receiver {i} failed: {err}",
-                                   version=version, peer=i) from err
+        failed += [(i, err) for i, err in zip(whom, errors) if err is not None]
+        if failed:
+            i, err = failed[0]
+            raise UpdateFailed(f"version {version}: receiver {i}: {type(err).__name__}: {err} "
+                               f"(receivers that failed: {sorted({j for j, _ in failed})})",
+                               version=version, peer=i) from err
         self.last_stats = {"ready_s": t_ready - t0, "cast_s": cast_s, "total_s": loop.time() - t0}
 
     def _cast(self, segments: Sequence[_Segment], scales: torch.Tensor | None) -> None:

@@ -1,7 +1,8 @@
 """RL weight updates (aiote.weights): schedules checked against an independent relayout, then
 2 trainer processes -> 3 inference processes with different sharding (fused QKV, row/column
 parallel, replicated, fp8) on real engines: bit-equal after every round, overlapping rounds
-refused, a trainer dying mid-round fails the round and the old weights stay in service."""
+refused, a trainer dying mid-round fails the round and the old weights stay in service, a dead
+receiver fails the trainers' push without holding back the live receivers."""
 
 import asyncio
 import glob
@@ -466,6 +467,19 @@ def test_rounds_overlap_and_trainer_death(aiote_provider):
         out = round_(21)
         assert all(out[r] == (True, True) for r in receivers), out
         assert all(ok for ok, _ in out.values()), out
+
+        # round 22: receiver 2 is gone; the trainers still serve receivers 0 and 1, then report it
+        receivers[2].p.kill()
+        receivers[2].p.join(30)
+        for f in glob.glob(f"/dev/shm/{receivers[2].p.pid}:*"):
+            os.unlink(f)
+        live = receivers[:2]
+        rids = [(p, p.call("receive", 22)) for p in live] + [(t, t.call("push", 22)) for t in trainers]
+        out = {p: p.get(i) for p, i in rids}
+        assert all(out[r] == (True, True) for r in live), out
+        for t in trainers:
+            ok, (name, msg, peer, cause) = out[t]
+            assert not ok and name == "UpdateFailed" and peer == 2 and cause == "PeerUnreachable", (name, msg)
     finally:
         for p in procs + trainers:
             p.close()
