@@ -315,15 +315,34 @@ class Schedule:
             self.scales_offset.append(pos)
             self.receiver_bytes.append(max(_ALIGN, pos + 4 * len(self.fp8)))
 
-        self.plans = [self._plan(t) for t in range(trainers.world)]
-        #: receiver -> trainer -> number of writes (imms) that receiver awaits each round
-        self.expected: list[dict[int, int]] = [{} for _ in range(inference.world)]
-        for t, plan in enumerate(self.plans):
-            for i, n in plan.counts.items():
-                self.expected[i][t] = n
-        if self.fp8:  # trainer 0 writes the scales to every receiver
-            for i in range(inference.world):
-                self.expected[i][0] = self.expected[i].get(0, 0) + 1
+        self._plans: dict[int, _TrainerPlan] = {}
+        self._expected: list[dict[int, int]] | None = None
+
+    # -- plans (computed on first use: a trainer needs only its own) ----------------------
+
+    def plan(self, t: int) -> _TrainerPlan:
+        """Trainer rank t's staging layout and writes."""
+        if t not in self._plans:
+            self._plans[t] = self._plan(t)
+        return self._plans[t]
+
+    @property
+    def plans(self) -> list[_TrainerPlan]:
+        return [self.plan(t) for t in range(self.trainers.world)]
+
+    @property
+    def expected(self) -> list[dict[int, int]]:
+        """receiver -> trainer -> writes (imms) that receiver awaits each round (needs every plan)."""
+        if self._expected is None:
+            exp: list[dict[int, int]] = [{} for _ in range(self.inference.world)]
+            for t in range(self.trainers.world):
+                for i, n in self.plan(t).counts.items():
+                    exp[i][t] = n
+            if self.fp8:  # trainer 0 writes the scales to every receiver
+                for i in range(self.inference.world):
+                    exp[i][0] = exp[i].get(0, 0) + 1
+            self._expected = exp
+        return self._expected
 
     # -- public facts ----------------------------------------------------------------
 
@@ -592,7 +611,7 @@ class WeightSender:
             raise InvalidArgument(f"rank must be in 0..{schedule.trainers.world - 1}, got {rank!r}")
         self.engine, self.schedule, self.rank = engine, schedule, rank
         self._tag = _check_tag(imm_tag)
-        self._plan = schedule.plans[rank]
+        self._plan = schedule.plan(rank)
         self._tensors = {lt.name: lt for lt in schedule.trainers.ranks[rank]}
         self._shards = self._check_shards(shards)
         first = next(iter(self._shards.values()), None)
