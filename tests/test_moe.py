@@ -50,17 +50,21 @@ def _rank_main(rank, world, provider, conn):
             per = EXPERTS // world
             mine = mats[rank * per:(rank + 1) * per]
 
-            def experts(rows, local_ids):
-                out = torch.empty_like(rows)
-                for e in range(per):
-                    sel = local_ids == e
-                    out[sel] = torch.tanh(rows[sel] @ mine[e])
+            def experts(rows, local_ids, where):
+                # where the outputs go: a new tensor (copied by combine), ep.out_buffer (no
+                # copy), or in place into the receive buffer (sent back from it)
+                out = {"new": torch.empty_like(rows), "out_buffer": ep.out_buffer[:rows.shape[0]],
+                       "in_place": rows}[where]
+                res = [(local_ids == e, torch.tanh(rows[local_ids == e] @ mine[e])) for e in range(per)]
+                for sel, y in res:
+                    out[sel] = y
                 return out
 
             errs = []
             for step in range(STEPS):
                 x, ids, w = make_inputs(rank, step, world)
-                got = await ep.step(x, ids, w, experts)
+                where = ("new", "out_buffer", "in_place")[step % 3]
+                got = await ep.step(x, ids, w, lambda r, i, where=where: experts(r, i, where))
                 errs.append(float((got - reference(x, ids, w, mats)).abs().max()))
             conn.send(errs)
 
