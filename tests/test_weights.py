@@ -483,3 +483,16 @@ def test_rounds_overlap_and_trainer_death(aiote_provider):
     finally:
         for p in procs + trainers:
             p.close()
+
+
+def test_example_runs():
+    """examples/weight_update.py (spawns 2 trainers + 3 inference ranks, rendezvous through a TCPStore)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    r = subprocess.run([sys.executable, "examples/weight_update.py", "--steps", "2"], cwd=root,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "OK: 2 versions" in r.stdout, r.stdout + r.stderr
+    assert r.stdout.count("bit-equal to the reference") == 6, r.stdout
