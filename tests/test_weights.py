@@ -496,3 +496,71 @@ def test_example_runs():
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "OK: 2 versions" in r.stdout, r.stdout + r.stderr
     assert r.stdout.count("bit-equal to the reference") == 6, r.stdout
+
+
+# ------------------------------------------------------------------ CUDA (device hosts)
+
+
+def _cuda_trainer(provider, conn):
+    import aiote
+    from aiote.weights import WeightSender
+
+    async def main():
+        async with aiote.TransferEngine(provider, host="127.0.0.1" if provider == "tcp" else None) as eng:
+            sched = make_schedule_1x2()
+            mine = {lt.name: torch.zeros(lt.shape, device="cuda:0") for lt in sched.trainers.ranks[0]}
+            snd = WeightSender(eng, sched, 0, mine)
+            conn.send(snd.buffers)
+            snd.connect(*conn.recv())
+            for version in (1, 2):
+                full = full_weights(version)
+                for name, t in mine.items():
+                    t.copy_(full[name])
+                await snd.push(version, timeout=60)
+            conn.send("pushed")
+
+    asyncio.run(main())
+
+
+def make_schedule_1x2():
+    return Schedule(PARAMS, Layout.sharded(PARAMS, 1), Layout.sharded(PARAMS, 2, PLACE, FUSED),
+                    dtype=torch.bfloat16, fp8=FP8, chunk_bytes=1024)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+async def test_cuda_shards_into_cuda_receivers(aiote_provider):
+    """A trainer process with CUDA shards -> two inference engines with CUDA buffers (the last
+    two GPUs), fp8 and bf16, bit-equal to the reference after each round."""
+    import aiote
+    from aiote.weights import WeightReceiver
+
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    p = ctx.Process(target=_cuda_trainer, args=(aiote_provider, child), daemon=True)
+    p.start()
+    try:
+        host = "127.0.0.1" if aiote_provider == "tcp" else None
+        n = torch.cuda.device_count()
+        async with aiote.TransferEngine(aiote_provider, host=host) as e0, \
+                aiote.TransferEngine(aiote_provider, host=host) as e1:
+            sched = make_schedule_1x2()
+            rcvs = [WeightReceiver(e, sched, i, device=f"cuda:{(n - 1 - i) % n}") for i, e in enumerate((e0, e1))]
+            loop = asyncio.get_running_loop()
+            sbuf = await loop.run_in_executor(None, parent.recv)
+            parent.send(([r.buffers for r in rcvs], [sbuf]))
+            for r in rcvs:
+                r.connect([sbuf])
+            for version in (1, 2):
+                await asyncio.gather(*(r.receive(version, timeout=60) for r in rcvs))
+                cast, scales = quantize(full_weights(version), torch.bfloat16, FP8)
+                for i, r in enumerate(rcvs):
+                    want = reference_local(cast, PLACE, FUSED, 2, i)
+                    assert all(r.weights[k].is_cuda for k in want)
+                    assert all(torch.equal(bits(r.weights[k].cpu()), bits(want[k])) for k in want), (version, i)
+                    assert r.scales == scales
+            assert await loop.run_in_executor(None, parent.recv) == "pushed"
+    finally:
+        p.join(30)
+        if p.is_alive():
+            p.kill()
