@@ -55,15 +55,17 @@ class ExpertParallel:
     """Dispatch/combine for one rank (see the module docstring).
 
     ``max_tokens`` bounds the tokens of one step on this rank; ``top_k`` the experts
-    per token.  ``dtype`` is the hidden states' dtype (CPU tensors; GPU tensors go
-    through the engine's GPU paths the same way).
+    per token.  ``dtype`` is the hidden states' dtype.  ``device``: where the rows live
+    (default host memory; ``"cuda:N"`` puts the row and id buffers on that GPU and moves
+    them through the engine's GPU paths — the counts stay in host memory).
     """
 
     DISPATCH_IMM = 0x0E0000  # imm_base: dispatch; +1 combine; +2 counts
     COMBINE_IMM = 0x0E0001
 
     def __init__(self, engine: TransferEngine, rank: int, world: int, num_experts: int, hidden: int,
-                 max_tokens: int, top_k: int, dtype: Any = None, imm_base: int | None = None):
+                 max_tokens: int, top_k: int, dtype: Any = None, imm_base: int | None = None,
+                 device: Any = None):
         import torch
 
         if not 0 <= rank < world or num_experts % world or top_k < 1 or max_tokens < 1 or hidden < 1:
@@ -77,7 +79,12 @@ class ExpertParallel:
         self._dispatch_imm, self._combine_imm, self._counts_imm = base, base + 1, base + 2
         rows = self.max_rows
 
-        def buf(*shape: int, dtype: Any = self.dtype) -> torch.Tensor:
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        gpu = self.device.type == "cuda"
+
+        def buf(*shape: int, dtype: Any = self.dtype, host: bool = False) -> torch.Tensor:
+            if gpu and not host:
+                return torch.zeros(*shape, dtype=dtype, device=self.device)
             # huge-page host memory: shm's single-copy transfers run ~2x faster on it
             n = 1
             for d in shape:
@@ -87,8 +94,8 @@ class ExpertParallel:
 
         self._send = buf(rows, hidden)
         self._send_meta = buf(rows, dtype=torch.int32)
-        self._send_counts = buf(world, dtype=torch.int64)
-        self._matrix = buf(world, world, dtype=torch.int64)   # [source, receiver] rows
+        self._send_counts = buf(world, dtype=torch.int64, host=True)
+        self._matrix = buf(world, world, dtype=torch.int64, host=True)   # [source, receiver] rows
         self._recv = buf(world * rows, hidden)
         self._recv_meta = buf(world * rows, dtype=torch.int32)
         self._out = buf(world * rows, hidden)  # expert outputs to send back, in receive order
@@ -233,7 +240,7 @@ class ExpertParallel:
         n = self._order.numel()
         t, k = topk_weights.shape
         w = topk_weights.reshape(-1)[self._order].to(self.dtype).unsqueeze(1)
-        out = torch.zeros(t, self.hidden, dtype=self.dtype)
+        out = torch.zeros(t, self.hidden, dtype=self.dtype, device=self.device)
         out.index_add_(0, self._order // k, self._combine[:n] * w)
         return out
 
