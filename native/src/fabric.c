@@ -243,7 +243,7 @@ int fabric_open(aiote_engine *e)
         }
     }
     if (e->is_shm)
-        e->local_seq = local_engine_opened();
+        e->local_seq = local_engine_opened(e);
     /* the provider facts come from NIC 0 (all NICs use one provider) */
     struct fi_info *fi = e->nics[0].fi;
     snprintf(e->info.provider, sizeof e->info.provider, "%s", fi->fabric_attr->prov_name);
@@ -403,11 +403,11 @@ void fabric_close(aiote_engine *e)
         deferred_free(d, e->recv_slots);
         e->recv_arena = e->send_arena = NULL;
         e->recv_slots = NULL;
-        local_engine_closed(e->local_seq, d);
+        local_engine_closed(e, e->local_seq, d);
         e->local_seq = 0;
     } else if (e->is_shm && e->local_seq) {
         /* no memory for the record: torn down at once above (the old behaviour) */
-        local_engine_closed(e->local_seq, NULL);
+        local_engine_closed(e, e->local_seq, NULL);
         e->local_seq = 0;
     }
     if (e->is_shm)

@@ -159,13 +159,54 @@ static void teardown(struct deferred *d)
     free(d);
 }
 
-uint64_t local_engine_opened(void)
+/* open shm engines, under g_list_lock */
+static aiote_engine **g_engines;
+static size_t g_nengines, g_cap_engines;
+
+uint64_t local_engine_opened(aiote_engine *e)
 {
     pthread_mutex_lock(&g_list_lock);
     uint64_t s = ++g_seq;
     g_open++;
+    if (grow((void ***)&g_engines, &g_cap_engines, g_nengines))
+        g_engines[g_nengines++] = e; /* else: not seen by local_others_inflight_to (best effort) */
     pthread_mutex_unlock(&g_list_lock);
     return s;
+}
+
+static bool is_ours(const aiote_engine *x, const struct local_ep *l)
+{
+    for (uint32_t k = 0; l && k < x->nnics; k++)
+        if (x->nics[k].local == l)
+            return true;
+    return false;
+}
+
+bool local_others_inflight_to(aiote_engine *x)
+{
+    bool hit = false;
+    pthread_mutex_lock(&g_list_lock);
+    for (size_t i = 0; i < g_nengines && !hit; i++) {
+        aiote_engine *e = g_engines[i];
+        if (e == x)
+            continue;
+        pthread_mutex_lock(&e->peer_lock);
+        for (uint32_t k = 0; k < e->nnics && !hit; k++) {
+            struct nic *n = &e->nics[k];
+            for (size_t c = 0; n->tx_ctxs && c < n->ntx && !hit; c++) {
+                struct tx_ctx *t = &n->tx_ctxs[c];
+                if (!t->op || t->peer >= e->npeers)
+                    continue;
+                struct peer *p = e->peers[t->peer];
+                for (uint32_t j = 0; j < p->nnics; j++)
+                    if (is_ours(x, p->local[j]))
+                        hit = true;
+            }
+        }
+        pthread_mutex_unlock(&e->peer_lock);
+    }
+    pthread_mutex_unlock(&g_list_lock);
+    return hit;
 }
 
 /* The objects of the engine that lived [open_seq, closed_seq) are gone: the
@@ -190,11 +231,16 @@ static void released(uint64_t open_seq, uint64_t closed_seq)
     }
 }
 
-void local_engine_closed(uint64_t open_seq, struct deferred *d)
+void local_engine_closed(aiote_engine *e, uint64_t open_seq, struct deferred *d)
 {
     pthread_mutex_lock(&g_list_lock);
     uint64_t closed = ++g_seq;
     int others = --g_open;
+    for (size_t i = 0; i < g_nengines; i++)
+        if (g_engines[i] == e) {
+            g_engines[i] = g_engines[--g_nengines];
+            break;
+        }
     pthread_mutex_unlock(&g_list_lock);
     if (!d || others == 0 || d->oom) { /* NULL: its objects are closed already */
         if (d)

@@ -414,15 +414,25 @@ static bool local_inflight(aiote_engine *e)
     return false;
 }
 
-/* Closing a shm engine (its worker has stopped): progress its CQs until no
- * operation waits for a same-process peer any more, so nothing of that peer
- * answers into our regions after they are gone.  Bounded by budget_ns; false
- * if it ran out (the teardown is then deferred, see local_peers.c). */
+/* Closing a shm engine (its worker has stopped): no new posts to it from this
+ * process (its endpoints are marked closed), then progress it until nothing
+ * is in flight between it and a same-process engine either way — our
+ * operations answered by them, theirs answered by us — so neither side
+ * touches the other's regions once ours are gone.  Bounded by budget_ns;
+ * false if it ran out (the teardown is then deferred, see local_peers.c). */
 bool drain_local_inflight(aiote_engine *e, uint64_t budget_ns)
 {
     uint64_t end = now_ns() + budget_ns;
+    local_close_begin();
+    for (uint32_t i = 0; i < AIOTE_MAX_NICS; i++)
+        if (e->nics[i].local)
+            atomic_store(&e->nics[i].local->open, false);
+    local_close_end();
     for (;;) {
-        if (!local_inflight(e))
+        local_close_begin(); /* the other workers are outside their posts and progress */
+        bool busy = local_inflight(e) || local_others_inflight_to(e);
+        local_close_end();
+        if (!busy)
             return true;
         if (now_ns() >= end)
             return false;
