@@ -18,6 +18,8 @@ from .errors import (
     RegionClosed,
     RegionInUse,
     RegistrationError,
+    UpdateFailed,
+    UpdateInProgress,
 )
 from .memory import MemoryRegion, host_buffer
 from .topology import GpuInfo, NicDevice, NicInfo, Topology, nics, topology
@@ -49,6 +51,8 @@ __all__ = [
     "ImmTimeout",
     "QueueFull",
     "InvalidArgument",
+    "UpdateFailed",
+    "UpdateInProgress",
     "nics",
     "topology",
     "NicInfo",

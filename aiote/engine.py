@@ -5,6 +5,8 @@ from __future__ import annotations
 import array
 import asyncio
 import collections
+import contextlib
+import glob
 import itertools
 import os
 from collections.abc import Callable, Iterable, Sequence
@@ -216,6 +218,7 @@ class TransferEngine:
         cfg.max_inflight = a["max_inflight"]
         cfg.hmem = 1 if self._gpu_mode == "direct" else 0
         out = ffi.new("aiote_engine**")
+        _sweep_own_shm_names()
         rc = lib.aiote_engine_open(cfg, out)
         if rc == -lib.AIOTE_E_PROVIDER and "busy" in _last_error_lower():
             # shm names its region after the pid; one left by a killed process
@@ -921,6 +924,27 @@ class PeerGroup:
             return self._engine._gpu_submit(src, [(d, so, do, ln) for d, (ln, so, do) in
                                                   zip(self.descriptors, zip(*cols))], imm)
         return self._engine._submit_wrs(src, wrs, n, imm, None)
+
+
+_swept_pid = 0
+
+
+def _sweep_own_shm_names() -> None:
+    """Remove /dev/shm files named after this process's pid, once per process.
+
+    libfabric's shm names its regions ``<pid>:<domain>:<endpoint>`` and counts endpoints per
+    process (aiote opens one per shm peer).  A killed process leaves its files behind, and a
+    later process that gets the same pid collides with them (fi_enable: EBUSY), on any of its
+    endpoints.  Before this process's first engine none of those files can be its own.
+    """
+    global _swept_pid
+    pid = os.getpid()
+    if _swept_pid == pid:
+        return
+    _swept_pid = pid
+    for path in glob.glob(f"/dev/shm/{pid}:*"):
+        with contextlib.suppress(OSError):
+            os.unlink(path)
 
 
 def _last_error_lower() -> str:

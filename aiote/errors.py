@@ -18,6 +18,8 @@ __all__ = [
     "ImmTimeout",
     "QueueFull",
     "InvalidArgument",
+    "UpdateFailed",
+    "UpdateInProgress",
 ]
 
 
@@ -91,3 +93,21 @@ class QueueFull(AioteError):
     Nothing of the refused operation was queued or posted.  ``await engine.drain()``
     waits until the waiting operations have been handed to the engine.
     """
+
+
+class UpdateFailed(AioteError):
+    """A weight-update round failed (``aiote.weights``); the old weights stay in service.
+
+    ``version`` is the round, ``peer`` the rank blamed (a trainer rank on the inference
+    side, a receiver or trainer rank on the trainer side) or None; ``__cause__`` is the
+    underlying error (PeerUnreachable, ImmTimeout, ...).
+    """
+
+    def __init__(self, message: str, version: int | None = None, peer: int | None = None):
+        super().__init__(message)
+        self.version = version
+        self.peer = peer
+
+
+class UpdateInProgress(AioteError):
+    """A weight-update round was started while this rank's previous one is in flight: refused."""

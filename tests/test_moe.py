@@ -36,32 +36,39 @@ def reference(x, ids, w, mats):
     return out
 
 
-def _rank_main(rank, world, provider, conn):
+def _rank_main(rank, world, provider, conn, gpu=False):
     import aiote
     from aiote.moe import ExpertParallel
+
+    device = f"cuda:{rank % torch.cuda.device_count()}" if gpu else "cpu"
 
     async def main():
         host = "127.0.0.1" if provider == "tcp" else None
         async with aiote.TransferEngine(provider, host=host) as eng:
-            ep = ExpertParallel(eng, rank, world, EXPERTS, HIDDEN, TOKENS, TOPK)
+            ep = ExpertParallel(eng, rank, world, EXPERTS, HIDDEN, TOKENS, TOPK, device=device if gpu else None)
             conn.send(ep.buffers)
             ep.connect(conn.recv())
-            mats = expert_weights()
+            mats = expert_weights().to(device)
             per = EXPERTS // world
             mine = mats[rank * per:(rank + 1) * per]
 
-            def experts(rows, local_ids):
-                out = torch.empty_like(rows)
-                for e in range(per):
-                    sel = local_ids == e
-                    out[sel] = torch.tanh(rows[sel] @ mine[e])
+            def experts(rows, local_ids, where):
+                # where the outputs go: a new tensor (copied by combine), ep.out_buffer (no
+                # copy), or in place into the receive buffer (sent back from it)
+                out = {"new": torch.empty_like(rows), "out_buffer": ep.out_buffer[:rows.shape[0]],
+                       "in_place": rows}[where]
+                res = [(local_ids == e, torch.tanh(rows[local_ids == e] @ mine[e])) for e in range(per)]
+                for sel, y in res:
+                    out[sel] = y
                 return out
 
             errs = []
             for step in range(STEPS):
-                x, ids, w = make_inputs(rank, step, world)
-                got = await ep.step(x, ids, w, experts)
-                errs.append(float((got - reference(x, ids, w, mats)).abs().max()))
+                x, ids, w = (t.to(device) for t in make_inputs(rank, step, world))
+                where = ("new", "out_buffer", "in_place")[step % 3]
+                got = await ep.step(x, ids, w, lambda r, i, where=where: experts(r, i, where))
+                assert got.device == x.device
+                errs.append(float((got.cpu() - reference(x.cpu(), ids.cpu(), w.cpu(), mats.cpu())).abs().max()))
             conn.send(errs)
 
     asyncio.run(main())
@@ -69,9 +76,20 @@ def _rank_main(rank, world, provider, conn):
 
 @pytest.mark.parametrize("world", [2, 4])
 async def test_dispatch_combine_matches_reference(world, aiote_provider):
+    await _run_ranks(world, aiote_provider, gpu=False)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+async def test_dispatch_combine_on_gpus(aiote_provider):
+    """EP = 2 with the rows in GPU memory (rank r on GPU r mod count)."""
+    await _run_ranks(2, aiote_provider, gpu=True)
+
+
+async def _run_ranks(world, aiote_provider, gpu):
     ctx = mp.get_context("spawn")
     pipes = [ctx.Pipe() for _ in range(world)]
-    procs = [ctx.Process(target=_rank_main, args=(r, world, aiote_provider, pipes[r][1]), daemon=True)
+    procs = [ctx.Process(target=_rank_main, args=(r, world, aiote_provider, pipes[r][1], gpu), daemon=True)
              for r in range(world)]
     for p in procs:
         p.start()

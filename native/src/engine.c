@@ -178,6 +178,8 @@ int aiote_engine_shutdown(aiote_engine *e)
         pthread_join(e->worker, NULL);
     e->worker_started = false;
     watches_close(e);
+    if (e->is_shm && e->local_seq)
+        e->defer_teardown = !drain_local_inflight(e, 500 * 1000000ull);
     fabric_close(e);
     /* the NIC can't touch them any more: free what the worker left */
     struct op *op = e->live;

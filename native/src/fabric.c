@@ -242,6 +242,8 @@ int fabric_open(aiote_engine *e)
             dc = got_dc; /* every NIC gets the same completion semantics */
         }
     }
+    if (e->is_shm)
+        e->local_seq = local_engine_opened(e);
     /* the provider facts come from NIC 0 (all NICs use one provider) */
     struct fi_info *fi = e->nics[0].fi;
     snprintf(e->info.provider, sizeof e->info.provider, "%s", fi->fabric_attr->prov_name);
@@ -334,13 +336,29 @@ void fabric_close(aiote_engine *e)
     for (uint32_t i = 0; i < AIOTE_MAX_NICS; i++)
         if (e->nics[i].local)
             atomic_store(&e->nics[i].local->open, false);
+    /* A shm engine whose operations to same-process peers didn't all complete
+     * (drain_local_inflight) may be answered into after it closed: its objects
+     * go to local_peers.c, which closes them once those engines are gone. */
+    struct deferred *d = e->is_shm && e->local_seq && e->defer_teardown ? deferred_new() : NULL;
     /* Endpoints first: they stop the NICs touching any buffer. */
     pthread_mutex_lock(&e->peer_lock);
-    for (size_t i = 0; i < e->npeers; i++)
-        peer_close(e, e->peers[i]);
+    for (size_t i = 0; i < e->npeers; i++) {
+        struct peer *p = e->peers[i];
+        if (d)
+            for (uint32_t k = 0; k < AIOTE_MAX_NICS; k++) {
+                deferred_fid(d, p->ep[k] ? &p->ep[k]->fid : NULL);
+                p->ep[k] = NULL;
+            }
+        peer_close(e, p);
+    }
     pthread_mutex_unlock(&e->peer_lock);
-    for (uint32_t i = 0; i < AIOTE_MAX_NICS; i++)
+    for (uint32_t i = 0; i < AIOTE_MAX_NICS; i++) {
+        if (d) {
+            deferred_fid(d, e->nics[i].ep ? &e->nics[i].ep->fid : NULL);
+            e->nics[i].ep = NULL;
+        }
         nic_close_ep(&e->nics[i]);
+    }
     pthread_mutex_lock(&e->mr_lock);
     for (size_t i = 0; i < e->nmrs; i++) {
         for (uint32_t k = 0; k < AIOTE_MAX_NICS; k++) {
@@ -351,13 +369,47 @@ void fabric_close(aiote_engine *e)
         e->mrs[i].used = false;
     }
     pthread_mutex_unlock(&e->mr_lock);
-    if (e->recv_mr)
-        fi_close(&e->recv_mr->fid);
-    if (e->send_mr)
-        fi_close(&e->send_mr->fid);
+    if (d) {
+        deferred_fid(d, e->recv_mr ? &e->recv_mr->fid : NULL);
+        deferred_fid(d, e->send_mr ? &e->send_mr->fid : NULL);
+    } else {
+        if (e->recv_mr)
+            fi_close(&e->recv_mr->fid);
+        if (e->send_mr)
+            fi_close(&e->send_mr->fid);
+    }
     e->recv_mr = e->send_mr = NULL;
-    for (uint32_t i = 0; i < AIOTE_MAX_NICS; i++)
-        nic_close_rest(&e->nics[i]);
+    for (uint32_t i = 0; i < AIOTE_MAX_NICS; i++) {
+        struct nic *n = &e->nics[i];
+        if (d) {
+            deferred_fid(d, n->av ? &n->av->fid : NULL);
+            deferred_fid(d, n->cq ? &n->cq->fid : NULL);
+            deferred_fid(d, n->domain ? &n->domain->fid : NULL);
+            deferred_fid(d, n->fabric ? &n->fabric->fid : NULL);
+            deferred_info(d, n->fi);
+            deferred_free(d, n->tx_ctxs);
+            n->av = NULL;
+            n->cq = NULL;
+            n->domain = NULL;
+            n->fabric = NULL;
+            n->fi = NULL;
+            n->tx_ctxs = NULL;
+        }
+        nic_close_rest(n);
+    }
+    if (d) {
+        deferred_free(d, e->recv_arena);
+        deferred_free(d, e->send_arena);
+        deferred_free(d, e->recv_slots);
+        e->recv_arena = e->send_arena = NULL;
+        e->recv_slots = NULL;
+        local_engine_closed(e, e->local_seq, d);
+        e->local_seq = 0;
+    } else if (e->is_shm && e->local_seq) {
+        /* no memory for the record: torn down at once above (the old behaviour) */
+        local_engine_closed(e, e->local_seq, NULL);
+        e->local_seq = 0;
+    }
     if (e->is_shm)
         local_close_end();
     free(e->recv_arena);

@@ -248,6 +248,8 @@ struct aiote_engine {
     aiote_info info;
     uint64_t peer_timeout_ns;
     bool is_shm;
+    uint64_t local_seq; /* shm: when it opened (local_peers.c), 0 if not counted */
+    bool defer_teardown; /* shm: same-process peers may still answer into our regions */
 
     struct nic nics[AIOTE_MAX_NICS];
     uint32_t nnics;
@@ -348,6 +350,20 @@ void local_read_lock(void);
 void local_read_unlock(void);
 void local_close_begin(void);
 void local_close_end(void);
+/* Teardown of a closed shm engine's libfabric objects, deferred while other
+ * engines of the process that may still touch its regions live (see there). */
+struct deferred;
+struct deferred *deferred_new(void);
+void deferred_fid(struct deferred *d, struct fid *f);   /* fi_close, in the order added */
+void deferred_info(struct deferred *d, struct fi_info *fi);
+void deferred_free(struct deferred *d, void *p);
+uint64_t local_engine_opened(aiote_engine *e);
+/* Under local_close_begin(): does another engine of the process wait for x? */
+bool local_others_inflight_to(aiote_engine *x);
+bool drain_local_inflight(aiote_engine *e, uint64_t budget_ns); /* worker.c */
+/* Under local_close_begin(): the engine opened at open_seq is closed; d's objects
+ * are torn down now, or once every engine that was open alongside is gone. */
+void local_engine_closed(aiote_engine *e, uint64_t open_seq, struct deferred *d);
 
 /* wire.c */
 #define MSG_SRC_MAX (1 + AIOTE_MAX_NICS * (2 + AIOTE_ADDR_MAX))

@@ -6,10 +6,23 @@
  * crashes.  Every shm engine registers here; a shm worker holds the read lock
  * while it posts and progresses, a closing shm engine holds the write lock
  * while it marks itself closed and tears its endpoint down, and posts to a
- * same-process peer that closed fail with -FI_ENOTCONN instead. */
+ * same-process peer that closed fail with -FI_ENOTCONN instead.
+ *
+ * Posts are not all: commands the closed engine queued before it closed stay
+ * in its peers' queues, and a peer's progress answers them by writing into
+ * the closed engine's region.  Freed, that region's addresses get reused
+ * (malloc maps large blocks there) and the answer corrupts the heap (seen:
+ * segfaults in fi_cq_read and in malloc, test_close_with_work_in_flight).  So
+ * a closed shm engine's libfabric objects (endpoints, regions, CQ, AV,
+ * domain) and the buffers they point at are kept — not progressed, just
+ * mapped — until every engine that was open when it closed has had its own
+ * objects torn down; then they are closed, oldest dependants first.  An
+ * engine that closes with no other shm engine open in the process is torn
+ * down at once, as before. */
 #define _GNU_SOURCE
 #include <stdlib.h>
 #include <string.h>
+#include <rdma/fabric.h>
 
 #include "internal.h"
 
@@ -66,3 +79,178 @@ void local_read_unlock(void) { pthread_rwlock_unlock(&g_lock); }
 
 void local_close_begin(void) { pthread_rwlock_wrlock(&g_lock); }
 void local_close_end(void) { pthread_rwlock_unlock(&g_lock); }
+
+/* ---- deferred teardown ------------------------------------------------- */
+
+struct deferred {
+    struct deferred *next;
+    uint64_t open_seq, closed_seq; /* the engine's lifetime, in local_engine_opened() ticks */
+    int refs;                      /* engines open when it closed whose objects still exist */
+    struct fid **fids;
+    size_t nfids, cap_fids;
+    struct fi_info *infos[AIOTE_MAX_NICS];
+    size_t ninfos;
+    void **frees;
+    size_t nfrees, cap_frees;
+    bool oom; /* an append failed: tear down at once rather than lose track */
+};
+
+static uint64_t g_seq;     /* under g_list_lock */
+static int g_open;         /* shm engines open, under g_list_lock */
+static struct deferred *g_deferred; /* under the write lock */
+
+struct deferred *deferred_new(void) { return calloc(1, sizeof(struct deferred)); }
+
+static bool grow(void ***arr, size_t *cap, size_t n)
+{
+    if (n < *cap)
+        return true;
+    size_t nc = *cap ? *cap * 2 : 16;
+    void **na = realloc(*arr, nc * sizeof **arr);
+    if (!na)
+        return false;
+    *arr = na;
+    *cap = nc;
+    return true;
+}
+
+void deferred_fid(struct deferred *d, struct fid *f)
+{
+    if (!f)
+        return;
+    if (!grow((void ***)&d->fids, &d->cap_fids, d->nfids)) {
+        d->oom = true;
+        fi_close(f); /* can't keep it: close it now (the old behaviour) */
+        return;
+    }
+    d->fids[d->nfids++] = f;
+}
+
+void deferred_info(struct deferred *d, struct fi_info *fi)
+{
+    if (fi && d->ninfos < AIOTE_MAX_NICS)
+        d->infos[d->ninfos++] = fi;
+    else if (fi)
+        fi_freeinfo(fi);
+}
+
+void deferred_free(struct deferred *d, void *p)
+{
+    if (!p)
+        return;
+    if (!grow(&d->frees, &d->cap_frees, d->nfrees)) {
+        d->oom = true;
+        free(p);
+        return;
+    }
+    d->frees[d->nfrees++] = p;
+}
+
+static void teardown(struct deferred *d)
+{
+    for (size_t i = 0; i < d->nfids; i++)
+        fi_close(d->fids[i]);
+    for (size_t i = 0; i < d->ninfos; i++)
+        fi_freeinfo(d->infos[i]);
+    for (size_t i = 0; i < d->nfrees; i++)
+        free(d->frees[i]);
+    free(d->fids);
+    free(d->frees);
+    free(d);
+}
+
+/* open shm engines, under g_list_lock */
+static aiote_engine **g_engines;
+static size_t g_nengines, g_cap_engines;
+
+uint64_t local_engine_opened(aiote_engine *e)
+{
+    pthread_mutex_lock(&g_list_lock);
+    uint64_t s = ++g_seq;
+    g_open++;
+    if (grow((void ***)&g_engines, &g_cap_engines, g_nengines))
+        g_engines[g_nengines++] = e; /* else: not seen by local_others_inflight_to (best effort) */
+    pthread_mutex_unlock(&g_list_lock);
+    return s;
+}
+
+static bool is_ours(const aiote_engine *x, const struct local_ep *l)
+{
+    for (uint32_t k = 0; l && k < x->nnics; k++)
+        if (x->nics[k].local == l)
+            return true;
+    return false;
+}
+
+bool local_others_inflight_to(aiote_engine *x)
+{
+    bool hit = false;
+    pthread_mutex_lock(&g_list_lock);
+    for (size_t i = 0; i < g_nengines && !hit; i++) {
+        aiote_engine *e = g_engines[i];
+        if (e == x)
+            continue;
+        pthread_mutex_lock(&e->peer_lock);
+        for (uint32_t k = 0; k < e->nnics && !hit; k++) {
+            struct nic *n = &e->nics[k];
+            for (size_t c = 0; n->tx_ctxs && c < n->ntx && !hit; c++) {
+                struct tx_ctx *t = &n->tx_ctxs[c];
+                if (!t->op || t->peer >= e->npeers)
+                    continue;
+                struct peer *p = e->peers[t->peer];
+                for (uint32_t j = 0; j < p->nnics; j++)
+                    if (is_ours(x, p->local[j]))
+                        hit = true;
+            }
+        }
+        pthread_mutex_unlock(&e->peer_lock);
+    }
+    pthread_mutex_unlock(&g_list_lock);
+    return hit;
+}
+
+/* The objects of the engine that lived [open_seq, closed_seq) are gone: the
+ * engines that closed meanwhile no longer wait for it. */
+static void released(uint64_t open_seq, uint64_t closed_seq)
+{
+    for (;;) {
+        struct deferred **pp = &g_deferred, *hit = NULL;
+        for (; *pp; pp = &(*pp)->next) {
+            struct deferred *y = *pp;
+            if (y->closed_seq > open_seq && y->closed_seq < closed_seq && y->refs > 0 && --y->refs == 0) {
+                *pp = y->next;
+                hit = y;
+                break;
+            }
+        }
+        if (!hit)
+            return;
+        uint64_t o = hit->open_seq, c = hit->closed_seq;
+        teardown(hit);
+        released(o, c); /* its dependants may be free now too */
+    }
+}
+
+void local_engine_closed(aiote_engine *e, uint64_t open_seq, struct deferred *d)
+{
+    pthread_mutex_lock(&g_list_lock);
+    uint64_t closed = ++g_seq;
+    int others = --g_open;
+    for (size_t i = 0; i < g_nengines; i++)
+        if (g_engines[i] == e) {
+            g_engines[i] = g_engines[--g_nengines];
+            break;
+        }
+    pthread_mutex_unlock(&g_list_lock);
+    if (!d || others == 0 || d->oom) { /* NULL: its objects are closed already */
+        if (d)
+            teardown(d);
+        released(open_seq, closed);
+        return;
+    }
+    d->open_seq = open_seq;
+    d->closed_seq = closed;
+    d->refs = others;
+    d->next = g_deferred;
+    g_deferred = d;
+}

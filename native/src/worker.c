@@ -395,6 +395,59 @@ static void tx_done(aiote_engine *e, struct tx_ctx *c)
         finish_op(e, op);
 }
 
+static size_t poll_cq(aiote_engine *e, struct nic *n);
+
+/* Does an operation of ours still wait for a same-process shm peer?  Its answer
+ * will be written into our region (local_peers.c). */
+static bool local_inflight(aiote_engine *e)
+{
+    for (uint32_t k = 0; k < e->nnics; k++) {
+        struct nic *n = &e->nics[k];
+        for (size_t i = 0; n->tx_ctxs && i < n->ntx; i++) {
+            struct tx_ctx *c = &n->tx_ctxs[i];
+            if (!c->op || c->peer >= e->npeers)
+                continue;
+            struct peer *p = e->peers[c->peer];
+            for (uint32_t j = 0; j < p->nnics; j++)
+                if (p->local[j] && atomic_load(&p->local[j]->open))
+                    return true;
+        }
+    }
+    return false;
+}
+
+/* Closing a shm engine (its worker has stopped): no new posts to it from this
+ * process (its endpoints are marked closed), then progress it until nothing
+ * is in flight between it and a same-process engine either way — our
+ * operations answered by them, theirs answered by us — so neither side
+ * touches the other's regions once ours are gone.  Bounded by budget_ns;
+ * false if it ran out (the teardown is then deferred, see local_peers.c). */
+bool drain_local_inflight(aiote_engine *e, uint64_t budget_ns)
+{
+    uint64_t end = now_ns() + budget_ns;
+    local_close_begin();
+    for (uint32_t i = 0; i < AIOTE_MAX_NICS; i++)
+        if (e->nics[i].local)
+            atomic_store(&e->nics[i].local->open, false);
+    local_close_end();
+    for (;;) {
+        local_close_begin(); /* the other workers are outside their posts and progress */
+        bool busy = local_inflight(e) || local_others_inflight_to(e);
+        local_close_end();
+        if (!busy)
+            return true;
+        if (now_ns() >= end)
+            return false;
+        local_read_lock();
+        for (uint32_t k = 0; k < e->nnics; k++)
+            while (poll_cq(e, &e->nics[k]))
+                ;
+        local_read_unlock();
+        struct timespec ts = {0, 20000};
+        nanosleep(&ts, NULL);
+    }
+}
+
 /* A failed NIC's outstanding contexts will never complete: fail them now. */
 void fail_nic_inflight(aiote_engine *e, struct nic *n, int fi_err)
 {
