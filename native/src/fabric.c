@@ -340,6 +340,8 @@ void fabric_close(aiote_engine *e)
      * (drain_local_inflight) may be answered into after it closed: its objects
      * go to local_peers.c, which closes them once those engines are gone. */
     struct deferred *d = e->is_shm && e->local_seq && e->defer_teardown ? deferred_new() : NULL;
+    if (e->is_shm && e->local_seq && !e->defer_teardown)
+        local_detach(e);
     /* Endpoints first: they stop the NICs touching any buffer. */
     pthread_mutex_lock(&e->peer_lock);
     for (size_t i = 0; i < e->npeers; i++) {

@@ -361,9 +361,11 @@ uint64_t local_engine_opened(aiote_engine *e);
 /* Under local_close_begin(): does another engine of the process wait for x? */
 bool local_others_inflight_to(aiote_engine *x);
 bool drain_local_inflight(aiote_engine *e, uint64_t budget_ns); /* worker.c */
-/* Under local_close_begin(): the engine opened at open_seq is closed; d's objects
- * are torn down now, or once every engine that was open alongside is gone. */
+/* Under local_close_begin(): the engine is closed; d's objects (NULL: closed
+ * already) are kept for the life of the process (see there). */
 void local_engine_closed(aiote_engine *e, uint64_t open_seq, struct deferred *d);
+/* Under local_close_begin(), after a drain: the other engines forget e. */
+void local_detach(aiote_engine *x);
 
 /* wire.c */
 #define MSG_SRC_MAX (1 + AIOTE_MAX_NICS * (2 + AIOTE_ADDR_MAX))

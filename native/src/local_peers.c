@@ -8,21 +8,24 @@
  * while it marks itself closed and tears its endpoint down, and posts to a
  * same-process peer that closed fail with -FI_ENOTCONN instead.
  *
- * Posts are not all: commands the closed engine queued before it closed stay
- * in its peers' queues, and a peer's progress answers them by writing into
- * the closed engine's region.  Freed, that region's addresses get reused
- * (malloc maps large blocks there) and the answer corrupts the heap (seen:
- * segfaults in fi_cq_read and in malloc, test_close_with_work_in_flight).  So
- * a closed shm engine's libfabric objects (endpoints, regions, CQ, AV,
- * domain) and the buffers they point at are kept — not progressed, just
- * mapped — until every engine that was open when it closed has had its own
- * objects torn down; then they are closed, oldest dependants first.  An
- * engine that closes with no other shm engine open in the process is torn
- * down at once, as before. */
+ * Posts are not all.  libfabric keeps touching a peer's region after our own
+ * engine is done with it: answering commands the peer queued, taking its
+ * region lock for our own queued work to it, and unmapping it when we remove
+ * its address or close.  Once the peer's region is freed, malloc reuses the
+ * addresses and any of these corrupts the heap (seen: segfaults in
+ * fi_cq_read, pthread_spin_trylock and malloc, test_close_with_work_in_flight
+ * about 1 run in 2 under load).  So a closing shm engine (engine.c, then
+ * drain_local_inflight in worker.c) first refuses new posts from the other
+ * engines, lets both sides finish what is in flight between them, then has
+ * every other engine forget its addresses (local_detach) while its regions
+ * are still mapped, and only then tears itself down.  If the drain runs out of
+ * time (a peer closed or wedged), its libfabric objects are kept — mapped,
+ * never progressed — for the life of the process instead. */
 #define _GNU_SOURCE
 #include <stdlib.h>
 #include <string.h>
 #include <rdma/fabric.h>
+#include <rdma/fi_domain.h>
 
 #include "internal.h"
 
@@ -84,8 +87,6 @@ void local_close_end(void) { pthread_rwlock_unlock(&g_lock); }
 
 struct deferred {
     struct deferred *next;
-    uint64_t open_seq, closed_seq; /* the engine's lifetime, in local_engine_opened() ticks */
-    int refs;                      /* engines open when it closed whose objects still exist */
     struct fid **fids;
     size_t nfids, cap_fids;
     struct fi_info *infos[AIOTE_MAX_NICS];
@@ -209,48 +210,54 @@ bool local_others_inflight_to(aiote_engine *x)
     return hit;
 }
 
-/* The objects of the engine that lived [open_seq, closed_seq) are gone: the
- * engines that closed meanwhile no longer wait for it. */
-static void released(uint64_t open_seq, uint64_t closed_seq)
+
+/* Under the write lock, x drained: the other engines forget x's addresses while
+ * x's regions are still mapped (libfabric unmaps a peer on fi_av_remove and when
+ * the remover closes; done after x's teardown, that touched freed memory). */
+void local_detach(aiote_engine *x)
 {
-    for (;;) {
-        struct deferred **pp = &g_deferred, *hit = NULL;
-        for (; *pp; pp = &(*pp)->next) {
-            struct deferred *y = *pp;
-            if (y->closed_seq > open_seq && y->closed_seq < closed_seq && y->refs > 0 && --y->refs == 0) {
-                *pp = y->next;
-                hit = y;
-                break;
+    pthread_mutex_lock(&g_list_lock);
+    for (size_t i = 0; i < g_nengines; i++) {
+        aiote_engine *e = g_engines[i];
+        if (e == x)
+            continue;
+        pthread_mutex_lock(&e->peer_lock);
+        for (size_t q = 0; q < e->npeers; q++) {
+            struct peer *p = e->peers[q];
+            for (uint32_t j = 0; j < p->nnics; j++) {
+                if (!is_ours(x, p->local[j]))
+                    continue;
+                for (uint32_t k = 0; k < e->nnics; k++) {
+                    if (e->nics[k].av && p->fi[k][j] != FI_ADDR_NOTAVAIL)
+                        fi_av_remove(e->nics[k].av, &p->fi[k][j], 1, 0);
+                    p->fi[k][j] = FI_ADDR_NOTAVAIL;
+                }
             }
         }
-        if (!hit)
-            return;
-        uint64_t o = hit->open_seq, c = hit->closed_seq;
-        teardown(hit);
-        released(o, c); /* its dependants may be free now too */
+        pthread_mutex_unlock(&e->peer_lock);
     }
+    pthread_mutex_unlock(&g_list_lock);
 }
 
 void local_engine_closed(aiote_engine *e, uint64_t open_seq, struct deferred *d)
 {
     pthread_mutex_lock(&g_list_lock);
-    uint64_t closed = ++g_seq;
-    int others = --g_open;
+    g_open--;
     for (size_t i = 0; i < g_nengines; i++)
         if (g_engines[i] == e) {
             g_engines[i] = g_engines[--g_nengines];
             break;
         }
     pthread_mutex_unlock(&g_list_lock);
-    if (!d || others == 0 || d->oom) { /* NULL: its objects are closed already */
+    (void)open_seq;
+    if (!d || d->oom) { /* NULL: its objects are closed already */
         if (d)
             teardown(d);
-        released(open_seq, closed);
         return;
     }
-    d->open_seq = open_seq;
-    d->closed_seq = closed;
-    d->refs = others;
+    /* Kept, mapped and never progressed, for the life of the process: engines
+     * of this process may still hold work addressed to it (the drain ran out),
+     * and closing it later would have its endpoints touch theirs in turn. */
     d->next = g_deferred;
     g_deferred = d;
 }
