@@ -96,6 +96,15 @@ class TransferEngine:
         cuda_ipc: write GPU regions of other processes on this host through CUDA IPC
             (NVLink/PCIe copies) instead of the NIC.
         gpu_chunk: bytes per pipelined chunk of a staged transfer.
+        direct_shm: on ``shm``, write to peers on this host by copying the bytes from the
+            calling thread with ``process_vm_writev`` (the kernel mechanism shm itself uses)
+            instead of through libfabric; imms follow as one control message per target.
+            Falls back to libfabric by itself where it can't be used (a peer without it, CMA
+            not permitted, GPU memory).  ``None`` (default): on unless the environment sets
+            ``AIOTE_DIRECT_SHM=0``.  See docs/reliability.md, "Direct same-host path".
+        direct_max: operations of at most this many bytes take the direct path (larger ones
+            go through libfabric); they run on the calling thread, so this bounds how long
+            one call holds the event loop.
     """
 
     def __init__(
@@ -121,6 +130,8 @@ class TransferEngine:
         gpu: str = "auto",
         cuda_ipc: bool = True,
         gpu_chunk: int = 4 << 20,
+        direct_shm: bool | None = None,
+        direct_max: int = 256 * 1024,
     ):
         if isinstance(nics, int):
             if not 1 <= nics <= lib.AIOTE_MAX_NICS:
@@ -141,6 +152,10 @@ class TransferEngine:
             raise InvalidArgument(f"gpu must be 'auto', 'staged' or 'direct', got {gpu!r}")
         if not isinstance(gpu_chunk, int) or gpu_chunk < 4096:
             raise InvalidArgument(f"gpu_chunk must be an int >= 4096, got {gpu_chunk!r}")
+        if direct_shm is None:
+            direct_shm = os.environ.get("AIOTE_DIRECT_SHM", "1").strip().lower() not in ("0", "false", "no", "off")
+        if not isinstance(direct_max, int) or not 0 < direct_max < _U64:
+            raise InvalidArgument(f"direct_max must be a positive int, got {direct_max!r}")
         self.requested_provider = PROVIDER_ALIASES.get(provider, provider)
         if gpu == "auto":
             gpu = "direct" if self.requested_provider.split(";")[0] in ("efa", "verbs") else "staged"
@@ -150,7 +165,7 @@ class TransferEngine:
                               stripe_threshold=stripe_threshold, polling=polling, spin_us=spin_us, msg_size=msg_size,
                               recv_slots=recv_slots, send_slots=send_slots, max_queued=max_queued,
                               delivery_complete=delivery_complete, peer_timeout=peer_timeout,
-                              max_inflight=max_inflight)
+                              max_inflight=max_inflight, direct_shm=bool(direct_shm), direct_max=direct_max)
         self.id = next(_engine_ids)
         self._h: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -215,6 +230,8 @@ class TransferEngine:
         cfg.peer_timeout_ms = max(1, int(a["peer_timeout"] * 1000))
         cfg.max_inflight = a["max_inflight"]
         cfg.hmem = 1 if self._gpu_mode == "direct" else 0
+        cfg.direct_shm = 1 if a["direct_shm"] else 0
+        cfg.direct_max = a["direct_max"]
         out = ffi.new("aiote_engine**")
         rc = lib.aiote_engine_open(cfg, out)
         if rc == -lib.AIOTE_E_PROVIDER and "busy" in _last_error_lower():
@@ -417,6 +434,9 @@ class TransferEngine:
             rc = submit(op_id)
         if rc == -lib.AIOTE_E_AGAIN:
             self._deferred.append((submit, op_id))
+        elif rc == lib.AIOTE_DONE:  # the direct path finished it already: no event follows
+            fut.set_result(None)
+            return fut
         else:
             check(rc)
         self._ops[op_id] = _Op(fut, keep)
@@ -456,7 +476,11 @@ class TransferEngine:
             if rc == -lib.AIOTE_E_AGAIN:
                 return
             self._deferred.popleft()
-            if rc < 0:
+            if rc == lib.AIOTE_DONE:
+                self._ops.pop(op_id, None)
+                if not op.future.done():
+                    op.future.set_result(None)
+            elif rc < 0:
                 self._ops.pop(op_id, None)
                 try:
                     check(rc)
