@@ -5,10 +5,16 @@
  * its delivery-complete write needs the *target's* worker to progress before
  * the initiator hears of it, so a small write costs several thread wake-ups
  * on each side.  Here the calling thread does the copy (cffi releases the
- * GIL), and a write without imm is complete when the syscall returns: the
- * bytes are in the target's memory.  Imms follow as one small control
- * message per target (OP_IMMS), sent after the bytes are in place, so the
- * receiver counts them only once they are there.
+ * GIL), and a write is complete when the syscall returns: the bytes are in
+ * the target's memory.  Imms follow after the bytes are in place, so the
+ * receiver counts them only once they are there: (imm, count) goes into the
+ * initiator's ring in the target's key table (below), and the target's
+ * worker, if it sleeps, is woken through its submission eventfd (a copy of
+ * it got with pidfd_getfd, which needs the same ptrace access as CMA).  The
+ * target's worker takes each published entry once (its tail is its own) and
+ * adds it to its ImmCounter.  Where the ring is full or no eventfd could be
+ * had, the imms go as one small control message per target instead
+ * (OP_IMMS through the worker and libfabric).
  *
  * Safety: libfabric refuses writes with a stale key; so must we.  The target
  * engine publishes its registered regions in a POSIX shm segment, the key
@@ -70,6 +76,7 @@
 #define DT_LANES 64u
 #define DT_HELD 8u
 #define DT_IOV 1024 /* IOV_MAX */
+#define DT_RING 256u /* imm entries per lane */
 
 struct dt_slot {
     _Atomic uint64_t state; /* gen << 1 | valid */
@@ -80,7 +87,12 @@ struct dt_slot {
 struct dt_lane {
     _Atomic uint64_t owner; /* pid << 42 | (start time & (2^42 - 1)); 0: free */
     _Atomic uint32_t held[DT_HELD];
-    uint64_t _pad[11];
+    uint64_t _pad[3];
+    _Atomic uint64_t head; /* imm ring: written by the initiator (published entries) */
+    uint64_t _pad2[7];
+    _Atomic uint64_t tail; /* taken by the target */
+    uint64_t _pad3[7];
+    uint64_t ring[DT_RING]; /* count << 32 | imm */
 };
 
 struct dt_header {
@@ -90,6 +102,9 @@ struct dt_header {
     _Atomic uint32_t closed;
     _Atomic uint32_t overflow; /* a region could not be published (index >= nslots) */
     _Atomic uint32_t high;     /* slots in use are below this */
+    _Atomic uint32_t sleeping; /* the target's worker sleeps (or is about to): wake it */
+    _Atomic uint32_t imm_pending; /* an initiator published imms since the target last looked */
+    int32_t efd;               /* the target's submission eventfd (its number there) */
     uint32_t addr_len;
     uint8_t addr[AIOTE_ADDR_MAX];
 };
@@ -111,6 +126,8 @@ struct dpeer {
     int pid;
     int pidfd;
     int lane;
+    int efd; /* the target's eventfd (pidfd_getfd), -1: imms go as messages */
+    pthread_mutex_t push_lock; /* our threads share our lane's ring */
     atomic_bool off; /* fall back to libfabric (EPERM, gone, closed) */
 };
 
@@ -242,6 +259,7 @@ int direct_table_open(aiote_engine *e)
     h->starttime = proc_starttime(getpid());
     h->addr_len = (uint32_t)n0->addr_len;
     memcpy(h->addr, n0->addr, n0->addr_len);
+    h->efd = e->sub_efd;
     __atomic_store_n(&h->magic, DT_MAGIC, __ATOMIC_SEQ_CST); /* last: the header is complete */
     e->dtab = t;
     return 0;
@@ -428,6 +446,22 @@ static struct dpeer *dpeer_attach(aiote_engine *e, const uint8_t *addr, size_t l
         goto fail;
     dp->pid = (int)pid;
     dp->pidfd = pfd;
+    dp->efd = -1;
+#ifdef SYS_pidfd_getfd
+    if (h->efd >= 0)
+        dp->efd = (int)syscall(SYS_pidfd_getfd, pfd, h->efd, 0);
+    if (dp->efd >= 0) {
+        /* it must be an eventfd (the number is the target's say-so) */
+        char link[64], path[64];
+        snprintf(path, sizeof path, "/proc/self/fd/%d", dp->efd);
+        ssize_t n = readlink(path, link, sizeof link - 1);
+        if (n <= 0 || (link[n] = 0, strcmp(link, "anon_inode:[eventfd]") != 0)) {
+            close(dp->efd);
+            dp->efd = -1;
+        }
+    }
+#endif
+    pthread_mutex_init(&dp->push_lock, NULL);
     return dp;
 fail:
     munmap(m, DT_SIZE);
@@ -446,6 +480,9 @@ static void dpeer_free(struct dpeer *dp)
     atomic_store(&ln->owner, 0);
     munmap(dp->t.map, DT_SIZE);
     close(dp->pidfd);
+    if (dp->efd >= 0)
+        close(dp->efd);
+    pthread_mutex_destroy(&dp->push_lock);
     free(dp);
 }
 
@@ -564,10 +601,11 @@ static void release_slot(struct dpeer *dp, uint32_t k)
 /* Per target peer: imms to deliver. */
 struct imm_acc {
     uint32_t peer;
+    struct dpeer *dp;
     uint64_t count;
 };
 
-static void acc_add(struct imm_acc *acc, size_t *nacc, size_t cap, uint32_t peer, uint64_t c)
+static void acc_add(struct imm_acc *acc, size_t *nacc, size_t cap, uint32_t peer, struct dpeer *dp, uint64_t c)
 {
     for (size_t i = 0; i < *nacc; i++)
         if (acc[i].peer == peer) {
@@ -575,7 +613,99 @@ static void acc_add(struct imm_acc *acc, size_t *nacc, size_t cap, uint32_t peer
             return;
         }
     if (*nacc < cap)
-        acc[(*nacc)++] = (struct imm_acc){peer, c};
+        acc[(*nacc)++] = (struct imm_acc){peer, dp, c};
+}
+
+/* Publish (imm, count) in our ring of the target's table and wake its worker
+ * if it sleeps.  0, or -1: no room / no way to wake it (send a message). */
+static int push_imms(struct dpeer *dp, uint32_t imm, uint64_t count)
+{
+    if (dp->efd < 0 || count > UINT32_MAX)
+        return -1;
+    struct dt_lane *ln = &dp->t.lanes[dp->lane];
+    pthread_mutex_lock(&dp->push_lock);
+    uint64_t head = atomic_load_explicit(&ln->head, memory_order_relaxed);
+    if (head - atomic_load(&ln->tail) >= DT_RING) {
+        pthread_mutex_unlock(&dp->push_lock);
+        return -1;
+    }
+    ln->ring[head % DT_RING] = (count << 32) | imm;
+    atomic_store(&ln->head, head + 1); /* seq_cst: the entry before head, head before the flag */
+    pthread_mutex_unlock(&dp->push_lock);
+    struct dt_header *h = dp->t.h;
+    atomic_store(&h->imm_pending, 1);
+    if (atomic_load(&h->sleeping)) { /* Dekker with direct_sleep_begin */
+        uint64_t one = 1;
+        ssize_t r = write(dp->efd, &one, sizeof one);
+        (void)r;
+    }
+    return 0;
+}
+
+/* Target worker: take every published imm entry of every lane. */
+bool direct_poll_imms(aiote_engine *e)
+{
+    struct dtable *t = e->dtab;
+    if (!t || !atomic_load_explicit(&t->h->imm_pending, memory_order_relaxed))
+        return false;
+    atomic_store(&t->h->imm_pending, 0); /* before the scan: a later push sets it again */
+    bool any = false;
+    for (uint32_t l = 0; l < DT_LANES; l++) {
+        struct dt_lane *ln = &t->lanes[l];
+        uint64_t head = atomic_load(&ln->head), tail = atomic_load_explicit(&ln->tail, memory_order_relaxed);
+        if (head == tail)
+            continue;
+        if (head - tail > DT_RING) { /* not something an aiote initiator writes: drop it */
+            e->stats.bad_msgs++;
+            atomic_store(&ln->tail, head);
+            continue;
+        }
+        for (; tail != head; tail++) {
+            uint64_t v = ln->ring[tail % DT_RING];
+            uint32_t imm = (uint32_t)v, cnt = (uint32_t)(v >> 32);
+            if (cnt && imm_table_restore(&e->imms, imm, cnt, &e->pending_events) == 0) {
+                e->stats.imms_received += cnt;
+                e->nics[0].stats.imms_received += cnt;
+            } else {
+                e->stats.bad_msgs++;
+            }
+        }
+        atomic_store(&ln->tail, tail);
+        any = true;
+    }
+    return any;
+}
+
+/* Target worker about to sleep: false if imms are waiting (don't sleep). */
+bool direct_sleep_begin(aiote_engine *e)
+{
+    struct dtable *t = e->dtab;
+    if (!t)
+        return true;
+    atomic_store(&t->h->sleeping, 1);
+    return !atomic_load(&t->h->imm_pending);
+}
+
+void direct_sleep_end(aiote_engine *e)
+{
+    if (e->dtab)
+        atomic_store_explicit(&e->dtab->h->sleeping, 0, memory_order_relaxed);
+}
+
+/* Deliver the accumulated imms: rings where possible, one OP_IMMS (with id)
+ * for the rest.  1 if nothing had to be queued, 0 if an op was, <0 on error. */
+static int queue_imms(aiote_engine *e, uint64_t id, uint32_t imm, const struct imm_acc *acc, size_t nacc);
+
+static int deliver_imms(aiote_engine *e, uint64_t id, uint32_t imm, struct imm_acc *acc, size_t nacc)
+{
+    size_t left = 0;
+    for (size_t i = 0; i < nacc; i++)
+        if (push_imms(acc[i].dp, imm, acc[i].count) != 0)
+            acc[left++] = acc[i];
+    if (!left)
+        return 1;
+    int rc = queue_imms(e, id, imm, acc, left);
+    return rc ? rc : 0;
 }
 
 static void push_op_event(aiote_engine *e, uint64_t id, int32_t status, int fi_err, uint64_t index)
@@ -725,7 +855,7 @@ int direct_run(aiote_engine *e, struct op *op)
                 if (!fallback && whole) {
                     copied_elems += whole;
                     if (op->has_imm)
-                        acc_add(acc, &nacc, acc_cap, rd->peer, whole);
+                        acc_add(acc, &nacc, acc_cap, rd->peer, dp, whole);
                 }
                 if (!fallback && whole < i - first)
                     bad = first + whole;
@@ -758,7 +888,7 @@ int direct_run(aiote_engine *e, struct op *op)
         if (!status && !fallback) {
             copied_elems += i - first;
             if (op->has_imm)
-                acc_add(acc, &nacc, acc_cap, rd->peer, i - first);
+                acc_add(acc, &nacc, acc_cap, rd->peer, dp, i - first);
         }
     }
     __atomic_fetch_add(&e->stats.direct_bytes, bytes, __ATOMIC_RELAXED);
@@ -774,12 +904,14 @@ int direct_run(aiote_engine *e, struct op *op)
         /* what landed before the failure delivers its imms (as libfabric's
          * writes that completed would); the op itself fails */
         if (nacc)
-            queue_imms(e, 0, op->imm, acc, nacc);
+            deliver_imms(e, 0, op->imm, acc, nacc);
         push_op_event(e, op->id, status, fi_err, bad);
     } else if (nacc) {
-        rc = queue_imms(e, op->id, op->imm, acc, nacc);
-        if (rc) /* the bytes are there but the imms can't go: fail the op (typed) */
-            push_op_event(e, op->id, -AIOTE_E_PROVIDER, FI_ENOMEM, 0), rc = 0;
+        rc = deliver_imms(e, op->id, op->imm, acc, nacc);
+        if (rc < 0) { /* the bytes are there but the imms can't go: fail the op (typed) */
+            push_op_event(e, op->id, -AIOTE_E_PROVIDER, FI_ENOMEM, 0);
+            rc = 0;
+        }
     } else {
         rc = AIOTE_DIRECT_DONE;
     }

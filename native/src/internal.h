@@ -417,6 +417,9 @@ void direct_resolve(aiote_engine *e, struct peer *p, struct rdesc *rd);
 void direct_peers_free(aiote_engine *e);
 bool direct_eligible(aiote_engine *e, const struct op *op);
 int direct_run(aiote_engine *e, struct op *op);
+bool direct_poll_imms(aiote_engine *e);
+bool direct_sleep_begin(aiote_engine *e);
+void direct_sleep_end(aiote_engine *e);
 
 /* fabric.c: per-peer endpoints (shm) */
 int peer_open_eps(aiote_engine *e, struct peer *p);

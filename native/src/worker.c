@@ -776,7 +776,8 @@ static bool sub_nonempty(aiote_engine *e)
 static void idle_sleep(aiote_engine *e, uint64_t *backoff_ns, bool warm)
 {
     atomic_store(&e->worker_sleeping, true);
-    if (sub_nonempty(e) || atomic_load(&e->stopping) || e->pending_events.n) {
+    if (!direct_sleep_begin(e) || sub_nonempty(e) || atomic_load(&e->stopping) || e->pending_events.n) {
+        direct_sleep_end(e);
         atomic_store(&e->worker_sleeping, false);
         return;
     }
@@ -806,6 +807,7 @@ static void idle_sleep(aiote_engine *e, uint64_t *backoff_ns, bool warm)
     }
     if (all_fd && ncq && !watching) {
         if (fi_trywait(e->nics[0].fabric, cqs, ncq) != FI_SUCCESS) {
+            direct_sleep_end(e);
             atomic_store(&e->worker_sleeping, false);
             return; /* completions are ready: don't sleep */
         }
@@ -825,6 +827,7 @@ static void idle_sleep(aiote_engine *e, uint64_t *backoff_ns, bool warm)
         ts.tv_nsec = (long)*backoff_ns;
     }
     int r = ppoll(fds, (nfds_t)nfds, &ts, NULL);
+    direct_sleep_end(e);
     atomic_store(&e->worker_sleeping, false);
     e->stats.wakeups++;
     if (r > 0 && (fds[0].revents & POLLIN)) {
@@ -865,6 +868,7 @@ void *worker_main(void *arg)
         if (atomic_load(&e->stopping))
             break;
         active |= poll_watches(e);
+        active |= direct_poll_imms(e);
         if (e->is_shm)
             local_read_lock();
         active |= post_pending(e);
