@@ -906,14 +906,20 @@ int direct_run(aiote_engine *e, struct op *op)
         if (nacc)
             deliver_imms(e, 0, op->imm, acc, nacc);
         push_op_event(e, op->id, status, fi_err, bad);
+        atomic_fetch_add(&e->direct_ops_failed, 1);
     } else if (nacc) {
         rc = deliver_imms(e, op->id, op->imm, acc, nacc);
         if (rc < 0) { /* the bytes are there but the imms can't go: fail the op (typed) */
             push_op_event(e, op->id, -AIOTE_E_PROVIDER, FI_ENOMEM, 0);
+            atomic_fetch_add(&e->direct_ops_failed, 1);
             rc = 0;
+        } else if (rc == 1) {
+            rc = AIOTE_DIRECT_DONE; /* all in rings: complete now */
+            atomic_fetch_add(&e->direct_ops_ok, 1);
         }
     } else {
         rc = AIOTE_DIRECT_DONE;
+        atomic_fetch_add(&e->direct_ops_ok, 1);
     }
     if (acc != acc_small)
         free(acc);

@@ -237,6 +237,12 @@ int aiote_engine_address(aiote_engine *e, uint32_t nic, uint8_t *buf, size_t *le
 int aiote_engine_stats(aiote_engine *e, aiote_stats *out)
 {
     *out = e->stats;
+    /* ops the direct path finished on callers' threads (its ops with imms that
+     * went as messages are the worker's: counted there) */
+    uint64_t ok = atomic_load(&e->direct_ops_ok), bad = atomic_load(&e->direct_ops_failed);
+    out->ops_submitted += ok + bad;
+    out->ops_completed += ok;
+    out->ops_failed += bad;
     return 0;
 }
 

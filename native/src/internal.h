@@ -341,6 +341,7 @@ struct aiote_engine {
     /* direct path (direct.c): our key table as a target; the largest op it copies */
     struct dtable *dtab;
     uint64_t direct_max;
+    atomic_uint_fast64_t direct_ops_ok, direct_ops_failed; /* finished on callers' threads */
 
     /* statistics: written by the worker, read racily (monotonic counters) */
     aiote_stats stats;

@@ -96,7 +96,9 @@ static void finish_op(aiote_engine *e, struct op *op)
         .nic = op->status ? op->nic : -1,
     };
     event_buf_push(&e->pending_events, &ev);
-    if (op->status)
+    if (op->kind == OP_IMMS && op->id == 0)
+        ; /* internal (direct.c: imms of a failed op's writes that landed) */
+    else if (op->status)
         e->stats.ops_failed++;
     else
         e->stats.ops_completed++;
@@ -747,7 +749,8 @@ static bool take_submissions(aiote_engine *e)
             sem_post(&op->done);
             continue;
         }
-        e->stats.ops_submitted++;
+        if (!(op->kind == OP_IMMS && op->id == 0))
+            e->stats.ops_submitted++;
         op->live_next = e->live;
         if (e->live)
             e->live->live_prev = op;
