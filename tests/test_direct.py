@@ -251,7 +251,7 @@ async def test_write_to_a_stopped_target_lands(engine, peer):
 _HOLDER = r"""
 import mmap, os, struct, sys
 path, key = sys.argv[1], int(sys.argv[2])
-HDR, LANE, NLANES, SLOT = 4096, 2240, 64, 64
+HDR, LANE, NLANES, SLOT = 4096, 8384, 64, 64  # sizes of direct.c's structs
 with open(path, "r+b") as f:
     m = mmap.mmap(f.fileno(), 0)
 high = struct.unpack_from("<I", m, 40)[0]

@@ -76,7 +76,7 @@
 #define DT_LANES 64u
 #define DT_HELD 8u
 #define DT_IOV 1024 /* IOV_MAX */
-#define DT_RING 256u /* imm entries per lane */
+#define DT_RING 1024u /* imm entries per lane */
 
 struct dt_slot {
     _Atomic uint64_t state; /* gen << 1 | valid */

@@ -348,7 +348,8 @@ static bool post_pending(aiote_engine *e)
     struct op *prev = NULL, *op = e->pend_head;
     while (op && blocked < MAX_BLOCKED_OPS) {
         struct op *next = op->next;
-        if (op->cancelled && op->next_post < op->n) {
+        /* OP_IMMS: the imms of bytes that landed already must follow them */
+        if (op->cancelled && op->next_post < op->n && op->kind != OP_IMMS) {
             fail_op(op, -AIOTE_E_CLOSED, FI_ECANCELED, 0, op->next_post, -1);
             op->n = op->next_post;
         }
