@@ -187,6 +187,7 @@ class TransferEngine:
         self._inbox: collections.deque[tuple[bytes, bytes]] = collections.deque()
         self._recv_waiters: collections.deque[asyncio.Future[tuple[bytes, bytes]]] = collections.deque()
         self._events = ffi.new("aiote_event[]", _EVENT_BATCH)
+        self._bad = ffi.new("uint64_t*")  # a failing element's index (read right after each call)
         self.imms = ImmCounter(self)
         self.provider = ""
         self._nic_addrs: tuple[bytes, ...] = ()
@@ -513,6 +514,18 @@ class TransferEngine:
         has_imm, imm_v = self._check_imm(imm)
         h = self._handle()
         mr_id = src._mr_id() if src is not None else self._scratch()._mr_id()
+        if not self._deferred:  # fast path: one C call (the direct path may finish it there)
+            op_id = next(self._op_ids)
+            bad = self._bad
+            rc = lib.aiote_submit_writes(h, op_id, mr_id, wrs, n, has_imm, imm_v, bad)
+            if rc == lib.AIOTE_DONE:
+                fut = self._loop.create_future()
+                fut.set_result(None)
+                return fut
+            if rc >= 0:
+                return self._track(op_id, (src, wrs, keep))
+            if rc != -lib.AIOTE_E_AGAIN:
+                check(rc, index=int(bad[0]))
         bad = ffi.new("uint64_t*")
 
         def submit(op_id: int) -> int:
@@ -522,6 +535,14 @@ class TransferEngine:
             return rc
 
         return self._submit(submit, (src, wrs, keep))
+
+    def _track(self, op_id: int, keep: Any) -> asyncio.Future[None]:
+        """The future of an op the engine took (its event resolves it)."""
+        fut = _OpFuture(loop=self._loop)
+        fut._engine = self
+        fut._op_id = op_id
+        self._ops[op_id] = _Op(fut, keep)
+        return fut
 
     def _scratch(self) -> MemoryRegion:
         """A tiny region used as the local side of imm-only writes."""

@@ -858,6 +858,42 @@ static void fail_all_closed(aiote_engine *e)
     event_queue_flush(&e->events, &e->pending_events);
 }
 
+/* Posted to a same-process shm peer, not completed yet? */
+static bool local_inflight(aiote_engine *e)
+{
+    for (uint32_t k = 0; k < e->nnics; k++) {
+        struct nic *n = &e->nics[k];
+        if (!n->inflight)
+            continue;
+        for (size_t i = 0; i < n->ntx; i++) {
+            const struct tx_ctx *c = &n->tx_ctxs[i];
+            if (c->op && c->peer < e->npeers && e->peers[c->peer]->local[0])
+                return true;
+        }
+    }
+    return false;
+}
+
+/* Closing: shm maps a same-process peer's commands onto *our* region, so a
+ * peer engine that progresses a command of ours after we unmapped it crashes
+ * (local_peers.c).  Give what we posted to such peers up to 200 ms to
+ * complete first (delivery-complete: they processed it); queued work still
+ * fails as closed. */
+static void settle_local_inflight(aiote_engine *e)
+{
+    if (!e->is_shm)
+        return;
+    uint64_t deadline = now_ns() + 200ull * 1000 * 1000;
+    while (local_inflight(e) && now_ns() < deadline) {
+        local_read_lock();
+        for (uint32_t k = 0; k < e->nnics; k++)
+            while (poll_cq(e, &e->nics[k]))
+                ;
+        local_read_unlock();
+        sched_yield();
+    }
+}
+
 void *worker_main(void *arg)
 {
     aiote_engine *e = arg;
@@ -907,6 +943,7 @@ void *worker_main(void *arg)
             continue;
         idle_sleep(e, &backoff, now - idle_since < WARM_NS);
     }
+    settle_local_inflight(e);
     /* ctrl ops that raced with stopping: refuse them */
     pthread_mutex_lock(&e->sub_lock);
     struct op *head = e->sub_head;
