@@ -106,7 +106,8 @@ class TransferEngine:
             ``AIOTE_DIRECT_SHM=0``.  See docs/reliability.md, "Direct same-host path".
         direct_max: operations of at most this many bytes take the direct path (larger ones
             go through libfabric); they run on the calling thread, so this bounds how long
-            one call holds the event loop.
+            one call holds the event loop.  ``None``: ``AIOTE_DIRECT_MAX`` from the
+            environment, else 256 KiB.
     """
 
     def __init__(
@@ -133,7 +134,7 @@ class TransferEngine:
         cuda_ipc: bool = True,
         gpu_chunk: int = 4 << 20,
         direct_shm: bool | None = None,
-        direct_max: int = 256 * 1024,
+        direct_max: int | None = None,
     ):
         if isinstance(nics, int):
             if not 1 <= nics <= lib.AIOTE_MAX_NICS:
@@ -156,6 +157,11 @@ class TransferEngine:
             raise InvalidArgument(f"gpu_chunk must be an int >= 4096, got {gpu_chunk!r}")
         if direct_shm is None:
             direct_shm = os.environ.get("AIOTE_DIRECT_SHM", "1").strip().lower() not in ("0", "false", "no", "off")
+        if direct_max is None:
+            try:
+                direct_max = int(os.environ.get("AIOTE_DIRECT_MAX", 256 * 1024))
+            except ValueError:
+                raise InvalidArgument("AIOTE_DIRECT_MAX must be an int") from None
         if not isinstance(direct_max, int) or not 0 < direct_max < _U64:
             raise InvalidArgument(f"direct_max must be a positive int, got {direct_max!r}")
         self.requested_provider = PROVIDER_ALIASES.get(provider, provider)
