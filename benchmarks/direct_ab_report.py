@@ -38,7 +38,7 @@ def main() -> int:
     sizes = [p["size"] for p in on[0]["bw"]["shm"]] if on else []
     lat = {}
     for size in sizes:
-        def pts(runs):
+        def pts(runs, size=size):
             return [p for r in runs for p in r["bw"]["shm"] if p["size"] == size]
         a_on = [p["aiote"]["ops_per_s"]["median"] for p in pts(on)]
         a_off = [p["aiote"]["ops_per_s"]["median"] for p in pts(off)]
