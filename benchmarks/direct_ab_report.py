@@ -18,7 +18,8 @@ RES = Path(__file__).resolve().parent / "results"
 
 
 def load(pattern: str) -> list[dict]:
-    return [json.loads(Path(f).read_text()) for f in sorted(glob.glob(str(RES / pattern)))]
+    return [json.loads(Path(f).read_text()) for f in sorted(glob.glob(str(RES / pattern)))
+            if not f.endswith("-latest.json")]
 
 
 def fmt(vals: list[float], scale: float = 1.0, nd: int = 2) -> str:
