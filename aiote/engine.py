@@ -107,7 +107,7 @@ class TransferEngine:
         direct_max: operations of at most this many bytes take the direct path (larger ones
             go through libfabric); they run on the calling thread, so this bounds how long
             one call holds the event loop.  ``None``: ``AIOTE_DIRECT_MAX`` from the
-            environment, else 256 KiB.
+            environment, else 4 MiB.
     """
 
     def __init__(
@@ -159,7 +159,7 @@ class TransferEngine:
             direct_shm = os.environ.get("AIOTE_DIRECT_SHM", "1").strip().lower() not in ("0", "false", "no", "off")
         if direct_max is None:
             try:
-                direct_max = int(os.environ.get("AIOTE_DIRECT_MAX", 256 * 1024))
+                direct_max = int(os.environ.get("AIOTE_DIRECT_MAX", 4 << 20))
             except ValueError:
                 raise InvalidArgument("AIOTE_DIRECT_MAX must be an int") from None
         if not isinstance(direct_max, int) or not 0 < direct_max < _U64:

@@ -93,7 +93,7 @@ typedef struct {
     int hmem;                 /* 1: ask for FI_HMEM (device memory registered directly: GPUDirect) */
     int direct_shm;           /* 1: shm peers on this host: copy with process_vm_writev ourselves
                                * (docs/reliability.md, "Direct same-host path"); 0: libfabric only */
-    uint64_t direct_max;      /* ops up to this many bytes take the direct path; 0 = 256 KiB */
+    uint64_t direct_max;      /* ops up to this many bytes take the direct path; 0 = 4 MiB */
 } aiote_config;
 
 typedef struct {
