@@ -356,7 +356,7 @@ static struct mr_slot *mr_lookup(aiote_engine *e, uint64_t mr_id)
 {
     size_t idx = (size_t)(mr_id & 0xffffffffu);
     uint32_t gen = (uint32_t)(mr_id >> 32);
-    if (idx >= e->nmrs || !e->mrs[idx].used || e->mrs[idx].gen != gen)
+    if (idx >= e->nmrs || !e->mrs[idx].used || e->mrs[idx].closing || e->mrs[idx].gen != gen)
         return NULL;
     return &e->mrs[idx];
 }
@@ -414,8 +414,17 @@ int aiote_mr_deregister(aiote_engine *e, uint64_t mr_id)
         aiote_set_error("memory region is in use by %lld operation(s)", (long long)refs);
         return -AIOTE_E_BUSY;
     }
-    /* direct path: no peer copies into it from now on (waits for copies in flight) */
-    int drc = direct_unpublish(e, (size_t)(mr_id & 0xffffffffu), e->peer_timeout_ns);
+    /* direct path: no peer copies into it from now on.  The wait for copies
+     * in flight may be long (a stopped peer: up to peer_timeout), so it runs
+     * without mr_lock (the worker takes it); "closing" keeps the slot from
+     * being used or reused meanwhile. */
+    size_t idx = (size_t)(mr_id & 0xffffffffu);
+    s->closing = true;
+    pthread_mutex_unlock(&e->mr_lock);
+    int drc = direct_unpublish(e, idx, e->peer_timeout_ns);
+    pthread_mutex_lock(&e->mr_lock);
+    s = &e->mrs[idx]; /* the array may have moved */
+    s->closing = false;
     if (drc) {
         pthread_mutex_unlock(&e->mr_lock);
         return drc;

@@ -423,6 +423,7 @@ int ctrl_mr_register(aiote_engine *e, void *argp)
     s->gen++;
     s->used = true;
     s->device = a->cuda_device >= 0;
+    s->closing = false;
     s->refs = 0;
     a->mr_id = ((uint64_t)s->gen << 32) | idx;
     a->base = (e->nics[0].fi->domain_attr->mr_mode & FI_MR_VIRT_ADDR) ? (uint64_t)(uintptr_t)a->addr : 0;

@@ -58,6 +58,7 @@ struct mr_slot {
     uint32_t gen;
     bool used;
     bool device; /* CUDA memory (FI_HMEM): never copied by the direct path */
+    bool closing; /* being deregistered (direct-path drain, mr_lock not held): unknown to lookups */
     int64_t refs; /* operations using it; deregistration is refused while > 0 */
 };
 
