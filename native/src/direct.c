@@ -565,20 +565,13 @@ bool direct_eligible(aiote_engine *e, const struct op *op)
     } else {
         for (size_t i = 0; i < op->n; i++) {
             const struct rdesc *rd = op->wrs[i].rd;
-            if (!rd->dp || atomic_load(&rd->dp->off))
-                return false;
+            if (!rd->dp || atomic_load(&rd->dp->off) || op->wrs[i].len > e->direct_max - total)
+                return false; /* (also: the sum can't wrap) */
             total += op->wrs[i].len;
         }
     }
     return total <= e->direct_max;
 }
-
-/* One target's run of elements: [first, end) all into rd's slot. */
-struct run {
-    struct dpeer *dp;
-    uint32_t slot;
-    uint32_t hold; /* index in our lane's held[] */
-};
 
 static int hold_slot(struct dpeer *dp, uint32_t slot, uint32_t *k_out)
 {
