@@ -75,7 +75,8 @@ async def test_cross_process_two_nics_to_one(provider):
 
 
 async def test_pinned_routing_uses_one_nic(provider, host):
-    async with aiote.TransferEngine(provider, host=host, nics=2, routing="pinned", pinned_nic=1) as a, \
+    async with aiote.TransferEngine(provider, host=host, nics=2, routing="pinned", pinned_nic=1,
+                                    direct_shm=False) as a, \
             aiote.TransferEngine(provider, host=host, nics=2) as b:
         ms, md = a.register(bytearray(1 << 20)), b.register(bytearray(1 << 20))
         await asyncio.gather(*(a.write(ms, md.descriptor, imm=4) for _ in range(8)))

@@ -783,6 +783,13 @@ int direct_run(aiote_engine *e, struct op *op)
                 sched_yield();
         }
         struct dt_slot *s = &dp->t.slots[rd->dslot];
+        if (atomic_load(&dp->t.h->closed)) { /* the target engine closed (its process lives on) */
+            release_slot(dp, k);
+            status = -AIOTE_E_PROVIDER;
+            fi_err = FI_ENOTCONN; /* as libfabric says for a closed same-process peer */
+            bad = i;
+            break;
+        }
         /* seq_cst load after the seq_cst hold (see the top of this file) */
         if (atomic_load(&s->state) != rd->dstate || s->key != rd->keys[0] || s->base != rd->base ||
             rd->len > s->len || atomic_load(&dp->t.h->closed)) {
