@@ -9,6 +9,7 @@ import contextlib
 import glob
 import itertools
 import os
+import struct
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -28,6 +29,7 @@ PROVIDER_ALIASES = {"tcp": "tcp;ofi_rxm", "verbs": "verbs;ofi_rxm"}
 _ROUTING = {"round_robin": lib.AIOTE_ROUTE_ROUND_ROBIN, "pinned": lib.AIOTE_ROUTE_PINNED}
 _POLLING = {"busy": lib.AIOTE_POLL_BUSY, "adaptive": lib.AIOTE_POLL_ADAPTIVE, "blocking": lib.AIOTE_POLL_BLOCKING}
 _EVENT_BATCH = 256
+_WR = struct.Struct("=IIQQQ")  # aiote_wr: rdesc, _pad, src_off, dst_off, len (32 bytes)
 _U64 = 1 << 64
 _engine_ids = itertools.count(1)
 
@@ -98,6 +100,16 @@ class TransferEngine:
         cuda_ipc: write GPU regions of other processes on this host through CUDA IPC
             (NVLink/PCIe copies) instead of the NIC.
         gpu_chunk: bytes per pipelined chunk of a staged transfer.
+        direct_shm: on ``shm``, write to peers on this host by copying the bytes from the
+            calling thread with ``process_vm_writev`` (the kernel mechanism shm itself uses)
+            instead of through libfabric; imms follow as one control message per target.
+            Falls back to libfabric by itself where it can't be used (a peer without it, CMA
+            not permitted, GPU memory).  ``None`` (default): on unless the environment sets
+            ``AIOTE_DIRECT_SHM=0``.  See docs/reliability.md, "Direct same-host path".
+        direct_max: operations of at most this many bytes take the direct path (larger ones
+            go through libfabric); they run on the calling thread, so this bounds how long
+            one call holds the event loop.  ``None``: ``AIOTE_DIRECT_MAX`` from the
+            environment, else 4 MiB.
     """
 
     def __init__(
@@ -123,6 +135,8 @@ class TransferEngine:
         gpu: str = "auto",
         cuda_ipc: bool = True,
         gpu_chunk: int = 4 << 20,
+        direct_shm: bool | None = None,
+        direct_max: int | None = None,
     ):
         if isinstance(nics, int):
             if not 1 <= nics <= lib.AIOTE_MAX_NICS:
@@ -143,6 +157,15 @@ class TransferEngine:
             raise InvalidArgument(f"gpu must be 'auto', 'staged' or 'direct', got {gpu!r}")
         if not isinstance(gpu_chunk, int) or gpu_chunk < 4096:
             raise InvalidArgument(f"gpu_chunk must be an int >= 4096, got {gpu_chunk!r}")
+        if direct_shm is None:
+            direct_shm = os.environ.get("AIOTE_DIRECT_SHM", "1").strip().lower() not in ("0", "false", "no", "off")
+        if direct_max is None:
+            try:
+                direct_max = int(os.environ.get("AIOTE_DIRECT_MAX", 4 << 20))
+            except ValueError:
+                raise InvalidArgument("AIOTE_DIRECT_MAX must be an int") from None
+        if not isinstance(direct_max, int) or not 0 < direct_max < _U64:
+            raise InvalidArgument(f"direct_max must be a positive int, got {direct_max!r}")
         self.requested_provider = PROVIDER_ALIASES.get(provider, provider)
         if gpu == "auto":
             gpu = "direct" if self.requested_provider.split(";")[0] in ("efa", "verbs") else "staged"
@@ -152,7 +175,7 @@ class TransferEngine:
                               stripe_threshold=stripe_threshold, polling=polling, spin_us=spin_us, msg_size=msg_size,
                               recv_slots=recv_slots, send_slots=send_slots, max_queued=max_queued,
                               delivery_complete=delivery_complete, peer_timeout=peer_timeout,
-                              max_inflight=max_inflight)
+                              max_inflight=max_inflight, direct_shm=bool(direct_shm), direct_max=direct_max)
         self.id = next(_engine_ids)
         self._h: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -172,6 +195,7 @@ class TransferEngine:
         self._inbox: collections.deque[tuple[bytes, bytes]] = collections.deque()
         self._recv_waiters: collections.deque[asyncio.Future[tuple[bytes, bytes]]] = collections.deque()
         self._events = ffi.new("aiote_event[]", _EVENT_BATCH)
+        self._bad = ffi.new("uint64_t*")  # a failing element's index (read right after each call)
         self.imms = ImmCounter(self)
         self.provider = ""
         self._nic_addrs: tuple[bytes, ...] = ()
@@ -217,6 +241,8 @@ class TransferEngine:
         cfg.peer_timeout_ms = max(1, int(a["peer_timeout"] * 1000))
         cfg.max_inflight = a["max_inflight"]
         cfg.hmem = 1 if self._gpu_mode == "direct" else 0
+        cfg.direct_shm = 1 if a["direct_shm"] else 0
+        cfg.direct_max = a["direct_max"]
         out = ffi.new("aiote_engine**")
         _sweep_own_shm_names()
         rc = lib.aiote_engine_open(cfg, out)
@@ -420,6 +446,9 @@ class TransferEngine:
             rc = submit(op_id)
         if rc == -lib.AIOTE_E_AGAIN:
             self._deferred.append((submit, op_id))
+        elif rc == lib.AIOTE_DONE:  # the direct path finished it already: no event follows
+            fut.set_result(None)
+            return fut
         else:
             check(rc)
         self._ops[op_id] = _Op(fut, keep)
@@ -459,7 +488,11 @@ class TransferEngine:
             if rc == -lib.AIOTE_E_AGAIN:
                 return
             self._deferred.popleft()
-            if rc < 0:
+            if rc == lib.AIOTE_DONE:
+                self._ops.pop(op_id, None)
+                if not op.future.done():
+                    op.future.set_result(None)
+            elif rc < 0:
                 self._ops.pop(op_id, None)
                 try:
                     check(rc)
@@ -490,6 +523,18 @@ class TransferEngine:
         has_imm, imm_v = self._check_imm(imm)
         h = self._handle()
         mr_id = src._mr_id() if src is not None else self._scratch()._mr_id()
+        if not self._deferred:  # fast path: one C call (the direct path may finish it there)
+            op_id = next(self._op_ids)
+            bad = self._bad
+            rc = lib.aiote_submit_writes(h, op_id, mr_id, wrs, n, has_imm, imm_v, bad)
+            if rc == lib.AIOTE_DONE:
+                fut = self._loop.create_future()
+                fut.set_result(None)
+                return fut
+            if rc >= 0:
+                return self._track(op_id, (src, wrs, keep))
+            if rc != -lib.AIOTE_E_AGAIN:
+                check(rc, index=int(bad[0]))
         bad = ffi.new("uint64_t*")
 
         def submit(op_id: int) -> int:
@@ -499,6 +544,14 @@ class TransferEngine:
             return rc
 
         return self._submit(submit, (src, wrs, keep))
+
+    def _track(self, op_id: int, keep: Any) -> asyncio.Future[None]:
+        """The future of an op the engine took (its event resolves it)."""
+        fut = _OpFuture(loop=self._loop)
+        fut._engine = self
+        fut._op_id = op_id
+        self._ops[op_id] = _Op(fut, keep)
+        return fut
 
     def _scratch(self) -> MemoryRegion:
         """A tiny region used as the local side of imm-only writes."""
@@ -695,12 +748,31 @@ class TransferEngine:
         n = len(targets)
         if n == 0:
             raise InvalidArgument("scatter needs at least one target")
-        wrs = ffi.new("aiote_wr[]", n)
-        for i, (desc, so, do, ln) in enumerate(targets):
-            self._fill(wrs[i], desc, so, do, ln)
-        if src.cuda is not None or any(t[0].cuda is not None for t in targets):
+        # packed straight into aiote_wr layout: small batches are common and every
+        # microsecond of Python per element shows (docs/benchmarks.md, direct path)
+        buf = bytearray(_WR.size * n)
+        pack, rdescs = _WR.pack_into, self._rdescs
+        last, r, cuda_dst = None, 0, False
+        try:
+            for i, (desc, so, do, ln) in enumerate(targets):
+                if desc is not last:
+                    r = rdescs.get(desc) if type(desc) is MrDescriptor else None
+                    if r is None:
+                        r = self._rdesc(desc)
+                    cuda_dst = cuda_dst or desc.cuda is not None
+                    last = desc
+                if type(so) is not int or type(do) is not int or type(ln) is not int:
+                    raise struct.error("not an int")
+                pack(buf, i * _WR.size, r, 0, so, do, ln)
+            wrs = ffi.from_buffer("aiote_wr[]", buf)
+        except struct.error:  # out of range or not an int: the slow path names it (or copes)
+            wrs = ffi.new("aiote_wr[]", n)
+            for i, (desc, so, do, ln) in enumerate(targets):
+                self._fill(wrs[i], desc, so, do, ln)
+            cuda_dst = any(t[0].cuda is not None for t in targets)
+        if src.cuda is not None or cuda_dst:
             return self._gpu_submit(src, list(targets), imm)
-        return self._submit_wrs(src, wrs, n, imm, None)
+        return self._submit_wrs(src, wrs, n, imm, buf)
 
     def barrier(self, targets: Iterable[MrDescriptor] | PeerGroup, imm: int) -> asyncio.Future[None]:
         """An imm-only write to each target (each target's owner counts one ``imm``)."""

@@ -17,7 +17,8 @@ COMBOS = [(1, 2), (2, 1), (2, 2), (1, 4), (4, 1), (2, 4), (4, 4)]
 async def test_nic_combinations(provider, host, k_src, k_dst):
     rng = random.Random(k_src * 10 + k_dst)
     size = 8 << 20
-    async with aiote.TransferEngine(provider, host=host, nics=k_src) as a, \
+    # NIC routing is the point: shm's direct path (no NIC at all) off
+    async with aiote.TransferEngine(provider, host=host, nics=k_src, direct_shm=False) as a, \
             aiote.TransferEngine(provider, host=host, nics=k_dst) as b:
         assert len(a.nic_stats()) == k_src and len(b.register(bytearray(1)).descriptor.keys) == k_dst
         src = bytearray(rng.randbytes(size))
@@ -74,7 +75,8 @@ async def test_cross_process_two_nics_to_one(provider):
 
 
 async def test_pinned_routing_uses_one_nic(provider, host):
-    async with aiote.TransferEngine(provider, host=host, nics=2, routing="pinned", pinned_nic=1) as a, \
+    async with aiote.TransferEngine(provider, host=host, nics=2, routing="pinned", pinned_nic=1,
+                                    direct_shm=False) as a, \
             aiote.TransferEngine(provider, host=host, nics=2) as b:
         ms, md = a.register(bytearray(1 << 20)), b.register(bytearray(1 << 20))
         await asyncio.gather(*(a.write(ms, md.descriptor, imm=4) for _ in range(8)))
@@ -85,7 +87,7 @@ async def test_pinned_routing_uses_one_nic(provider, host):
 
 async def test_nic_failure_fails_only_its_operations(aiote_make_engine, aiote_make_peer, aiote_faults):
     """Writes in flight on a NIC that fails fail naming it; the other NIC carries on."""
-    a = await aiote_make_engine(nics=2, stripe_threshold=1 << 40)
+    a = await aiote_make_engine(nics=2, stripe_threshold=1 << 40, direct_shm=False)
     peer = await aiote_make_peer(nics=2)
     rid, desc = await peer.call("register", 1 << 20, 0)
     d = aiote.MrDescriptor.from_bytes(desc)

@@ -65,6 +65,10 @@ enum {
 
     /* message flags (aiote_submit_send) */
     AIOTE_MSG_CTRL = 2,
+
+    /* aiote_submit_writes / aiote_submit_paged returned this: the op is
+     * complete already (direct path, no imm): no event will come for it */
+    AIOTE_DONE = 1,
 };
 
 typedef struct aiote_engine aiote_engine;
@@ -88,6 +92,9 @@ typedef struct {
     uint32_t peer_timeout_ms; /* an op the provider refuses this long fails (ETIMEDOUT); 0 = 10 s */
     uint32_t max_inflight;    /* writes/sends in flight per NIC; 0 = the provider's queue size */
     int hmem;                 /* 1: ask for FI_HMEM (device memory registered directly: GPUDirect) */
+    int direct_shm;           /* 1: shm peers on this host: copy with process_vm_writev ourselves
+                               * (docs/reliability.md, "Direct same-host path"); 0: libfabric only */
+    uint64_t direct_max;      /* ops up to this many bytes take the direct path; 0 = 4 MiB */
 } aiote_config;
 
 typedef struct {
@@ -159,6 +166,9 @@ typedef struct {
     uint64_t bad_msgs;
     uint64_t remote_errors;
     uint64_t wakeups;
+    uint64_t direct_writes;    /* writes copied by the direct path */
+    uint64_t direct_bytes;
+    uint64_t direct_fallbacks; /* ops the direct path handed to libfabric */
 } aiote_stats;
 
 const char *aiote_last_error(void);
@@ -208,7 +218,8 @@ int aiote_rdesc_insert(aiote_engine *e, uint32_t peer, uint64_t base, uint64_t l
 
 /* A batch of writes from one local region.  Every element is bounds-checked
  * before anything is posted; on AIOTE_E_BOUNDS *bad_index names the element.
- * One AIOTE_EV_OP event reports the batch. */
+ * One AIOTE_EV_OP event reports the batch, or the call returns AIOTE_DONE:
+ * the direct path copied it all and there is no imm to deliver. */
 int aiote_submit_writes(aiote_engine *e, uint64_t op_id, uint64_t mr_id,
                         const aiote_wr *wrs, size_t n, int has_imm, uint32_t imm,
                         uint64_t *bad_index);

@@ -46,6 +46,7 @@ static void engine_release(aiote_engine *e)
         close(e->sub_efd);
     free(e->pending_events.ev);
     free(e->mrs);
+    direct_peers_free(e);
     for (size_t i = 0; i < e->npeers; i++) {
         for (uint32_t j = 0; j < e->peers[i]->nnics; j++)
             local_unref(e->peers[i]->local[j]);
@@ -123,6 +124,9 @@ int aiote_engine_open(const aiote_config *cfg, aiote_engine **out)
     }
     if (!rc)
         rc = fabric_open(e);
+    e->direct_max = e->cfg.direct_max ? e->cfg.direct_max : 4 * 1024 * 1024;
+    if (!rc && e->is_shm && e->cfg.direct_shm && (e->info.mr_mode & FI_MR_VIRT_ADDR))
+        rc = direct_table_open(e);
     if (!rc && pthread_create(&e->worker, NULL, worker_main, e) != 0) {
         aiote_set_error("cannot start the worker thread: %s", strerror(errno));
         rc = -AIOTE_E_NOMEM;
@@ -236,6 +240,12 @@ int aiote_engine_address(aiote_engine *e, uint32_t nic, uint8_t *buf, size_t *le
 int aiote_engine_stats(aiote_engine *e, aiote_stats *out)
 {
     *out = e->stats;
+    /* ops the direct path finished on callers' threads (its ops with imms that
+     * went as messages are the worker's: counted there) */
+    uint64_t ok = atomic_load(&e->direct_ops_ok), bad = atomic_load(&e->direct_ops_failed);
+    out->ops_submitted += ok + bad;
+    out->ops_completed += ok;
+    out->ops_failed += bad;
     return 0;
 }
 
@@ -278,6 +288,18 @@ static int enqueue(aiote_engine *e, struct op *op)
     pthread_mutex_unlock(&e->sub_lock);
     wake_worker(e);
     return 0;
+}
+
+/* Queue an op built outside the worker's submission functions (direct.c);
+ * on failure it is freed and its elements given back. */
+int enqueue_op(aiote_engine *e, struct op *op)
+{
+    int rc = enqueue(e, op);
+    if (rc) {
+        atomic_fetch_sub(&e->outstanding, op->n_submitted);
+        op_free(op);
+    }
+    return rc;
 }
 
 /* Run fn on the worker and wait for it (GIL is released by cffi). */
@@ -337,7 +359,7 @@ static struct mr_slot *mr_lookup(aiote_engine *e, uint64_t mr_id)
 {
     size_t idx = (size_t)(mr_id & 0xffffffffu);
     uint32_t gen = (uint32_t)(mr_id >> 32);
-    if (idx >= e->nmrs || !e->mrs[idx].used || e->mrs[idx].gen != gen)
+    if (idx >= e->nmrs || !e->mrs[idx].used || e->mrs[idx].closing || e->mrs[idx].gen != gen)
         return NULL;
     return &e->mrs[idx];
 }
@@ -394,6 +416,21 @@ int aiote_mr_deregister(aiote_engine *e, uint64_t mr_id)
         pthread_mutex_unlock(&e->mr_lock);
         aiote_set_error("memory region is in use by %lld operation(s)", (long long)refs);
         return -AIOTE_E_BUSY;
+    }
+    /* direct path: no peer copies into it from now on.  The wait for copies
+     * in flight may be long (a stopped peer: up to peer_timeout), so it runs
+     * without mr_lock (the worker takes it); "closing" keeps the slot from
+     * being used or reused meanwhile. */
+    size_t idx = (size_t)(mr_id & 0xffffffffu);
+    s->closing = true;
+    pthread_mutex_unlock(&e->mr_lock);
+    int drc = direct_unpublish(e, idx, e->peer_timeout_ns);
+    pthread_mutex_lock(&e->mr_lock);
+    s = &e->mrs[idx]; /* the array may have moved */
+    s->closing = false;
+    if (drc) {
+        pthread_mutex_unlock(&e->mr_lock);
+        return drc;
     }
     struct mr_close_arg a;
     memcpy(a.mr, s->mr, sizeof a.mr);
@@ -472,6 +509,7 @@ int aiote_rdesc_insert(aiote_engine *e, uint32_t peer, uint64_t base, uint64_t l
     rd->base = base;
     rd->len = len;
     memcpy(rd->keys, keys, nkeys * sizeof *keys);
+    direct_resolve(e, e->peers[peer], rd);
     *rdesc = (uint32_t)e->nrdescs;
     e->rdescs[e->nrdescs++] = rd;
     pthread_mutex_unlock(&e->peer_lock);
@@ -513,6 +551,7 @@ static int take_local(aiote_engine *e, struct op *op, uint64_t mr_id, struct mr_
     *slot = s;
     op->mr_index = (uint32_t)(mr_id & 0xffffffffu);
     op->local_base = s->addr;
+    op->local_device = s->device;
     memcpy(op->local_desc, s->desc, sizeof op->local_desc);
     return 0; /* mr_lock held: caller validates, then commit_local/abort_local */
 }
@@ -536,6 +575,33 @@ static int submit_op(aiote_engine *e, struct op *op, size_t nelems)
         op_free(op);
     }
     return rc;
+}
+
+static void release_local(aiote_engine *e, struct op *op)
+{
+    pthread_mutex_lock(&e->mr_lock);
+    e->mrs[op->mr_index].refs--;
+    pthread_mutex_unlock(&e->mr_lock);
+}
+
+/* The direct path (direct.c), mr_lock held: copy now, on the calling thread;
+ * libfabric if it can't. */
+static int direct_submit(aiote_engine *e, struct op *op, size_t n)
+{
+    commit_local(e, &e->mrs[op->mr_index]); /* the local region stays while we copy */
+    int r = direct_run(e, op);
+    if (r != AIOTE_DIRECT_FALLBACK) {
+        release_local(e, op);
+        op_free(op);
+        return r;
+    }
+    int rc = reserve(e, n);
+    if (rc) {
+        release_local(e, op);
+        op_free(op);
+        return rc;
+    }
+    return submit_op(e, op, n);
 }
 
 /* Build a batch of writes: checked, remote regions resolved, the local
@@ -611,6 +677,8 @@ static int writes_op(aiote_engine *e, uint64_t op_id, uint64_t mr_id, const aiot
         *prep_out = op;
         return 0;
     }
+    if (!op->local_device && direct_eligible(e, op))
+        return direct_submit(e, op, n);
     rc = reserve(e, n);
     if (rc) {
         pthread_mutex_unlock(&e->mr_lock);
@@ -785,6 +853,8 @@ static int paged_op(aiote_engine *e, uint64_t op_id, uint64_t mr_id, uint32_t rd
         *prep_out = op;
         return 0;
     }
+    if (!op->local_device && direct_eligible(e, op))
+        return direct_submit(e, op, n);
     rc = reserve(e, n);
     if (rc) {
         pthread_mutex_unlock(&e->mr_lock);

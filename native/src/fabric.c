@@ -331,6 +331,7 @@ static void nic_close_rest(struct nic *n)
 
 void fabric_close(aiote_engine *e)
 {
+    direct_table_close(e, e->peer_timeout_ns); /* peers stop copying into our regions */
     if (e->is_shm)
         local_close_begin(); /* see local_peers.c */
     for (uint32_t i = 0; i < AIOTE_MAX_NICS; i++)
@@ -475,9 +476,13 @@ int ctrl_mr_register(aiote_engine *e, void *argp)
     s->len = a->len;
     s->gen++;
     s->used = true;
+    s->device = a->cuda_device >= 0;
+    s->closing = false;
     s->refs = 0;
     a->mr_id = ((uint64_t)s->gen << 32) | idx;
     a->base = (e->nics[0].fi->domain_attr->mr_mode & FI_MR_VIRT_ADDR) ? (uint64_t)(uintptr_t)a->addr : 0;
+    if (!s->device && (a->access & AIOTE_ACCESS_REMOTE))
+        direct_publish(e, idx, s->gen, a->keys[0], (uint64_t)(uintptr_t)a->addr, a->len);
     pthread_mutex_unlock(&e->mr_lock);
     return 0;
 }

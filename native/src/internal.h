@@ -57,21 +57,36 @@ struct mr_slot {
     uint64_t len;
     uint32_t gen;
     bool used;
+    bool device; /* CUDA memory (FI_HMEM): never copied by the direct path */
+    bool closing; /* being deregistered (direct-path drain, mr_lock not held): unknown to lookups */
     int64_t refs; /* operations using it; deregistration is refused while > 0 */
 };
 
 /* ---- operations -------------------------------------------------------- */
-enum op_kind { OP_WRITES = 1, OP_PAGED = 2, OP_SEND = 3, OP_CTRL = 4, OP_PING = 5, OP_ARRIVE = 6 };
+enum op_kind { OP_WRITES = 1, OP_PAGED = 2, OP_SEND = 3, OP_CTRL = 4, OP_PING = 5, OP_ARRIVE = 6, OP_IMMS = 7 };
 #define MSG_FLAG_PING 1u /* message header flag: a liveness probe, dropped by the receiver */
+#define MSG_FLAG_IMMS 4u /* message header flag: imms of direct writes (direct.c), counted in C */
+#define IMMS_MAGIC 0x534d4d49u /* "IMMS" */
+/* direct.c: what aiote_submit_* return when the direct path did the op */
+#define AIOTE_DIRECT_DONE 1
+#define AIOTE_DIRECT_FALLBACK 2
 
 typedef int (*ctrl_fn)(aiote_engine *e, void *arg);
 
 /* A remote region; immutable once made, never freed before the engine, so
  * queued elements can point at it. */
+struct dpeer;
+struct dtable;
 struct rdesc {
     uint32_t peer;
     uint64_t base, len;
     uint64_t keys[AIOTE_MAX_NICS];
+    /* direct path (direct.c): the target's key table, the slot and state the
+     * region was found with (dslot UINT32_MAX: not there, i.e. stale); dp NULL:
+     * libfabric only */
+    struct dpeer *dp;
+    uint32_t dslot;
+    uint64_t dstate;
 };
 
 /* One element of a write batch, resolved at submission. */
@@ -92,6 +107,7 @@ struct op {
     /* writes */
     uint32_t mr_index; /* local region (refs held) */
     uint8_t *local_base;
+    bool local_device; /* the local region is CUDA memory */
     void *local_desc[AIOTE_MAX_NICS];
     int has_imm;
     uint32_t imm;
@@ -112,6 +128,10 @@ struct op {
     uint8_t *msg;
     size_t msg_len;
     uint32_t msg_flags;
+
+    /* OP_IMMS: element i tells peer ipeers[i] that icounts[i] writes of imm landed */
+    uint32_t *ipeers;
+    uint64_t *icounts;
 
     /* control (runs on the worker; the caller waits on done) */
     ctrl_fn fn;
@@ -236,6 +256,8 @@ struct peer {
     int pidfd;    /* readable once that process has exited; -1 if none */
     atomic_bool gone; /* its process exited: everything to it fails from now on */
     atomic_int watch;      /* armed waits that need to hear of its death (aiote_peer_watch) */
+    struct dpeer *dpeer;   /* its direct-path key table (direct.c), NULL if none */
+    bool dpeer_tried;
     bool ping_inflight;
     uint64_t next_ping_ns;
     size_t blob_len;
@@ -324,6 +346,11 @@ struct aiote_engine {
     pthread_cond_t wd_cond;
     uint64_t ping_interval_ns;
 
+    /* direct path (direct.c): our key table as a target; the largest op it copies */
+    struct dtable *dtab;
+    uint64_t direct_max;
+    atomic_uint_fast64_t direct_ops_ok, direct_ops_failed; /* finished on callers' threads */
+
     /* statistics: written by the worker, read racily (monotonic counters) */
     aiote_stats stats;
 };
@@ -409,6 +436,22 @@ struct op *op_clone(const struct op *tmpl, uint64_t id);
 void op_free(struct op *op);
 void fail_nic_inflight(aiote_engine *e, struct nic *n, int fi_err);
 void peer_down(aiote_engine *e, uint32_t idx, int fi_err);
+
+/* engine.c */
+int enqueue_op(aiote_engine *e, struct op *op);
+
+/* direct.c */
+int direct_table_open(aiote_engine *e);
+void direct_table_close(aiote_engine *e, uint64_t timeout_ns);
+void direct_publish(aiote_engine *e, size_t idx, uint32_t gen, uint64_t key, uint64_t base, uint64_t len);
+int direct_unpublish(aiote_engine *e, size_t idx, uint64_t timeout_ns);
+void direct_resolve(aiote_engine *e, struct peer *p, struct rdesc *rd);
+void direct_peers_free(aiote_engine *e);
+bool direct_eligible(aiote_engine *e, const struct op *op);
+int direct_run(aiote_engine *e, struct op *op);
+bool direct_poll_imms(aiote_engine *e);
+bool direct_sleep_begin(aiote_engine *e);
+void direct_sleep_end(aiote_engine *e);
 
 /* fabric.c: per-peer endpoints (shm) */
 int peer_open_eps(aiote_engine *e, struct peer *p);

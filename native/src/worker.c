@@ -47,6 +47,8 @@ void op_free(struct op *op)
     free(op->src_pages);
     free(op->dst_pages);
     free(op->msg);
+    free(op->ipeers);
+    free(op->icounts);
     free(op);
 }
 
@@ -96,7 +98,9 @@ static void finish_op(aiote_engine *e, struct op *op)
         .nic = op->status ? op->nic : -1,
     };
     event_buf_push(&e->pending_events, &ev);
-    if (op->status)
+    if (op->kind == OP_IMMS && op->id == 0)
+        ; /* internal (direct.c: imms of a failed op's writes that landed) */
+    else if (op->status)
         e->stats.ops_failed++;
     else
         e->stats.ops_completed++;
@@ -264,7 +268,22 @@ static int post_shard(aiote_engine *e, struct op *op, size_t i, int *nic_out)
 static int post_send(aiote_engine *e, struct op *op, int *nic_out)
 {
     struct nic *n = &e->nics[0];
-    const struct peer *p = e->peers[op->peer];
+    uint32_t peer = op->kind == OP_IMMS ? op->ipeers[op->next_post] : op->peer;
+    const struct peer *p = e->peers[peer];
+    /* OP_IMMS: {magic, imm, count} for element next_post (direct.c) */
+    uint32_t imms_msg[4];
+    const uint8_t *payload = op->msg;
+    size_t payload_len = op->msg_len;
+    uint32_t mflags = op->kind == OP_PING ? MSG_FLAG_PING : op->msg_flags;
+    if (op->kind == OP_IMMS) {
+        uint64_t cnt = op->icounts[op->next_post];
+        imms_msg[0] = IMMS_MAGIC;
+        imms_msg[1] = op->imm;
+        memcpy(&imms_msg[2], &cnt, sizeof cnt);
+        payload = (const uint8_t *)imms_msg;
+        payload_len = sizeof imms_msg;
+        mflags = MSG_FLAG_IMMS;
+    }
     *nic_out = 0;
     if (atomic_load(&n->failed))
         return -FI_ENETDOWN;
@@ -277,15 +296,29 @@ static int post_send(aiote_engine *e, struct op *op, int *nic_out)
         return -FI_ECONNRESET;
     int slot = e->send_free[e->nsend_free - 1];
     uint8_t *buf = e->send_arena + (size_t)slot * e->slot_size;
-    uint32_t hdr[4] = {MSG_MAGIC | (MSG_VERSION << 16), (uint32_t)e->self_blob_len, (uint32_t)op->msg_len,
-                       op->kind == OP_PING ? MSG_FLAG_PING : op->msg_flags};
+    uint32_t hdr[4] = {MSG_MAGIC | (MSG_VERSION << 16), (uint32_t)e->self_blob_len, (uint32_t)payload_len,
+                       mflags};
     memcpy(buf, hdr, sizeof hdr);
     memcpy(buf + sizeof hdr, e->self_blob, e->self_blob_len);
-    memcpy(buf + sizeof hdr + e->self_blob_len, op->msg, op->msg_len);
-    size_t total = sizeof hdr + e->self_blob_len + op->msg_len;
+    if (payload_len)
+        memcpy(buf + sizeof hdr + e->self_blob_len, payload, payload_len);
+    size_t total = sizeof hdr + e->self_blob_len + payload_len;
     if (p->ep[0])
-        watched_post_begin(e, op->peer);
-    ssize_t rc = fi_send(p->ep[0] ? p->ep[0] : n->ep, buf, total, fi_mr_desc(e->send_mr), p->fi[0][0], &c->h.fi);
+        watched_post_begin(e, peer);
+    struct fid_ep *ep = p->ep[0] ? p->ep[0] : n->ep;
+    ssize_t rc;
+    if (op->kind == OP_IMMS) {
+        /* The bytes are in place already; this only has to reach the target's
+         * receive queue (in its shared memory on shm), not wait for its worker
+         * to take it: inject-complete. */
+        struct iovec iov = {.iov_base = buf, .iov_len = total};
+        void *desc = fi_mr_desc(e->send_mr);
+        struct fi_msg m = {.msg_iov = &iov, .desc = &desc, .iov_count = 1, .addr = p->fi[0][0],
+                           .context = &c->h.fi};
+        rc = fi_sendmsg(ep, &m, FI_COMPLETION | FI_INJECT_COMPLETE);
+    } else {
+        rc = fi_send(ep, buf, total, fi_mr_desc(e->send_mr), p->fi[0][0], &c->h.fi);
+    }
     if (p->ep[0])
         watched_post_end(e);
     if (rc == -FI_EAGAIN)
@@ -297,7 +330,7 @@ static int post_send(aiote_engine *e, struct op *op, int *nic_out)
     n->inflight++;
     c->op = op;
     c->send_slot = slot;
-    c->peer = op->peer;
+    c->peer = peer;
     c->index = 0;
     op->inflight++;
     e->stats.msgs_sent++;
@@ -317,14 +350,15 @@ static bool post_pending(aiote_engine *e)
     struct op *prev = NULL, *op = e->pend_head;
     while (op && blocked < MAX_BLOCKED_OPS) {
         struct op *next = op->next;
-        if (op->cancelled && op->next_post < op->n) {
+        /* OP_IMMS: the imms of bytes that landed already must follow them */
+        if (op->cancelled && op->next_post < op->n && op->kind != OP_IMMS) {
             fail_op(op, -AIOTE_E_CLOSED, FI_ECANCELED, 0, op->next_post, -1);
             op->n = op->next_post;
         }
         bool refused = false;
         while (op->next_post < op->n) {
             int nic = -1;
-            int rc = op->kind == OP_SEND || op->kind == OP_PING ? post_send(e, op, &nic)
+            int rc = op->kind == OP_SEND || op->kind == OP_PING || op->kind == OP_IMMS ? post_send(e, op, &nic)
                                                                 : post_shard(e, op, op->next_post, &nic);
             if (rc == 2) { /* our transmit contexts are all in flight: wait for completions */
                 e->stats.eagain++;
@@ -559,6 +593,21 @@ static void recv_done(aiote_engine *e, struct recv_slot *s, size_t len)
         memcpy(&flags, s->buf + 12, sizeof flags);
     if (len <= e->slot_size && parse_msg(s->buf, len, &v) == 0 && (flags & MSG_FLAG_PING)) {
         /* a peer's liveness probe: receiving it was the answer */
+    } else if (len <= e->slot_size && parse_msg(s->buf, len, &v) == 0 && (flags & MSG_FLAG_IMMS)) {
+        /* imms of a peer's direct writes: their bytes are in place already */
+        uint32_t m[4];
+        uint64_t cnt = 0;
+        if (v.payload_len == sizeof m) {
+            memcpy(m, s->buf + v.payload_off, sizeof m);
+            memcpy(&cnt, &m[2], sizeof cnt);
+        }
+        if (v.payload_len == sizeof m && m[0] == IMMS_MAGIC && cnt > 0 &&
+            imm_table_restore(&e->imms, m[1], cnt, &e->pending_events) == 0) {
+            e->stats.imms_received += cnt;
+            e->nics[0].stats.imms_received += cnt;
+        } else {
+            e->stats.bad_msgs++;
+        }
     } else if (len <= e->slot_size && parse_msg(s->buf, len, &v) == 0) {
         uint8_t *copy = malloc(len);
         if (copy) {
@@ -756,7 +805,7 @@ static bool take_submissions(aiote_engine *e)
             sem_post(&op->done);
             continue;
         }
-        if (op->kind != OP_ARRIVE)
+        if (op->kind != OP_ARRIVE && !(op->kind == OP_IMMS && op->id == 0))
             e->stats.ops_submitted++;
         op->live_next = e->live;
         if (e->live)
@@ -846,7 +895,8 @@ static bool sub_nonempty(aiote_engine *e)
 static void idle_sleep(aiote_engine *e, uint64_t *backoff_ns, bool warm)
 {
     atomic_store(&e->worker_sleeping, true);
-    if (sub_nonempty(e) || atomic_load(&e->stopping) || e->pending_events.n) {
+    if (!direct_sleep_begin(e) || sub_nonempty(e) || atomic_load(&e->stopping) || e->pending_events.n) {
+        direct_sleep_end(e);
         atomic_store(&e->worker_sleeping, false);
         return;
     }
@@ -876,6 +926,7 @@ static void idle_sleep(aiote_engine *e, uint64_t *backoff_ns, bool warm)
     }
     if (all_fd && ncq && !watching) {
         if (fi_trywait(e->nics[0].fabric, cqs, ncq) != FI_SUCCESS) {
+            direct_sleep_end(e);
             atomic_store(&e->worker_sleeping, false);
             return; /* completions are ready: don't sleep */
         }
@@ -895,6 +946,7 @@ static void idle_sleep(aiote_engine *e, uint64_t *backoff_ns, bool warm)
         ts.tv_nsec = (long)*backoff_ns;
     }
     int r = ppoll(fds, (nfds_t)nfds, &ts, NULL);
+    direct_sleep_end(e);
     atomic_store(&e->worker_sleeping, false);
     e->stats.wakeups++;
     if (r > 0 && (fds[0].revents & POLLIN)) {
@@ -937,6 +989,7 @@ void *worker_main(void *arg)
         active |= poll_watches(e);
         if (e->gated_head)
             active |= poll_gated(e);
+        active |= direct_poll_imms(e);
         if (e->is_shm)
             local_read_lock();
         active |= post_pending(e);

@@ -1,0 +1,927 @@
+/* The direct same-host path for shm peers: the initiator copies the bytes
+ * itself with process_vm_writev into the target's registered memory.
+ *
+ * libfabric shm moves bytes the same way (CMA: process_vm_readv/writev), but
+ * its delivery-complete write needs the *target's* worker to progress before
+ * the initiator hears of it, so a small write costs several thread wake-ups
+ * on each side.  Here the calling thread does the copy (cffi releases the
+ * GIL), and a write is complete when the syscall returns: the bytes are in
+ * the target's memory.  Imms follow after the bytes are in place, so the
+ * receiver counts them only once they are there: (imm, count) goes into the
+ * initiator's ring in the target's key table (below), and the target's
+ * worker, if it sleeps, is woken through its submission eventfd (a copy of
+ * it got with pidfd_getfd, which needs the same ptrace access as CMA).  The
+ * target's worker takes each published entry once (its tail is its own) and
+ * adds it to its ImmCounter.  Where the ring is full or no eventfd could be
+ * had, the imms go as one small control message per target instead
+ * (OP_IMMS through the worker and libfabric).
+ *
+ * Safety: libfabric refuses writes with a stale key; so must we.  The target
+ * engine publishes its registered regions in a POSIX shm segment, the key
+ * table (name derived from its shm address; mode 0600, same user as CMA
+ * needs anyway):
+ *
+ *   slot i (= the region's index in the engine): state = gen << 1 | valid,
+ *   key (NIC 0's), base, len.  Written only by the target.
+ *   lanes: one per initiator engine, claimed by CAS on owner (pid and
+ *   process start time); held[k] = slot + 1 while that initiator copies into
+ *   the slot.
+ *
+ * Initiator, per copy:  CAS held[k] 0 -> slot+1 (seq_cst); load state
+ *   (seq_cst); proceed only if it equals the generation the descriptor was
+ *   resolved to and key/base/len match the descriptor; copy; store held[k] 0.
+ * Target, deregistration:  store state = invalid (seq_cst); then wait until
+ *   no lane holds slot+1.
+ * Both sides use sequentially consistent operations (Dekker): either the
+ *   initiator's load sees the invalidation (no copy), or the target's scan
+ *   sees the initiator's hold and waits for the copy to end.  Hence no byte
+ *   lands in a region after aiote_mr_deregister has returned, and a slot is
+ *   reused (new generation, new random key) only after every copy into its
+ *   old generation ended.
+ * Dead initiator: a lane whose owner process exited (pidfd readable, pid
+ *   gone, or start time changed: pid reused) cannot copy any more: its holds
+ *   are dropped.  A *stopped* initiator (SIGSTOP) might stop between the
+ *   check and the syscall, so its hold is honoured: deregistration waits up
+ *   to peer_timeout, then fails with AIOTE_E_BUSY (the slot stays invalid, so
+ *   no new copy starts; a later close retries).
+ * Dead target: the initiator polls a pidfd of the target before each copy
+ *   and process_vm_writev fails with ESRCH once it is gone (PeerUnreachable).
+ *   A pid reused between that poll and the syscall is the residual window,
+ *   the same one libfabric shm's own CMA copies have.
+ * Anything unusual (no table: the target turned the path off or runs an older
+ *   aiote; EPERM: CMA not allowed; a full lane table; GPU memory) falls back
+ *   to libfabric before any byte is copied.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <poll.h>
+#include <sched.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/uio.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "internal.h"
+
+#define DT_MAGIC 0x3174626c746b6961ull /* "aiktlbt1" */
+#define DT_VERSION 1u
+#define DT_SLOTS 8192u
+#define DT_LANES 64u
+#define DT_HELD 8u
+#define DT_IOV 1024 /* IOV_MAX */
+#define DT_RING 1024u /* imm entries per lane */
+
+struct dt_slot {
+    _Atomic uint64_t state; /* gen << 1 | valid */
+    uint64_t key, base, len;
+    uint64_t _pad[4];
+};
+
+struct dt_lane {
+    _Atomic uint64_t owner; /* pid << 42 | (start time & (2^42 - 1)); 0: free */
+    _Atomic uint32_t held[DT_HELD];
+    uint64_t _pad[3];
+    _Atomic uint64_t head; /* imm ring: written by the initiator (published entries) */
+    uint64_t _pad2[7];
+    _Atomic uint64_t tail; /* taken by the target */
+    uint64_t _pad3[7];
+    uint64_t ring[DT_RING]; /* count << 32 | imm */
+};
+
+struct dt_header {
+    uint64_t magic;
+    uint32_t version, nslots, nlanes, pid;
+    uint64_t starttime;
+    _Atomic uint32_t closed;
+    _Atomic uint32_t overflow; /* a region could not be published (index >= nslots) */
+    _Atomic uint32_t high;     /* slots in use are below this */
+    _Atomic uint32_t sleeping; /* the target's worker sleeps (or is about to): wake it */
+    _Atomic uint32_t imm_pending; /* an initiator published imms since the target last looked */
+    int32_t efd;               /* the target's submission eventfd (its number there) */
+    uint32_t addr_len;
+    uint8_t addr[AIOTE_ADDR_MAX];
+};
+
+#define DT_HDR_SIZE 4096u
+#define DT_SIZE (DT_HDR_SIZE + DT_LANES * sizeof(struct dt_lane) + DT_SLOTS * sizeof(struct dt_slot))
+
+struct dtable {
+    uint8_t *map;
+    struct dt_header *h;
+    struct dt_lane *lanes;
+    struct dt_slot *slots;
+    char name[96];
+};
+
+/* An initiator's view of one target engine (stable until the engine is freed). */
+struct dpeer {
+    struct dtable t;
+    int pid;
+    int pidfd;
+    int lane;
+    int efd; /* the target's eventfd (pidfd_getfd), -1: imms go as messages */
+    pthread_mutex_t push_lock; /* our threads share our lane's ring */
+    atomic_bool off; /* fall back to libfabric (EPERM, gone, closed) */
+};
+
+_Static_assert(sizeof(struct dt_header) <= DT_HDR_SIZE, "key table header too large");
+
+static uint64_t now_ns(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (uint64_t)t.tv_sec * 1000000000ull + (uint64_t)t.tv_nsec;
+}
+
+/* Field 22 of /proc/PID/stat (start time in clock ticks), 0 if unreadable. */
+static uint64_t proc_starttime(int pid)
+{
+    char path[64], buf[1024];
+    snprintf(path, sizeof path, "/proc/%d/stat", pid);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return 0;
+    ssize_t n = read(fd, buf, sizeof buf - 1);
+    close(fd);
+    if (n <= 0)
+        return 0;
+    buf[n] = 0;
+    char *p = strrchr(buf, ')'); /* the command name may hold spaces and parentheses */
+    if (!p)
+        return 0;
+    p++;
+    /* after ")": field 3 (state) ... field 22 */
+    for (int field = 3; field < 22; field++) {
+        p = strchr(p + 1, ' ');
+        if (!p)
+            return 0;
+    }
+    return strtoull(p + 1, NULL, 10);
+}
+
+static uint64_t owner_word(int pid, uint64_t st) { return ((uint64_t)pid << 42) | (st & ((1ull << 42) - 1)); }
+
+static int pidfd_open_(int pid)
+{
+#ifdef SYS_pidfd_open
+    return (int)syscall(SYS_pidfd_open, pid, 0);
+#else
+    errno = ENOSYS;
+    return -1;
+#endif
+}
+
+/* Is the process named by an owner word gone for good (or a different one now)? */
+static bool owner_dead(uint64_t owner)
+{
+    int pid = (int)(owner >> 42);
+    if (pid == getpid())
+        return false;
+    int fd = pidfd_open_(pid);
+    if (fd < 0)
+        return errno == ESRCH;
+    bool dead = false;
+    uint64_t st = proc_starttime(pid);
+    if (st == 0 || (st & ((1ull << 42) - 1)) != (owner & ((1ull << 42) - 1))) {
+        dead = true; /* exited, and the pid may belong to another process now */
+    } else {
+        struct pollfd f = {.fd = fd, .events = POLLIN};
+        dead = poll(&f, 1, 0) > 0; /* readable once every thread has exited */
+    }
+    close(fd);
+    return dead;
+}
+
+static uint64_t fnv64(const uint8_t *b, size_t n)
+{
+    uint64_t h = 1469598103934665603ull;
+    for (size_t i = 0; i < n; i++)
+        h = (h ^ b[i]) * 1099511628211ull;
+    return h;
+}
+
+/* "/<pid>:aiote_kt_<hash>": under the "<pid>:" prefix of shm's own files, so
+ * whoever cleans a dead process's files there removes it too. */
+static void table_name(char *out, size_t cap, int pid, const uint8_t *addr, size_t len)
+{
+    snprintf(out, cap, "/%d:aiote_kt_%016llx", pid, (unsigned long long)fnv64(addr, len));
+}
+
+static void table_map(struct dtable *t, uint8_t *map)
+{
+    t->map = map;
+    t->h = (struct dt_header *)map;
+    t->lanes = (struct dt_lane *)(map + DT_HDR_SIZE);
+    t->slots = (struct dt_slot *)(map + DT_HDR_SIZE + DT_LANES * sizeof(struct dt_lane));
+}
+
+/* ---- target side ------------------------------------------------------ */
+
+int direct_table_open(aiote_engine *e)
+{
+    struct nic *n0 = &e->nics[0];
+    struct dtable *t = calloc(1, sizeof *t);
+    if (!t)
+        return -AIOTE_E_NOMEM;
+    table_name(t->name, sizeof t->name, getpid(), n0->addr, n0->addr_len);
+    shm_unlink(t->name); /* a dead process's file under a reused pid */
+    int fd = shm_open(t->name, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+    if (fd < 0) {
+        free(t);
+        return 0; /* no direct path to us: peers use libfabric */
+    }
+    if (ftruncate(fd, DT_SIZE) != 0) {
+        close(fd);
+        shm_unlink(t->name);
+        free(t);
+        return 0;
+    }
+    void *m = mmap(NULL, DT_SIZE, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    close(fd);
+    if (m == MAP_FAILED) {
+        shm_unlink(t->name);
+        free(t);
+        return 0;
+    }
+    table_map(t, m);
+    struct dt_header *h = t->h;
+    h->version = DT_VERSION;
+    h->nslots = DT_SLOTS;
+    h->nlanes = DT_LANES;
+    h->pid = (uint32_t)getpid();
+    h->starttime = proc_starttime(getpid());
+    h->addr_len = (uint32_t)n0->addr_len;
+    memcpy(h->addr, n0->addr, n0->addr_len);
+    h->efd = e->sub_efd;
+    __atomic_store_n(&h->magic, DT_MAGIC, __ATOMIC_SEQ_CST); /* last: the header is complete */
+    e->dtab = t;
+    return 0;
+}
+
+void direct_publish(aiote_engine *e, size_t idx, uint32_t gen, uint64_t key, uint64_t base, uint64_t len)
+{
+    struct dtable *t = e->dtab;
+    if (!t)
+        return;
+    if (idx >= DT_SLOTS) {
+        atomic_store(&t->h->overflow, 1);
+        return;
+    }
+    struct dt_slot *s = &t->slots[idx];
+    /* the slot is invalid here (a fresh one, or unpublished and drained) */
+    s->key = key;
+    s->base = base;
+    s->len = len;
+    atomic_store(&s->state, ((uint64_t)gen << 1) | 1); /* seq_cst: fields before state */
+    uint32_t hi = atomic_load(&t->h->high);
+    while (hi < idx + 1 && !atomic_compare_exchange_weak(&t->h->high, &hi, (uint32_t)idx + 1))
+        ;
+}
+
+static bool slot_held(struct dtable *t, uint32_t mark)
+{
+    for (uint32_t l = 0; l < DT_LANES; l++) {
+        struct dt_lane *ln = &t->lanes[l];
+        if (!atomic_load(&ln->owner))
+            continue;
+        for (uint32_t k = 0; k < DT_HELD; k++)
+            if (atomic_load(&ln->held[k]) == mark)
+                return true;
+    }
+    return false;
+}
+
+/* Drop the holds of lanes whose processes are gone. */
+static void reap_dead_lanes(struct dtable *t, uint32_t mark)
+{
+    for (uint32_t l = 0; l < DT_LANES; l++) {
+        struct dt_lane *ln = &t->lanes[l];
+        uint64_t owner = atomic_load(&ln->owner);
+        if (!owner)
+            continue;
+        bool holds = false;
+        for (uint32_t k = 0; k < DT_HELD && !holds; k++)
+            holds = atomic_load(&ln->held[k]) == mark;
+        if (!holds || !owner_dead(owner))
+            continue;
+        for (uint32_t k = 0; k < DT_HELD; k++) {
+            uint32_t v = mark;
+            atomic_compare_exchange_strong(&ln->held[k], &v, 0);
+        }
+    }
+}
+
+/* Invalidate slot idx and wait until no copy into it is in flight.
+ * 0, or -AIOTE_E_BUSY after timeout_ns with a live initiator holding it
+ * (the slot stays invalid). */
+int direct_unpublish(aiote_engine *e, size_t idx, uint64_t timeout_ns)
+{
+    struct dtable *t = e->dtab;
+    if (!t || idx >= DT_SLOTS)
+        return 0;
+    struct dt_slot *s = &t->slots[idx];
+    uint64_t st = atomic_load(&s->state);
+    atomic_store(&s->state, st & ~1ull); /* seq_cst: before the scan below */
+    uint32_t mark = (uint32_t)idx + 1;
+    uint64_t start = 0, next_reap = 0;
+    for (unsigned spins = 0; slot_held(t, mark); spins++) {
+        if (spins < 64) {
+            sched_yield();
+            continue;
+        }
+        uint64_t now = now_ns();
+        if (!start)
+            start = now;
+        if (now >= next_reap) {
+            reap_dead_lanes(t, mark);
+            next_reap = now + 1000000;
+        }
+        if (now - start > timeout_ns) {
+            aiote_set_error("a direct write of a live peer into this region is in flight (is that process "
+                            "stopped?); the region takes no new writes, close it again later");
+            return -AIOTE_E_BUSY;
+        }
+        struct timespec ts = {0, 20000};
+        nanosleep(&ts, NULL);
+    }
+    return 0;
+}
+
+/* Engine close: every region is unpublished (drained), the table removed. */
+void direct_table_close(aiote_engine *e, uint64_t timeout_ns)
+{
+    struct dtable *t = e->dtab;
+    if (!t)
+        return;
+    atomic_store(&t->h->closed, 1);
+    uint32_t hi = atomic_load(&t->h->high);
+    for (uint32_t i = 0; i < hi && i < DT_SLOTS; i++)
+        if (atomic_load(&t->slots[i].state) & 1)
+            direct_unpublish(e, i, timeout_ns);
+    shm_unlink(t->name);
+    munmap(t->map, DT_SIZE);
+    free(t);
+    e->dtab = NULL;
+}
+
+/* ---- initiator side ---------------------------------------------------- */
+
+static struct dpeer *dpeer_attach(aiote_engine *e, const uint8_t *addr, size_t len)
+{
+    static const char pre[] = "fi_shm://";
+    size_t i = 0;
+    if (len >= sizeof pre - 1 && memcmp(addr, pre, sizeof pre - 1) == 0)
+        i = sizeof pre - 1;
+    long pid = 0;
+    size_t start = i;
+    while (i < len && addr[i] >= '0' && addr[i] <= '9' && pid < (1L << 22))
+        pid = pid * 10 + (addr[i++] - '0');
+    if (i == start || i >= len || addr[i] != ':' || pid <= 0 || pid >= (1L << 22))
+        return NULL;
+    /* pidfd first, then the start time, then the pidfd still live: the start
+     * time is that of the process the pidfd names */
+    int pfd = pidfd_open_((int)pid);
+    if (pfd < 0)
+        return NULL;
+    uint64_t st = proc_starttime((int)pid);
+    struct pollfd f = {.fd = pfd, .events = POLLIN};
+    if (!st || poll(&f, 1, 0) != 0) {
+        close(pfd);
+        return NULL;
+    }
+    char name[96];
+    table_name(name, sizeof name, (int)pid, addr, len);
+    int fd = shm_open(name, O_RDWR | O_CLOEXEC, 0);
+    if (fd < 0) {
+        close(pfd);
+        return NULL; /* the target has no table: libfabric */
+    }
+    struct stat sb;
+    void *m = MAP_FAILED;
+    if (fstat(fd, &sb) == 0 && (uint64_t)sb.st_size == DT_SIZE)
+        m = mmap(NULL, DT_SIZE, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    close(fd);
+    if (m == MAP_FAILED) {
+        close(pfd);
+        return NULL;
+    }
+    struct dpeer *dp = calloc(1, sizeof *dp);
+    if (!dp) {
+        munmap(m, DT_SIZE);
+        close(pfd);
+        return NULL;
+    }
+    table_map(&dp->t, m);
+    struct dt_header *h = dp->t.h;
+    /* it must be this process's table for this very endpoint */
+    if (__atomic_load_n(&h->magic, __ATOMIC_SEQ_CST) != DT_MAGIC || h->version != DT_VERSION ||
+        h->nslots != DT_SLOTS || h->nlanes != DT_LANES || h->pid != (uint32_t)pid || h->starttime != st ||
+        h->addr_len != len || memcmp(h->addr, addr, len) != 0 || atomic_load(&h->closed))
+        goto fail;
+    /* a lane of our own: a free one, or one whose process is gone */
+    uint64_t me = owner_word(getpid(), proc_starttime(getpid()));
+    dp->lane = -1;
+    for (int pass = 0; pass < 2 && dp->lane < 0; pass++) {
+        for (uint32_t l = 0; l < DT_LANES; l++) {
+            struct dt_lane *ln = &dp->t.lanes[l];
+            uint64_t cur = atomic_load(&ln->owner);
+            if (pass == 0 ? cur != 0 : (cur == 0 || !owner_dead(cur)))
+                continue;
+            if (atomic_compare_exchange_strong(&ln->owner, &cur, me)) {
+                for (uint32_t k = 0; k < DT_HELD; k++)
+                    atomic_store(&ln->held[k], 0); /* a dead owner's holds */
+                dp->lane = (int)l;
+                break;
+            }
+        }
+    }
+    if (dp->lane < 0)
+        goto fail;
+    dp->pid = (int)pid;
+    dp->pidfd = pfd;
+    dp->efd = -1;
+#ifdef SYS_pidfd_getfd
+    if (h->efd >= 0)
+        dp->efd = (int)syscall(SYS_pidfd_getfd, pfd, h->efd, 0);
+    if (dp->efd >= 0) {
+        /* it must be an eventfd (the number is the target's say-so) */
+        char link[64], path[64];
+        snprintf(path, sizeof path, "/proc/self/fd/%d", dp->efd);
+        ssize_t n = readlink(path, link, sizeof link - 1);
+        if (n <= 0 || (link[n] = 0, strcmp(link, "anon_inode:[eventfd]") != 0)) {
+            close(dp->efd);
+            dp->efd = -1;
+        }
+    }
+#endif
+    pthread_mutex_init(&dp->push_lock, NULL);
+    return dp;
+fail:
+    munmap(m, DT_SIZE);
+    close(pfd);
+    free(dp);
+    return NULL;
+}
+
+static void dpeer_free(struct dpeer *dp)
+{
+    if (!dp)
+        return;
+    struct dt_lane *ln = &dp->t.lanes[dp->lane];
+    for (uint32_t k = 0; k < DT_HELD; k++)
+        atomic_store(&ln->held[k], 0);
+    atomic_store(&ln->owner, 0);
+    munmap(dp->t.map, DT_SIZE);
+    close(dp->pidfd);
+    if (dp->efd >= 0)
+        close(dp->efd);
+    pthread_mutex_destroy(&dp->push_lock);
+    free(dp);
+}
+
+/* Called under peer_lock by aiote_rdesc_insert: resolve the remote region
+ * to its slot (once per descriptor).  Leaves rd->dp NULL when the direct
+ * path can't serve it. */
+void direct_resolve(aiote_engine *e, struct peer *p, struct rdesc *rd)
+{
+    if (!e->cfg.direct_shm || !e->is_shm || e->cfg.hmem || p->gone)
+        return;
+    if (!p->dpeer_tried) {
+        p->dpeer_tried = true;
+        const uint8_t *addrs[AIOTE_MAX_NICS];
+        size_t lens[AIOTE_MAX_NICS];
+        uint32_t count;
+        if (parse_addrs(p->blob, p->blob_len, &count, addrs, lens) == 0)
+            p->dpeer = dpeer_attach(e, addrs[0], lens[0]);
+    }
+    struct dpeer *dp = p->dpeer;
+    if (!dp)
+        return;
+    struct dt_header *h = dp->t.h;
+    uint32_t hi = atomic_load(&h->high);
+    if (hi > DT_SLOTS)
+        hi = DT_SLOTS;
+    for (uint32_t i = 0; i < hi; i++) {
+        struct dt_slot *s = &dp->t.slots[i];
+        uint64_t st = atomic_load(&s->state);
+        if (!(st & 1) || s->key != rd->keys[0] || s->base != rd->base || rd->len > s->len)
+            continue;
+        if (atomic_load(&s->state) != st)
+            continue; /* changed while we read it */
+        rd->dp = dp;
+        rd->dslot = i;
+        rd->dstate = st;
+        return;
+    }
+    /* Not published: if the table holds every region of the target, the
+     * descriptor is stale (or forged) and every write with it must fail. */
+    if (!atomic_load(&h->overflow) && !atomic_load(&h->closed)) {
+        rd->dp = dp;
+        rd->dslot = UINT32_MAX;
+    }
+}
+
+void direct_peers_free(aiote_engine *e)
+{
+    for (size_t i = 0; i < e->npeers; i++) {
+        dpeer_free(e->peers[i]->dpeer);
+        e->peers[i]->dpeer = NULL;
+    }
+}
+
+/* ---- the copy ------------------------------------------------------------ */
+
+static inline void elem_at(const struct op *op, size_t i, struct welem *w)
+{
+    if (op->kind == OP_WRITES) {
+        *w = op->wrs[i];
+        return;
+    }
+    w->rd = op->rd;
+    w->len = op->page_len;
+    w->src_off = op->src_off + (uint64_t)op->src_pages[i] * op->src_stride;
+    w->dst_off = op->dst_off + (uint64_t)op->dst_pages[i] * op->dst_stride;
+}
+
+/* Can the direct path take this (checked) op?  Nothing is changed. */
+bool direct_eligible(aiote_engine *e, const struct op *op)
+{
+    if (!e->cfg.direct_shm || !e->is_shm || op->n == 0)
+        return false;
+    uint64_t total = 0;
+    if (op->kind == OP_PAGED) {
+        if (!op->rd->dp || atomic_load(&op->rd->dp->off))
+            return false;
+        total = op->page_len * op->n;
+        if (op->page_len && total / op->page_len != op->n)
+            return false;
+    } else {
+        for (size_t i = 0; i < op->n; i++) {
+            const struct rdesc *rd = op->wrs[i].rd;
+            if (!rd->dp || atomic_load(&rd->dp->off) || op->wrs[i].len > e->direct_max - total)
+                return false; /* (also: the sum can't wrap) */
+            total += op->wrs[i].len;
+        }
+    }
+    return total <= e->direct_max;
+}
+
+static int hold_slot(struct dpeer *dp, uint32_t slot, uint32_t *k_out)
+{
+    struct dt_lane *ln = &dp->t.lanes[dp->lane];
+    for (uint32_t k = 0; k < DT_HELD; k++) {
+        uint32_t zero = 0;
+        if (atomic_compare_exchange_strong(&ln->held[k], &zero, slot + 1)) {
+            *k_out = k;
+            return 0;
+        }
+    }
+    return -1; /* every hold of our lane is taken (8 threads copying): use libfabric */
+}
+
+static void release_slot(struct dpeer *dp, uint32_t k)
+{
+    atomic_store(&dp->t.lanes[dp->lane].held[k], 0);
+}
+
+/* Per target peer: imms to deliver. */
+struct imm_acc {
+    uint32_t peer;
+    struct dpeer *dp;
+    uint64_t count;
+};
+
+static void acc_add(struct imm_acc *acc, size_t *nacc, size_t cap, uint32_t peer, struct dpeer *dp, uint64_t c)
+{
+    for (size_t i = 0; i < *nacc; i++)
+        if (acc[i].peer == peer) {
+            acc[i].count += c;
+            return;
+        }
+    if (*nacc < cap)
+        acc[(*nacc)++] = (struct imm_acc){peer, dp, c};
+}
+
+/* Publish (imm, count) in our ring of the target's table and wake its worker
+ * if it sleeps.  0, or -1: no room / no way to wake it (send a message). */
+static int push_imms(struct dpeer *dp, uint32_t imm, uint64_t count)
+{
+    if (dp->efd < 0 || count > UINT32_MAX)
+        return -1;
+    struct dt_lane *ln = &dp->t.lanes[dp->lane];
+    pthread_mutex_lock(&dp->push_lock);
+    uint64_t head = atomic_load_explicit(&ln->head, memory_order_relaxed);
+    if (head - atomic_load(&ln->tail) >= DT_RING) {
+        pthread_mutex_unlock(&dp->push_lock);
+        return -1;
+    }
+    ln->ring[head % DT_RING] = (count << 32) | imm;
+    atomic_store(&ln->head, head + 1); /* seq_cst: the entry before head, head before the flag */
+    pthread_mutex_unlock(&dp->push_lock);
+    struct dt_header *h = dp->t.h;
+    atomic_store(&h->imm_pending, 1);
+    if (atomic_load(&h->sleeping)) { /* Dekker with direct_sleep_begin */
+        uint64_t one = 1;
+        ssize_t r = write(dp->efd, &one, sizeof one);
+        (void)r;
+    }
+    return 0;
+}
+
+/* Target worker: take every published imm entry of every lane. */
+bool direct_poll_imms(aiote_engine *e)
+{
+    struct dtable *t = e->dtab;
+    if (!t || !atomic_load_explicit(&t->h->imm_pending, memory_order_relaxed))
+        return false;
+    atomic_store(&t->h->imm_pending, 0); /* before the scan: a later push sets it again */
+    bool any = false;
+    for (uint32_t l = 0; l < DT_LANES; l++) {
+        struct dt_lane *ln = &t->lanes[l];
+        uint64_t head = atomic_load(&ln->head), tail = atomic_load_explicit(&ln->tail, memory_order_relaxed);
+        if (head == tail)
+            continue;
+        if (head - tail > DT_RING) { /* not something an aiote initiator writes: drop it */
+            e->stats.bad_msgs++;
+            atomic_store(&ln->tail, head);
+            continue;
+        }
+        for (; tail != head; tail++) {
+            uint64_t v = ln->ring[tail % DT_RING];
+            uint32_t imm = (uint32_t)v, cnt = (uint32_t)(v >> 32);
+            if (cnt && imm_table_restore(&e->imms, imm, cnt, &e->pending_events) == 0) {
+                e->stats.imms_received += cnt;
+                e->nics[0].stats.imms_received += cnt;
+            } else {
+                e->stats.bad_msgs++;
+            }
+        }
+        atomic_store(&ln->tail, tail);
+        any = true;
+    }
+    return any;
+}
+
+/* Target worker about to sleep: false if imms are waiting (don't sleep). */
+bool direct_sleep_begin(aiote_engine *e)
+{
+    struct dtable *t = e->dtab;
+    if (!t)
+        return true;
+    atomic_store(&t->h->sleeping, 1);
+    return !atomic_load(&t->h->imm_pending);
+}
+
+void direct_sleep_end(aiote_engine *e)
+{
+    if (e->dtab)
+        atomic_store_explicit(&e->dtab->h->sleeping, 0, memory_order_relaxed);
+}
+
+/* Deliver the accumulated imms: rings where possible, one OP_IMMS (with id)
+ * for the rest.  1 if nothing had to be queued, 0 if an op was, <0 on error. */
+static int queue_imms(aiote_engine *e, uint64_t id, uint32_t imm, const struct imm_acc *acc, size_t nacc);
+
+static int deliver_imms(aiote_engine *e, uint64_t id, uint32_t imm, struct imm_acc *acc, size_t nacc)
+{
+    size_t left = 0;
+    for (size_t i = 0; i < nacc; i++)
+        if (push_imms(acc[i].dp, imm, acc[i].count) != 0)
+            acc[left++] = acc[i];
+    if (!left)
+        return 1;
+    int rc = queue_imms(e, id, imm, acc, left);
+    return rc ? rc : 0;
+}
+
+static void push_op_event(aiote_engine *e, uint64_t id, int32_t status, int fi_err, uint64_t index)
+{
+    struct event_buf b = {0};
+    aiote_event ev = {.id = id, .kind = AIOTE_EV_OP, .status = status, .fi_errno = fi_err,
+                      .index = index, .nic = -1};
+    event_buf_push(&b, &ev);
+    event_queue_flush(&e->events, &b);
+    free(b.ev);
+}
+
+/* Queue the imm messages (one per target peer) as an OP_IMMS with this id. */
+static int queue_imms(aiote_engine *e, uint64_t id, uint32_t imm, const struct imm_acc *acc, size_t nacc)
+{
+    struct op *op = calloc(1, sizeof *op);
+    if (!op)
+        return -AIOTE_E_NOMEM;
+    op->ipeers = malloc(nacc * sizeof *op->ipeers);
+    op->icounts = malloc(nacc * sizeof *op->icounts);
+    if (!op->ipeers || !op->icounts) {
+        op_free(op);
+        return -AIOTE_E_NOMEM;
+    }
+    for (size_t i = 0; i < nacc; i++) {
+        op->ipeers[i] = acc[i].peer;
+        op->icounts[i] = acc[i].count;
+    }
+    op->kind = OP_IMMS;
+    op->id = id;
+    op->imm = imm;
+    op->n = op->n_submitted = nacc;
+    atomic_fetch_add(&e->outstanding, nacc); /* no bound: the bytes are already there */
+    return enqueue_op(e, op);
+}
+
+/* Do the op's copies.  Returns AIOTE_DIRECT_DONE (complete, nothing queued),
+ * 0 (the outcome comes as an event: imm messages queued, or a failure), or
+ * AIOTE_DIRECT_FALLBACK (nothing copied: post it through libfabric).
+ * The caller holds a reference on the local region. */
+int direct_run(aiote_engine *e, struct op *op)
+{
+    struct iovec liov[DT_IOV], riov[DT_IOV];
+    size_t nacc = 0, acc_cap = op->kind == OP_PAGED ? 1 : op->n;
+    struct imm_acc acc_small[8];
+    struct imm_acc *acc = acc_cap <= 8 ? acc_small : malloc(acc_cap * sizeof *acc);
+    if (!acc)
+        return AIOTE_DIRECT_FALLBACK;
+    int32_t status = 0;
+    int fi_err = 0;
+    uint64_t bad = 0, copied_elems = 0, bytes = 0;
+    bool fallback = false;
+    size_t i = 0;
+    while (i < op->n && !status && !fallback) {
+        struct welem w;
+        elem_at(op, i, &w);
+        const struct rdesc *rd = w.rd;
+        struct dpeer *dp = rd->dp;
+        if (rd->dslot == UINT32_MAX) { /* not in the target's table: a closed region */
+            status = -AIOTE_E_PROVIDER;
+            fi_err = FI_EKEYREJECTED;
+            bad = i;
+            break;
+        }
+        /* the target's process: gone means gone (before the pid can be reused) */
+        struct pollfd pf = {.fd = dp->pidfd, .events = POLLIN};
+        if (poll(&pf, 1, 0) != 0) {
+            atomic_store(&dp->off, true);
+            status = -AIOTE_E_PROVIDER;
+            fi_err = FI_ECONNRESET;
+            bad = i;
+            break;
+        }
+        uint32_t k;
+        if (hold_slot(dp, rd->dslot, &k)) {
+            if (copied_elems == 0 && bytes == 0) {
+                fallback = true;
+                break;
+            }
+            /* part of the op is there already: wait for a hold (held for one syscall each) */
+            while (hold_slot(dp, rd->dslot, &k))
+                sched_yield();
+        }
+        struct dt_slot *s = &dp->t.slots[rd->dslot];
+        if (atomic_load(&dp->t.h->closed)) { /* the target engine closed (its process lives on) */
+            release_slot(dp, k);
+            status = -AIOTE_E_PROVIDER;
+            fi_err = FI_ENOTCONN; /* as libfabric says for a closed same-process peer */
+            bad = i;
+            break;
+        }
+        /* seq_cst load after the seq_cst hold (see the top of this file) */
+        if (atomic_load(&s->state) != rd->dstate || s->key != rd->keys[0] || s->base != rd->base ||
+            rd->len > s->len || atomic_load(&dp->t.h->closed)) {
+            release_slot(dp, k);
+            status = -AIOTE_E_PROVIDER;
+            fi_err = FI_EKEYREJECTED; /* the target deregistered it: libfabric's stale-key error */
+            bad = i;
+            break;
+        }
+        /* this element and the following ones into the same slot, IOV_MAX at a time */
+        size_t first = i, niov = 0;
+        uint64_t run_bytes = 0;
+        for (;;) {
+            struct welem x;
+            elem_at(op, i, &x);
+            if (x.rd != rd && (x.rd->dp != dp || x.rd->dslot != rd->dslot || x.rd->dstate != rd->dstate ||
+                               x.rd->base != rd->base))
+                break;
+            if (x.len) {
+                liov[niov] = (struct iovec){op->local_base + x.src_off, x.len};
+                /* bounds: x.dst_off + x.len <= x.rd->len <= slot len (checked at submission and above) */
+                riov[niov] = (struct iovec){(void *)(uintptr_t)(s->base + x.dst_off), x.len};
+                niov++;
+                run_bytes += x.len;
+            }
+            i++;
+            if (i == op->n || niov == DT_IOV)
+                break;
+        }
+        /* process_vm_writev may stop short (it copies iovec by iovec): go on from there */
+        size_t li = 0, ri = 0;
+        uint64_t left = run_bytes;
+        while (left) {
+            ssize_t r = process_vm_writev(dp->pid, liov + li, (unsigned long)(niov - li), riov + ri,
+                                          (unsigned long)(niov - ri), 0);
+            if (r <= 0) {
+                int err = r < 0 ? errno : EFAULT;
+                if (err == EINTR)
+                    continue;
+                if (err == EPERM && bytes == 0 && left == run_bytes) {
+                    atomic_store(&dp->off, true); /* CMA not allowed: libfabric from now on */
+                    fallback = true;
+                } else if (err == ESRCH) {
+                    atomic_store(&dp->off, true);
+                    status = -AIOTE_E_PROVIDER;
+                    fi_err = FI_ECONNRESET;
+                } else {
+                    status = -AIOTE_E_PROVIDER;
+                    fi_err = err == EFAULT ? FI_EFAULT : FI_EIO;
+                }
+                bad = first;
+                /* the elements of this run that landed whole deliver their imms */
+                uint64_t done = run_bytes - left, cum = 0;
+                size_t whole = 0;
+                for (size_t j = first; j < i; j++) {
+                    struct welem y;
+                    elem_at(op, j, &y);
+                    if (cum + y.len > done || (y.len == 0 && cum == done && done < run_bytes))
+                        break;
+                    cum += y.len;
+                    whole++;
+                }
+                if (!fallback && whole) {
+                    copied_elems += whole;
+                    if (op->has_imm)
+                        acc_add(acc, &nacc, acc_cap, rd->peer, dp, whole);
+                }
+                if (!fallback && whole < i - first)
+                    bad = first + whole;
+                break;
+            }
+            left -= (uint64_t)r;
+            bytes += (uint64_t)r;
+            /* advance both iovec arrays by r bytes (their lengths are equal pairwise) */
+            uint64_t adv = (uint64_t)r;
+            while (adv) {
+                if (adv >= liov[li].iov_len) {
+                    adv -= liov[li].iov_len;
+                    riov[ri].iov_len = 0;
+                    li++;
+                    ri++;
+                } else {
+                    liov[li].iov_base = (uint8_t *)liov[li].iov_base + adv;
+                    liov[li].iov_len -= adv;
+                    riov[ri].iov_base = (uint8_t *)riov[ri].iov_base + adv;
+                    riov[ri].iov_len -= adv;
+                    adv = 0;
+                }
+            }
+            while (li < niov && liov[li].iov_len == 0) {
+                li++;
+                ri++;
+            }
+        }
+        release_slot(dp, k);
+        if (!status && !fallback) {
+            copied_elems += i - first;
+            if (op->has_imm)
+                acc_add(acc, &nacc, acc_cap, rd->peer, dp, i - first);
+        }
+    }
+    __atomic_fetch_add(&e->stats.direct_bytes, bytes, __ATOMIC_RELAXED);
+    if (fallback) {
+        if (acc != acc_small)
+            free(acc);
+        __atomic_fetch_add(&e->stats.direct_fallbacks, 1, __ATOMIC_RELAXED);
+        return AIOTE_DIRECT_FALLBACK;
+    }
+    __atomic_fetch_add(&e->stats.direct_writes, copied_elems, __ATOMIC_RELAXED);
+    int rc = 0;
+    if (status) {
+        /* what landed before the failure delivers its imms (as libfabric's
+         * writes that completed would); the op itself fails */
+        if (nacc)
+            deliver_imms(e, 0, op->imm, acc, nacc);
+        push_op_event(e, op->id, status, fi_err, bad);
+        atomic_fetch_add(&e->direct_ops_failed, 1);
+    } else if (nacc) {
+        rc = deliver_imms(e, op->id, op->imm, acc, nacc);
+        if (rc < 0) { /* the bytes are there but the imms can't go: fail the op (typed) */
+            push_op_event(e, op->id, -AIOTE_E_PROVIDER, FI_ENOMEM, 0);
+            atomic_fetch_add(&e->direct_ops_failed, 1);
+            rc = 0;
+        } else if (rc == 1) {
+            rc = AIOTE_DIRECT_DONE; /* all in rings: complete now */
+            atomic_fetch_add(&e->direct_ops_ok, 1);
+        }
+    } else {
+        rc = AIOTE_DIRECT_DONE;
+        atomic_fetch_add(&e->direct_ops_ok, 1);
+    }
+    if (acc != acc_small)
+        free(acc);
+    return rc;
+}
