@@ -82,7 +82,8 @@ def _aiote_main(role, rank, provider, args, conn):
 
     async def main():
         host = "127.0.0.1" if provider == "tcp" else None
-        async with aiote.TransferEngine(provider, host=host) as eng:
+        kw = {"direct_max": args.direct_mb << 20} if args.direct_mb and role == "t" and provider == "shm" else {}
+        async with aiote.TransferEngine(provider, host=host, **kw) as eng:
             sched = schedule(args)
             if role == "t":
                 g = torch.Generator().manual_seed(rank)
@@ -118,6 +119,15 @@ def _aiote_main(role, rank, provider, args, conn):
     asyncio.run(main())
 
 
+def _recv(conn, procs):
+    """A child's next message; fail fast (not hang) if any child died."""
+    while not conn.poll(1.0):
+        dead = [p for p in procs if p.exitcode not in (None, 0)]
+        if dead:
+            raise RuntimeError(f"a benchmark process died (exit codes {[p.exitcode for p in dead]})")
+    return conn.recv()
+
+
 def run_aiote(provider, args):
     ctx = mp.get_context("spawn")
     procs, pipes = [], []
@@ -128,7 +138,7 @@ def run_aiote(provider, args):
             p.start()
             procs.append(p)
             pipes.append(a)
-    bufs = [c.recv() for c in pipes]
+    bufs = [_recv(c, procs) for c in pipes]
     senders, receivers = bufs[:TRAINERS], bufs[TRAINERS:]
     for c in pipes:
         c.send((receivers, senders))
@@ -137,7 +147,7 @@ def run_aiote(provider, args):
         for v in range(1, 3 + args.rounds):
             for c in pipes:
                 c.send(v)
-            out = [c.recv() for c in pipes]
+            out = [_recv(c, procs) for c in pipes]
             if v > 2:
                 times.append(max(o[1] for o in out) - min(o[0] for o in out))
                 stats.append([o[2] for o in out[:TRAINERS]])
@@ -233,13 +243,13 @@ def run_gloo(args):
         procs.append(p)
         pipes.append(a)
     for c in pipes:
-        c.recv()
+        _recv(c, procs)
     times = []
     try:
         for v in range(1, 2 + args.rounds):
             for c in pipes:
                 c.send(v)
-            out = [c.recv() for c in pipes]
+            out = [_recv(c, procs) for c in pipes]
             if v > 1:
                 times.append(max(o[1] for o in out) - min(o[0] for o in out))
     finally:
@@ -280,6 +290,9 @@ def main():
     ap.add_argument("--trainer-dtype", choices=["fp32", "bf16"], default="fp32",
                     help="what the trainers hold: fp32 (cast to bf16 every round) or bf16 (blocks contiguous in "
                          "the shard are written from it, zero copy)")
+    ap.add_argument("--direct-mb", type=int, default=0,
+                    help="shm: trainers' engines copy writes up to this size themselves (direct_max; 0: the "
+                         "engine's default, 4 MiB)")
     ap.add_argument("--no-gloo", action="store_true")
     args = ap.parse_args()
     con = C.console()
@@ -290,7 +303,8 @@ def main():
     con.print(f"model: {len(sched.params)} params, {summ['bytes'] / 1e9:.2f} GB per round on the wire "
               f"({'fp8 gate/up/down, ' if args.fp8 else ''}bf16 otherwise), {summ['writes']} writes in "
               f"{summ['calls']} paged calls; chunk {args.chunk_mb} MiB; trainers hold {args.trainer_dtype}: "
-              f"{summ['direct_bytes'] / 1e9:.2f} GB zero copy, {summ['staging_bytes'] / 1e9:.2f} GB staged")
+              f"{summ['direct_bytes'] / 1e9:.2f} GB zero copy, {summ['staging_bytes'] / 1e9:.2f} GB staged; "
+              f"trainer direct_max {args.direct_mb or 4} MiB")
     results = {"args": vars(args), "summary": summ, "machine": info, "systems": {}}
     rows = []
     for prov in args.providers.split(","):
