@@ -106,3 +106,27 @@ async def _run_ranks(world, aiote_provider, gpu):
         await loop.run_in_executor(None, p.join, 30)
     assert all(e < 1e-5 for rank_errs in errs for e in rank_errs), errs
     assert [p.exitcode for p in procs] == [0] * world
+
+
+async def test_bad_calls_are_refused_typed(aiote_provider, aiote_host):
+    import aiote
+    from aiote.moe import ExpertParallel
+
+    async with aiote.TransferEngine(aiote_provider, host=aiote_host) as eng:
+        ep = ExpertParallel(eng, 0, 1, 4, 8, 4, 2)
+        x, ids, w = torch.randn(4, 8), torch.zeros(4, 2, dtype=torch.int64), torch.ones(4, 2)
+        with pytest.raises(aiote.InvalidArgument, match="connect"):
+            await ep.dispatch(x, ids)
+        ep.connect([ep.buffers])
+        with pytest.raises(aiote.InvalidArgument, match="dispatch"):
+            await ep.combine(x, [4], w)
+        with pytest.raises(aiote.InvalidArgument, match="out of range"):
+            await ep.dispatch(x, ids + 9)
+        rows, _, per_src = await ep.dispatch(x, ids)
+        assert per_src == [8] and rows.shape == (8, 8)
+        with pytest.raises(aiote.InvalidArgument, match="rows_per_source"):
+            await ep.combine(rows, [7], w)
+        with pytest.raises(aiote.InvalidArgument, match="outputs must be"):
+            await ep.combine(rows[:4], per_src, w)
+        out = await ep.combine(rows, per_src, w)  # identity experts, weights 1: each token twice
+        assert torch.allclose(out, 2 * x)

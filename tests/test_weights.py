@@ -15,7 +15,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from aiote.errors import InvalidArgument, UpdateInProgress  # noqa: E402
+from aiote.errors import InvalidArgument, UpdateFailed, UpdateInProgress  # noqa: E402
 from aiote.weights import FP8_MAX, Layout, Param, Replicate, Schedule, Shard  # noqa: E402
 
 # ------------------------------------------------------------------ an independent reference
@@ -212,6 +212,11 @@ async def test_sender_and_receiver_refuse_bad_input(aiote_provider, aiote_host):
         with pytest.raises(asyncio.CancelledError):
             await first
         assert torch.equal(rcv.weights["w"], full.to(torch.bfloat16)) and rcv.version == 1
+        # nobody pushes version 4: the round times out, typed, and version 1 stays in service
+        with pytest.raises(UpdateFailed) as ei:
+            await rcv.receive(4, timeout=0.2)
+        assert isinstance(ei.value.__cause__, aiote.ImmTimeout) and ei.value.peer == 0 and ei.value.version == 4
+        assert torch.equal(rcv.weights["w"], full.to(torch.bfloat16)) and rcv.version == 1
 
 
 async def test_zero_copy_when_the_shards_are_already_bf16(aiote_provider, aiote_host):
@@ -290,6 +295,19 @@ async def _serve(conn, handle):
         t.add_done_callback(tasks.discard)
 
 
+async def _second_is_refused(start, version):
+    """Start a round, then another while it is in flight: "refused" if the second raised
+    UpdateInProgress (the first is then cancelled)."""
+    first = asyncio.ensure_future(start(version))
+    await asyncio.sleep(0)  # let the first one begin
+    try:
+        await start(version + 1)
+    except UpdateInProgress:
+        first.cancel()
+        return "refused"
+    return "accepted"
+
+
 def _trainer_main(rank, provider, conn, die_after_writes):
     import aiote
     from aiote.weights import WeightSender
@@ -323,14 +341,7 @@ def _trainer_main(rank, provider, conn, die_after_writes):
                         mine[lt.name].copy_(full[lt.name][lo:hi])
                     await snd.push(version, timeout=60)
                 elif cmd == "push2":  # two pushes at once: the second must be refused
-                    a = asyncio.ensure_future(snd.push(args[0], timeout=60))
-                    await asyncio.sleep(0)
-                    try:
-                        await snd.push(args[0] + 1)
-                    except UpdateInProgress:
-                        a.cancel()
-                        return "refused"
-                    return "accepted"
+                    return await _second_is_refused(lambda v: snd.push(v, timeout=60), args[0])
                 return None
 
             await _serve(conn, handle)
@@ -363,14 +374,7 @@ def _receiver_main(rank, provider, conn):
                 elif cmd == "check":
                     return check(args[0])
                 elif cmd == "receive2":
-                    a = asyncio.ensure_future(rcv.receive(args[0], timeout=60))
-                    await asyncio.sleep(0)
-                    try:
-                        await rcv.receive(args[0] + 1)
-                    except UpdateInProgress:
-                        a.cancel()
-                        return "refused"
-                    return "accepted"
+                    return await _second_is_refused(lambda v: rcv.receive(v, timeout=60), args[0])
                 return None
 
             await _serve(conn, handle)
