@@ -249,6 +249,25 @@ async def test_large_ops_are_copied_by_a_copy_thread(aiote_make_engine, aiote_ma
     assert _direct(st) == 1 + 700 + 3 and st["ops_completed"] == st["ops_submitted"], st
 
 
+async def test_copy_thread_ops_count_against_max_queued(aiote_make_engine, peer):
+    """Copy-thread ops hold their elements in the engine's queue bound until their event:
+    beyond max_queued they wait in Python (deferred) and go in as earlier ones finish;
+    every page lands, counts exact."""
+    eng = await aiote_make_engine(direct_max=4096, max_queued=2500)
+    rid, desc = await peer.call("register", 1 << 20, 0)
+    d = aiote.MrDescriptor.from_bytes(desc)
+    data = bytes(range(256)) * 4096
+    src = eng.register(bytearray(data))
+    futs = [eng.write_paged(src, d, 1024, list(range(1000)), list(range(1000)), imm=6) for _ in range(8)]
+    assert eng._deferred  # at most two calls of 1,000 fit in 2,500
+    await asyncio.gather(*futs)
+    assert await peer.call("wait_imm", 6, 8000, 10)
+    assert await peer.call("pending", 6) == 0
+    assert await peer.call("read", rid, 0, 1 << 20) == data[:1024000] + bytes((1 << 20) - 1024000)
+    st = eng.stats()
+    assert st["direct_worker_ops"] == 8 and st["writes_posted"] == 0, st
+
+
 @pytest.mark.parametrize("where", ["call", "thread"])
 async def test_merged_iovecs_edge_cases(aiote_make_engine, aiote_make_peer, where):
     """Ranges contiguous on one side or both are merged into one iovec per side (each side on
