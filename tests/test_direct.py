@@ -252,20 +252,30 @@ async def test_large_ops_are_copied_by_a_copy_thread(aiote_make_engine, aiote_ma
 async def test_copy_thread_ops_count_against_max_queued(aiote_make_engine, peer):
     """Copy-thread ops hold their elements in the engine's queue bound until their event:
     beyond max_queued they wait in Python (deferred) and go in as earlier ones finish;
-    every page lands, counts exact."""
-    eng = await aiote_make_engine(direct_max=4096, max_queued=2500)
-    rid, desc = await peer.call("register", 1 << 20, 0)
+    every page lands, counts exact.  (The copy thread is held at the test gate after the
+    first op's first chunk, so the bound is reached deterministically.)"""
+    eng = await aiote_make_engine(direct_max=4096, max_queued=3500)
+    n, size = 1500, 2 << 20
+    rid, desc = await peer.call("register", size, 0)
     d = aiote.MrDescriptor.from_bytes(desc)
-    data = bytes(range(256)) * 4096
+    data = bytes(range(256)) * (size // 256)
     src = eng.register(bytearray(data))
-    futs = [eng.write_paged(src, d, 1024, list(range(1000)), list(range(1000)), imm=6) for _ in range(8)]
-    assert eng._deferred  # at most two calls of 1,000 fit in 2,500
+    sp, dp = list(range(n)), list(reversed(range(n)))  # 1,500 target iovecs: two chunks
+    _gate(eng, True)
+    futs = [eng.write_paged(src, d, 1024, sp, dp, imm=6)]
+    await _wait_gate(eng)  # the first op: 1,024 pages copied, held
+    futs += [eng.write_paged(src, d, 1024, sp, dp, imm=6) for _ in range(5)]
+    assert len(eng._deferred) == 4  # 1,500 + 1,500 in the engine; 4 more wait in Python
+    _gate(eng, False)
     await asyncio.gather(*futs)
-    assert await peer.call("wait_imm", 6, 8000, 10)
+    assert await peer.call("wait_imm", 6, 6 * n, 10)
     assert await peer.call("pending", 6) == 0
-    assert await peer.call("read", rid, 0, 1 << 20) == data[:1024000] + bytes((1 << 20) - 1024000)
+    expect = bytearray(size)
+    for s_, d_ in zip(sp, dp, strict=True):
+        expect[d_ * 1024:(d_ + 1) * 1024] = data[s_ * 1024:(s_ + 1) * 1024]
+    assert await peer.call("read", rid, 0, size) == bytes(expect)
     st = eng.stats()
-    assert st["direct_worker_ops"] == 8 and st["writes_posted"] == 0, st
+    assert st["direct_worker_ops"] == 6 and st["writes_posted"] == 0, st
 
 
 @pytest.mark.parametrize("where", ["call", "thread"])
