@@ -239,6 +239,7 @@ async def test_large_ops_are_copied_by_a_copy_thread(aiote_make_engine, aiote_ma
     for f in ops:
         assert not f.done()  # queued for the copy thread, not copied in the call
     await asyncio.gather(*ops)
+    src.close()  # the copy thread gave the region back before the ops' events
     for p, imm, n in ((a, 1, 1), (a, 2, 700), (a, 3, 1), (b, 3, 2)):
         assert await p.call("wait_imm", imm, n, 10)
         assert await p.call("pending", imm) == 0

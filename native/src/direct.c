@@ -760,6 +760,7 @@ static void iov_advance(struct iovec *v, size_t n, size_t *idx, uint64_t adv)
 /* Between two chunks of a copy thread's op: held here by the test gate
  * (aiote_direct_pause); then is the op to stop (cancelled, engine closing)? */
 static bool async_checkpoint(aiote_engine *e, struct op *op);
+static void async_release(aiote_engine *e, struct op *op);
 
 #define DT_CHUNK_BYTES (64ull << 20) /* a chunk ends after this many bytes (cancel/close/deregistration
                                       * are seen between chunks) */
@@ -943,6 +944,8 @@ static int direct_copy(aiote_engine *e, struct op *op, bool on_thread)
         return AIOTE_DIRECT_FALLBACK;
     }
     __atomic_fetch_add(&e->stats.direct_writes, copied_elems, __ATOMIC_RELAXED);
+    if (on_thread)
+        async_release(e, op); /* before anyone can hear of the op (its event, its imms) */
     int rc = 0;
     if (status) {
         /* what landed before the failure delivers its imms (as libfabric's
@@ -1012,20 +1015,23 @@ static bool async_checkpoint(aiote_engine *e, struct op *op)
     return op_cancelled(op) || atomic_load(&e->stopping);
 }
 
-static void async_done(aiote_engine *e, struct op *op)
+/* The op's local region reference and its room in the queue bound go back
+ * before its event is pushed: whoever hears of it may deregister the region
+ * or submit more at once. */
+static void async_release(aiote_engine *e, struct op *op)
 {
     pthread_mutex_lock(&e->mr_lock);
     e->mrs[op->mr_index].refs--;
     pthread_mutex_unlock(&e->mr_lock);
     atomic_fetch_sub(&e->outstanding, op->n_submitted);
-    op_free(op);
 }
 
 static void async_fail(aiote_engine *e, struct op *op, int32_t status, int fi_err, uint64_t index)
 {
+    async_release(e, op);
     push_op_event(e, op->id, status, fi_err, index);
     atomic_fetch_add(&e->direct_ops_failed, 1);
-    async_done(e, op);
+    op_free(op);
 }
 
 struct copier_arg {
@@ -1073,9 +1079,10 @@ static void *copier_main(void *arg)
                 atomic_fetch_add(&e->direct_ops_failed, 1);
             }
         } else {
+            /* direct_copy gave back the region reference and the queue room already */
             if (r == AIOTE_DIRECT_DONE)
                 push_op_event(e, op->id, 0, 0, 0);
-            async_done(e, op);
+            op_free(op);
         }
         pthread_mutex_lock(&c->lock);
     }
