@@ -923,6 +923,8 @@ class TransferEngine:
                 del self._peers[a]
             for d in [d for d in self._rdescs if d.addrs in gone]:
                 del self._rdescs[d]
+            if self._gpu is not None:
+                self._gpu.forget_plans()
         why = "its process exited" if ev.index else f"it stopped answering: {fi_strerror(int(ev.fi_errno))}"
         self._log.info("peer.down", peer=idx, fi_errno=int(ev.fi_errno), exited=bool(ev.index))
         self.imms._peer_down(idx, lambda: PeerUnreachable(f"peer is down ({why})", fi_errno=int(ev.fi_errno),

@@ -311,6 +311,11 @@ int aiote_cuda_load(void);
 int aiote_submit_cuda(aiote_engine *e, uint64_t op_id, uint64_t ctx, uint64_t stream, int wait,
                       uint64_t wait_stream, const aiote_copy *copies, size_t ncopies, uint64_t mr_id,
                       const aiote_wr *wrs, size_t n, int has_imm, uint32_t imm, uint64_t *bad_index);
+/* The common case of the above, without arrays: one copy (dst, src, len),
+ * then with has_imm one imm-only write to rdesc (a CUDA IPC write). */
+int aiote_submit_cuda_one(aiote_engine *e, uint64_t op_id, uint64_t ctx, uint64_t stream, int wait,
+                          uint64_t wait_stream, uint64_t dst, uint64_t src, uint64_t len, uint64_t mr_id,
+                          uint32_t rdesc, int has_imm, uint32_t imm);
 /* Copies, then count count whole writes of imm as arrived (the owner's side
  * of a staged commit: the imm is counted only once the bytes are in its GPU
  * memory).  No event of its own; count 0 only copies. */

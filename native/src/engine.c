@@ -754,6 +754,17 @@ int aiote_submit_cuda(aiote_engine *e, uint64_t op_id, uint64_t ctx, uint64_t st
     return submit_op(e, op, units);
 }
 
+int aiote_submit_cuda_one(aiote_engine *e, uint64_t op_id, uint64_t ctx, uint64_t stream, int wait,
+                          uint64_t wait_stream, uint64_t dst, uint64_t src, uint64_t len, uint64_t mr_id,
+                          uint32_t rdesc, int has_imm, uint32_t imm)
+{
+    aiote_copy c = {.dst = dst, .src = src, .len = len};
+    aiote_wr w = {.rdesc = rdesc}; /* imm-only */
+    uint64_t bad;
+    return aiote_submit_cuda(e, op_id, ctx, stream, wait, wait_stream, &c, 1, mr_id, has_imm ? &w : NULL,
+                             has_imm ? 1 : 0, has_imm, imm, &bad);
+}
+
 int aiote_cuda_arrive(aiote_engine *e, uint64_t ctx, uint64_t stream, const aiote_copy *copies,
                       size_t ncopies, uint32_t imm, uint64_t count)
 {

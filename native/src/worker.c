@@ -836,6 +836,33 @@ static bool take_submissions(aiote_engine *e)
     return did;
 }
 
+/* A gated op whose copies are done, through the direct same-host path
+ * (direct.c) when it takes it: the imm of a CUDA IPC write goes straight into
+ * the target's imm ring, a staged chunk is copied with process_vm_writev,
+ * without libfabric's delivery-complete round trip.  true: the op is gone
+ * (complete, or its outcome follows as an event from direct.c); false:
+ * post it through libfabric. */
+static bool gated_direct(aiote_engine *e, struct op *op)
+{
+    if (op->kind != OP_WRITES || op->local_device || !direct_eligible(e, op))
+        return false;
+    int r = direct_run(e, op);
+    if (r == AIOTE_DIRECT_FALLBACK)
+        return false;
+    /* direct.c counts the op in its own statistics (direct_ops_ok/failed, or
+     * the imm message it queued under this op's id): not ours twice */
+    e->stats.ops_submitted--;
+    release_mr(e, op);
+    if (r == AIOTE_DIRECT_DONE) { /* complete: report it (else direct.c does) */
+        aiote_event ev = {.id = op->id, .kind = AIOTE_EV_OP, .nic = -1};
+        event_buf_push(&e->pending_events, &ev);
+    }
+    atomic_fetch_sub(&e->outstanding, op->n_submitted ? op->n_submitted : 1);
+    live_remove(e, op);
+    op_free(op);
+    return true;
+}
+
 /* Ops whose CUDA copies are done go on: their writes are queued for
  * posting (a cancelled one fails there, unposted), a local arrival counts
  * its imm; a failed copy fails its op. */
@@ -873,6 +900,8 @@ static bool poll_gated(aiote_engine *e)
             }
             op->posted_all = true;
             finish_op(e, op);
+        } else if (!op->cancelled && gated_direct(e, op)) {
+            ; /* done through the direct same-host path (an IPC write's imm, a staged chunk) */
         } else if (e->pend_tail) {
             e->pend_tail->next = op;
             e->pend_tail = op;
