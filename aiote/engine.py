@@ -211,6 +211,7 @@ class TransferEngine:
         self._recv_waiters: collections.deque[asyncio.Future[tuple[bytes, bytes]]] = collections.deque()
         self._events = ffi.new("aiote_event[]", _EVENT_BATCH)
         self._bad = ffi.new("uint64_t*")  # a failing element's index (read right after each call)
+        self._wr1 = ffi.new("aiote_wr[1]")  # write()'s element (aiote_submit_writes copies it)
         self.imms = ImmCounter(self)
         self.provider = ""
         self._nic_addrs: tuple[bytes, ...] = ()
@@ -563,6 +564,9 @@ class TransferEngine:
                 return self._track(op_id, (src, wrs, keep))
             if rc != -lib.AIOTE_E_AGAIN:
                 check(rc, index=int(bad[0]))
+        if wrs is self._wr1:  # the retry below needs its own copy of the shared element
+            wrs = ffi.new("aiote_wr[1]")
+            ffi.memmove(wrs, self._wr1, ffi.sizeof("aiote_wr"))
         bad = ffi.new("uint64_t*")
 
         def submit(op_id: int) -> int:
@@ -615,7 +619,7 @@ class TransferEngine:
             fut = self._gpu.ipc_write_one(src, dst, length, src_offset, dst_offset, imm)
             if fut is not None:  # the common GPU->GPU case on one host, checked and queued
                 return fut
-        wrs = ffi.new("aiote_wr[1]")
+        wrs = self._wr1  # C copies the element: one buffer serves every call (see _submit_wrs)
         self._fill(wrs[0], dst, src_offset, dst_offset, length)
         if src.cuda is not None or dst.cuda is not None:
             return self._gpu_submit(src, [(dst, src_offset, dst_offset, length)], imm)
