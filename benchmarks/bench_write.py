@@ -343,6 +343,9 @@ async def aiote_lat(
                     us.append((t1 - t0) / 2000.0)
             await asyncio.gather(*writes)
             await pong
+            keys = ("direct_writes", "direct_fallbacks", "msgs_sent", "wakeups", "imms_received", "loop_passes", "loop_found")
+            mine, theirs = eng.stats(), await target.call("stats")
+            stats = {k: [mine[k], theirs[k]] for k in keys}  # [this side, the target]
             mr.close()
     finally:
         await target.call("close")
@@ -353,6 +356,7 @@ async def aiote_lat(
         "p999_us": C.percentile(us, 0.999),
         "max_us": us[-1],
         "iters": iters,
+        "stats": stats,
     }
 
 

@@ -169,6 +169,8 @@ typedef struct {
     uint64_t direct_writes;    /* writes copied by the direct path */
     uint64_t direct_bytes;
     uint64_t direct_fallbacks; /* ops the direct path handed to libfabric */
+    uint64_t loop_passes;      /* loop-spin mode: progress passes the event loop's thread ran */
+    uint64_t loop_found;       /* ... of which found work (imms, completions) */
 } aiote_stats;
 
 const char *aiote_last_error(void);

@@ -1025,10 +1025,11 @@ int aiote_progress(aiote_engine *e)
 {
     if (!atomic_load_explicit(&e->stopping, memory_order_relaxed) && pthread_mutex_trylock(&e->progress_lock) == 0) {
         if (!atomic_load(&e->stopping)) {
-            if (!e->is_shm)
-                take_submissions(e, false);
-            progress_pass(e, true);
+            bool found = !e->is_shm && take_submissions(e, false);
+            found |= progress_pass(e, true);
             atomic_fetch_add_explicit(&e->progress_seq, 1, memory_order_relaxed);
+            e->stats.loop_passes++;
+            e->stats.loop_found += found;
         }
         pthread_mutex_unlock(&e->progress_lock);
     }
@@ -1044,18 +1045,28 @@ static inline void cpu_relax(void)
 #endif
 }
 
+/* Spin on the engines' events.  After the first SPIN_PURE_NS without any,
+ * yield the CPU between rounds: on an oversubscribed machine a pure spinner
+ * holds its core until the scheduler takes it away, and then waits a whole
+ * time slice for it back; a yielding one lets the other runnable threads go
+ * first and looks again as soon as they are done (cheap when nobody waits). */
+#define SPIN_PURE_NS 20000ull
 int aiote_spin(aiote_engine *const *engines, size_t n, uint64_t budget_ns)
 {
-    uint64_t end = budget_ns ? now_ns() + budget_ns : 0;
+    uint64_t start = budget_ns ? now_ns() : 0, end = start + budget_ns;
     for (;;) {
         int ready = 0;
         for (size_t i = 0; i < n; i++)
             ready += aiote_progress(engines[i]);
         if (ready || !budget_ns)
             return ready;
-        cpu_relax();
-        if (now_ns() >= end)
+        uint64_t now = now_ns();
+        if (now >= end)
             return 0;
+        if (now - start > SPIN_PURE_NS)
+            sched_yield();
+        else
+            cpu_relax();
     }
 }
 
