@@ -152,3 +152,24 @@ def test_uvloop_falls_back_to_the_eventfd():
         loop.run_until_complete(main())
     finally:
         loop.close()
+
+
+async def test_cancel_and_close_while_spinning(provider, host):
+    """A cancelled wait consumes nothing; closing a spinning engine fails its pending waits
+    with EngineClosed and gives the loop its own selector back."""
+    inner = _selector()
+    async with aiote.TransferEngine(provider, host=host) as a:
+        b = await aiote.TransferEngine(provider, host=host, loop_spin_us=1000).__aenter__()
+        dst = b.register(bytearray(64))
+        src = a.register(bytearray(64))
+        w = b.imms.wait(21, 1)
+        w.cancel()
+        await a.write(src, dst.descriptor, 8, imm=21)
+        await b.imms.wait(21, 1, timeout=10)  # the cancelled wait took nothing
+        assert b.imms.pending(21) == 0
+        pending = [b.imms.wait(22, 1), b.imms.wait(23, 2, timeout=60)]
+        await b.close()
+        for f in pending:
+            with pytest.raises(aiote.EngineClosed):
+                await f
+        assert _selector() is inner
