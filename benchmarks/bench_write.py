@@ -514,8 +514,8 @@ def lat_table(con: Any, provider: str, lat: dict[str, Any], args: argparse.Names
             label,
             C.fmt_med(p50),
             C.fmt_med(p99),
-            f"{p50['median'] - r1:+.2f}" if not k.startswith("raw") else "",
-            f"{p50['median'] - r0:+.2f}" if not k.startswith("raw") else "",
+            f"{p50['median'] - r1:+.2f}" if not k.startswith("raw") and r1 == r1 else "",  # (r1 != r1: NaN, not run)
+            f"{p50['median'] - r0:+.2f}" if not k.startswith("raw") and r0 == r0 else "",
             tgt,
         )
     con.print(t)
