@@ -265,7 +265,8 @@ int aiote_poll_events(aiote_engine *e, aiote_event *out, size_t max);
  * aiote_loop_spin(e, 1): the calling thread polls this engine from now on
  * (aiote_progress / aiote_spin); completions don't write the eventfd, a
  * direct-path imm to it doesn't wake its worker, and (not shm) work the
- * calling thread submits is posted by its next aiote_progress.  The worker
+ * calling thread submits is posted right away by that thread (or by its
+ * next aiote_progress, if the worker is in a pass).  The worker
  * rests while the loop's passes keep coming and steps in when they stop.
  * aiote_loop_spin(e, 0): before sleeping on the eventfd; wakes the worker.
  * Both return 1 when events are pending (drain them before sleeping).

@@ -300,7 +300,9 @@ static int enqueue(aiote_engine *e, struct op *op)
     bool quiet = loop_will_post(e, op);
     atomic_store(&e->sub_pending, true); /* seq_cst: before wake_worker's load (Dekker with the worker's rest) */
     pthread_mutex_unlock(&e->sub_lock);
-    if (!quiet)
+    if (quiet)
+        loop_post_now(e); /* post it from here: the loop would only do so on its next pass */
+    else
         wake_worker(e);
     return 0;
 }

@@ -446,6 +446,7 @@ int ctrl_peer_insert(aiote_engine *e, void *arg);
 
 /* worker.c */
 void *worker_main(void *arg);
+void loop_post_now(aiote_engine *e); /* loop-spin mode, not shm: post queued work from the calling thread */
 void *watchdog_main(void *arg);
 bool poll_watches(aiote_engine *e);
 struct op *op_clone(const struct op *tmpl, uint64_t id);

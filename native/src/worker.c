@@ -1036,6 +1036,23 @@ int aiote_progress(aiote_engine *e)
     return atomic_load(&e->events.avail) ? 1 : 0;
 }
 
+/* Loop-spin mode, not shm, on the spinning loop's thread right after it
+ * queued work (engine.c, enqueue): post it now rather than on the loop's
+ * next pass, a few microseconds of Python later.  Try-lock: if the worker is
+ * in a pass, that pass or the loop's next one posts it. */
+void loop_post_now(aiote_engine *e)
+{
+    if (pthread_mutex_trylock(&e->progress_lock) != 0)
+        return;
+    if (!atomic_load(&e->stopping)) {
+        take_submissions(e, false);
+        post_pending(e);
+        if (e->pending_events.n)
+            event_queue_flush(&e->events, &e->pending_events);
+    }
+    pthread_mutex_unlock(&e->progress_lock);
+}
+
 static inline void cpu_relax(void)
 {
 #if defined(__x86_64__) || defined(__i386__)
