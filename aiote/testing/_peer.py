@@ -136,6 +136,17 @@ async def _child(conn: Any, provider: str, polling: str, kwargs: dict[str, Any])
                 return None
             if method == "recv":
                 return await eng.recv()
+            if method == "pong_n":
+                # n times: await one imm `ping`, then write 64 bytes of region rid with imm `pong`
+                # into desc (a ping-pong partner)
+                desc, rid, n, ping, pong = args
+                d = aiote.MrDescriptor.from_bytes(desc)
+                mr, futs = regions[rid][1], []
+                for _ in range(n):
+                    await eng.imms.wait(ping, 1, timeout=30)
+                    futs.append(eng.write(mr, d, 64, imm=pong))
+                await asyncio.gather(*futs)
+                return n
             if method == "echo_messages":
                 # answer every message with b"re:" + payload, args[0] times
                 for _ in range(args[0]):
