@@ -118,6 +118,8 @@ class ExpertParallel:
         self._combine_imm = base + 1
 
         self.device = torch.device(device) if device is not None else torch.device("cpu")
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
         gpu = self.device.type == "cuda"
         esize = torch.empty(0, dtype=self.dtype).element_size()
         rb = self._row_bytes = hidden * esize
@@ -142,12 +144,16 @@ class ExpertParallel:
         self._out_rows = self._out.view(self.dtype).view(-1, hidden)
         self._combine_rows = self._combine.view(self.dtype).view(-1, hidden)
         self._recv_ids = torch.zeros(world * cap, dtype=torch.int32, device=self.device)
+        # headers are a few words: numpy views write and read them without torch's per-op cost
+        self._send_np = None if gpu else self._send_i32.numpy()
+        self._recv_np = None if gpu else self._recv_i32.numpy()
         r = engine.register
         self._mr = {name: r(t) for name, t in (("send", self._send), ("recv", self._recv), ("out", self._out),
                                                ("combine", self._combine))}
         self._peers: list[MoeBuffers] = []
         self._step = 0
         self._last: dict[str, Any] | None = None  # what combine needs from the last dispatch
+        self._pending: list = []  # this rank's writes not awaited yet (settled by the next dispatch)
 
     @property
     def out_buffer(self) -> torch.Tensor:
@@ -175,6 +181,34 @@ class ExpertParallel:
         """The order of the source groups in ``dispatch``'s rows: the next rank first,
         this rank's own rows last (``rank+1, rank+2, …, rank``, wrapping)."""
         return [(self.rank + 1 + j) % self.world for j in range(self.world)]
+
+    def _put_header(self, at: int, words: tuple[int, int, int, int]) -> None:
+        if self._send_np is not None:
+            self._send_np[at:at + 4] = words
+        else:
+            import torch
+
+            self._send_i32[at:at + 4] = torch.tensor(words, dtype=torch.int32, device=self.device)
+
+    def _post_segment(self, hidden: torch.Tensor, tok: torch.Tensor, lid: torch.Tensor, c: int, r: int, off: int,
+                      start: int, tag: int, base: int, imm: int, waits: list) -> tuple[int, int]:
+        """Pack [pad | ids | header | rows] for rank r at off in the send buffer and post it
+        as one write; returns the next segment's offset and the next pair index."""
+        import torch
+
+        rb, align = self._row_bytes, self._align
+        h = -(-(_HDR + 4 * c) // align) * align
+        at = off + h  # rows start here
+        if c:
+            self._send_i32[(at - _HDR) // 4 - c:(at - _HDR) // 4] = lid[start:start + c]
+            torch.index_select(hidden, 0, tok[start:start + c], out=self._send_rows[at // rb:at // rb + c])
+        self._put_header((at - _HDR) // 4, (tag, c, start, _MAGIC | self.rank))
+        slot = (self.rank - r - 1) % self.world  # the receiver's slot for this rank
+        seg = _HDR + 4 * c
+        waits.append(self.engine.scatter(self._mr["send"], [(self._peers[r].recv, at - seg,
+                                                              base + slot * self._slot + self._slot_hdr - seg,
+                                                              seg + c * rb)], imm=imm))
+        return -(-(at + c * rb) // align) * align, start + c
 
     # -- dispatch ----------------------------------------------------------------------
 
@@ -215,36 +249,34 @@ class ExpertParallel:
             if c > cap:
                 raise CapacityExceeded(f"{c} rows for rank {dest} exceed its slot for this rank (capacity {cap})",
                                        dest, c, cap)
+        await self._settle()  # the last step's writes out of the send and out buffers
         tok = order // k
         lid = (flat[order] % epr).to(torch.int32)
         step, self._step = self._step, self._step + 1
         tag, parity = step & _TAG_MASK, step % 2
         base = parity * world * self._slot
 
-        # 1. one segment per other rank: [pad | ids | header | rows], sent as one write each
-        elems, hdrs, hdr_at = [], [], []
+        # 1. one segment per other rank: [pad | ids | header | rows], each posted as one write
+        #    as soon as it is packed (the transfer of one overlaps the packing of the next)
+        imm = self._dispatch_imms[parity]
+        # our own writes' completions aren't awaited here: what this step returns only needs
+        # the imms of the writes to us; the next dispatch settles them before reusing buffers
+        arrived = eng.imms.wait(imm, world - 1) if world > 1 else None
+        sent: list = []
         off = start = 0
-        align, send_i32, send_rows = self._align, self._send_i32, self._send_rows
-        for j in range(world - 1):
-            r, c = (me + 1 + j) % world, counts[j]
-            h = -(-(_HDR + 4 * c) // align) * align
-            at = off + h  # rows start here
-            if c:
-                send_i32[(at - _HDR) // 4 - c:(at - _HDR) // 4] = lid[start:start + c]
-                torch.index_select(hidden, 0, tok[start:start + c], out=send_rows[at // rb:at // rb + c])
-            hdr_at.append((at - _HDR) // 4)
-            hdrs += (tag, c, start, _MAGIC | me)
-            slot = (me - r - 1) % world  # the receiver's slot for this rank
-            seg = _HDR + 4 * c
-            elems.append((self._peers[r].recv, at - seg, base + slot * self._slot + self._slot_hdr - seg,
-                          seg + c * rb))
-            off = -(-(at + c * rb) // align) * align
-            start += c
-        if elems:
-            idx = torch.tensor(hdr_at, dtype=torch.int64).unsqueeze(1) + torch.arange(4)
-            send_i32[idx.reshape(-1).to(self.device)] = torch.tensor(hdrs, dtype=torch.int32, device=self.device)
-            imm = self._dispatch_imms[parity]
-            await asyncio.gather(eng.scatter(self._mr["send"], elems, imm=imm), eng.imms.wait(imm, world - 1))
+        try:
+            for j in range(world - 1):
+                off, start = self._post_segment(hidden, tok, lid, counts[j], (me + 1 + j) % world, off, start,
+                                                tag, base, imm, sent)
+            self._pending = sent
+            if arrived is not None:
+                await arrived
+        except BaseException:
+            for w in [arrived, *sent]:  # a wait left armed would eat the next step's imms
+                if w is not None:
+                    w.cancel()
+            self._pending = []
+            raise
         n_remote = start
 
         # 2. the headers say how many rows each source sent; make them contiguous
@@ -255,7 +287,8 @@ class ExpertParallel:
         rows_t, ids = self._recv_rows, self._recv_ids
         if world > 1:
             hw = self._slot_hdr // 4 - 4
-            heads = self._recv_i32[base // 4:base // 4 + (world - 1) * self._slot // 4].view(world - 1, -1)
+            src_i32 = self._recv_np if self._recv_np is not None else self._recv_i32
+            heads = src_i32[base // 4:base // 4 + (world - 1) * self._slot // 4].reshape(world - 1, -1)
             heads = heads[:, hw:hw + 4].tolist()
         pos = 0
         for j in range(world - 1):
@@ -325,10 +358,10 @@ class ExpertParallel:
             s = (me + 1 + j) % world
             targets.append((self._peers[s].combine, (first + at_row[s]) * rb, last["comb_off"][s] * rb,
                             got[s] * rb))
-        waits = []
+        arrived = None
         if targets:
-            waits = [eng.scatter(self._mr[src], targets, imm=self._combine_imm),
-                     eng.imms.wait(self._combine_imm, len(targets))]
+            self._pending.append(eng.scatter(self._mr[src], targets, imm=self._combine_imm))
+            arrived = eng.imms.wait(self._combine_imm, len(targets))
         # rows came back in the order this rank packed them; own rows reduce meanwhile
         order, tok, nr = last["order"], last["tok"], last["n_remote"]
         w = topk_weights.reshape(-1).to(self.device)[order].to(self.dtype).unsqueeze(1)
@@ -336,11 +369,23 @@ class ExpertParallel:
         if got[me]:
             a = first + at_row[me]
             out.index_add_(0, tok[nr:], src_rows[a:a + got[me]] * w[nr:])
-        if waits:
-            await asyncio.gather(*waits)
+        if arrived is not None:
+            try:
+                await arrived
+            except BaseException:
+                arrived.cancel()
+                raise
         if nr:
             out.index_add_(0, tok[:nr], self._combine_rows[:nr] * w[:nr])
         return out
+
+    async def _settle(self) -> None:
+        """Wait for this rank's writes of the last dispatch and combine (normally long done:
+        their completions were processed while this rank waited for its peers' writes);
+        raises what any of them failed with."""
+        pending, self._pending = self._pending, []
+        if pending:
+            await asyncio.gather(*pending)
 
     async def step(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
                    expert_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:

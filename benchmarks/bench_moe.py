@@ -11,6 +11,7 @@ machine hits both alike.  p50/p99 over ``--steps`` steps, rank 0's clock, after
 ``--warmup`` steps.
 
     python benchmarks/bench_moe.py [--ep 2,4] [--provider shm|tcp] [--device cpu|cuda]
+                                   [--polling adaptive|busy|blocking]
                                    [--tokens 128 --hidden 2048 --experts 32 --topk 8]
 """
 
@@ -92,7 +93,7 @@ def _rank(rank: int, world: int, a, port: int, conn) -> None:
 
     async def main() -> dict:
         host = "127.0.0.1" if a.provider == "tcp" else None
-        async with aiote.TransferEngine(a.provider, host=host) as eng:
+        async with aiote.TransferEngine(a.provider, host=host, polling=a.polling) as eng:
             ep = ExpertParallel(eng, rank, world, a.experts, a.hidden, a.tokens, a.topk,
                                 device=dev if gpu else None)
             conn.send(ep.buffers)
@@ -108,7 +109,8 @@ def _rank(rank: int, world: int, a, port: int, conn) -> None:
                 t2 = time.perf_counter()
                 return t1 - t0, t2 - t1
 
-            res: dict[str, tuple[list[float], list[float]]] = {"aiote": ([], []), "base": ([], [])}
+            # per step: dispatch, combine (wall, rank 0's clock), CPU time of the rank's process (all threads)
+            res: dict[str, tuple[list[float], ...]] = {"aiote": ([], [], []), "base": ([], [], [])}
             for step in range(a.warmup + a.steps):
                 x, ids, w = inputs(a, rank, step, dev)
                 turns = [("aiote", None), ("base", None)]
@@ -116,10 +118,13 @@ def _rank(rank: int, world: int, a, port: int, conn) -> None:
                     turns.reverse()
                 for name, _ in turns:
                     dist.barrier()
+                    cpu0 = time.process_time()
                     d, c = await aiote_step(x, ids, w) if name == "aiote" else baseline_step(x, ids, w)
+                    cpu = time.process_time() - cpu0
                     if step >= a.warmup:
                         res[name][0].append(d * 1e6)
                         res[name][1].append(c * 1e6)
+                        res[name][2].append(cpu * 1e6)
             dist.barrier()
             return res
 
@@ -136,6 +141,8 @@ def run(world: int, a) -> dict:
     procs = [ctx.Process(target=_rank, args=(r, world, a, port, pipes[r][1])) for r in range(world)]
     for p in procs:
         p.start()
+    for _, child_end in pipes:
+        child_end.close()  # so that a rank that dies reads as EOF here, not as a hang
     try:
         bufs = [pipes[r][0].recv() for r in range(world)]
         for r in range(world):
@@ -154,6 +161,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--provider", default="shm")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                     help="cpu: host tensors, baseline over gloo; cuda: rank r on GPU r, baseline over NCCL")
+    ap.add_argument("--polling", choices=("adaptive", "busy", "blocking"), default="adaptive",
+                    help="aiote engines' polling mode")
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--hidden", type=int, default=2048)
     ap.add_argument("--experts", type=int, default=32)
@@ -168,9 +177,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     a = parse_args(argv)
     base = f"{backend(a)} all_to_all_single"
-    print(f"{a.provider}, {a.device}, {a.tokens} tokens x hidden {a.hidden} fp32, top-{a.topk} of {a.experts} "
-          f"experts, {os.cpu_count()} cores, {time.strftime('%Y-%m-%d %H:%M')}")
-    print(f"{'EP':>3} {'system':<24} {'dispatch p50':>13} {'p99':>9} {'combine p50':>12} {'p99':>9}  (us)")
+    print(f"{a.provider} ({a.polling}), {a.device}, {a.tokens} tokens x hidden {a.hidden} fp32, "
+          f"top-{a.topk} of {a.experts} experts, {os.cpu_count()} cores, {time.strftime('%Y-%m-%d %H:%M')}")
+    print(f"{'EP':>3} {'system':<24} {'dispatch p50':>13} {'p99':>9} {'combine p50':>12} {'p99':>9} "
+          f"{'CPU/step p50':>13}  (us)")
     for world in a.ep_sizes:
         why = skip_reason(a, world)
         if why:
@@ -180,10 +190,10 @@ def main(argv: list[str] | None = None) -> None:
         res = run(world, a)
         load1 = os.getloadavg()[0]
         for key, name in (("aiote", "aiote"), ("base", base)):
-            d, c = res[key]
+            d, c, cpu = res[key]
             print(f"{world:>3} {name:<24} {statistics.median(d):13.0f} {pct(d, 0.99):9.0f} "
-                  f"{statistics.median(c):12.0f} {pct(c, 0.99):9.0f}")
-        (ad, ac), (gd, gc) = res["aiote"], res["base"]
+                  f"{statistics.median(c):12.0f} {pct(c, 0.99):9.0f} {statistics.median(cpu):13.0f}")
+        (ad, ac, _), (gd, gc, _) = res["aiote"], res["base"]
         print(f"{'':>3} {backend(a) + ' / aiote (p50)':<24} {statistics.median(gd) / statistics.median(ad):13.2f} "
               f"{'':>9} {statistics.median(gc) / statistics.median(ac):12.2f}   load {load0:.1f} -> {load1:.1f}")
 
