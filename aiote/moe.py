@@ -26,7 +26,10 @@ every rank's combine of step N arrived, so it is at most one step ahead of any
 receiver, and its writes for step N+1 go to the other half from the one a slow receiver
 may still be reading (or sending back from) for step N.  The header's step tag checks
 this on every step (``StepMismatch``).  A source with more rows for one rank than its
-slot holds gets ``CapacityExceeded`` before anything is written or sent.
+slot holds gets ``CapacityExceeded`` before anything is written or sent.  Within a step
+only the imms of the writes to a rank gate it; the completions of its own writes are
+awaited at its next ``dispatch`` (before the send and output buffers are reused), which
+raises if one failed.
 """
 
 from __future__ import annotations
