@@ -21,6 +21,27 @@ __all__ = ["ImmCounter", "IMM_MAX"]
 IMM_MAX = (1 << lib.AIOTE_IMM_BITS) - 1
 
 
+class _WaitFuture(asyncio.Future):
+    """An armed wait's future.  Cancelling it takes the wait back in C at once (or, if it
+    fired there already, ``_fired`` gives the count back); its timeout timer is cancelled
+    by whoever finishes it.  No done-callbacks: a wait that resolves schedules only its
+    awaiter's wake-up (the latency path, docs/concepts.md "loop_spin_us")."""
+
+    _counter: ImmCounter | None = None
+    _wid = 0
+    _timer: asyncio.TimerHandle | None = None
+
+    def cancel(self, msg: object = None) -> bool:
+        if not super().cancel(msg):
+            return False
+        if self._timer is not None:
+            self._timer.cancel()
+        c = self._counter
+        if c is not None:
+            c._cancelled(self._wid)
+        return True
+
+
 class ImmCounter:
     """Counts imm arrivals in C; ``wait`` resolves once ``count`` have landed.
 
@@ -58,19 +79,20 @@ class ImmCounter:
         if peer is not None:
             addr = peer if isinstance(peer, EngineAddress) else EngineAddress.from_bytes(peer)
             pidx = eng._peer(addr.addrs, addr.provider)
-        fut: asyncio.Future[None] = loop.create_future()
         wid = next(self._ids)
         rc = check(lib.aiote_imm_wait(eng._handle(), wid, imm, count), "imms.wait")
         if rc == 1:
-            fut.set_result(None)
-            return fut
+            done: asyncio.Future[None] = loop.create_future()
+            done.set_result(None)
+            return done
+        fut = _WaitFuture(loop=loop)
+        fut._counter = self
+        fut._wid = wid
         self._waiters[wid] = (fut, imm, count)
-        fut.add_done_callback(lambda f, wid=wid: self._on_done(wid, f))
+        if timeout is not None:
+            fut._timer = loop.call_later(timeout, self._expire, wid, imm, count, timeout)
         if pidx is not None:
             self._watch(wid, pidx, fut)
-        if timeout is not None:
-            handle = loop.call_later(timeout, self._expire, wid, imm, count, timeout)
-            fut.add_done_callback(lambda f: handle.cancel())
         return fut
 
     def pending(self, imm: int) -> int:
@@ -89,6 +111,8 @@ class ImmCounter:
         if fut.done():  # cancelled after the count was consumed in C: give it back
             self._restore(imm, count)
         else:
+            if fut._timer is not None:
+                fut._timer.cancel()
             fut.set_result(None)
 
     def _peer_down(self, peer: int, exc_factory: Callable[[], Exception]) -> None:
@@ -98,12 +122,16 @@ class ImmCounter:
                 continue
             if lib.aiote_imm_cancel(self._engine._handle(), wid) == 1:
                 self._waiters.pop(wid, None)
+                if entry[0]._timer is not None:
+                    entry[0]._timer.cancel()
                 entry[0].set_exception(exc_factory())
             # else it fired in C a moment ago: _fired() resolves it
 
     def _fail_all(self, exc_factory) -> None:
         waiters, self._waiters = self._waiters, {}
         for fut, _, _ in waiters.values():
+            if fut._timer is not None:
+                fut._timer.cancel()
             if not fut.done():
                 fut.set_exception(exc_factory())
 
@@ -131,8 +159,9 @@ class ImmCounter:
         if not self._engine.closed:
             lib.aiote_imm_restore(self._engine._handle(), imm, count)
 
-    def _on_done(self, wid: int, fut: asyncio.Future[None]) -> None:
-        if not fut.cancelled() or wid not in self._waiters or self._engine.closed:
+    def _cancelled(self, wid: int) -> None:
+        """A wait's future was cancelled (by its awaiter, a task's cancellation, wait_for)."""
+        if wid not in self._waiters or self._engine.closed:
             return
         if lib.aiote_imm_cancel(self._engine._handle(), wid) == 1:
             self._waiters.pop(wid, None)

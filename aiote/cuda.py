@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import ctypes
 import os
+import secrets
+import struct
 import threading
 import uuid
 from dataclasses import dataclass
@@ -32,6 +34,77 @@ _CU_EVENT_DISABLE_TIMING = 2
 _CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS = 1
 IPC_HANDLE_SIZE = 64
 _CUDA_ERROR_NOT_READY = 600
+_CU_POINTER_ATTRIBUTE_MAPPING_SIZE = 18
+_CU_POINTER_ATTRIBUTE_MAPPING_BASE_ADDR = 19
+_CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR = 1
+_CU_MEM_LOCATION_TYPE_DEVICE = 1
+_CU_MEM_ACCESS_FLAGS_PROT_READWRITE = 3
+_SYS_PIDFD_GETFD = 438  # x86-64 and aarch64 (asm-generic) alike
+
+#: the 64-byte handle of a VMM region (``CudaExt.ipc_kind == 1``): magic, the owner's
+#: memfd listing the segments, their count, the whole span's size, a random nonce (fd
+#: numbers are reused: the nonce keeps a later region's handle from equalling an
+#: earlier one's, whose mapping a writer may have cached)
+VMM_HANDLE = struct.Struct("<4sIIQQ")
+VMM_MAGIC = b"AVM1"
+#: one segment in that memfd: offset from the first segment's start, size, the owner's fd
+VMM_SEG = struct.Struct("<QQi4x")
+VMM_MAX_SEGS = 1 << 16
+
+
+class _MemAccessDesc(ctypes.Structure):
+    _fields_ = [("loc_type", ctypes.c_int), ("loc_id", ctypes.c_int), ("flags", ctypes.c_int)]
+
+
+@dataclass(frozen=True)
+class VmmExport:
+    """What the owner of a VMM region keeps open while it is registered."""
+
+    handle: bytes           # 64 bytes for the descriptor
+    offset: int             # the region's start within the span
+    fds: tuple[int, ...]    # the memfd and each segment's exported fd
+
+    def close(self) -> None:
+        for fd in self.fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+def vmm_parse_handle(handle: bytes) -> tuple[int, int, int]:
+    """(memfd, segment count, span) of a VMM handle; ValueError if it isn't one."""
+    if len(handle) != IPC_HANDLE_SIZE:
+        raise ValueError("VMM handle must be 64 bytes")
+    magic, memfd, nsegs, span, _nonce = VMM_HANDLE.unpack_from(handle)
+    if magic != VMM_MAGIC or not 0 < nsegs <= VMM_MAX_SEGS or span == 0 or any(handle[VMM_HANDLE.size:]):
+        raise ValueError("not a VMM handle")
+    return memfd, nsegs, span
+
+
+def vmm_parse_segments(data: bytes, nsegs: int, span: int) -> list[tuple[int, int, int]]:
+    """The (offset, size, fd) list of a memfd: in order, not overlapping, within span."""
+    if len(data) != nsegs * VMM_SEG.size:
+        raise ValueError("VMM segment list of the wrong size")
+    out, end = [], 0
+    for i in range(nsegs):
+        off, size, fd = VMM_SEG.unpack_from(data, i * VMM_SEG.size)
+        if off != end or size == 0 or off + size > span or fd < 0:
+            raise ValueError(f"VMM segment {i} is malformed")
+        out.append((off, size, fd))
+        end = off + size
+    if end != span:
+        raise ValueError("VMM segments don't cover the span")
+    return out
+
+
+def _pidfd_getfd(pidfd: int, fd: int) -> int:
+    libc = ctypes.CDLL(None, use_errno=True)
+    r = libc.syscall(_SYS_PIDFD_GETFD, ctypes.c_int(pidfd), ctypes.c_int(fd), ctypes.c_uint(0))
+    if r < 0:
+        e = ctypes.get_errno()
+        raise OSError(e, f"pidfd_getfd: {os.strerror(e)}")
+    return int(r)
 
 
 class CudaError(AioteError):
@@ -150,6 +223,122 @@ class _Driver:
 
     def ipc_close(self, ptr: int) -> None:
         self.call("cuIpcCloseMemHandle", ctypes.c_uint64(ptr))
+
+    # -- VMM (cuMemCreate memory: torch's expandable segments) ---------------------------
+
+    def _ptr_attr(self, attr: int, ptr: int) -> int:
+        v = ctypes.c_uint64()
+        self.call("cuPointerGetAttribute", ctypes.byref(v), attr, ctypes.c_uint64(ptr))
+        return v.value
+
+    def vmm_export(self, ptr: int, nbytes: int) -> VmmExport:
+        """Export the VMM allocations behind [ptr, ptr+nbytes) as POSIX fds (one per
+        mapping: torch maps an expandable segment page by page), listed in a memfd.
+        A peer fetches them with pidfd_getfd (``vmm_import``).  CudaError if the memory
+        isn't VMM memory or wasn't made exportable as a POSIX fd."""
+        segs: list[tuple[int, int, int]] = []
+        fds: list[int] = []
+        try:
+            a, end = ptr, ptr + nbytes
+            first = None
+            while a < end:
+                base = self._ptr_attr(_CU_POINTER_ATTRIBUTE_MAPPING_BASE_ADDR, a)
+                size = self._ptr_attr(_CU_POINTER_ATTRIBUTE_MAPPING_SIZE, a)
+                if size == 0 or not base <= a < base + size or len(segs) >= VMM_MAX_SEGS:
+                    raise CudaError("VMM mapping attributes are inconsistent")
+                if first is None:
+                    first = base
+                h = ctypes.c_uint64()
+                self.call("cuMemRetainAllocationHandle", ctypes.byref(h), ctypes.c_void_p(a))
+                fd = ctypes.c_int(-1)
+                try:
+                    self.call("cuMemExportToShareableHandle", ctypes.byref(fd), h,
+                              _CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR, ctypes.c_ulonglong(0))
+                finally:
+                    self.call("cuMemRelease", h)
+                fds.append(fd.value)
+                segs.append((base - first, size, fd.value))
+                a = base + size
+            assert first is not None
+            span = segs[-1][0] + segs[-1][1]
+            memfd = os.memfd_create("aiote-vmm", os.MFD_CLOEXEC)
+            fds.insert(0, memfd)
+            os.write(memfd, b"".join(VMM_SEG.pack(*sg) for sg in segs))
+            handle = VMM_HANDLE.pack(VMM_MAGIC, memfd, len(segs), span,
+                                     secrets.randbits(64)).ljust(IPC_HANDLE_SIZE, b"\0")
+            return VmmExport(handle, ptr - first, tuple(fds))
+        except BaseException:
+            VmmExport(b"", 0, tuple(fds)).close()
+            raise
+
+    def vmm_import(self, pid: int, handle: bytes, devices: list[int]) -> tuple[int, int, list[tuple[int, int]]]:
+        """Map another process's VMM region (its handle from ``vmm_export``) here: fds got
+        with pidfd_getfd (same ptrace access as process_vm_writev), imported, mapped
+        in one reserved span, readable and writable from ``devices``.  (base, span,
+        mapped (offset, size) list for ``vmm_close``); CudaError on failure (nothing
+        left mapped)."""
+        try:
+            memfd, nsegs, span = vmm_parse_handle(handle)
+        except ValueError as e:
+            raise CudaError(str(e)) from None
+        opened: list[int] = []
+        va, reserved, mapped = ctypes.c_uint64(0), False, []
+        try:
+            pidfd = os.pidfd_open(pid)
+            opened.append(pidfd)
+            lfd = _pidfd_getfd(pidfd, memfd)
+            opened.append(lfd)
+            segs = vmm_parse_segments(os.pread(lfd, nsegs * VMM_SEG.size + 1, 0), nsegs, span)
+            self.call("cuMemAddressReserve", ctypes.byref(va), ctypes.c_size_t(span), ctypes.c_size_t(0),
+                      ctypes.c_uint64(0), ctypes.c_ulonglong(0))
+            reserved = True
+            for off, size, fd in segs:
+                sfd = _pidfd_getfd(pidfd, fd)
+                h = ctypes.c_uint64()
+                try:
+                    self.call("cuMemImportFromShareableHandle", ctypes.byref(h), ctypes.c_void_p(sfd),
+                              _CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR)
+                finally:
+                    os.close(sfd)
+                try:
+                    self.call("cuMemMap", ctypes.c_uint64(va.value + off), ctypes.c_size_t(size), ctypes.c_size_t(0),
+                              h, ctypes.c_ulonglong(0))
+                finally:
+                    self.call("cuMemRelease", h)  # the mapping holds the memory now
+                mapped.append((off, size))
+            granted = 0
+            for dev in devices:
+                acc = _MemAccessDesc(_CU_MEM_LOCATION_TYPE_DEVICE, dev, _CU_MEM_ACCESS_FLAGS_PROT_READWRITE)
+                if self._fn("cuMemSetAccess")(ctypes.c_uint64(va.value), ctypes.c_size_t(span), ctypes.byref(acc),
+                                              ctypes.c_size_t(1)) == 0:
+                    granted += 1
+            if not granted:
+                raise CudaError("cuMemSetAccess failed for every device")
+            return va.value, span, mapped
+        except OSError as e:
+            self._vmm_undo(va.value, mapped, reserved, span)
+            raise CudaError(f"VMM import from pid {pid} failed: {e}") from None
+        except BaseException:
+            self._vmm_undo(va.value, mapped, reserved, span)
+            raise
+        finally:
+            for fd in opened:
+                os.close(fd)
+
+    def _vmm_undo(self, va: int, mapped: list[tuple[int, int]], reserved: bool, span: int) -> None:
+        for off, size in mapped:
+            self._fn("cuMemUnmap")(ctypes.c_uint64(va + off), ctypes.c_size_t(size))
+        if reserved:
+            self._fn("cuMemAddressFree")(ctypes.c_uint64(va), ctypes.c_size_t(span))
+
+    def vmm_close(self, va: int, span: int, mapped: list[tuple[int, int]]) -> None:
+        """Unmap a span from ``vmm_import`` (the owner's memory stays the owner's)."""
+        self._vmm_undo(va, mapped, True, span)
+
+    def device_count(self) -> int:
+        n = ctypes.c_int()
+        self.call("cuDeviceGetCount", ctypes.byref(n))
+        return n.value
 
     # -- streams, copies, events ---------------------------------------------------
 

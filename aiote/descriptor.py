@@ -135,7 +135,11 @@ class CudaExt:
     memory itself (GPUDirect).  ``token`` names the region in commit messages
     (random 64-bit, as secret as a key).  ``host``, ``pid``, ``device_uuid``,
     ``ipc_handle`` (all zero if none) and ``ipc_offset`` let a process on the
-    same host map the memory with CUDA IPC instead.
+    same host map the memory with CUDA IPC instead.  ``ipc_kind`` says what
+    ``ipc_handle`` holds: 0 a legacy ``cuIpcGetMemHandle`` handle (``cudaMalloc``
+    memory), 1 where to fetch the VMM shareable handles of the memory (torch's
+    ``expandable_segments``; aiote.cuda.vmm_export), in the reserved u16 of the
+    block (0 in descriptors of earlier aiote versions).
     """
 
     mode: str
@@ -146,6 +150,7 @@ class CudaExt:
     device_uuid: bytes
     ipc_handle: bytes
     ipc_offset: int
+    ipc_kind: int = 0  # 0: legacy cudaIpc handle; 1: VMM shareable handles (see aiote.cuda.vmm_export)
 
     def __post_init__(self) -> None:
         if self.mode not in _CUDA_MODES.values():
@@ -156,6 +161,8 @@ class CudaExt:
             raise DescriptorError("bad CUDA extension field sizes")
         if not 0 <= self.token < 1 << 64 or not 0 <= self.ipc_offset < 1 << 64:
             raise DescriptorError("bad CUDA token or IPC offset")
+        if self.ipc_kind not in (0, 1):
+            raise DescriptorError(f"bad CUDA IPC handle kind {self.ipc_kind!r}")
 
     @property
     def has_ipc(self) -> bool:
@@ -163,17 +170,17 @@ class CudaExt:
 
     def pack(self) -> bytes:
         mode = {v: k for k, v in _CUDA_MODES.items()}[self.mode]
-        return _CUDA_EXT.pack(mode, self.device, 0, self.pid, self.token, self.ipc_offset, self.host,
+        return _CUDA_EXT.pack(mode, self.device, self.ipc_kind, self.pid, self.token, self.ipc_offset, self.host,
                               self.device_uuid, self.ipc_handle)
 
     @classmethod
     def unpack(cls, b: bytes) -> CudaExt:
         if len(b) != _CUDA_EXT.size:
             raise DescriptorError(f"CUDA extension of {len(b)} bytes (expected {_CUDA_EXT.size})")
-        mode, device, _, pid, token, ipc_offset, host, duuid, handle = _CUDA_EXT.unpack(b)
+        mode, device, kind, pid, token, ipc_offset, host, duuid, handle = _CUDA_EXT.unpack(b)
         if mode not in _CUDA_MODES:
             raise DescriptorError(f"bad CUDA region mode {mode}")
-        return cls(_CUDA_MODES[mode], device, token, host, pid, duuid, handle, ipc_offset)
+        return cls(_CUDA_MODES[mode], device, token, host, pid, duuid, handle, ipc_offset, kind)
 
 
 @dataclass(frozen=True)

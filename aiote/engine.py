@@ -13,7 +13,7 @@ import struct
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from . import cuda
+from . import _spin, cuda
 from ._core import check, error_for, ffi, fi_strerror, lib
 from ._log import get_logger
 from .counters import IMM_MAX, ImmCounter
@@ -113,6 +113,16 @@ class TransferEngine:
             only queues them; the future resolves by event once the bytes are there);
             0: none, such operations go through libfabric.  ``None``:
             ``AIOTE_DIRECT_WORKERS`` from the environment, else 1.
+        loop_spin_us: latency mode (0, the default: off).  The asyncio loop's thread spins
+            up to this many µs on the engine's events before it sleeps in epoll, driving the
+            engine's progress itself meanwhile (the worker rests while it does), and resolves
+            the futures inside ``select()``, so an awaiting coroutine resumes in the same loop
+            iteration as the completion or imm is seen: no eventfd, epoll wake-up or thread
+            hop.  Costs a core per spinning loop while traffic keeps coming (after
+            ``loop_spin_us`` without events the loop sleeps as usual; timers and other fds keep
+            working).  Needs a ``SelectorEventLoop`` (asyncio's default on Linux); under uvloop
+            the engine works as without it (``loop_spinning`` is False).  Use it for
+            request/response latency with a free core per process; see docs/concepts.md.
     """
 
     def __init__(
@@ -141,6 +151,7 @@ class TransferEngine:
         direct_shm: bool | None = None,
         direct_max: int | None = None,
         direct_workers: int | None = None,
+        loop_spin_us: int = 0,
     ):
         if isinstance(nics, int):
             if not 1 <= nics <= lib.AIOTE_MAX_NICS:
@@ -177,6 +188,10 @@ class TransferEngine:
                 raise InvalidArgument("AIOTE_DIRECT_WORKERS must be an int") from None
         if not isinstance(direct_workers, int) or not 0 <= direct_workers <= 16:
             raise InvalidArgument(f"direct_workers must be an int 0..16, got {direct_workers!r}")
+        if type(loop_spin_us) is not int or not 0 <= loop_spin_us <= 10_000_000:
+            raise InvalidArgument(f"loop_spin_us must be an int in 0..10000000 (µs), got {loop_spin_us!r}")
+        self._loop_spin_ns = loop_spin_us * 1000
+        self._loop_spinning = False
         self.requested_provider = PROVIDER_ALIASES.get(provider, provider)
         if gpu == "auto":
             gpu = "direct" if self.requested_provider.split(";")[0] in ("efa", "verbs") else "staged"
@@ -208,6 +223,7 @@ class TransferEngine:
         self._recv_waiters: collections.deque[asyncio.Future[tuple[bytes, bytes]]] = collections.deque()
         self._events = ffi.new("aiote_event[]", _EVENT_BATCH)
         self._bad = ffi.new("uint64_t*")  # a failing element's index (read right after each call)
+        self._wr1 = ffi.new("aiote_wr[1]")  # write()'s element (aiote_submit_writes copies it)
         self.imms = ImmCounter(self)
         self.provider = ""
         self._nic_addrs: tuple[bytes, ...] = ()
@@ -277,6 +293,11 @@ class TransferEngine:
         self._nic_addrs = tuple(addrs)
         self._efd = lib.aiote_engine_eventfd(self._h)
         self._loop.add_reader(self._efd, self._on_events)
+        if self._loop_spin_ns:
+            self._loop_spinning = _spin.attach(self)
+            if not self._loop_spinning:
+                self._log.warning("engine.loop_spin_unavailable", loop=type(self._loop).__name__,
+                                  why="loop_spin_us needs a SelectorEventLoop; using the eventfd")
         self._log = self._log.bind(provider=self.provider)
         self._log.debug("engine.open", **{k: v for k, v in info.items() if k != "provider"})
         return self
@@ -291,6 +312,9 @@ class TransferEngine:
         self._closed = True
         if self._h is None:
             return
+        if self._loop_spinning:
+            self._loop_spinning = False
+            _spin.detach(self)  # before shutdown: the loop must not poll the engine any more
         if self._loop is not None and not self._loop.is_closed():
             self._loop.remove_reader(self._efd)
         lib.aiote_engine_shutdown(self._h)  # joins the worker; queued work fails as closed
@@ -329,6 +353,11 @@ class TransferEngine:
     @property
     def closed(self) -> bool:
         return self._closed
+
+    @property
+    def loop_spinning(self) -> bool:
+        """True while the event loop spins on this engine (``loop_spin_us`` on a loop that allows it)."""
+        return self._loop_spinning
 
     def _handle(self) -> Any:
         if self._closed:
@@ -548,6 +577,9 @@ class TransferEngine:
                 return self._track(op_id, (src, wrs, keep))
             if rc != -lib.AIOTE_E_AGAIN:
                 check(rc, index=int(bad[0]))
+        if wrs is self._wr1:  # the retry below needs its own copy of the shared element
+            wrs = ffi.new("aiote_wr[1]")
+            ffi.memmove(wrs, self._wr1, ffi.sizeof("aiote_wr"))
         bad = ffi.new("uint64_t*")
 
         def submit(op_id: int) -> int:
@@ -600,7 +632,7 @@ class TransferEngine:
             fut = self._gpu.ipc_write_one(src, dst, length, src_offset, dst_offset, imm)
             if fut is not None:  # the common GPU->GPU case on one host, checked and queued
                 return fut
-        wrs = ffi.new("aiote_wr[1]")
+        wrs = self._wr1  # C copies the element: one buffer serves every call (see _submit_wrs)
         self._fill(wrs[0], dst, src_offset, dst_offset, length)
         if src.cuda is not None or dst.cuda is not None:
             return self._gpu_submit(src, [(dst, src_offset, dst_offset, length)], imm)
@@ -878,6 +910,12 @@ class TransferEngine:
         if self._deferred:
             self._flush_deferred()
 
+    def _drain_spin(self) -> None:
+        """Events seen by the spinning loop (aiote/_spin.py), inside its select()."""
+        self._drain()
+        if self._deferred:
+            self._flush_deferred()
+
     def _drain(self) -> None:
         h, evs = self._h, self._events
         while True:
@@ -936,6 +974,8 @@ class TransferEngine:
                 del self._peers[a]
             for d in [d for d in self._rdescs if d.addrs in gone]:
                 del self._rdescs[d]
+            if self._gpu is not None:
+                self._gpu.forget_plans()
         why = "its process exited" if ev.index else f"it stopped answering: {fi_strerror(int(ev.fi_errno))}"
         self._log.info("peer.down", peer=idx, fi_errno=int(ev.fi_errno), exited=bool(ev.index))
         self.imms._peer_down(idx, lambda: PeerUnreachable(f"peer is down ({why})", fi_errno=int(ev.fi_errno),

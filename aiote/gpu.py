@@ -39,6 +39,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from . import cuda
+from ._core import check, lib
 from .counters import IMM_MAX
 from .descriptor import CudaExt, MrDescriptor
 from .errors import AioteError, OutOfBounds
@@ -120,6 +121,17 @@ def _merge(ranges: Sequence[tuple[int, int, int]]) -> list[tuple[int, int, int]]
     return out
 
 
+#: every open GPU region of this process, by token: an engine writing to a GPU region
+#: of another engine of this process (e.g. one per GPU) copies to its pointer directly
+#: (a legacy IPC handle can't be opened in the process that made it)
+_LOCAL_REGIONS: dict[int, MemoryRegion] = {}
+
+
+def _local_region(token: int) -> MemoryRegion | None:
+    r = _LOCAL_REGIONS.get(token)
+    return r if r is not None and not r.closed and r.cuda is not None else None
+
+
 class GpuPaths:
     """The GPU side of one engine: registration, routing, copies, commits."""
 
@@ -131,13 +143,18 @@ class GpuPaths:
         self._drv = cuda.driver()
         self._boot = cuda.boot_id()
         self._pid = os.getpid()
-        from ._core import check, lib
-
         check(lib.aiote_cuda_load(), "CUDA driver")  # the C core's own binding of libcuda
         self._streams: dict[int, int] = {}
         self._ctxs: dict[int, int] = {}
         self._by_token: dict[int, MemoryRegion] = {}
         self._ipc_maps: dict[tuple[int, bytes], int] = {}  # (pid, handle) -> mapped base
+        self._ipc_unmap: list[Any] = []  # how to undo each mapping, at close
+        self._ipc_broken: set[tuple[int, bytes]] = set()  # handles that could not be mapped: NIC path
+        # the write fast path, per destination descriptor (by identity: hashing a
+        # descriptor costs more than the rest of the call): (descriptor, mapped base, rdesc)
+        self._plans: dict[int, tuple[MrDescriptor, int, int]] = {}
+        self._dev: dict[int, tuple[int, int]] = {}  # device -> (context, aiote's stream)
+        self._raw_stream: Any = None  # torch._C._cuda_getCurrentRawStream, once torch is up
         self.stats = {"staged_in": 0, "staged_out": 0, "ipc_writes": 0, "commits_sent": 0,
                       "commits_received": 0, "bad_commits": 0}
 
@@ -160,19 +177,28 @@ class GpuPaths:
                 drv.host_free(mirror)
                 raise
             region._on_close.append(lambda: drv.host_free(mirror))
-        handle, offset = bytes(64), 0
+        handle, offset, kind = bytes(64), 0, 0
         try:
             base, _ = drv.address_range(cp.ptr)
             handle, offset = drv.ipc_handle(base), cp.ptr - base
         except cuda.CudaError:
-            pass  # VMM / expandable-segment memory: no legacy handle; the NIC path serves it
+            # VMM memory (torch's expandable segments) has no legacy handle: shareable
+            # handles (POSIX fds) instead; memory that has neither is reached over the NIC path
+            try:
+                exp = drv.vmm_export(cp.ptr, cp.nbytes)
+            except cuda.CudaError as e:
+                eng._log.debug("gpu.no_ipc_handle", error=str(e))
+            else:
+                handle, offset, kind = exp.handle, exp.offset, 1
+                region._on_close.append(exp.close)
         ext = CudaExt(self.mode, cp.device, token, self._boot, self._pid, drv.device_uuid(cp.device), handle,
-                      offset)
+                      offset, kind)
         region._descriptor = replace(region._descriptor, cuda=ext)
         region.cuda = _GpuInfo(cp.device, cp.ptr, mirror, token)
         region.device = cp.device
         self._by_token[token] = region
-        region._on_close.append(lambda: self._by_token.pop(token, None))
+        _LOCAL_REGIONS[token] = region
+        region._on_close.append(lambda: (self._by_token.pop(token, None), _LOCAL_REGIONS.pop(token, None)))
         return region
 
     def local_region(self, token: int) -> MemoryRegion | None:
@@ -205,11 +231,15 @@ class GpuPaths:
 
     def _torch_stream(self, device: int) -> tuple[int, int]:
         """(1, torch's current stream of the device) to order copies after it, or (0, 0)."""
+        raw = self._raw_stream
+        if raw is not None:
+            return 1, raw(device)
         torch = sys.modules.get("torch")
         if torch is None or not torch.cuda.is_initialized():
             return 0, 0
         raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)  # 0.3 us; current_stream() takes 6
         if raw is not None:
+            self._raw_stream = raw
             return 1, int(raw(device))
         return 1, int(torch.cuda.current_stream(device).cuda_stream)
 
@@ -228,7 +258,7 @@ class GpuPaths:
         """Writes where the source or a destination is GPU memory (bounds already checked)."""
         loop = self._engine._loop_checked()
         dst = elems[0].dst
-        if self._route(dst) == "ipc" and all(e.dst is dst or e.dst == dst for e in elems):
+        if self._route(dst, self._device_of(src)) == "ipc" and all(e.dst is dst or e.dst == dst for e in elems):
             # the common case, no Python task: copies + imm in one C operation
             return self._ipc_write(src, dst, elems, imm, self._torch_stream(self._device_of(src)))
         if src is not None and src.cuda is not None:
@@ -241,18 +271,49 @@ class GpuPaths:
             groups.setdefault(e.dst, []).append(e)
         await asyncio.gather(*(self._to_one(src, dst, es, imm) for dst, es in groups.items()))
 
-    def _route(self, dst: MrDescriptor) -> str:
+    def _route(self, dst: MrDescriptor, device: int = 0) -> str:
+        """How a write reaches dst: "ipc" (copy engines, this host: dst is mapped here,
+        or another engine's region of this process), else dst's mode over the NIC."""
         ext = dst.cuda
         if ext is None:
             return "host"
-        if self.ipc and ext.host == self._boot and (ext.pid == self._pid and ext.token in self._by_token
-                                                    or ext.has_ipc and ext.pid != self._pid):
-            return "ipc"
+        if self.ipc and ext.host == self._boot:
+            if ext.pid == self._pid:
+                if _local_region(ext.token) is not None:
+                    return "ipc"
+            elif ext.has_ipc and self._map(ext, device) is not None:
+                return "ipc"
         return ext.mode  # "staged" or "direct"
+
+    def _map(self, ext: CudaExt, device: int) -> int | None:
+        """Where another process's region (its whole allocation) is mapped here, mapping it
+        the first time: a legacy IPC handle, or VMM shareable handles; None if it can't
+        be mapped (then the NIC path serves it)."""
+        key = (ext.pid, ext.ipc_handle)
+        base = self._ipc_maps.get(key)
+        if base is not None or key in self._ipc_broken:
+            return base
+        drv = self._drv
+        try:
+            drv.use_device(device)
+            if ext.ipc_kind == 1:
+                base, span, mapped = drv.vmm_import(ext.pid, ext.ipc_handle, list(range(drv.device_count())))
+                self._ipc_unmap.append(lambda: drv.vmm_close(base, span, mapped))
+            else:
+                base = drv.ipc_open(ext.ipc_handle)
+                self._ipc_unmap.append(lambda: drv.ipc_close(base))
+        except cuda.CudaError as e:
+            if len(self._ipc_broken) >= 4096:
+                self._ipc_broken.clear()
+            self._ipc_broken.add(key)
+            self._engine._log.warning("gpu.ipc_map_failed", pid=ext.pid, kind=ext.ipc_kind, error=str(e))
+            return None
+        self._ipc_maps[key] = base
+        return base
 
     async def _to_one(self, src: MemoryRegion | None, dst: MrDescriptor, es: list[Element],
                       imm: int | None) -> None:
-        route = self._route(dst)
+        route = self._route(dst, self._device_of(src))
         if route == "ipc":
             await self._ipc_write(src, dst, es, imm, (0, 0))  # ordered after torch's stream in submit
             return
@@ -314,36 +375,79 @@ class GpuPaths:
 
     def ipc_write_one(self, src: MemoryRegion, dst: MrDescriptor, length: Any, src_off: Any, dst_off: Any,
                       imm: Any) -> asyncio.Future[None] | None:
-        """``write`` from a GPU region to a GPU region reached over CUDA IPC, without the
-        general path's layers; None when anything is unusual (the general path then
+        """``write`` from a GPU region to a GPU region reached over CUDA IPC (or another
+        engine's region in this process), without the general path's layers: one C
+        call with plain integers; None when anything is unusual (the general path then
         handles it, errors included)."""
         info = src.cuda
-        if (info is None or type(length) is not int or type(src_off) is not int or type(dst_off) is not int
+        plan = self._plans.get(id(dst))
+        if plan is None or plan[0] is not dst:
+            if info is None:
+                return None
+            plan = self._plan(dst, info.device)
+            if plan is None:
+                return None
+        eng = self._engine
+        if (info is None or src._closed or eng._h is None or eng._closed or eng._deferred
+                or type(length) is not int or type(src_off) is not int or type(dst_off) is not int
                 or not (0 < length and 0 <= src_off and 0 <= dst_off and src_off + length <= src.nbytes
-                        and dst_off + length <= dst.length)
-                or not (imm is None or type(imm) is int and 0 <= imm <= IMM_MAX)
-                or self._route(dst) != "ipc"):
+                        and dst_off + length <= dst.length)):
+            return None
+        if imm is None:
+            has_imm = imm_v = 0
+        elif type(imm) is int and 0 <= imm <= IMM_MAX:
+            has_imm, imm_v = 1, imm
+        else:
             return None
         device = info.device
-        base = self._ipc_base(dst, device)
+        cs = self._dev.get(device)
+        if cs is None:
+            cs = self._dev[device] = (self._ctx(device), self._stream(device))
+        raw = self._raw_stream
+        if raw is not None:
+            w, ws = 1, raw(device)
+        else:
+            w, ws = self._torch_stream(device)
+        op_id = next(eng._op_ids)
+        rc = lib.aiote_submit_cuda_one(eng._h, op_id, cs[0], cs[1], w, ws, plan[1] + dst_off, info.ptr + src_off,
+                                          length, src._id, plan[2], has_imm, imm_v)
+        if rc < 0:
+            if rc == -lib.AIOTE_E_AGAIN:
+                return None  # the engine is full: the general path queues it
+            check(rc, "write")
         self.stats["ipc_writes"] += 1
-        return self._engine._submit_cuda(self._ctx(device), self._stream(device), self._torch_stream(device),
-                                         [(base + dst_off, info.ptr + src_off, length)], src, dst,
-                                         _ONE_IMM if imm is not None else (), imm)
+        return eng._track(op_id, src)
+
+    def _plan(self, dst: MrDescriptor, device: int) -> tuple[MrDescriptor, int, int] | None:
+        """The fast path's facts about dst (mapped there, remote region resolved), or None
+        where dst is not reached over CUDA IPC."""
+        if type(dst) is not MrDescriptor or dst.cuda is None or self._route(dst, device) != "ipc":
+            return None
+        if dst.cuda.pid == self._pid:
+            return None  # the pointer may be closed under us: the general path looks it up each time
+        plan = (dst, self._ipc_base(dst, device), self._engine._rdesc(dst))
+        if len(self._plans) >= 4096:
+            self._plans.clear()
+        self._plans[id(dst)] = plan
+        return plan
+
+    def forget_plans(self) -> None:
+        """A peer went away: its descriptors resolve afresh."""
+        self._plans.clear()
 
     def _ipc_base(self, dst: MrDescriptor, device: int) -> int:
         """Where dst's byte 0 is mapped in this process."""
         ext = dst.cuda
         assert ext is not None
-        if ext.pid == self._pid:
-            local = self._by_token[ext.token]
+        if ext.pid == self._pid:  # this engine's region or another engine's of this process
+            local = _local_region(ext.token)
+            if local is None:
+                raise OutOfBounds("the destination GPU region of this process is closed")
             assert local.cuda is not None
             return local.cuda.ptr
-        key = (ext.pid, ext.ipc_handle)
-        mapped = self._ipc_maps.get(key)
+        mapped = self._map(ext, device)
         if mapped is None:
-            self._drv.use_device(device)
-            mapped = self._ipc_maps[key] = self._drv.ipc_open(ext.ipc_handle)
+            raise cuda.CudaError("the destination GPU region can't be mapped here")
         return mapped + ext.ipc_offset
 
     def _ipc_write(self, src: MemoryRegion | None, dst: MrDescriptor, es: Sequence[Element],
@@ -402,11 +506,12 @@ class GpuPaths:
 
     def close(self) -> None:
         """After the engine's shutdown (which waited for the copies it had queued)."""
-        for base in self._ipc_maps.values():
+        for unmap in self._ipc_unmap:
             try:
-                self._drv.ipc_close(base)
+                unmap()
             except cuda.CudaError:
                 pass
+        self._ipc_unmap.clear()
         self._ipc_maps.clear()
         for dev, s in self._streams.items():
             try:

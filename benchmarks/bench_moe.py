@@ -1,13 +1,18 @@
-"""MoE dispatch and combine latency: aiote ExpertParallel vs torch.distributed all_to_all_single (gloo).
+"""MoE dispatch and combine latency: aiote ExpertParallel vs torch.distributed all_to_all_single.
 
 EP ranks are processes on one host.  Each step every rank routes ``tokens`` tokens to
 top-``k`` of ``experts`` experts; the experts are the identity (so only the
 communication is timed).  aiote: ``ExpertParallel.dispatch`` / ``.combine``;
 baseline: counts with one all_to_all_single, rows with another (dispatch), rows back
-with a third (combine), same packing code.  p50/p99 over ``--steps`` steps, rank 0's
-clock, after ``--warmup`` steps.
+with a third (combine), same packing code, over gloo (``--device cpu``) or NCCL
+(``--device cuda``: rank r on GPU r, aiote with ``device="cuda:r"`` buffers).  The two
+systems alternate step by step (which goes first flips every step), so load on the
+machine hits both alike.  p50/p99 over ``--steps`` steps, rank 0's clock, after
+``--warmup`` steps.
 
-    python benchmarks/bench_moe.py [--ep 2,4] [--provider shm] [--tokens 128 --hidden 2048 --experts 32 --topk 8]
+    python benchmarks/bench_moe.py [--ep 2,4] [--provider shm|tcp] [--device cpu|cuda]
+                                   [--polling adaptive|busy|blocking]
+                                   [--tokens 128 --hidden 2048 --experts 32 --topk 8]
 """
 
 from __future__ import annotations
@@ -27,11 +32,26 @@ def pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(q * len(xs)))]
 
 
-def inputs(a, rank: int, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def inputs(a, rank: int, step: int, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(step * 100 + rank)
     x = torch.randn(a.tokens, a.hidden, generator=g)
     w, ids = torch.topk(torch.rand(a.tokens, a.experts, generator=g), a.topk, dim=1)
-    return x, ids, w
+    return x.to(device), ids.to(device), w.to(device)
+
+
+def backend(a) -> str:
+    return "nccl" if a.device == "cuda" else "gloo"
+
+
+def skip_reason(a, world: int) -> str | None:
+    """Why this EP size can't run here (None: it can)."""
+    if a.device != "cuda":
+        return None
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    if torch.cuda.device_count() < world:
+        return f"EP {world} needs {world} GPUs, this host has {torch.cuda.device_count()}"
+    return None
 
 
 def _rank(rank: int, world: int, a, port: int, conn) -> None:
@@ -41,57 +61,74 @@ def _rank(rank: int, world: int, a, port: int, conn) -> None:
     from aiote.moe import ExpertParallel
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    gpu = a.device == "cuda"
+    dev = f"cuda:{rank}" if gpu else "cpu"
+    if gpu:
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend(a), init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    sync = torch.cuda.synchronize if gpu else (lambda: None)
+    per = a.experts // world
 
-    async def aiote_part() -> tuple[list[float], list[float]]:
+    def baseline_step(x, ids, w) -> tuple[float, float]:
+        t0 = time.perf_counter()
+        flat = ids.reshape(-1)
+        dest = flat // per
+        order = torch.argsort(dest, stable=True)
+        send = x[order // a.topk]
+        counts = torch.bincount(dest, minlength=world)
+        recv_counts = torch.empty_like(counts)
+        dist.all_to_all_single(recv_counts, counts)
+        rc, sc = recv_counts.tolist(), counts.tolist()
+        rows = torch.empty(sum(rc), a.hidden, device=dev)
+        dist.all_to_all_single(rows, send, rc, sc)
+        sync()
+        t1 = time.perf_counter()
+        back = torch.empty_like(send)
+        dist.all_to_all_single(back, rows, sc, rc)
+        out = torch.zeros(a.tokens, a.hidden, device=dev)
+        out.index_add_(0, order // a.topk, back * w.reshape(-1)[order].unsqueeze(1))
+        sync()
+        t2 = time.perf_counter()
+        return t1 - t0, t2 - t1
+
+    async def main() -> dict:
         host = "127.0.0.1" if a.provider == "tcp" else None
-        async with aiote.TransferEngine(a.provider, host=host) as eng:
-            ep = ExpertParallel(eng, rank, world, a.experts, a.hidden, a.tokens, a.topk)
+        async with aiote.TransferEngine(a.provider, host=host, polling=a.polling) as eng:
+            ep = ExpertParallel(eng, rank, world, a.experts, a.hidden, a.tokens, a.topk,
+                                device=dev if gpu else None)
             conn.send(ep.buffers)
             ep.connect(conn.recv())
-            disp, comb = [], []
-            for step in range(a.warmup + a.steps):
-                x, ids, w = inputs(a, rank, step)
-                dist.barrier()
+
+            async def aiote_step(x, ids, w) -> tuple[float, float]:
                 t0 = time.perf_counter()
                 rows, _, per_src = await ep.dispatch(x, ids)
+                sync()
                 t1 = time.perf_counter()
                 await ep.combine(rows, per_src, w)
+                sync()
                 t2 = time.perf_counter()
-                if step >= a.warmup:
-                    disp.append((t1 - t0) * 1e6)
-                    comb.append((t2 - t1) * 1e6)
-            dist.barrier()
-            return disp, comb
+                return t1 - t0, t2 - t1
 
-    def gloo_part() -> tuple[list[float], list[float]]:
-        per = a.experts // world
-        disp, comb = [], []
-        for step in range(a.warmup + a.steps):
-            x, ids, w = inputs(a, rank, step)
+            # per step: dispatch, combine (wall, rank 0's clock), CPU time of the rank's process (all threads)
+            res: dict[str, tuple[list[float], ...]] = {"aiote": ([], [], []), "base": ([], [], [])}
+            for step in range(a.warmup + a.steps):
+                x, ids, w = inputs(a, rank, step, dev)
+                turns = [("aiote", None), ("base", None)]
+                if step % 2:
+                    turns.reverse()
+                for name, _ in turns:
+                    dist.barrier()
+                    cpu0 = time.process_time()
+                    d, c = await aiote_step(x, ids, w) if name == "aiote" else baseline_step(x, ids, w)
+                    cpu = time.process_time() - cpu0
+                    if step >= a.warmup:
+                        res[name][0].append(d * 1e6)
+                        res[name][1].append(c * 1e6)
+                        res[name][2].append(cpu * 1e6)
             dist.barrier()
-            t0 = time.perf_counter()
-            flat = ids.reshape(-1)
-            dest = flat // per
-            order = torch.argsort(dest, stable=True)
-            send = x[order // a.topk]
-            counts = torch.bincount(dest, minlength=world)
-            recv_counts = torch.empty_like(counts)
-            dist.all_to_all_single(recv_counts, counts)
-            rows = torch.empty(int(recv_counts.sum()), a.hidden)
-            dist.all_to_all_single(rows, send, recv_counts.tolist(), counts.tolist())
-            t1 = time.perf_counter()
-            back = torch.empty_like(send)
-            dist.all_to_all_single(back, rows, counts.tolist(), recv_counts.tolist())
-            out = torch.zeros(a.tokens, a.hidden)
-            out.index_add_(0, order // a.topk, back * w.reshape(-1)[order].unsqueeze(1))
-            t2 = time.perf_counter()
-            if step >= a.warmup:
-                disp.append((t1 - t0) * 1e6)
-                comb.append((t2 - t1) * 1e6)
-        return disp, comb
+            return res
 
-    res = {"aiote": asyncio.run(aiote_part()), "gloo all_to_all_single": gloo_part()}
+    res = asyncio.run(main())
     if rank == 0:
         conn.send(res)
     dist.destroy_process_group()
@@ -104,37 +141,61 @@ def run(world: int, a) -> dict:
     procs = [ctx.Process(target=_rank, args=(r, world, a, port, pipes[r][1])) for r in range(world)]
     for p in procs:
         p.start()
-    bufs = [pipes[r][0].recv() for r in range(world)]
-    for r in range(world):
-        pipes[r][0].send(bufs)
-    res = pipes[0][0].recv()
+    for _, child_end in pipes:
+        child_end.close()  # so that a rank that dies reads as EOF here, not as a hang
+    try:
+        bufs = [pipes[r][0].recv() for r in range(world)]
+        for r in range(world):
+            pipes[r][0].send(bufs)
+        res = pipes[0][0].recv()
+    except EOFError:
+        raise SystemExit(f"a rank died (exit codes {[p.join(10) or p.exitcode for p in procs]})") from None
     for p in procs:
         p.join(60)
     return res
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ep", default="2,4")
     ap.add_argument("--provider", default="shm")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                    help="cpu: host tensors, baseline over gloo; cuda: rank r on GPU r, baseline over NCCL")
+    ap.add_argument("--polling", choices=("adaptive", "busy", "blocking"), default="adaptive",
+                    help="aiote engines' polling mode")
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--hidden", type=int, default=2048)
     ap.add_argument("--experts", type=int, default=32)
     ap.add_argument("--topk", type=int, default=8)
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--warmup", type=int, default=10)
-    a = ap.parse_args()
-    print(f"{a.provider}, {a.tokens} tokens x hidden {a.hidden} fp32, top-{a.topk} of {a.experts} experts, "
-          f"{os.cpu_count()} cores, {time.strftime('%Y-%m-%d %H:%M')}")
-    print(f"{'EP':>3} {'system':<24} {'dispatch p50':>13} {'p99':>9} {'combine p50':>12} {'p99':>9}  (us)")
-    for world in [int(x) for x in a.ep.split(",")]:
+    a = ap.parse_args(argv)
+    a.ep_sizes = [int(x) for x in a.ep.split(",")]
+    return a
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = parse_args(argv)
+    base = f"{backend(a)} all_to_all_single"
+    print(f"{a.provider} ({a.polling}), {a.device}, {a.tokens} tokens x hidden {a.hidden} fp32, "
+          f"top-{a.topk} of {a.experts} experts, {os.cpu_count()} cores, {time.strftime('%Y-%m-%d %H:%M')}")
+    print(f"{'EP':>3} {'system':<24} {'dispatch p50':>13} {'p99':>9} {'combine p50':>12} {'p99':>9} "
+          f"{'CPU/step p50':>13}  (us)")
+    for world in a.ep_sizes:
+        why = skip_reason(a, world)
+        if why:
+            print(f"{world:>3} skipped: {why}")
+            continue
+        load0 = os.getloadavg()[0]
         res = run(world, a)
-        for name, (d, c) in res.items():
+        load1 = os.getloadavg()[0]
+        for key, name in (("aiote", "aiote"), ("base", base)):
+            d, c, cpu = res[key]
             print(f"{world:>3} {name:<24} {statistics.median(d):13.0f} {pct(d, 0.99):9.0f} "
-                  f"{statistics.median(c):12.0f} {pct(c, 0.99):9.0f}")
-        (ad, ac), (gd, gc) = res["aiote"], res["gloo all_to_all_single"]
-        print(f"{'':>3} {'gloo / aiote (p50)':<24} {statistics.median(gd) / statistics.median(ad):13.2f} "
-              f"{'':>9} {statistics.median(gc) / statistics.median(ac):12.2f}")
+                  f"{statistics.median(c):12.0f} {pct(c, 0.99):9.0f} {statistics.median(cpu):13.0f}")
+        (ad, ac, _), (gd, gc, _) = res["aiote"], res["base"]
+        print(f"{'':>3} {backend(a) + ' / aiote (p50)':<24} {statistics.median(gd) / statistics.median(ad):13.2f} "
+              f"{'':>9} {statistics.median(gc) / statistics.median(ac):12.2f}   load {load0:.1f} -> {load1:.1f}")
 
 
 if __name__ == "__main__":

@@ -38,6 +38,8 @@ import _common as C  # noqa: E402
 DEFAULT_SIZES = "64,256,1K,4K,16K,64K,256K,1M,4M,16M,64M"
 PING, PONG = 101, 202
 LAT_WARMUP = 100  # same as fi_bench
+# latency configurations, in the order each run measures them
+LAT_CONFIGS = ("raw_dc1", "aiote_busy", "raw_dc0", "aiote_adaptive", "aiote_spin", "asyncio_floor")
 
 
 # ---------------------------------------------------------------- throughput
@@ -309,15 +311,22 @@ def plot_bw(results: dict[str, list[dict[str, Any]]], args: argparse.Namespace, 
 # ---------------------------------------------------------------- latency
 
 
-async def aiote_lat(target: C.Target, provider: str, polling: str, size: int, iters: int) -> dict[str, Any]:
+async def aiote_lat(
+    target: C.Target, provider: str, polling: str, size: int, iters: int, loop_spin_us: int = 0
+) -> dict[str, Any]:
     import aiote
 
     region = max(size, 64)
-    desc = await target.call("open", provider, polling, True, region, C.ENGINE_KW)
+    kw = dict(C.ENGINE_KW)
+    if loop_spin_us:
+        kw["loop_spin_us"] = loop_spin_us
+    desc = await target.call("open", provider, polling, True, region, kw)
     try:
         async with aiote.TransferEngine(
-            provider, host=C.loopback_host(provider), polling=polling, delivery_complete=True, **C.ENGINE_KW
+            provider, host=C.loopback_host(provider), polling=polling, delivery_complete=True, **kw
         ) as eng:
+            if loop_spin_us and not eng.loop_spinning:
+                raise RuntimeError("loop_spin_us asked for, but this event loop can't spin")
             mr = eng.register(bytearray(b"\xa5") * region)
             d = aiote.MrDescriptor.from_bytes(desc)
             total = LAT_WARMUP + iters
@@ -334,6 +343,10 @@ async def aiote_lat(target: C.Target, provider: str, polling: str, size: int, it
                     us.append((t1 - t0) / 2000.0)
             await asyncio.gather(*writes)
             await pong
+            keys = ("direct_writes", "direct_fallbacks", "msgs_sent", "wakeups", "imms_received")
+            keys += ("loop_passes", "loop_found")
+            mine, theirs = eng.stats(), await target.call("stats")
+            stats = {k: [mine[k], theirs[k]] for k in keys}  # [this side, the target]
             mr.close()
     finally:
         await target.call("close")
@@ -344,6 +357,7 @@ async def aiote_lat(target: C.Target, provider: str, polling: str, size: int, it
         "p999_us": C.percentile(us, 0.999),
         "max_us": us[-1],
         "iters": iters,
+        "stats": stats,
     }
 
 
@@ -433,7 +447,7 @@ async def run_lat(con: Any, args: argparse.Namespace, provider: str, target: C.T
     from rich.progress import Progress
 
     size = C.parse_size(args.lat_size)
-    configs = ["raw_dc1", "aiote_busy", "raw_dc0", "aiote_adaptive", "asyncio_floor"]
+    configs = [k for k in LAT_CONFIGS if k in args.lat_configs.split(",")]
     samples: dict[str, list[dict[str, Any]]] = {k: [] for k in configs}
     with Progress(transient=True, console=con) as prog:
         task = prog.add_task(f"{provider} latency", total=args.runs * len(configs))
@@ -443,10 +457,19 @@ async def run_lat(con: Any, args: argparse.Namespace, provider: str, target: C.T
                     samples[k].append(C.fi_bench(provider, "lat", size, args.raw_lat_iters, 1, int(k[-1])))
                 elif k == "asyncio_floor":
                     samples[k].append(await asyncio_floor(args.lat_iters))
+                elif k == "aiote_spin":  # adaptive workers, spinning loops (loop_spin_us)
+                    samples[k].append(
+                        await aiote_lat(target, provider, "adaptive", size, args.lat_iters, args.loop_spin_us)
+                    )
                 else:
                     samples[k].append(await aiote_lat(target, provider, k.split("_")[1], size, args.lat_iters))
                 prog.advance(task)
-    out: dict[str, Any] = {"size": size, "raw_iters": args.raw_lat_iters, "aiote_iters": args.lat_iters}
+    out: dict[str, Any] = {
+        "size": size,
+        "raw_iters": args.raw_lat_iters,
+        "aiote_iters": args.lat_iters,
+        "loop_spin_us": args.loop_spin_us,
+    }
     for k in configs:
         out[k] = {m: C.summary([s[m] for s in samples[k]]) for m in ("p50_us", "p99_us")}
         if not k.startswith("raw"):
@@ -465,15 +488,19 @@ def lat_table(con: Any, provider: str, lat: dict[str, Any], args: argparse.Names
     )
     for col in ("config", "p50 µs", "p99 µs", "p50 − raw DC=1 p50", "p50 − raw DC=0 p50", "target (shm)"):
         t.add_column(col, justify="right")
-    r1 = lat["raw_dc1"]["p50_us"]["median"]
-    r0 = lat["raw_dc0"]["p50_us"]["median"]
+    nan = {"p50_us": {"median": float("nan")}}
+    r1 = lat.get("raw_dc1", nan)["p50_us"]["median"]
+    r0 = lat.get("raw_dc0", nan)["p50_us"]["median"]
     for k, label in (
         ("raw_dc0", "raw C, DC=0 (busy-polling C)"),
         ("raw_dc1", "raw C, DC=1 (busy-polling C)"),
         ("aiote_busy", "aiote polling=busy"),
         ("aiote_adaptive", "aiote polling=adaptive"),
+        ("aiote_spin", f"aiote adaptive + loop_spin_us={lat.get('loop_spin_us', '?')}"),
         ("asyncio_floor", "no aiote: asyncio pipe ping-pong (floor)"),
     ):
+        if k not in lat:
+            continue
         p50, p99 = lat[k]["p50_us"], lat[k]["p99_us"]
         tgt = ""
         if k.startswith("aiote") and provider == "shm":
@@ -487,8 +514,8 @@ def lat_table(con: Any, provider: str, lat: dict[str, Any], args: argparse.Names
             label,
             C.fmt_med(p50),
             C.fmt_med(p99),
-            f"{p50['median'] - r1:+.2f}" if not k.startswith("raw") else "",
-            f"{p50['median'] - r0:+.2f}" if not k.startswith("raw") else "",
+            f"{p50['median'] - r1:+.2f}" if not k.startswith("raw") and r1 == r1 else "",  # (r1 != r1: NaN, not run)
+            f"{p50['median'] - r0:+.2f}" if not k.startswith("raw") and r0 == r0 else "",
             tgt,
         )
     con.print(t)
@@ -559,6 +586,14 @@ def main() -> int:
     p.add_argument("--lat-size", default="64", help="latency write size (default 64)")
     p.add_argument("--lat-iters", type=int, default=5000, help="aiote ping-pongs per run (default 5000)")
     p.add_argument("--raw-lat-iters", type=int, default=20000, help="fi_bench lat round trips (default 20000)")
+    p.add_argument(
+        "--lat-configs",
+        default=",".join(LAT_CONFIGS),
+        help=f"latency configurations to run, in this order per run (default: all of {','.join(LAT_CONFIGS)})",
+    )
+    p.add_argument(
+        "--loop-spin-us", type=int, default=500, help="loop_spin_us of both engines in the aiote_spin config (500)"
+    )
     p.add_argument("--skip-bw", action="store_true")
     p.add_argument("--skip-lat", action="store_true")
     p.add_argument("--quick", action="store_true", help="a quarter of the iterations")

@@ -47,6 +47,7 @@ def lat(d: dict[str, Any]) -> None:
         "raw_dc1": "raw C `fi_bench lat`, DC=1",
         "aiote_busy": "aiote, polling=busy",
         "aiote_adaptive": "aiote, polling=adaptive",
+        "aiote_spin": "aiote, adaptive + loop_spin_us",
         "asyncio_floor": "no aiote: asyncio pipe ping-pong",
     }
     for prov, L in d.get("lat", {}).items():
@@ -147,7 +148,7 @@ def compare(paths: list[str], labels: list[str]) -> None:
             + " |"
         )
         print("|---|" + "---:|" * (2 * len(ds)))
-        for k in ("raw_dc1", "aiote_busy", "aiote_adaptive", "asyncio_floor"):
+        for k in ("raw_dc1", "aiote_busy", "aiote_adaptive", "aiote_spin", "asyncio_floor"):
             cells = []
             for m in ("p50_us", "p99_us"):
                 for d in ds:

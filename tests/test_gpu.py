@@ -144,6 +144,8 @@ async def test_one_gib(gpu_pair):
 
 
 async def test_same_process_gpu_to_gpu(aiote_make_engine):
+    """Two engines of one process (one per GPU): GPU->GPU writes copy to the other
+    engine's pointer directly (no IPC handle, no staging), both ways, paged too."""
     a, b = await aiote_make_engine(), await aiote_make_engine()
     data = pattern(5 * MiB + 1, 6)
     src = a.register(gpu_tensor(data))
@@ -152,6 +154,23 @@ async def test_same_process_gpu_to_gpu(aiote_make_engine):
     await a.write(src, dst.descriptor, imm=16)
     await w
     assert dst.obj.cpu().numpy().tobytes() == data.tobytes()
+    assert a.gpu_stats["ipc_writes"] == 1 and a.gpu_stats["staged_out"] == 0
+    assert b.gpu_stats["commits_received"] == 0
+    # back the other way, at offsets, and a paged write
+    back = a.register(torch.zeros(MiB, dtype=torch.uint8, device="cuda:0"))
+    w = a.imms.wait(17, 2, timeout=60)
+    await b.write(dst, back.descriptor, 4096 + 3, src_offset=5, dst_offset=8 * 4096 + 7, imm=17)
+    await b.write_paged(dst, back.descriptor, 4096, [3, 1], [0, 2], imm=17)
+    await w
+    got = back.obj.cpu().numpy()
+    assert got[8 * 4096 + 7:8 * 4096 + 7 + 4099].tobytes() == data[5:5 + 4099].tobytes()
+    assert got[0:4096].tobytes() == data[3 * 4096:4 * 4096].tobytes()
+    assert got[2 * 4096:3 * 4096].tobytes() == data[4096:2 * 4096].tobytes()
+    assert b.gpu_stats["staged_out"] == 0
+    # a closed destination of this process: the write is refused, nothing copied
+    dst.close()
+    with pytest.raises(aiote.AioteError):
+        await a.write(src, dst.descriptor, 4096, imm=18)
 
 
 async def test_gpu_descriptor_round_trip_and_bounds(aiote_engine):
@@ -235,6 +254,8 @@ async def test_ipc_many_small_writes_cancel_and_close(aiote_make_engine, aiote_m
     assert await peer.call("wait_imm", 31, 256, 60)
     assert await peer.call("read", rid, 0, MiB) == data.tobytes()
     assert await peer.call("pending", 31) == 0
+    if eng.provider == "shm":  # the imms went straight into the owner's ring (direct path)
+        assert eng.stats()["direct_writes"] >= 256
     big = eng.register(torch.zeros(256 * MiB, dtype=torch.uint8, device="cuda:0"))
     rid2, d2 = await peer_region(peer, 256 * MiB, "gpu")
     f = eng.write(big, d2, imm=32)
@@ -268,3 +289,37 @@ async def test_ipc_write_is_ordered_after_torch_kernels(aiote_make_engine, aiote
         assert await peer.call("wait_imm", 35, 1, 60)
         for off in (0, 32 * MiB, 64 * MiB - 4096):
             assert await peer.call("read", rid, off, 4096) == bytes([v]) * 4096
+
+
+async def test_ipc_expandable_segments(aiote_make_engine, aiote_make_peer):
+    """VMM memory (torch's expandable segments: no legacy IPC handle) on both sides is
+    written through CUDA IPC all the same, with shareable handles (POSIX fds fetched
+    with pidfd_getfd): a region over several segments, offsets, both directions."""
+    eng = await aiote_make_engine()
+    peer = await aiote_make_peer()
+    await peer.call("cuda_alloc_conf", "expandable_segments:True")
+    torch.cuda.memory._set_allocator_settings("expandable_segments:True")
+    torch.cuda.empty_cache()
+    try:
+        n = 48 * MiB + 5
+        data = pattern(n, 11)
+        src = eng.register(gpu_tensor(data))
+        mine = eng.register(torch.zeros(n, dtype=torch.uint8, device="cuda:0"))
+        rid, d = await peer_region(peer, n, "gpu")
+        assert src.descriptor.cuda.ipc_kind == 1 and d.cuda.ipc_kind == 1
+        await eng.write(src, d, imm=40)
+        assert await peer.call("wait_imm", 40, 1, 60)
+        assert await peer.call("read", rid, 0, n) == data.tobytes()
+        await eng.write(src, d, 3 * MiB + 1, src_offset=7, dst_offset=21 * MiB - 3, imm=41)
+        assert await peer.call("wait_imm", 41, 1, 60)
+        assert await peer.call("read", rid, 21 * MiB - 3, 3 * MiB + 1) == data[7:7 + 3 * MiB + 1].tobytes()
+        st = eng.gpu_stats
+        assert st["ipc_writes"] == 2 and st["staged_out"] == 0
+        # the peer writes its (VMM) region into ours
+        w = eng.imms.wait(42, 1, timeout=60)
+        await peer.call("write", rid, mine.descriptor.to_bytes(), n, 0, 0, 42)
+        await w
+        assert mine.obj.cpu().numpy().tobytes() == await peer.call("read", rid, 0, n)
+        assert (await peer.call("gpu_stats"))["ipc_writes"] == 1
+    finally:
+        torch.cuda.memory._set_allocator_settings("expandable_segments:False")

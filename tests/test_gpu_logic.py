@@ -147,5 +147,56 @@ async def test_native_cuda_bad_arguments_are_refused(aiote_engine):
     assert lib.aiote_submit_cuda(h, 1, 1, 1, 0, 0, ffi.NULL, 0, mr._mr_id(), ffi.NULL, 2, 0, 0, bad) in ok
     assert lib.aiote_cuda_arrive(h, 1, 1, cps, 1, 5, 1) in ok
     assert lib.aiote_cuda_arrive(h, 0, 1, ffi.NULL, 0, 5, 1) in ok
+    # the one-copy entry point: same checks (null context, stream, address)
+    assert lib.aiote_submit_cuda_one(h, 1, 0, 1, 0, 0, 1, 1, 8, mr._mr_id(), 0, 0, 0) in ok
+    assert lib.aiote_submit_cuda_one(h, 1, 1, 0, 0, 0, 1, 1, 8, mr._mr_id(), 0, 0, 0) in ok
+    assert lib.aiote_submit_cuda_one(h, 1, 1, 1, 0, 0, 0, 1, 8, mr._mr_id(), 0, 0, 0) in ok
+    assert lib.aiote_submit_cuda_one(h, 1, 1, 1, 0, 0, 1, 0, 8, mr._mr_id(), 0, 0, 0) in ok
     mr.close()  # no reference was left behind
     assert aiote_engine.stats()["ops_submitted"] == 0
+
+
+def test_vmm_kind_round_trips_and_is_checked():
+    d = desc(ext(ipc_kind=1))
+    back = aiote.MrDescriptor.from_bytes(d.to_bytes())
+    assert back == d and back.cuda.ipc_kind == 1
+    assert aiote.MrDescriptor.from_bytes(desc(ext()).to_bytes()).cuda.ipc_kind == 0  # legacy handles
+    with pytest.raises(aiote.DescriptorError):
+        ext(ipc_kind=2)
+    raw = bytearray(d.to_bytes())
+    i = raw.index(d.cuda.pack())
+    raw[i + 2] = 7  # the kind: unknown
+    with pytest.raises(aiote.DescriptorError):
+        aiote.MrDescriptor.from_bytes(bytes(raw))
+
+
+def test_vmm_handle_and_segment_list_parsing():
+    h = cuda.VMM_HANDLE.pack(cuda.VMM_MAGIC, 9, 2, 6 << 20, 77).ljust(64, b"\0")
+    assert cuda.vmm_parse_handle(h) == (9, 2, 6 << 20)
+    segs = [(0, 2 << 20, 11), (2 << 20, 4 << 20, 12)]
+    data = b"".join(cuda.VMM_SEG.pack(*sg) for sg in segs)
+    assert cuda.vmm_parse_segments(data, 2, 6 << 20) == segs
+    for bad in (b"\1" * 64, h[:63], h[:-1] + b"\1", cuda.VMM_HANDLE.pack(cuda.VMM_MAGIC, 9, 0, 1, 5).ljust(64, b"\0"),
+                cuda.VMM_HANDLE.pack(cuda.VMM_MAGIC, 9, 1, 0, 5).ljust(64, b"\0")):
+        with pytest.raises(ValueError):
+            cuda.vmm_parse_handle(bad)
+    for bad_segs, n, span in (([(0, 2, 1), (3, 1, 2)], 2, 4),   # a gap
+                              ([(0, 2, 1), (1, 3, 2)], 2, 4),   # an overlap
+                              ([(0, 2, 1)], 1, 4),              # short of the span
+                              ([(0, 8, 1)], 1, 4),              # past it
+                              ([(0, 0, 1), (0, 4, 2)], 2, 4),   # empty
+                              ([(0, 4, -1)], 1, 4)):            # no fd
+        with pytest.raises(ValueError):
+            cuda.vmm_parse_segments(b"".join(cuda.VMM_SEG.pack(*sg) for sg in bad_segs), n, span)
+    with pytest.raises(ValueError):
+        cuda.vmm_parse_segments(data + b"x", 2, 6 << 20)
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.binary(min_size=0, max_size=80), st.integers(1, 5), st.integers(1, 1 << 30))
+def test_forged_vmm_segment_lists_are_value_errors(junk, n, span):
+    try:
+        segs = cuda.vmm_parse_segments(junk, n, span)
+    except ValueError:
+        return
+    assert sum(sz for _, sz, _ in segs) == span

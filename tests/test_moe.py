@@ -7,6 +7,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from aiote.moe import CapacityExceeded, ExpertParallel, StepMismatch  # noqa: E402
+
 HIDDEN, EXPERTS, TOPK, TOKENS, STEPS = 64, 8, 2, 16, 3
 
 
@@ -17,7 +19,7 @@ def make_inputs(rank, step, world):
     if step == 1:
         # nobody routes to the last rank's experts: it receives no tokens
         logits[:, EXPERTS - EXPERTS // world:] = -1e9
-    if step == 2:
+    if step >= 2:
         logits[:, 0] = 1e9  # expert 0 is chosen by every token
     w, ids = torch.topk(torch.softmax(logits, dim=1), TOPK, dim=1)
     return x, ids, w
@@ -38,7 +40,7 @@ def reference(x, ids, w, mats):
 
 def _rank_main(rank, world, provider, conn, gpu=False):
     import aiote
-    from aiote.moe import ExpertParallel
+    from aiote.moe import CapacityExceeded, ExpertParallel
 
     device = f"cuda:{rank % torch.cuda.device_count()}" if gpu else "cpu"
 
@@ -69,6 +71,20 @@ def _rank_main(rank, world, provider, conn, gpu=False):
                 got = await ep.step(x, ids, w, lambda r, i, where=where: experts(r, i, where))
                 assert got.device == x.device
                 errs.append(float((got.cpu() - reference(x.cpu(), ids.cpu(), w.cpu(), mats.cpu())).abs().max()))
+
+            # a slot of 12 rows: every source routes its 16 tokens to expert 0 (rank 0), so every
+            # rank's dispatch is refused before anything is sent; each retries in chunks of 4 tokens
+            small = ExpertParallel(eng, rank, world, EXPERTS, HIDDEN, TOKENS, TOPK, device=device if gpu else None,
+                                   capacity=12, imm_base=0x0F0000)
+            conn.send(small.buffers)
+            small.connect(conn.recv())
+            x, ids, w = (t.to(device) for t in make_inputs(rank, STEPS, world))
+            with pytest.raises(CapacityExceeded) as e:
+                await small.dispatch(x, ids)
+            assert (e.value.dest, e.value.rows, e.value.capacity) == (0, TOKENS, 12)
+            got = torch.cat([await small.step(x[a:a + 4], ids[a:a + 4], w[a:a + 4],
+                                              lambda r, i: experts(r, i, "new")) for a in range(0, TOKENS, 4)])
+            errs.append(float((got.cpu() - reference(x.cpu(), ids.cpu(), w.cpu(), mats.cpu())).abs().max()))
             conn.send(errs)
 
     asyncio.run(main())
@@ -98,19 +114,19 @@ async def _run_ranks(world, aiote_provider, gpu):
     async def recv(r):
         return await asyncio.wait_for(loop.run_in_executor(None, pipes[r][0].recv), 120)
 
-    bufs = [await recv(r) for r in range(world)]
-    for r in range(world):
-        pipes[r][0].send(bufs)
+    for _ in range(2):  # the two ExpertParallels' buffers
+        bufs = [await recv(r) for r in range(world)]
+        for r in range(world):
+            pipes[r][0].send(bufs)
     errs = [await recv(r) for r in range(world)]
     for p in procs:
         await loop.run_in_executor(None, p.join, 30)
-    assert all(e < 1e-5 for rank_errs in errs for e in rank_errs), errs
+    assert all(len(rank_errs) == STEPS + 1 and all(e < 1e-5 for e in rank_errs) for rank_errs in errs), errs
     assert [p.exitcode for p in procs] == [0] * world
 
 
 async def test_bad_calls_are_refused_typed(aiote_provider, aiote_host):
     import aiote
-    from aiote.moe import ExpertParallel
 
     async with aiote.TransferEngine(aiote_provider, host=aiote_host) as eng:
         ep = ExpertParallel(eng, 0, 1, 4, 8, 4, 2)
@@ -128,5 +144,66 @@ async def test_bad_calls_are_refused_typed(aiote_provider, aiote_host):
             await ep.combine(rows, [7], w)
         with pytest.raises(aiote.InvalidArgument, match="outputs must be"):
             await ep.combine(rows[:4], per_src, w)
+        with pytest.raises(aiote.InvalidArgument, match="topk_weights"):
+            await ep.combine(rows, per_src, w[:3])
         out = await ep.combine(rows, per_src, w)  # identity experts, weights 1: each token twice
         assert torch.allclose(out, 2 * x)
+        with pytest.raises(aiote.InvalidArgument, match="float32"):
+            await ep.dispatch(x.double(), ids)
+
+        # 8 rows for rank 0 with a slot of 5: refused before anything moves; then 2 tokens go through
+        small = ExpertParallel(eng, 0, 1, 4, 8, 4, 2, capacity=5, imm_base=0x0F0000)
+        small.connect([small.buffers])
+        with pytest.raises(CapacityExceeded) as e:
+            await small.dispatch(x, ids)
+        assert (e.value.dest, e.value.rows, e.value.capacity) == (0, 8, 5)
+        assert isinstance(e.value, aiote.InvalidArgument)
+        out = await small.step(x[:2], ids[:2], w[:2], lambda r, i: r)
+        assert torch.allclose(out, 2 * x[:2])
+        with pytest.raises(aiote.InvalidArgument, match="capacity"):
+            ExpertParallel(eng, 0, 1, 4, 8, 4, 2, capacity=9)
+
+
+async def test_ranks_out_of_step_are_detected(aiote_provider, aiote_host):
+    """Two layers of one rank sharing an imm base: the dispatch that reads a slot nobody
+    wrote this step fails with StepMismatch instead of returning stale rows."""
+    import aiote
+
+    x, ids = torch.randn(4, 8), torch.zeros(4, 2, dtype=torch.int64)
+    async with aiote.TransferEngine(aiote_provider, host=aiote_host) as e0, \
+            aiote.TransferEngine(aiote_provider, host=aiote_host) as e1:
+        a0, a1 = (ExpertParallel(e, r, 2, 4, 8, 4, 2) for r, e in ((0, e0), (1, e1)))
+        b1 = ExpertParallel(e1, 1, 2, 4, 8, 4, 2)  # layer B on rank 1, same imm base as layer A
+        for ep in (a0, a1):
+            ep.connect([a0.buffers, a1.buffers])
+        b1.connect([a0.buffers, b1.buffers])
+        # rank 0's layer A writes rank 1's layer-A slot (and counts as rank 1's dispatch imm);
+        # rank 1 dispatches layer B, whose slot nobody wrote
+        a0_step = asyncio.ensure_future(a0.dispatch(x, ids))
+        with pytest.raises(StepMismatch, match="expected step 0 from rank 0"):
+            await b1.dispatch(x, ids)
+        await a0_step  # b1's write went into rank 0's layer-A slot: a0 can't tell (same imm, same step)
+
+
+def test_bench_moe_arguments():
+    """bench_moe.py's argument handling (no processes): --device cuda picks NCCL and is
+    skipped, not failed, where there are too few GPUs."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_moe.py"
+    spec = importlib.util.spec_from_file_location("bench_moe", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    a = bench.parse_args(["--ep", "2,4", "--provider", "tcp", "--tokens", "16", "--hidden", "512"])
+    assert (a.ep_sizes, a.provider, a.device, a.tokens, a.hidden, bench.backend(a)) == ([2, 4], "tcp", "cpu", 16,
+                                                                                        512, "gloo")
+    assert bench.skip_reason(a, 4) is None
+    g = bench.parse_args(["--device", "cuda", "--ep", "2"])
+    assert bench.backend(g) == "nccl"
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    assert (bench.skip_reason(g, 2) is None) == (gpus >= 2)
+    if not gpus:
+        assert bench.skip_reason(g, 2) == "no CUDA device"
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--device", "tpu"])

@@ -72,6 +72,13 @@ async def _child(conn: Any, provider: str, polling: str, kwargs: dict[str, Any])
                 rid = next(rids)
                 regions[rid] = (buf, mr)
                 return rid, mr.descriptor.to_bytes()
+            if method == "cuda_alloc_conf":
+                # torch's allocator settings from now on, e.g. "expandable_segments:True"
+                import torch
+
+                torch.cuda.memory._set_allocator_settings(args[0])
+                torch.cuda.empty_cache()  # no block of an earlier kind is reused
+                return None
             if method == "read":
                 rid, off, n = args
                 buf = regions[rid][0]
@@ -129,6 +136,17 @@ async def _child(conn: Any, provider: str, polling: str, kwargs: dict[str, Any])
                 return None
             if method == "recv":
                 return await eng.recv()
+            if method == "pong_n":
+                # n times: await one imm `ping`, then write 64 bytes of region rid with imm `pong`
+                # into desc (a ping-pong partner)
+                desc, rid, n, ping, pong = args
+                d = aiote.MrDescriptor.from_bytes(desc)
+                mr, futs = regions[rid][1], []
+                for _ in range(n):
+                    await eng.imms.wait(ping, 1, timeout=30)
+                    futs.append(eng.write(mr, d, 64, imm=pong))
+                await asyncio.gather(*futs)
+                return n
             if method == "echo_messages":
                 # answer every message with b"re:" + payload, args[0] times
                 for _ in range(args[0]):
@@ -186,6 +204,7 @@ class PeerProcess:
     | `address`, `info`, `stats`, `nic_stats` | | the peer engine's |
     | `register` | size, fill byte | `(rid, descriptor bytes)` |
     | `register_cuda` | size, fill byte, device | `(rid, descriptor bytes)` (a torch CUDA tensor) |
+    | `cuda_alloc_conf` | settings | None (torch's allocator settings, e.g. `"expandable_segments:True"`) |
     | `gpu_stats` | | the peer engine's `gpu_stats` |
     | `read` / `fill` | rid, offset, n / rid, offset, data | bytes / None |
     | `close_region` | rid | None |

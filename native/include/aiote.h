@@ -173,6 +173,8 @@ typedef struct {
     uint64_t direct_fallbacks; /* ops the direct path handed to libfabric */
     uint64_t direct_worker_ops; /* direct ops copied by the engine's copy threads (above direct_max) */
     uint64_t direct_syscalls;   /* process_vm_writev calls of the direct path */
+    uint64_t loop_passes;      /* loop-spin mode: progress passes the event loop's thread ran */
+    uint64_t loop_found;       /* ... of which found work (imms, completions) */
 } aiote_stats;
 
 const char *aiote_last_error(void);
@@ -263,6 +265,36 @@ int aiote_direct_wait_paused(aiote_engine *e, uint32_t timeout_ms);
 
 /* Take up to max events; re-arms the eventfd when the queue is emptied. */
 int aiote_poll_events(aiote_engine *e, aiote_event *out, size_t max);
+
+/* ---- loop-spin mode: the event loop's thread spins instead of sleeping ----
+ * For the lowest notification latency (TransferEngine(loop_spin_us=...)):
+ * the thread that drains events spins on them for a while before it sleeps
+ * on the eventfd, and drives progress itself meanwhile, so one thread per
+ * process spins, not two.
+ *
+ * aiote_loop_spin(e, 1): the calling thread polls this engine from now on
+ * (aiote_progress / aiote_spin); completions don't write the eventfd, a
+ * direct-path imm to it doesn't wake its worker, and (not shm) work the
+ * calling thread submits is posted right away by that thread (or by its
+ * next aiote_progress, if the worker is in a pass).  The worker
+ * rests while the loop's passes keep coming and steps in when they stop.
+ * aiote_loop_spin(e, 0): before sleeping on the eventfd; wakes the worker.
+ * Both return 1 when events are pending (drain them before sleeping).
+ *
+ * aiote_progress(e): one pass of the worker's work on the calling thread,
+ * unless the worker is in one (a try-lock: never waits): direct-path imm
+ * rings, and where the provider is not shm also queued posts and completion
+ * queues (on shm libfabric stays on the worker: see worker.c).  Returns 1
+ * when events are pending.
+ * aiote_events_pending(e): 1 when events wait (an atomic read: no lock, no
+ * syscall).
+ * aiote_spin(engines, n, budget_ns): aiote_progress on each engine until one
+ * has events or budget_ns has passed (0: one round); returns how many had
+ * events. */
+int aiote_loop_spin(aiote_engine *e, int on);
+int aiote_progress(aiote_engine *e);
+int aiote_events_pending(aiote_engine *e);
+int aiote_spin(aiote_engine *const *engines, size_t n, uint64_t budget_ns);
 void aiote_free(void *p);
 
 /* Wire-format validators (the parsers the engine uses on bytes from other
@@ -321,6 +353,11 @@ int aiote_cuda_load(void);
 int aiote_submit_cuda(aiote_engine *e, uint64_t op_id, uint64_t ctx, uint64_t stream, int wait,
                       uint64_t wait_stream, const aiote_copy *copies, size_t ncopies, uint64_t mr_id,
                       const aiote_wr *wrs, size_t n, int has_imm, uint32_t imm, uint64_t *bad_index);
+/* The common case of the above, without arrays: one copy (dst, src, len),
+ * then with has_imm one imm-only write to rdesc (a CUDA IPC write). */
+int aiote_submit_cuda_one(aiote_engine *e, uint64_t op_id, uint64_t ctx, uint64_t stream, int wait,
+                          uint64_t wait_stream, uint64_t dst, uint64_t src, uint64_t len, uint64_t mr_id,
+                          uint32_t rdesc, int has_imm, uint32_t imm);
 /* Copies, then count count whole writes of imm as arrived (the owner's side
  * of a staged commit: the imm is counted only once the bytes are in its GPU
  * memory).  No event of its own; count 0 only copies. */

@@ -48,6 +48,45 @@ static struct {
     cu_error_name_t error_name;
 } cu;
 
+/* Events of finished ops, kept for reuse (cuEventCreate + cuEventDestroy per
+ * write cost more than the copy of a small one).  Bounded; an event belongs
+ * to the context it was created in. */
+#define EV_POOL 256
+static struct {
+    pthread_mutex_t lock;
+    size_t n;
+    struct {
+        void *ctx, *ev;
+    } e[EV_POOL];
+} ev_pool = {.lock = PTHREAD_MUTEX_INITIALIZER};
+
+static void *ev_pool_take(void *ctx)
+{
+    void *ev = NULL;
+    pthread_mutex_lock(&ev_pool.lock);
+    for (size_t i = ev_pool.n; i-- > 0;)
+        if (ev_pool.e[i].ctx == ctx) {
+            ev = ev_pool.e[i].ev;
+            ev_pool.e[i] = ev_pool.e[--ev_pool.n];
+            break;
+        }
+    pthread_mutex_unlock(&ev_pool.lock);
+    return ev;
+}
+
+static bool ev_pool_put(void *ctx, void *ev)
+{
+    bool kept = false;
+    pthread_mutex_lock(&ev_pool.lock);
+    if (ev_pool.n < EV_POOL) {
+        ev_pool.e[ev_pool.n].ctx = ctx;
+        ev_pool.e[ev_pool.n++].ev = ev;
+        kept = true;
+    }
+    pthread_mutex_unlock(&ev_pool.lock);
+    return kept;
+}
+
 static pthread_once_t cu_once = PTHREAD_ONCE_INIT;
 static int cu_state;       /* 1: usable, -1: not */
 static char cu_why[256];
@@ -165,11 +204,13 @@ int cu_issue(void *ctx, void *stream, int wait, void *wait_stream, const aiote_c
         queued++;
     }
     what = "cuEventCreate";
-    if ((cr = cu.event_create(&ev, CU_EVENT_DISABLE_TIMING)))
+    ev = ev_pool_take(ctx);
+    if (!ev && (cr = cu.event_create(&ev, CU_EVENT_DISABLE_TIMING)))
         goto fail;
     what = "cuEventRecord";
     if ((cr = cu.event_record(ev, stream))) {
         cu.event_destroy(ev);
+        ev = NULL;
         goto fail;
     }
     if (prev != ctx)
@@ -210,6 +251,9 @@ int cu_poll(void *ctx, void *event)
 void cu_release(void *ctx, void *event, bool sync)
 {
     if (!event || cu_state != 1)
+        return;
+    /* done without error (the worker's case): kept for the next op */
+    if (!sync && cu.event_query(event) == 0 && ev_pool_put(ctx, event))
         return;
     void *prev = NULL;
     cu.ctx_get(&prev);

@@ -679,6 +679,11 @@ bool direct_sleep_begin(aiote_engine *e)
     struct dtable *t = e->dtab;
     if (!t)
         return true;
+    /* A spinning event loop polls the rings itself (aiote_progress): initiators
+     * need not wake us.  worker_sleeping is set already; turning the spin off
+     * wakes us (aiote_loop_spin), and the next nap here publishes sleeping. */
+    if (atomic_load(&e->events.spinning))
+        return true;
     atomic_store(&t->h->sleeping, 1);
     return !atomic_load(&t->h->imm_pending);
 }

@@ -65,6 +65,7 @@ static void engine_release(aiote_engine *e)
     pthread_mutex_destroy(&e->peer_lock);
     pthread_mutex_destroy(&e->sub_lock);
     pthread_mutex_destroy(&e->watch_lock);
+    pthread_mutex_destroy(&e->progress_lock);
     free(e->watches);
     free(e->preps);
     free(e);
@@ -115,6 +116,7 @@ int aiote_engine_open(const aiote_config *cfg, aiote_engine **out)
     pthread_mutex_init(&e->sub_lock, NULL);
     pthread_mutex_init(&e->watch_lock, NULL);
     pthread_mutex_init(&e->dcp_lock, NULL);
+    pthread_mutex_init(&e->progress_lock, NULL);
     atomic_init(&e->outstanding, 0);
     atomic_init(&e->narmed, 0);
     int rc = imm_table_init(&e->imms);
@@ -274,6 +276,15 @@ static void wake_worker(aiote_engine *e)
     }
 }
 
+/* Loop-spin mode, called on the spinning loop's own thread, not shm: the
+ * loop's next aiote_progress posts it (before that thread sleeps, it turns
+ * the spin off, which wakes the worker); no eventfd write needed. */
+static bool loop_will_post(aiote_engine *e, const struct op *op)
+{
+    return !e->is_shm && op->kind != OP_CTRL && !op->cu_event && atomic_load(&e->events.spinning) &&
+           atomic_load(&e->has_driver) && pthread_equal(e->driver, pthread_self());
+}
+
 static int enqueue(aiote_engine *e, struct op *op)
 {
     pthread_mutex_lock(&e->sub_lock);
@@ -288,9 +299,15 @@ static int enqueue(aiote_engine *e, struct op *op)
     else
         e->sub_head = op;
     e->sub_tail = op;
-    atomic_store_explicit(&e->sub_pending, true, memory_order_release);
+    if (op->kind == OP_CTRL)
+        e->nctrl++;
+    bool quiet = loop_will_post(e, op);
+    atomic_store(&e->sub_pending, true); /* seq_cst: before wake_worker's load (Dekker with the worker's rest) */
     pthread_mutex_unlock(&e->sub_lock);
-    wake_worker(e);
+    if (quiet)
+        loop_post_now(e); /* post it from here: the loop would only do so on its next pass */
+    else
+        wake_worker(e);
     return 0;
 }
 
@@ -778,6 +795,17 @@ int aiote_submit_cuda(aiote_engine *e, uint64_t op_id, uint64_t ctx, uint64_t st
     }
     op->cu_ctx = (void *)(uintptr_t)ctx;
     return submit_op(e, op, units);
+}
+
+int aiote_submit_cuda_one(aiote_engine *e, uint64_t op_id, uint64_t ctx, uint64_t stream, int wait,
+                          uint64_t wait_stream, uint64_t dst, uint64_t src, uint64_t len, uint64_t mr_id,
+                          uint32_t rdesc, int has_imm, uint32_t imm)
+{
+    aiote_copy c = {.dst = dst, .src = src, .len = len};
+    aiote_wr w = {.rdesc = rdesc}; /* imm-only */
+    uint64_t bad;
+    return aiote_submit_cuda(e, op_id, ctx, stream, wait, wait_stream, &c, 1, mr_id, has_imm ? &w : NULL,
+                             has_imm ? 1 : 0, has_imm, imm, &bad);
 }
 
 int aiote_cuda_arrive(aiote_engine *e, uint64_t ctx, uint64_t stream, const aiote_copy *copies,

@@ -3,7 +3,11 @@
  * The worker collects an iteration's events in a private buffer and moves
  * them into the queue under one lock.  The eventfd is written only when the
  * loop has emptied the queue and is waiting ("armed"), so a busy loop that
- * keeps draining costs no syscall per completion. */
+ * keeps draining costs no syscall per completion; and never while the loop
+ * spins on `avail` instead of sleeping (aiote_loop_spin).  Turning the spin
+ * off and checking `avail` (loop) against publishing `avail` and checking
+ * `spinning` (here) are both sequentially consistent: either the loop sees
+ * the events or this writes the eventfd. */
 #define _GNU_SOURCE
 #include <stdlib.h>
 #include <string.h>
@@ -32,6 +36,8 @@ int event_queue_init(struct event_queue *q)
     pthread_mutex_init(&q->lock, NULL);
     q->efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     q->armed = true;
+    atomic_init(&q->avail, 0);
+    atomic_init(&q->spinning, false);
     return q->efd >= 0 ? 0 : -AIOTE_E_NOMEM;
 }
 
@@ -67,7 +73,8 @@ void event_queue_flush(struct event_queue *q, struct event_buf *b)
                 free(b->ev[i].data); /* out of memory: the event is lost, its buffer freed */
         b->n = 0;
     }
-    if (q->armed) {
+    atomic_store(&q->avail, q->q.n - q->head); /* seq_cst: before the load of spinning */
+    if (q->armed && !atomic_load(&q->spinning)) {
         q->armed = false;
         wake = true;
     }
@@ -91,6 +98,7 @@ size_t event_queue_take(struct event_queue *q, aiote_event *out, size_t max)
         q->head = q->q.n = 0;
         q->armed = true; /* empty: the next flush must wake the loop */
     }
+    atomic_store_explicit(&q->avail, q->q.n - q->head, memory_order_release);
     pthread_mutex_unlock(&q->lock);
     return n;
 }

@@ -213,6 +213,8 @@ struct event_queue {
     size_t head; /* first undelivered in q */
     int efd;
     bool armed; /* the loop is waiting: the next push must write the eventfd */
+    _Atomic size_t avail; /* events waiting (aiote_events_pending: read without the lock) */
+    atomic_bool spinning; /* a spinning event loop polls avail (aiote_loop_spin): no eventfd writes */
 };
 
 int event_queue_init(struct event_queue *q);
@@ -301,9 +303,23 @@ struct aiote_engine {
     int sub_efd;
     atomic_bool worker_sleeping;
     atomic_bool sub_pending; /* submissions or cancels wait in the queue */
+    size_t nctrl;            /* control ops in the queue (under sub_lock) */
     atomic_bool stopping;
     bool worker_started;
     pthread_t worker;
+
+    /* Loop-spin mode (aiote_loop_spin, aiote_progress): the event loop's thread
+     * does part of the worker's work between its own spins.  progress_lock
+     * makes the worker's passes and the loop's exclusive (the loop only
+     * try-locks); the state below marked "worker-private" is touched only
+     * under it.  progress_seq counts the loop's passes, so a worker that
+     * rests while the loop drives can tell when the loop stopped driving
+     * (busy in Python) and step in. */
+    pthread_mutex_t progress_lock;
+    atomic_uint_fast64_t progress_seq;
+    uint64_t seen_seq;   /* worker: progress_seq at its last look */
+    pthread_t driver;    /* the thread that turned loop-spin on */
+    atomic_bool has_driver;
 
     /* worker-private state */
     struct op *pend_head, *pend_tail; /* submitted, not fully posted */
@@ -432,6 +448,7 @@ int ctrl_peer_insert(aiote_engine *e, void *arg);
 
 /* worker.c */
 void *worker_main(void *arg);
+void loop_post_now(aiote_engine *e); /* loop-spin mode, not shm: post queued work from the calling thread */
 void *watchdog_main(void *arg);
 bool poll_watches(aiote_engine *e);
 struct op *op_clone(const struct op *tmpl, uint64_t id);

@@ -773,12 +773,20 @@ bool poll_watches(aiote_engine *e)
     return fired;
 }
 
-/* Move submissions and cancellations to the worker's own lists. */
-static bool take_submissions(aiote_engine *e)
+/* Move submissions and cancellations to the worker's own lists.  Control
+ * ops run here; a caller that must not run them (the event loop's thread,
+ * aiote_progress) passes allow_ctrl false and leaves the whole queue to the
+ * worker while one waits (their enqueue woke it). */
+static bool take_submissions(aiote_engine *e, bool allow_ctrl)
 {
     if (!atomic_load_explicit(&e->sub_pending, memory_order_acquire))
         return false; /* nothing new: skip the lock */
     pthread_mutex_lock(&e->sub_lock);
+    if (!allow_ctrl && e->nctrl) {
+        pthread_mutex_unlock(&e->sub_lock);
+        return false;
+    }
+    e->nctrl = 0;
     atomic_store_explicit(&e->sub_pending, false, memory_order_relaxed);
     struct op *head = e->sub_head;
     e->sub_head = e->sub_tail = NULL;
@@ -836,6 +844,33 @@ static bool take_submissions(aiote_engine *e)
     return did;
 }
 
+/* A gated op whose copies are done, through the direct same-host path
+ * (direct.c) when it takes it: the imm of a CUDA IPC write goes straight into
+ * the target's imm ring, a staged chunk is copied with process_vm_writev,
+ * without libfabric's delivery-complete round trip.  true: the op is gone
+ * (complete, or its outcome follows as an event from direct.c); false:
+ * post it through libfabric. */
+static bool gated_direct(aiote_engine *e, struct op *op)
+{
+    if (op->kind != OP_WRITES || op->local_device || !direct_eligible(e, op))
+        return false;
+    int r = direct_run(e, op);
+    if (r == AIOTE_DIRECT_FALLBACK)
+        return false;
+    /* direct.c counts the op in its own statistics (direct_ops_ok/failed, or
+     * the imm message it queued under this op's id): not ours twice */
+    e->stats.ops_submitted--;
+    release_mr(e, op);
+    if (r == AIOTE_DIRECT_DONE) { /* complete: report it (else direct.c does) */
+        aiote_event ev = {.id = op->id, .kind = AIOTE_EV_OP, .nic = -1};
+        event_buf_push(&e->pending_events, &ev);
+    }
+    atomic_fetch_sub(&e->outstanding, op->n_submitted ? op->n_submitted : 1);
+    live_remove(e, op);
+    op_free(op);
+    return true;
+}
+
 /* Ops whose CUDA copies are done go on: their writes are queued for
  * posting (a cancelled one fails there, unposted), a local arrival counts
  * its imm; a failed copy fails its op. */
@@ -873,6 +908,8 @@ static bool poll_gated(aiote_engine *e)
             }
             op->posted_all = true;
             finish_op(e, op);
+        } else if (!op->cancelled && gated_direct(e, op)) {
+            ; /* done through the direct same-host path (an IPC write's imm, a staged chunk) */
         } else if (e->pend_tail) {
             e->pend_tail->next = op;
             e->pend_tail = op;
@@ -890,6 +927,28 @@ static bool sub_nonempty(aiote_engine *e)
     bool r = e->sub_head != NULL || e->ncancel;
     pthread_mutex_unlock(&e->sub_lock);
     return r;
+}
+
+/* Loop-spin mode on a provider whose progress the loop drives (not shm): the
+ * worker rests on its submission eventfd (control ops, gated ops, the loop
+ * turning the spin off) for up to a millisecond at a time. */
+static void rest_while_loop_drives(aiote_engine *e)
+{
+    atomic_store(&e->worker_sleeping, true); /* seq_cst: before the loads below (Dekker with aiote_loop_spin, enqueue) */
+    if (atomic_load(&e->sub_pending) || atomic_load(&e->stopping) || !atomic_load(&e->events.spinning)) {
+        atomic_store(&e->worker_sleeping, false);
+        return;
+    }
+    struct pollfd fd = {.fd = e->sub_efd, .events = POLLIN};
+    struct timespec ts = {0, 1000 * 1000};
+    int r = ppoll(&fd, 1, &ts, NULL);
+    atomic_store(&e->worker_sleeping, false);
+    e->stats.wakeups++;
+    if (r > 0 && (fd.revents & POLLIN)) {
+        uint64_t v;
+        ssize_t rr = read(e->sub_efd, &v, sizeof v);
+        (void)rr;
+    }
 }
 
 static void idle_sleep(aiote_engine *e, uint64_t *backoff_ns, bool warm)
@@ -939,7 +998,9 @@ static void idle_sleep(aiote_engine *e, uint64_t *backoff_ns, bool warm)
          * progress before it can complete). */
         nfds = 1;
         /* a watched word is read once per nap: keep them short while armed */
-        uint64_t cap = watching ? 5000 : (warm || e->live || e->imms.nwaiters) ? 20000 : 200000;
+        uint64_t cap = watching ? 5000
+                       : (atomic_load(&e->events.spinning) && !e->live) ? 200000 /* the loop polls the imm rings */
+                       : (warm || e->live || e->imms.nwaiters) ? 20000 : 200000;
         *backoff_ns = *backoff_ns ? *backoff_ns * 2 : 5000;
         if (*backoff_ns > cap)
             *backoff_ns = cap;
@@ -954,6 +1015,124 @@ static void idle_sleep(aiote_engine *e, uint64_t *backoff_ns, bool warm)
         ssize_t rr = read(e->sub_efd, &v, sizeof v);
         (void)rr;
     }
+}
+
+/* The part of a worker iteration after submissions, watches and CUDA gates:
+ * direct-path imms, posting, completions, liveness; then the events go out.
+ * Under progress_lock.  from_loop: the event loop's thread (aiote_progress):
+ * no liveness checks (they may close endpoints; the worker does them), and
+ * on shm nothing of libfabric at all, only the imm rings: a shm peer that
+ * dies inside the provider's critical section can leave a lock held that
+ * any later call spins on forever, and only the worker can be given up on
+ * (the watchdog), never the event loop. */
+static bool progress_pass(aiote_engine *e, bool from_loop)
+{
+    bool active = direct_poll_imms(e);
+    if (!(from_loop && e->is_shm)) {
+        if (e->is_shm)
+            local_read_lock();
+        active |= post_pending(e);
+        for (uint32_t k = 0; k < e->nnics; k++) {
+            struct nic *n = &e->nics[k];
+            for (int i = 0; i < 4; i++) {
+                if (!poll_cq(e, n))
+                    break;
+                active = true;
+            }
+        }
+        if (!from_loop)
+            check_peers(e, now_ns());
+        if (e->is_shm)
+            local_read_unlock();
+    }
+    if (e->pending_events.n)
+        event_queue_flush(&e->events, &e->pending_events);
+    return active;
+}
+
+int aiote_progress(aiote_engine *e)
+{
+    if (!atomic_load_explicit(&e->stopping, memory_order_relaxed) && pthread_mutex_trylock(&e->progress_lock) == 0) {
+        if (!atomic_load(&e->stopping)) {
+            bool found = !e->is_shm && take_submissions(e, false);
+            found |= progress_pass(e, true);
+            atomic_fetch_add_explicit(&e->progress_seq, 1, memory_order_relaxed);
+            e->stats.loop_passes++;
+            e->stats.loop_found += found;
+        }
+        pthread_mutex_unlock(&e->progress_lock);
+    }
+    return atomic_load(&e->events.avail) ? 1 : 0;
+}
+
+/* Loop-spin mode, not shm, on the spinning loop's thread right after it
+ * queued work (engine.c, enqueue): post it now rather than on the loop's
+ * next pass, a few microseconds of Python later.  Try-lock: if the worker is
+ * in a pass, that pass or the loop's next one posts it. */
+void loop_post_now(aiote_engine *e)
+{
+    if (pthread_mutex_trylock(&e->progress_lock) != 0)
+        return;
+    if (!atomic_load(&e->stopping)) {
+        take_submissions(e, false);
+        post_pending(e);
+        if (e->pending_events.n)
+            event_queue_flush(&e->events, &e->pending_events);
+    }
+    pthread_mutex_unlock(&e->progress_lock);
+}
+
+static inline void cpu_relax(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
+
+/* Spin on the engines' events.  After the first SPIN_PURE_NS without any,
+ * yield the CPU between rounds: on an oversubscribed machine a pure spinner
+ * holds its core until the scheduler takes it away, and then waits a whole
+ * time slice for it back; a yielding one lets the other runnable threads go
+ * first and looks again as soon as they are done (cheap when nobody waits). */
+#define SPIN_PURE_NS 20000ull
+int aiote_spin(aiote_engine *const *engines, size_t n, uint64_t budget_ns)
+{
+    uint64_t start = budget_ns ? now_ns() : 0, end = start + budget_ns;
+    for (;;) {
+        int ready = 0;
+        for (size_t i = 0; i < n; i++)
+            ready += aiote_progress(engines[i]);
+        if (ready || !budget_ns)
+            return ready;
+        uint64_t now = now_ns();
+        if (now >= end)
+            return 0;
+        if (now - start > SPIN_PURE_NS)
+            sched_yield();
+        else
+            cpu_relax();
+    }
+}
+
+int aiote_events_pending(aiote_engine *e) { return atomic_load(&e->events.avail) ? 1 : 0; }
+
+int aiote_loop_spin(aiote_engine *e, int on)
+{
+    if (on) {
+        e->driver = pthread_self();
+        atomic_store(&e->has_driver, true);
+        atomic_store(&e->events.spinning, true);
+    } else {
+        atomic_store(&e->events.spinning, false); /* seq_cst: before the loads below */
+        if (atomic_load(&e->worker_sleeping)) {   /* it rests or naps on our behalf: it is its turn */
+            uint64_t one = 1;
+            ssize_t r = write(e->sub_efd, &one, sizeof one);
+            (void)r;
+        }
+    }
+    return atomic_load(&e->events.avail) ? 1 : 0;
 }
 
 /* On shutdown: every op the worker owns fails with AIOTE_E_CLOSED.  Ops
@@ -983,35 +1162,35 @@ void *worker_main(void *arg)
     uint64_t idle_since = 0, backoff = 0;
     uint64_t spin_ns = (uint64_t)e->cfg.spin_us * 1000;
     for (;;) {
-        bool active = take_submissions(e);
-        if (atomic_load(&e->stopping))
+        pthread_mutex_lock(&e->progress_lock);
+        bool active = take_submissions(e, true);
+        if (atomic_load(&e->stopping)) {
+            pthread_mutex_unlock(&e->progress_lock);
             break;
+        }
         active |= poll_watches(e);
         if (e->gated_head)
             active |= poll_gated(e);
-        active |= direct_poll_imms(e);
-        if (e->is_shm)
-            local_read_lock();
-        active |= post_pending(e);
-        for (uint32_t k = 0; k < e->nnics; k++) {
-            struct nic *n = &e->nics[k];
-            for (int i = 0; i < 4; i++) {
-                if (!poll_cq(e, n))
-                    break;
-                active = true;
-            }
-        }
-        check_peers(e, now_ns());
-        if (e->is_shm)
-            local_read_unlock();
-        if (e->pending_events.n)
-            event_queue_flush(&e->events, &e->pending_events);
+        active |= progress_pass(e, false);
+        bool waiting = e->pend_head || e->gated_head;
+        bool own_work = waiting || atomic_load_explicit(&e->narmed, memory_order_relaxed);
+        pthread_mutex_unlock(&e->progress_lock);
         if (active) {
             idle_since = 0;
             backoff = 0;
             continue;
         }
-        if (e->pend_head || e->gated_head) { /* work waits on a queue or copies: keep driving progress */
+        bool loop_spins = atomic_load_explicit(&e->events.spinning, memory_order_relaxed);
+        if (loop_spins && !e->is_shm && !own_work) {
+            /* the event loop drives progress: rest, unless it stopped (busy elsewhere) */
+            uint64_t seq = atomic_load_explicit(&e->progress_seq, memory_order_relaxed);
+            if (seq != e->seen_seq) {
+                e->seen_seq = seq;
+                rest_while_loop_drives(e);
+                continue;
+            }
+        }
+        if (waiting) { /* work waits on a queue or copies: keep driving progress */
             sched_yield();
             continue;
         }
@@ -1020,7 +1199,8 @@ void *worker_main(void *arg)
         uint64_t now = now_ns();
         if (!idle_since)
             idle_since = now;
-        if (e->cfg.polling == AIOTE_POLL_ADAPTIVE && now - idle_since < spin_ns)
+        /* while the loop spins it sees direct-path imms itself: no spin here */
+        if (e->cfg.polling == AIOTE_POLL_ADAPTIVE && now - idle_since < spin_ns && !loop_spins)
             continue;
         idle_sleep(e, &backoff, now - idle_since < WARM_NS);
     }
@@ -1044,7 +1224,9 @@ void *worker_main(void *arg)
             e->live = op;
         }
     }
+    pthread_mutex_lock(&e->progress_lock);
     fail_all_closed(e);
+    pthread_mutex_unlock(&e->progress_lock);
     return NULL;
 }
 
