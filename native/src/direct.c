@@ -129,6 +129,8 @@ struct dpeer {
     int efd; /* the target's eventfd (pidfd_getfd), -1: imms go as messages */
     pthread_mutex_t push_lock; /* our threads share our lane's ring */
     atomic_bool off; /* fall back to libfabric (EPERM, gone, closed) */
+    atomic_bool dead; /* its process exited: fail at once here (PeerUnreachable), never hand
+                       * work for it to libfabric (shm would try to connect to a dead peer) */
 };
 
 _Static_assert(sizeof(struct dt_header) <= DT_HDR_SIZE, "key table header too large");
@@ -559,7 +561,7 @@ int direct_mode(aiote_engine *e, const struct op *op)
         return 0;
     uint64_t total = 0;
     if (op->kind == OP_PAGED) {
-        if (!op->rd->dp || atomic_load(&op->rd->dp->off))
+        if (!op->rd->dp || (atomic_load(&op->rd->dp->off) && !atomic_load(&op->rd->dp->dead)))
             return 0;
         total = op->page_len * op->n;
         if (op->page_len && total / op->page_len != op->n)
@@ -567,7 +569,7 @@ int direct_mode(aiote_engine *e, const struct op *op)
     } else {
         for (size_t i = 0; i < op->n; i++) {
             const struct rdesc *rd = op->wrs[i].rd;
-            if (!rd->dp || atomic_load(&rd->dp->off))
+            if (!rd->dp || (atomic_load(&rd->dp->off) && !atomic_load(&rd->dp->dead)))
                 return 0;
             total = op->wrs[i].len > UINT64_MAX - total ? UINT64_MAX : total + op->wrs[i].len;
         }
@@ -809,6 +811,7 @@ static int direct_copy(aiote_engine *e, struct op *op, bool on_thread)
         struct pollfd pf = {.fd = dp->pidfd, .events = POLLIN};
         if (poll(&pf, 1, 0) != 0) {
             atomic_store(&dp->off, true);
+            atomic_store(&dp->dead, true);
             status = -AIOTE_E_PROVIDER;
             fi_err = FI_ECONNRESET;
             bad = i;
@@ -891,6 +894,7 @@ static int direct_copy(aiote_engine *e, struct op *op, bool on_thread)
                     fallback = true;
                 } else if (err == ESRCH) {
                     atomic_store(&dp->off, true);
+                    atomic_store(&dp->dead, true);
                     status = -AIOTE_E_PROVIDER;
                     fi_err = FI_ECONNRESET;
                 } else {
@@ -930,6 +934,7 @@ static int direct_copy(aiote_engine *e, struct op *op, bool on_thread)
             struct pollfd pf2 = {.fd = dp->pidfd, .events = POLLIN};
             if (poll(&pf2, 1, 0) != 0) {
                 atomic_store(&dp->off, true);
+                atomic_store(&dp->dead, true);
                 status = -AIOTE_E_PROVIDER;
                 fi_err = FI_ECONNRESET;
                 bad = first;
