@@ -106,10 +106,13 @@ class TransferEngine:
             Falls back to libfabric by itself where it can't be used (a peer without it, CMA
             not permitted, GPU memory).  ``None`` (default): on unless the environment sets
             ``AIOTE_DIRECT_SHM=0``.  See docs/reliability.md, "Direct same-host path".
-        direct_max: operations of at most this many bytes take the direct path (larger ones
-            go through libfabric); they run on the calling thread, so this bounds how long
-            one call holds the event loop.  ``None``: ``AIOTE_DIRECT_MAX`` from the
-            environment, else 4 MiB.
+        direct_max: direct operations of at most this many bytes are copied on the calling
+            thread and complete inside the call; this bounds how long one call holds the
+            event loop.  ``None``: ``AIOTE_DIRECT_MAX`` from the environment, else 4 MiB.
+        direct_workers: threads of the engine that copy larger direct operations (the call
+            only queues them; the future resolves by event once the bytes are there);
+            0: none, such operations go through libfabric.  ``None``:
+            ``AIOTE_DIRECT_WORKERS`` from the environment, else 1.
         loop_spin_us: latency mode (0, the default: off).  The asyncio loop's thread spins
             up to this many µs on the engine's events before it sleeps in epoll, driving the
             engine's progress itself meanwhile (the worker rests while it does), and resolves
@@ -147,6 +150,7 @@ class TransferEngine:
         gpu_chunk: int = 4 << 20,
         direct_shm: bool | None = None,
         direct_max: int | None = None,
+        direct_workers: int | None = None,
         loop_spin_us: int = 0,
     ):
         if isinstance(nics, int):
@@ -177,6 +181,13 @@ class TransferEngine:
                 raise InvalidArgument("AIOTE_DIRECT_MAX must be an int") from None
         if not isinstance(direct_max, int) or not 0 < direct_max < _U64:
             raise InvalidArgument(f"direct_max must be a positive int, got {direct_max!r}")
+        if direct_workers is None:
+            try:
+                direct_workers = int(os.environ.get("AIOTE_DIRECT_WORKERS", 1))
+            except ValueError:
+                raise InvalidArgument("AIOTE_DIRECT_WORKERS must be an int") from None
+        if not isinstance(direct_workers, int) or not 0 <= direct_workers <= 16:
+            raise InvalidArgument(f"direct_workers must be an int 0..16, got {direct_workers!r}")
         if type(loop_spin_us) is not int or not 0 <= loop_spin_us <= 10_000_000:
             raise InvalidArgument(f"loop_spin_us must be an int in 0..10000000 (µs), got {loop_spin_us!r}")
         self._loop_spin_ns = loop_spin_us * 1000
@@ -190,7 +201,8 @@ class TransferEngine:
                               stripe_threshold=stripe_threshold, polling=polling, spin_us=spin_us, msg_size=msg_size,
                               recv_slots=recv_slots, send_slots=send_slots, max_queued=max_queued,
                               delivery_complete=delivery_complete, peer_timeout=peer_timeout,
-                              max_inflight=max_inflight, direct_shm=bool(direct_shm), direct_max=direct_max)
+                              max_inflight=max_inflight, direct_shm=bool(direct_shm), direct_max=direct_max,
+                              direct_workers=direct_workers)
         self.id = next(_engine_ids)
         self._h: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -259,6 +271,7 @@ class TransferEngine:
         cfg.hmem = 1 if self._gpu_mode == "direct" else 0
         cfg.direct_shm = 1 if a["direct_shm"] else 0
         cfg.direct_max = a["direct_max"]
+        cfg.direct_workers = a["direct_workers"] if a["direct_workers"] > 0 else -1
         out = ffi.new("aiote_engine**")
         _sweep_own_shm_names()
         rc = lib.aiote_engine_open(cfg, out)

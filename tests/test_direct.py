@@ -5,6 +5,7 @@ target's key table.  Two real processes each (PeerProcess); no sleeps."""
 import asyncio
 import errno
 import random
+import types
 
 import numpy as np
 import pytest
@@ -196,9 +197,9 @@ async def test_falls_back_to_libfabric_when_off(aiote_make_engine, aiote_make_pe
     assert _direct(st) == 0 and st["writes_posted"] == 3, st
 
 
-async def test_large_writes_use_libfabric(aiote_make_engine, peer):
-    """Ops larger than direct_max go through libfabric (the event loop is not held for them)."""
-    eng = await aiote_make_engine(direct_max=4096)
+async def test_large_writes_without_copy_threads_use_libfabric(aiote_make_engine, peer):
+    """direct_workers=0: ops larger than direct_max go through libfabric."""
+    eng = await aiote_make_engine(direct_max=4096, direct_workers=0)
     rid, desc = await peer.call("register", 1 << 16, 0)
     d = aiote.MrDescriptor.from_bytes(desc)
     src = eng.register(bytearray(b"\x09" * (1 << 16)))
@@ -207,7 +208,251 @@ async def test_large_writes_use_libfabric(aiote_make_engine, peer):
     assert await peer.call("wait_imm", 1, 2, 10)
     assert await peer.call("read", rid, 0, 1 << 16) == b"\x09" * (1 << 16)
     st = eng.stats()
-    assert _direct(st) == 1 and st["writes_posted"] == 1, st
+    assert _direct(st) == 1 and st["writes_posted"] == 1 and st["direct_worker_ops"] == 0, st
+
+
+async def test_large_ops_are_copied_by_a_copy_thread(aiote_make_engine, aiote_make_peer):
+    """Ops above direct_max are queued for the engine's copy thread (the call returns at
+    once, the future resolves by event): write, write_paged, scatter to two peers, many in
+    flight at once; bytes and imm counts exact, nothing through libfabric."""
+    eng = await aiote_make_engine(direct_max=4096)
+    a, b = await aiote_make_peer(), await aiote_make_peer()
+    size = 1 << 20
+    rng = np.random.default_rng(3)
+    data = rng.integers(0, 256, size, dtype=np.uint8).tobytes()
+    src = eng.register(bytearray(data))
+    ra, da = await a.call("register", size, 0)
+    rb, db = await b.call("register", size, 0)
+    da, db = aiote.MrDescriptor.from_bytes(da), aiote.MrDescriptor.from_bytes(db)
+    expect_a, expect_b = bytearray(size), bytearray(size)
+    ops = [eng.write(src, da, 300000, src_offset=11, dst_offset=5, imm=1)]
+    expect_a[5:300005] = data[11:300011]
+    sp = rng.permutation(1024)[:700]
+    dp = rng.permutation(np.arange(300, 1024))[:700]
+    ops.append(eng.write_paged(src, da, 1000, sp, dp, src_stride=1024, dst_stride=1024, imm=2))
+    for s_, d_ in zip(sp.tolist(), dp.tolist(), strict=True):
+        expect_a[d_ * 1024:d_ * 1024 + 1000] = data[s_ * 1024:s_ * 1024 + 1000]
+    ops.append(eng.scatter(src, [(db, 0, 0, 5000), (da, 0, 1040000, 8000), (db, 7, 9000, 3000)], imm=3))
+    expect_b[0:5000] = data[0:5000]
+    expect_a[1040000:1048000] = data[0:8000]
+    expect_b[9000:12000] = data[7:3007]
+    for f in ops:
+        assert not f.done()  # queued for the copy thread, not copied in the call
+    await asyncio.gather(*ops)
+    src.close()  # the copy thread gave the region back before the ops' events
+    for p, imm, n in ((a, 1, 1), (a, 2, 700), (a, 3, 1), (b, 3, 2)):
+        assert await p.call("wait_imm", imm, n, 10)
+        assert await p.call("pending", imm) == 0
+    assert await a.call("read", ra, 0, size) == bytes(expect_a)
+    assert await b.call("read", rb, 0, size) == bytes(expect_b)
+    st = eng.stats()
+    assert st["direct_worker_ops"] == 3 and st["writes_posted"] == 0, st
+    assert _direct(st) == 1 + 700 + 3 and st["ops_completed"] == st["ops_submitted"], st
+
+
+async def test_copy_thread_ops_count_against_max_queued(aiote_make_engine, peer):
+    """Copy-thread ops hold their elements in the engine's queue bound until their event:
+    beyond max_queued they wait in Python (deferred) and go in as earlier ones finish;
+    every page lands, counts exact.  (The copy thread is held at the test gate after the
+    first op's first chunk, so the bound is reached deterministically.)"""
+    eng = await aiote_make_engine(direct_max=4096, max_queued=3500)
+    n, size = 1500, 2 << 20
+    rid, desc = await peer.call("register", size, 0)
+    d = aiote.MrDescriptor.from_bytes(desc)
+    data = bytes(range(256)) * (size // 256)
+    src = eng.register(bytearray(data))
+    sp, dp = list(range(n)), list(reversed(range(n)))  # 1,500 target iovecs: two chunks
+    _gate(eng, True)
+    futs = [eng.write_paged(src, d, 1024, sp, dp, imm=6)]
+    await _wait_gate(eng)  # the first op: 1,024 pages copied, held
+    futs += [eng.write_paged(src, d, 1024, sp, dp, imm=6) for _ in range(5)]
+    assert len(eng._deferred) == 4  # 1,500 + 1,500 in the engine; 4 more wait in Python
+    _gate(eng, False)
+    await asyncio.gather(*futs)
+    assert await peer.call("wait_imm", 6, 6 * n, 10)
+    assert await peer.call("pending", 6) == 0
+    expect = bytearray(size)
+    for s_, d_ in zip(sp, dp, strict=True):
+        expect[d_ * 1024:(d_ + 1) * 1024] = data[s_ * 1024:(s_ + 1) * 1024]
+    assert await peer.call("read", rid, 0, size) == bytes(expect)
+    st = eng.stats()
+    assert st["direct_worker_ops"] == 6 and st["writes_posted"] == 0, st
+
+
+@pytest.mark.parametrize("where", ["call", "thread"])
+async def test_merged_iovecs_edge_cases(aiote_make_engine, aiote_make_peer, where):
+    """Ranges contiguous on one side or both are merged into one iovec per side (each side on
+    its own): contiguous pages, contiguous only at the source or only at the target, runs
+    across the 1024-iovec limit, zero-length (imm-only) elements inside a run, elements of
+    another region or peer breaking a run, a range written twice.  Bytes and counts exact,
+    on the calling thread and on a copy thread."""
+    eng = await aiote_make_engine(direct_max=(64 << 20) if where == "call" else 1)
+    a, b = await aiote_make_peer(), await aiote_make_peer()
+    size = 4 << 20
+    rng = np.random.default_rng(4)
+    data = rng.integers(0, 256, size, dtype=np.uint8).tobytes()
+    src = eng.register(bytearray(data))
+    ra, da = await a.call("register", size, 0)
+    ra2, da2 = await a.call("register", 1 << 16, 0)
+    rb, db = await b.call("register", size, 0)
+    da, da2, db = (aiote.MrDescriptor.from_bytes(x) for x in (da, da2, db))
+    ea, ea2, eb = bytearray(size), bytearray(1 << 16), bytearray(size)
+
+    def syscalls() -> int:
+        return eng.stats()["direct_syscalls"]
+
+    # contiguous on both sides: 3000 pages (one iovec a side, across the 1024 limit): 1 syscall
+    n0 = syscalls()
+    await eng.write_paged(src, da, 256, list(range(3000)), list(range(3000)), imm=1)
+    ea[0:768000] = data[0:768000]
+    assert syscalls() - n0 == 1
+    # contiguous at the source only (target pages in steps of 2), 2500 pages: 1024+1024+452
+    n0 = syscalls()
+    await eng.write_paged(src, da, 128, list(range(2500)), list(range(0, 5000, 2)), dst_offset=1 << 20, imm=2)
+    for i in range(2500):
+        ea[(1 << 20) + 2 * i * 128:(1 << 20) + 2 * i * 128 + 128] = data[i * 128:i * 128 + 128]
+    assert syscalls() - n0 == 3
+    # contiguous at the target only, 2049 pages (= 2 * 1024 + 1: the last chunk holds one)
+    n0 = syscalls()
+    srcp = list(range(0, 2 * 2049, 2))
+    await eng.write_paged(src, db, 64, srcp, list(range(2049)), imm=3)
+    for i, s_ in enumerate(srcp):
+        eb[i * 64:i * 64 + 64] = data[s_ * 64:s_ * 64 + 64]
+    assert syscalls() - n0 == 3
+    # a scatter: a run broken by imm-only elements, by another region and by another peer,
+    # and one range written twice with the same bytes
+    base = 3 << 20
+    wrs = []
+    for i in range(1100):
+        wrs.append((da, base + i * 100, base + i * 100, 100))
+        if i % 300 == 0:
+            wrs.append((da, 0, 0, 0))  # imm only
+        if i % 401 == 0:
+            wrs.append((da2, i, i, 50))
+            ea2[i:i + 50] = data[i:i + 50]
+        if i % 500 == 0:
+            wrs.append((db, base + i * 100, base + i * 100, 100))
+            eb[base + i * 100:base + i * 100 + 100] = data[base + i * 100:base + i * 100 + 100]
+    wrs.append((da, base, base, 100))
+    ea[base:base + 110000] = data[base:base + 110000]
+    n_a = sum(1 for w in wrs if w[0] is da) + sum(1 for w in wrs if w[0] is da2)
+    n_b = sum(1 for w in wrs if w[0] is db)
+    await eng.scatter(src, wrs, imm=4)
+    for p, imm, n in ((a, 1, 3000), (a, 2, 2500), (b, 3, 2049), (a, 4, n_a), (b, 4, n_b)):
+        assert await p.call("wait_imm", imm, n, 10)
+        assert await p.call("pending", imm) == 0
+    assert await a.call("read", ra, 0, size) == bytes(ea)
+    assert await a.call("read", ra2, 0, 1 << 16) == bytes(ea2)
+    assert await b.call("read", rb, 0, size) == bytes(eb)
+    st = eng.stats()
+    assert st["writes_posted"] == 0 and _direct(st) == 3000 + 2500 + 2049 + len(wrs), st
+    assert st["direct_worker_ops"] == (4 if where == "thread" else 0), st
+
+
+def _gate(eng, on: bool) -> None:
+    from aiote._core import lib
+
+    assert lib.aiote_direct_pause(eng._h, 1 if on else 0) == 0
+
+
+async def _wait_gate(eng) -> None:
+    from aiote._core import lib
+
+    assert await asyncio.to_thread(lib.aiote_direct_wait_paused, eng._h, 30000) == 1
+
+
+async def _gated_paged(eng, peer, n=3000, page=1024):
+    """A write_paged of n random pages with imm 7 (no merging: 1024 per chunk) queued for the
+    copy thread, which is held after its first chunk (synchronised on the gate, no sleep)."""
+    rid, desc = await peer.call("register", n * page, 0)
+    d = aiote.MrDescriptor.from_bytes(desc)
+    rng = np.random.default_rng(5)
+    data = rng.integers(0, 256, n * page, dtype=np.uint8).tobytes()
+    src = eng.register(bytearray(data))
+    sp, dp = rng.permutation(n), rng.permutation(n)
+    _gate(eng, True)
+    fut = eng.write_paged(src, d, page, sp, dp, imm=7)
+    await _wait_gate(eng)
+    return types.SimpleNamespace(fut=fut, rid=rid, d=d, src=src, data=data, sp=sp.tolist(), dp=dp.tolist(), n=n)
+
+
+def _landed(g, upto, page=1024):
+    """The target's bytes once the first `upto` pages of _gated_paged's batch landed."""
+    out = bytearray(g.n * page)
+    for s_, d_ in zip(g.sp[:upto], g.dp[:upto], strict=True):
+        out[d_ * page:(d_ + 1) * page] = g.data[s_ * page:(s_ + 1) * page]
+    return bytes(out)
+
+
+async def test_deregistration_during_a_copy_thread_copy(aiote_make_engine, peer):
+    """The target closes its region while a copy thread is between two chunks of a batch:
+    the rest of the batch fails with the stale-key error naming the first element not
+    copied; the first chunk's pages landed and delivered exactly their imms; no later byte
+    lands in the closed region."""
+    eng = await aiote_make_engine(direct_max=4096)
+    g = await _gated_paged(eng, peer)
+    await peer.call("close_region", g.rid)
+    _gate(eng, False)
+    with pytest.raises(aiote.ProviderError) as ei:
+        await g.fut
+    assert ei.value.fi_errno == errno.EKEYREJECTED and ei.value.index == 1024, ei.value
+    assert await peer.call("wait_imm", 7, 1024, 10)
+    assert await peer.call("pending", 7) == 0
+    assert await peer.call("read", g.rid, 0, g.n * 1024) == _landed(g, 1024)
+    st = eng.stats()
+    assert st["direct_worker_ops"] == 1 and _direct(st) == 1024 and st["writes_posted"] == 0, st
+
+
+async def test_dead_target_during_a_copy_thread_copy(aiote_make_engine, aiote_make_peer, aiote_faults):
+    """The target is killed while a copy thread is between two chunks: the op fails with
+    PeerUnreachable naming the first element not copied; later large ops fail the same way."""
+    eng = await aiote_make_engine(direct_max=4096)
+    peer = await aiote_make_peer()
+    g = await _gated_paged(eng, peer)
+    aiote_faults.kill(peer)
+    _gate(eng, False)
+    with pytest.raises(aiote.PeerUnreachable) as ei:
+        await asyncio.wait_for(g.fut, 30)
+    assert ei.value.index == 1024, ei.value
+    for _ in range(2):
+        with pytest.raises(aiote.PeerUnreachable):
+            await asyncio.wait_for(eng.write_paged(g.src, g.d, 1024, g.sp, g.dp, imm=7), 30)
+    assert _direct(eng.stats()) == 1024
+
+
+async def test_cancel_and_close_during_a_copy_thread_copy(aiote_make_engine, peer):
+    """Cancelling an op a copy thread is copying withdraws what is not copied yet (the pages
+    copied deliver their imms, nothing else lands); an op queued behind it still runs.
+    Closing the engine while the thread copies fails the op and the queued ones with
+    EngineClosed, exactly the copied chunk's imms delivered."""
+    eng = await aiote_make_engine(direct_max=4096)
+    g = await _gated_paged(eng, peer)
+    rid2, desc2 = await peer.call("register", 1 << 20, 0)
+    after = eng.write(g.src, aiote.MrDescriptor.from_bytes(desc2), 1 << 20, imm=8)  # queued behind
+    g.fut.cancel()
+    _gate(eng, False)
+    await after
+    assert await peer.call("wait_imm", 8, 1, 10)
+    assert await peer.call("read", rid2, 0, 1 << 20) == g.data[:1 << 20]
+    assert await peer.call("wait_imm", 7, 1024, 10)
+    assert await peer.call("pending", 7) == 0
+    assert await peer.call("read", g.rid, 0, g.n * 1024) == _landed(g, 1024)
+    st = eng.stats()
+    assert _direct(st) == 1024 + 1 and st["writes_posted"] == 0, st
+
+    # close while the thread holds an op after its first chunk, another op queued behind it
+    g2 = await _gated_paged(eng, peer)
+    queued = eng.write(g2.src, g2.d, 1 << 20, imm=9)
+    close = asyncio.ensure_future(eng.close())
+    with pytest.raises(aiote.EngineClosed):
+        await g2.fut
+    with pytest.raises(aiote.EngineClosed):
+        await queued
+    await close
+    assert await peer.call("wait_imm", 7, 1024, 10)
+    assert await peer.call("pending", 7) == 0
+    assert await peer.call("pending", 9) == 0
+    assert await peer.call("read", g2.rid, 0, g2.n * 1024) == _landed(g2, 1024)
 
 
 async def test_out_of_bounds_checked_before_copy(engine, peer):

@@ -409,7 +409,8 @@ async def test_shm_peer_dying_inside_the_provider_wedges_only_that_engine(aiote_
     watchdog sees its worker stuck on that dead peer, stops the worker, and fails every
     pending operation with PeerUnreachable; the process and other engines carry on."""
     n = 256 << 20
-    eng = await aiote_make_engine(peer_timeout=30)
+    # through libfabric (the direct path's copy threads would take this write: no shm lock)
+    eng = await aiote_make_engine(peer_timeout=30, direct_shm=False)
     src = eng.register(bytearray(b"\x01") * n)
     for _ in range(5):
         peer = await aiote_make_peer()

@@ -94,7 +94,9 @@ typedef struct {
     int hmem;                 /* 1: ask for FI_HMEM (device memory registered directly: GPUDirect) */
     int direct_shm;           /* 1: shm peers on this host: copy with process_vm_writev ourselves
                                * (docs/reliability.md, "Direct same-host path"); 0: libfabric only */
-    uint64_t direct_max;      /* ops up to this many bytes take the direct path; 0 = 4 MiB */
+    uint64_t direct_max;      /* ops up to this many bytes are copied on the calling thread; 0 = 4 MiB */
+    int32_t direct_workers;   /* threads that copy larger direct ops (the caller is not held; the op
+                               * completes by event): 0 = 1, < 0 = none (those go through libfabric) */
 } aiote_config;
 
 typedef struct {
@@ -169,6 +171,8 @@ typedef struct {
     uint64_t direct_writes;    /* writes copied by the direct path */
     uint64_t direct_bytes;
     uint64_t direct_fallbacks; /* ops the direct path handed to libfabric */
+    uint64_t direct_worker_ops; /* direct ops copied by the engine's copy threads (above direct_max) */
+    uint64_t direct_syscalls;   /* process_vm_writev calls of the direct path */
     uint64_t loop_passes;      /* loop-spin mode: progress passes the event loop's thread ran */
     uint64_t loop_found;       /* ... of which found work (imms, completions) */
 } aiote_stats;
@@ -252,6 +256,12 @@ int aiote_imm_restore(aiote_engine *e, uint32_t imm, uint64_t count);
 int aiote_imm_arrive(aiote_engine *e, uint32_t imm, uint64_t count);
 /* Whole writes with this imm that landed and were not consumed yet. */
 int aiote_imm_pending(aiote_engine *e, uint32_t imm, uint64_t *count);
+
+/* Tests only: hold the direct path's copy threads after the next chunk (up to
+ * 1024 elements) of the op they copy (on = 1) or let them go on (on = 0). */
+int aiote_direct_pause(aiote_engine *e, int on);
+/* Tests only: wait up to timeout_ms until a copy thread is held there: 1, or 0. */
+int aiote_direct_wait_paused(aiote_engine *e, uint32_t timeout_ms);
 
 /* Take up to max events; re-arms the eventfd when the queue is emptied. */
 int aiote_poll_events(aiote_engine *e, aiote_event *out, size_t max);

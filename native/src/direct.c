@@ -129,6 +129,8 @@ struct dpeer {
     int efd; /* the target's eventfd (pidfd_getfd), -1: imms go as messages */
     pthread_mutex_t push_lock; /* our threads share our lane's ring */
     atomic_bool off; /* fall back to libfabric (EPERM, gone, closed) */
+    atomic_bool dead; /* its process exited: fail at once here (PeerUnreachable), never hand
+                       * work for it to libfabric (shm would try to connect to a dead peer) */
 };
 
 _Static_assert(sizeof(struct dt_header) <= DT_HDR_SIZE, "key table header too large");
@@ -550,27 +552,31 @@ static inline void elem_at(const struct op *op, size_t i, struct welem *w)
     w->dst_off = op->dst_off + (uint64_t)op->dst_pages[i] * op->dst_stride;
 }
 
-/* Can the direct path take this (checked) op?  Nothing is changed. */
-bool direct_eligible(aiote_engine *e, const struct op *op)
+/* Can the direct path take this (checked) op, and where?  0: no (libfabric);
+ * 1: on the calling thread (at most direct_max bytes); 2: on a copy thread
+ * (larger, if the engine has copy threads).  Nothing is changed. */
+int direct_mode(aiote_engine *e, const struct op *op)
 {
-    if (!e->cfg.direct_shm || !e->is_shm || op->n == 0)
-        return false;
+    if (!e->cfg.direct_shm || !e->is_shm || op->n == 0 || op->local_device)
+        return 0;
     uint64_t total = 0;
     if (op->kind == OP_PAGED) {
-        if (!op->rd->dp || atomic_load(&op->rd->dp->off))
-            return false;
+        if (!op->rd->dp || (atomic_load(&op->rd->dp->off) && !atomic_load(&op->rd->dp->dead)))
+            return 0;
         total = op->page_len * op->n;
         if (op->page_len && total / op->page_len != op->n)
-            return false;
+            total = UINT64_MAX;
     } else {
         for (size_t i = 0; i < op->n; i++) {
             const struct rdesc *rd = op->wrs[i].rd;
-            if (!rd->dp || atomic_load(&rd->dp->off) || op->wrs[i].len > e->direct_max - total)
-                return false; /* (also: the sum can't wrap) */
-            total += op->wrs[i].len;
+            if (!rd->dp || (atomic_load(&rd->dp->off) && !atomic_load(&rd->dp->dead)))
+                return 0;
+            total = op->wrs[i].len > UINT64_MAX - total ? UINT64_MAX : total + op->wrs[i].len;
         }
     }
-    return total <= e->direct_max;
+    if (total <= e->direct_max)
+        return 1;
+    return e->cfg.direct_workers >= 0 ? 2 : 0;
 }
 
 static int hold_slot(struct dpeer *dp, uint32_t slot, uint32_t *k_out)
@@ -740,11 +746,38 @@ static int queue_imms(aiote_engine *e, uint64_t id, uint32_t imm, const struct i
     return enqueue_op(e, op);
 }
 
+/* Advance an iovec array by adv bytes (from *idx on). */
+static void iov_advance(struct iovec *v, size_t n, size_t *idx, uint64_t adv)
+{
+    while (adv && *idx < n) {
+        if (adv >= v[*idx].iov_len) {
+            adv -= v[*idx].iov_len;
+            v[*idx].iov_len = 0;
+            (*idx)++;
+        } else {
+            v[*idx].iov_base = (uint8_t *)v[*idx].iov_base + adv;
+            v[*idx].iov_len -= adv;
+            adv = 0;
+        }
+    }
+    while (*idx < n && v[*idx].iov_len == 0)
+        (*idx)++;
+}
+
+/* Between two chunks of a copy thread's op: held here by the test gate
+ * (aiote_direct_pause); then is the op to stop (cancelled, engine closing)? */
+static bool async_checkpoint(aiote_engine *e, struct op *op);
+static void async_release(aiote_engine *e, struct op *op);
+
+#define DT_CHUNK_BYTES (64ull << 20) /* a chunk ends after this many bytes (cancel/close/deregistration
+                                      * are seen between chunks) */
+
 /* Do the op's copies.  Returns AIOTE_DIRECT_DONE (complete, nothing queued),
  * 0 (the outcome comes as an event: imm messages queued, or a failure), or
  * AIOTE_DIRECT_FALLBACK (nothing copied: post it through libfabric).
- * The caller holds a reference on the local region. */
-int direct_run(aiote_engine *e, struct op *op)
+ * The caller holds a reference on the local region.  on_thread: a copy
+ * thread runs it (checkpoints between chunks). */
+static int direct_copy(aiote_engine *e, struct op *op, bool on_thread)
 {
     struct iovec liov[DT_IOV], riov[DT_IOV];
     size_t nacc = 0, acc_cap = op->kind == OP_PAGED ? 1 : op->n;
@@ -758,6 +791,12 @@ int direct_run(aiote_engine *e, struct op *op)
     bool fallback = false;
     size_t i = 0;
     while (i < op->n && !status && !fallback) {
+        if (on_thread && i > 0 && async_checkpoint(e, op)) {
+            status = -AIOTE_E_CLOSED; /* cancelled or closing: the rest is withdrawn */
+            fi_err = FI_ECANCELED;
+            bad = i;
+            break;
+        }
         struct welem w;
         elem_at(op, i, &w);
         const struct rdesc *rd = w.rd;
@@ -772,6 +811,7 @@ int direct_run(aiote_engine *e, struct op *op)
         struct pollfd pf = {.fd = dp->pidfd, .events = POLLIN};
         if (poll(&pf, 1, 0) != 0) {
             atomic_store(&dp->off, true);
+            atomic_store(&dp->dead, true);
             status = -AIOTE_E_PROVIDER;
             fi_err = FI_ECONNRESET;
             bad = i;
@@ -783,7 +823,7 @@ int direct_run(aiote_engine *e, struct op *op)
                 fallback = true;
                 break;
             }
-            /* part of the op is there already: wait for a hold (held for one syscall each) */
+            /* part of the op is there already: wait for a hold (each is held for one syscall) */
             while (hold_slot(dp, rd->dslot, &k))
                 sched_yield();
         }
@@ -804,8 +844,10 @@ int direct_run(aiote_engine *e, struct op *op)
             bad = i;
             break;
         }
-        /* this element and the following ones into the same slot, IOV_MAX at a time */
-        size_t first = i, niov = 0;
+        /* this element and the following ones into the same slot, IOV_MAX iovecs a side at a
+         * time; a range that continues the previous one on its side joins its iovec (local
+         * and remote sides merge independently: the kernel pairs them by byte count) */
+        size_t first = i, nl = 0, nr = 0;
         uint64_t run_bytes = 0;
         for (;;) {
             struct welem x;
@@ -814,22 +856,35 @@ int direct_run(aiote_engine *e, struct op *op)
                                x.rd->base != rd->base))
                 break;
             if (x.len) {
-                liov[niov] = (struct iovec){op->local_base + x.src_off, x.len};
+                uint8_t *lp = op->local_base + x.src_off;
                 /* bounds: x.dst_off + x.len <= x.rd->len <= slot len (checked at submission and above) */
-                riov[niov] = (struct iovec){(void *)(uintptr_t)(s->base + x.dst_off), x.len};
-                niov++;
+                uint8_t *rp = (uint8_t *)(uintptr_t)(s->base + x.dst_off);
+                bool lm = nl && (uint8_t *)liov[nl - 1].iov_base + liov[nl - 1].iov_len == lp;
+                bool rm = nr && (uint8_t *)riov[nr - 1].iov_base + riov[nr - 1].iov_len == rp;
+                if ((!lm && nl == DT_IOV) || (!rm && nr == DT_IOV) ||
+                    (run_bytes && (run_bytes >= DT_CHUNK_BYTES || x.len > DT_CHUNK_BYTES - run_bytes)))
+                    break; /* no room in this syscall: the next chunk starts here */
+                if (lm)
+                    liov[nl - 1].iov_len += x.len;
+                else
+                    liov[nl++] = (struct iovec){lp, x.len};
+                if (rm)
+                    riov[nr - 1].iov_len += x.len;
+                else
+                    riov[nr++] = (struct iovec){rp, x.len};
                 run_bytes += x.len;
             }
             i++;
-            if (i == op->n || niov == DT_IOV)
+            if (i == op->n)
                 break;
         }
         /* process_vm_writev may stop short (it copies iovec by iovec): go on from there */
         size_t li = 0, ri = 0;
         uint64_t left = run_bytes;
         while (left) {
-            ssize_t r = process_vm_writev(dp->pid, liov + li, (unsigned long)(niov - li), riov + ri,
-                                          (unsigned long)(niov - ri), 0);
+            ssize_t r = process_vm_writev(dp->pid, liov + li, (unsigned long)(nl - li), riov + ri,
+                                          (unsigned long)(nr - ri), 0);
+            __atomic_fetch_add(&e->stats.direct_syscalls, 1, __ATOMIC_RELAXED);
             if (r <= 0) {
                 int err = r < 0 ? errno : EFAULT;
                 if (err == EINTR)
@@ -839,6 +894,7 @@ int direct_run(aiote_engine *e, struct op *op)
                     fallback = true;
                 } else if (err == ESRCH) {
                     atomic_store(&dp->off, true);
+                    atomic_store(&dp->dead, true);
                     status = -AIOTE_E_PROVIDER;
                     fi_err = FI_ECONNRESET;
                 } else {
@@ -868,28 +924,22 @@ int direct_run(aiote_engine *e, struct op *op)
             }
             left -= (uint64_t)r;
             bytes += (uint64_t)r;
-            /* advance both iovec arrays by r bytes (their lengths are equal pairwise) */
-            uint64_t adv = (uint64_t)r;
-            while (adv) {
-                if (adv >= liov[li].iov_len) {
-                    adv -= liov[li].iov_len;
-                    riov[ri].iov_len = 0;
-                    li++;
-                    ri++;
-                } else {
-                    liov[li].iov_base = (uint8_t *)liov[li].iov_base + adv;
-                    liov[li].iov_len -= adv;
-                    riov[ri].iov_base = (uint8_t *)riov[ri].iov_base + adv;
-                    riov[ri].iov_len -= adv;
-                    adv = 0;
-                }
-            }
-            while (li < niov && liov[li].iov_len == 0) {
-                li++;
-                ri++;
-            }
+            iov_advance(liov, nl, &li, (uint64_t)r);
+            iov_advance(riov, nr, &ri, (uint64_t)r);
         }
         release_slot(dp, k);
+        if (!status && !fallback && (on_thread || run_bytes >= (1u << 20))) {
+            /* a long copy: did the target die meanwhile?  Its memory took the bytes while the
+             * kernel held it, but nobody is there to use them: the chunk counts as failed */
+            struct pollfd pf2 = {.fd = dp->pidfd, .events = POLLIN};
+            if (poll(&pf2, 1, 0) != 0) {
+                atomic_store(&dp->off, true);
+                atomic_store(&dp->dead, true);
+                status = -AIOTE_E_PROVIDER;
+                fi_err = FI_ECONNRESET;
+                bad = first;
+            }
+        }
         if (!status && !fallback) {
             copied_elems += i - first;
             if (op->has_imm)
@@ -904,6 +954,8 @@ int direct_run(aiote_engine *e, struct op *op)
         return AIOTE_DIRECT_FALLBACK;
     }
     __atomic_fetch_add(&e->stats.direct_writes, copied_elems, __ATOMIC_RELAXED);
+    if (on_thread)
+        async_release(e, op); /* before anyone can hear of the op (its event, its imms) */
     int rc = 0;
     if (status) {
         /* what landed before the failure delivers its imms (as libfabric's
@@ -929,4 +981,291 @@ int direct_run(aiote_engine *e, struct op *op)
     if (acc != acc_small)
         free(acc);
     return rc;
+}
+
+int direct_run(aiote_engine *e, struct op *op) { return direct_copy(e, op, false); }
+
+/* ---- copy threads: direct ops larger than direct_max ---------------------
+ * The caller's thread (the event loop) only queues them; a copy thread of the
+ * engine copies them with the same protocol (holds, generation check, pidfd)
+ * and reports the op by event, as libfabric's completions are reported.  The
+ * op keeps its local region referenced and its elements counted in
+ * `outstanding` until then.  Cancellation and close are seen between chunks
+ * (at most 1024 elements or 64 MiB): what is not copied yet is withdrawn and
+ * the op fails (AIOTE_E_CLOSED); the imms of what landed are delivered. */
+struct dcopier {
+    pthread_mutex_t lock;
+    pthread_cond_t cond;       /* work, stop, gate released */
+    pthread_cond_t gate_cond;  /* a thread reached the gate */
+    struct op *head, *tail;
+    struct op **running;       /* per thread: the op it copies (cancel marks it) */
+    pthread_t *threads;
+    uint32_t nthreads;
+    bool stop;
+    int gate;                  /* tests: hold copy threads at their next checkpoint */
+    int at_gate;
+};
+
+static inline bool op_cancelled(const struct op *op) { return __atomic_load_n(&op->cancelled, __ATOMIC_ACQUIRE); }
+
+static bool async_checkpoint(aiote_engine *e, struct op *op)
+{
+    struct dcopier *c = e->dcp;
+    if (__atomic_load_n(&c->gate, __ATOMIC_ACQUIRE)) {
+        pthread_mutex_lock(&c->lock);
+        if (c->gate && !c->stop) {
+            c->at_gate++;
+            pthread_cond_broadcast(&c->gate_cond);
+            while (c->gate && !c->stop)
+                pthread_cond_wait(&c->cond, &c->lock);
+            c->at_gate--;
+        }
+        pthread_mutex_unlock(&c->lock);
+    }
+    return op_cancelled(op) || atomic_load(&e->stopping);
+}
+
+/* The op's local region reference and its room in the queue bound go back
+ * before its event is pushed: whoever hears of it may deregister the region
+ * or submit more at once. */
+static void async_release(aiote_engine *e, struct op *op)
+{
+    pthread_mutex_lock(&e->mr_lock);
+    e->mrs[op->mr_index].refs--;
+    pthread_mutex_unlock(&e->mr_lock);
+    atomic_fetch_sub(&e->outstanding, op->n_submitted);
+}
+
+static void async_fail(aiote_engine *e, struct op *op, int32_t status, int fi_err, uint64_t index)
+{
+    async_release(e, op);
+    push_op_event(e, op->id, status, fi_err, index);
+    atomic_fetch_add(&e->direct_ops_failed, 1);
+    op_free(op);
+}
+
+struct copier_arg {
+    aiote_engine *e;
+    uint32_t idx;
+};
+
+static void *copier_main(void *arg)
+{
+    struct copier_arg *ca = arg;
+    aiote_engine *e = ca->e;
+    uint32_t me = ca->idx;
+    free(ca);
+    struct dcopier *c = e->dcp;
+    pthread_mutex_lock(&c->lock);
+    for (;;) {
+        while (!c->head && !c->stop)
+            pthread_cond_wait(&c->cond, &c->lock);
+        struct op *op = c->head;
+        if (!op)
+            break; /* stopping, nothing queued */
+        c->head = op->next;
+        if (!c->head)
+            c->tail = NULL;
+        op->next = NULL;
+        if (c->stop || op_cancelled(op)) { /* withdrawn before any byte moved */
+            pthread_mutex_unlock(&c->lock);
+            async_fail(e, op, -AIOTE_E_CLOSED, FI_ECANCELED, 0);
+            pthread_mutex_lock(&c->lock);
+            continue;
+        }
+        c->running[me] = op;
+        pthread_mutex_unlock(&c->lock);
+        int r = direct_copy(e, op, true);
+        pthread_mutex_lock(&c->lock);
+        c->running[me] = NULL;
+        pthread_mutex_unlock(&c->lock);
+        __atomic_fetch_add(&e->stats.direct_worker_ops, 1, __ATOMIC_RELAXED);
+        if (r == AIOTE_DIRECT_FALLBACK) {
+            /* nothing copied: libfabric takes it (its reservation and region reference go
+             * with it); a closed engine refuses it, and it fails here */
+            uint64_t id = op->id;
+            if (engine_handoff(e, op) != 0) {
+                push_op_event(e, id, -AIOTE_E_CLOSED, FI_ECANCELED, 0);
+                atomic_fetch_add(&e->direct_ops_failed, 1);
+            }
+        } else {
+            /* direct_copy gave back the region reference and the queue room already */
+            if (r == AIOTE_DIRECT_DONE)
+                push_op_event(e, op->id, 0, 0, 0);
+            op_free(op);
+        }
+        pthread_mutex_lock(&c->lock);
+    }
+    pthread_mutex_unlock(&c->lock);
+    return NULL;
+}
+
+static struct dcopier *copier_start(aiote_engine *e)
+{
+    pthread_mutex_lock(&e->dcp_lock);
+    struct dcopier *c = e->dcp;
+    if (c || atomic_load(&e->stopping)) {
+        pthread_mutex_unlock(&e->dcp_lock);
+        return c;
+    }
+    uint32_t n = e->cfg.direct_workers > 0 ? (uint32_t)e->cfg.direct_workers : 1;
+    if (n > 16)
+        n = 16;
+    c = calloc(1, sizeof *c);
+    if (c) {
+        c->threads = calloc(n, sizeof *c->threads);
+        c->running = calloc(n, sizeof *c->running);
+    }
+    if (!c || !c->threads || !c->running) {
+        if (c) {
+            free(c->threads);
+            free(c->running);
+        }
+        free(c);
+        pthread_mutex_unlock(&e->dcp_lock);
+        return NULL;
+    }
+    pthread_mutex_init(&c->lock, NULL);
+    pthread_cond_init(&c->cond, NULL);
+    pthread_cond_init(&c->gate_cond, NULL);
+    __atomic_store_n(&e->dcp, c, __ATOMIC_RELEASE); /* before the threads start: they read it */
+    for (uint32_t i = 0; i < n; i++) {
+        struct copier_arg *ca = malloc(sizeof *ca);
+        if (!ca)
+            break;
+        *ca = (struct copier_arg){e, i};
+        if (pthread_create(&c->threads[i], NULL, copier_main, ca) != 0) {
+            free(ca);
+            break;
+        }
+        c->nthreads++;
+    }
+    if (!c->nthreads) {
+        e->dcp = NULL;
+        pthread_cond_destroy(&c->cond);
+        pthread_cond_destroy(&c->gate_cond);
+        pthread_mutex_destroy(&c->lock);
+        free(c->threads);
+        free(c->running);
+        free(c);
+        c = NULL;
+    }
+    pthread_mutex_unlock(&e->dcp_lock);
+    return c;
+}
+
+/* Queue a checked op (local region referenced, elements reserved) for a copy
+ * thread.  0: queued (an event reports it); AIOTE_DIRECT_FALLBACK: no copy
+ * thread (post it through libfabric); -AIOTE_E_CLOSED. */
+int direct_async(aiote_engine *e, struct op *op)
+{
+    struct dcopier *c = __atomic_load_n(&e->dcp, __ATOMIC_ACQUIRE);
+    if (!c)
+        c = copier_start(e);
+    if (!c)
+        return atomic_load(&e->stopping) ? -AIOTE_E_CLOSED : AIOTE_DIRECT_FALLBACK;
+    pthread_mutex_lock(&c->lock);
+    if (c->stop || atomic_load(&e->stopping)) {
+        pthread_mutex_unlock(&c->lock);
+        aiote_set_error("engine is closed");
+        return -AIOTE_E_CLOSED;
+    }
+    op->next = NULL;
+    if (c->tail)
+        c->tail->next = op;
+    else
+        c->head = op;
+    c->tail = op;
+    pthread_cond_signal(&c->cond);
+    pthread_mutex_unlock(&c->lock);
+    return 0;
+}
+
+/* aiote_cancel: mark the op if a copy thread has it (queued or copying). */
+void direct_async_cancel(aiote_engine *e, uint64_t op_id)
+{
+    struct dcopier *c = __atomic_load_n(&e->dcp, __ATOMIC_ACQUIRE);
+    if (!c)
+        return;
+    pthread_mutex_lock(&c->lock);
+    for (struct op *op = c->head; op; op = op->next)
+        if (op->id == op_id)
+            __atomic_store_n(&op->cancelled, true, __ATOMIC_RELEASE);
+    for (uint32_t i = 0; i < c->nthreads; i++)
+        if (c->running[i] && c->running[i]->id == op_id)
+            __atomic_store_n(&c->running[i]->cancelled, true, __ATOMIC_RELEASE);
+    pthread_mutex_unlock(&c->lock);
+}
+
+/* Engine shutdown (e->stopping is set): the threads finish the chunk they
+ * copy, fail the rest (AIOTE_E_CLOSED) and exit. */
+void direct_async_stop(aiote_engine *e)
+{
+    pthread_mutex_lock(&e->dcp_lock);
+    struct dcopier *c = e->dcp;
+    pthread_mutex_unlock(&e->dcp_lock);
+    if (!c)
+        return;
+    pthread_mutex_lock(&c->lock);
+    bool joined = c->stop;
+    c->stop = true;
+    pthread_cond_broadcast(&c->cond);
+    pthread_mutex_unlock(&c->lock);
+    if (!joined)
+        for (uint32_t i = 0; i < c->nthreads; i++)
+            pthread_join(c->threads[i], NULL);
+    /* the struct stays until direct_async_free: a late submission finds it stopped */
+}
+
+/* aiote_engine_free: after shutdown. */
+void direct_async_free(aiote_engine *e)
+{
+    struct dcopier *c = e->dcp;
+    if (!c)
+        return;
+    e->dcp = NULL;
+    pthread_cond_destroy(&c->cond);
+    pthread_cond_destroy(&c->gate_cond);
+    pthread_mutex_destroy(&c->lock);
+    free(c->threads);
+    free(c->running);
+    free(c);
+}
+
+int aiote_direct_pause(aiote_engine *e, int on)
+{
+    struct dcopier *c = __atomic_load_n(&e->dcp, __ATOMIC_ACQUIRE);
+    if (!c)
+        c = copier_start(e);
+    if (!c) {
+        aiote_set_error("the engine has no direct-path copy threads");
+        return -AIOTE_E_INVAL;
+    }
+    pthread_mutex_lock(&c->lock);
+    __atomic_store_n(&c->gate, on ? 1 : 0, __ATOMIC_RELEASE);
+    pthread_cond_broadcast(&c->cond);
+    pthread_mutex_unlock(&c->lock);
+    return 0;
+}
+
+int aiote_direct_wait_paused(aiote_engine *e, uint32_t timeout_ms)
+{
+    struct dcopier *c = __atomic_load_n(&e->dcp, __ATOMIC_ACQUIRE);
+    if (!c)
+        return 0;
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    ts.tv_sec += timeout_ms / 1000;
+    ts.tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
+    if (ts.tv_nsec >= 1000000000L) {
+        ts.tv_sec++;
+        ts.tv_nsec -= 1000000000L;
+    }
+    pthread_mutex_lock(&c->lock);
+    int rc = 0;
+    while (!c->at_gate && rc == 0)
+        rc = pthread_cond_timedwait(&c->gate_cond, &c->lock, &ts);
+    int r = c->at_gate > 0;
+    pthread_mutex_unlock(&c->lock);
+    return r;
 }

@@ -46,6 +46,8 @@ static void engine_release(aiote_engine *e)
         close(e->sub_efd);
     free(e->pending_events.ev);
     free(e->mrs);
+    direct_async_free(e);
+    pthread_mutex_destroy(&e->dcp_lock);
     direct_peers_free(e);
     for (size_t i = 0; i < e->npeers; i++) {
         for (uint32_t j = 0; j < e->peers[i]->nnics; j++)
@@ -113,6 +115,7 @@ int aiote_engine_open(const aiote_config *cfg, aiote_engine **out)
     pthread_mutex_init(&e->peer_lock, NULL);
     pthread_mutex_init(&e->sub_lock, NULL);
     pthread_mutex_init(&e->watch_lock, NULL);
+    pthread_mutex_init(&e->dcp_lock, NULL);
     pthread_mutex_init(&e->progress_lock, NULL);
     atomic_init(&e->outstanding, 0);
     atomic_init(&e->narmed, 0);
@@ -161,6 +164,7 @@ int aiote_engine_shutdown(aiote_engine *e)
     uint64_t one = 1;
     ssize_t r = write(e->sub_efd, &one, sizeof one);
     (void)r;
+    direct_async_stop(e); /* copy threads: the chunk in progress ends, the rest fails as closed */
     if (e->watchdog_started) {
         pthread_mutex_lock(&e->wd_lock);
         pthread_cond_signal(&e->wd_cond);
@@ -601,11 +605,30 @@ static void release_local(aiote_engine *e, struct op *op)
     pthread_mutex_unlock(&e->mr_lock);
 }
 
-/* The direct path (direct.c), mr_lock held: copy now, on the calling thread;
+/* The direct path (direct.c), mr_lock held: mode 1: copy now, on the calling
+ * thread; mode 2: queue it for a copy thread (an event reports it);
  * libfabric if it can't. */
-static int direct_submit(aiote_engine *e, struct op *op, size_t n)
+static int direct_submit(aiote_engine *e, struct op *op, size_t n, int mode)
 {
     commit_local(e, &e->mrs[op->mr_index]); /* the local region stays while we copy */
+    if (mode == 2) {
+        int rc = reserve(e, n); /* backpressure as for libfabric's queue */
+        if (rc) {
+            release_local(e, op);
+            op_free(op);
+            return rc;
+        }
+        rc = direct_async(e, op);
+        if (rc == 0)
+            return 0;
+        if (rc != AIOTE_DIRECT_FALLBACK) {
+            atomic_fetch_sub(&e->outstanding, n);
+            release_local(e, op);
+            op_free(op);
+            return rc;
+        }
+        return submit_op(e, op, n);
+    }
     int r = direct_run(e, op);
     if (r != AIOTE_DIRECT_FALLBACK) {
         release_local(e, op);
@@ -620,6 +643,8 @@ static int direct_submit(aiote_engine *e, struct op *op, size_t n)
     }
     return submit_op(e, op, n);
 }
+
+int engine_handoff(aiote_engine *e, struct op *op) { return submit_op(e, op, op->n_submitted); }
 
 /* Build a batch of writes: checked, remote regions resolved, the local
  * region referenced.  With prep_out the op becomes a template (not queued,
@@ -694,8 +719,9 @@ static int writes_op(aiote_engine *e, uint64_t op_id, uint64_t mr_id, const aiot
         *prep_out = op;
         return 0;
     }
-    if (!op->local_device && direct_eligible(e, op))
-        return direct_submit(e, op, n);
+    int dmode = direct_mode(e, op);
+    if (dmode)
+        return direct_submit(e, op, n, dmode);
     rc = reserve(e, n);
     if (rc) {
         pthread_mutex_unlock(&e->mr_lock);
@@ -881,8 +907,9 @@ static int paged_op(aiote_engine *e, uint64_t op_id, uint64_t mr_id, uint32_t rd
         *prep_out = op;
         return 0;
     }
-    if (!op->local_device && direct_eligible(e, op))
-        return direct_submit(e, op, n);
+    int dmode = direct_mode(e, op);
+    if (dmode)
+        return direct_submit(e, op, n, dmode);
     rc = reserve(e, n);
     if (rc) {
         pthread_mutex_unlock(&e->mr_lock);
@@ -1173,6 +1200,7 @@ int aiote_cancel(aiote_engine *e, uint64_t op_id)
     atomic_store_explicit(&e->sub_pending, true, memory_order_release);
     pthread_mutex_unlock(&e->sub_lock);
     wake_worker(e);
+    direct_async_cancel(e, op_id);
     return 0;
 }
 

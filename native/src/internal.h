@@ -365,7 +365,9 @@ struct aiote_engine {
     /* direct path (direct.c): our key table as a target; the largest op it copies */
     struct dtable *dtab;
     uint64_t direct_max;
-    atomic_uint_fast64_t direct_ops_ok, direct_ops_failed; /* finished on callers' threads */
+    atomic_uint_fast64_t direct_ops_ok, direct_ops_failed; /* finished on callers' or copy threads */
+    struct dcopier *dcp; /* the copy threads for direct ops above direct_max (NULL: none started) */
+    pthread_mutex_t dcp_lock;
 
     /* statistics: written by the worker, read racily (monotonic counters) */
     aiote_stats stats;
@@ -464,8 +466,15 @@ void direct_publish(aiote_engine *e, size_t idx, uint32_t gen, uint64_t key, uin
 int direct_unpublish(aiote_engine *e, size_t idx, uint64_t timeout_ns);
 void direct_resolve(aiote_engine *e, struct peer *p, struct rdesc *rd);
 void direct_peers_free(aiote_engine *e);
-bool direct_eligible(aiote_engine *e, const struct op *op);
+/* 0: libfabric; 1: copy on the calling thread (direct_run); 2: a copy thread (direct_async) */
+int direct_mode(aiote_engine *e, const struct op *op);
 int direct_run(aiote_engine *e, struct op *op);
+int direct_async(aiote_engine *e, struct op *op);
+void direct_async_cancel(aiote_engine *e, uint64_t op_id);
+void direct_async_stop(aiote_engine *e);
+void direct_async_free(aiote_engine *e);
+/* engine.c: hand a reserved, region-referencing op to the worker (libfabric); on failure it is freed */
+int engine_handoff(aiote_engine *e, struct op *op);
 bool direct_poll_imms(aiote_engine *e);
 bool direct_sleep_begin(aiote_engine *e);
 void direct_sleep_end(aiote_engine *e);
