@@ -2,6 +2,8 @@
 under the short names the suite has always used."""
 
 import os
+import threading
+import time
 from importlib.metadata import entry_points
 
 import pytest
@@ -39,3 +41,79 @@ def engine(aiote_engine):
 def peer(aiote_peer):
     """An engine in another process, driven through PeerProcess."""
     return aiote_peer
+
+
+_SHM = "/dev/shm"
+
+
+def _shm_pid(name: str) -> int:
+    head, sep, _ = name.partition(":")
+    return int(head) if sep and head.isdigit() else 0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _remove_shm_files_our_dead_processes_left():
+    """libfabric's shm and aiote name their /dev/shm files after the owner's pid
+    (``<pid>:...``); a process the tests SIGKILL leaves them behind (harmless: an engine
+    sweeps its own pid's leftovers when it opens, but they pile up, 16 MiB of address space
+    each).  At the end of the session remove those that a process of *this* session created
+    and that outlived it -- never another session's or anything that was there before: every
+    process started by the tests inherits a tag in its environment, a sampler records each
+    new file (name and inode) whose owner carries our tag, and only recorded files whose
+    owner is gone are removed."""
+    if not os.path.isdir(_SHM):
+        yield
+        return
+    tag = f"AIOTE_TEST_SESSION={os.getpid()}.{time.time_ns()}".encode()
+    os.environ["AIOTE_TEST_SESSION"] = tag.decode().partition("=")[2]
+    before = set(os.listdir(_SHM))
+    ours: dict[str, int] = {}  # name -> inode
+    judged: set[str] = set(before)
+    stop = threading.Event()
+
+    def sample() -> None:
+        try:
+            names = os.listdir(_SHM)
+        except OSError:
+            return
+        for name in names:
+            pid = _shm_pid(name)
+            if name in judged or not pid:
+                continue
+            try:
+                with open(f"/proc/{pid}/environ", "rb") as f:
+                    env = f.read().split(b"\0")
+                ino = os.stat(os.path.join(_SHM, name)).st_ino
+            except OSError:
+                continue  # its owner is gone already: unknown, left alone
+            judged.add(name)
+            if tag in env:
+                ours[name] = ino
+
+    def sampler() -> None:
+        while not stop.wait(0.5):
+            sample()
+
+    thread = threading.Thread(target=sampler, name="shm-sampler", daemon=True)
+    thread.start()
+    yield
+    stop.set()
+    thread.join()
+    sample()
+    for name, ino in ours.items():
+        path = os.path.join(_SHM, name)
+        try:
+            if os.stat(path).st_ino == ino and not _alive(_shm_pid(name)):
+                os.unlink(path)
+        except OSError:
+            pass
