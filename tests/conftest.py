@@ -2,7 +2,8 @@
 under the short names the suite has always used."""
 
 import os
-import threading
+import subprocess
+import sys
 import time
 from importlib.metadata import entry_points
 
@@ -43,22 +44,51 @@ def peer(aiote_peer):
     return aiote_peer
 
 
-_SHM = "/dev/shm"
-
-
-def _shm_pid(name: str) -> int:
+# Runs in a process of its own, so that the suite's own process keeps exactly its fds and
+# threads (tests/test_leaks.py counts them).  argv: the tag, the names present at the start.
+# Records every new /dev/shm/<pid>:... file (name, inode) whose owner carries the tag in its
+# environment; on EOF of stdin, looks once more and removes the recorded files whose owner
+# has exited (and that are still the same file).
+_SAMPLER = r"""
+import os, sys, select
+tag = sys.argv[1].encode()
+judged = set(sys.argv[2:])
+ours = {}
+def owner(name):
     head, sep, _ = name.partition(":")
     return int(head) if sep and head.isdigit() else 0
-
-
-def _alive(pid: int) -> bool:
+def sample():
+    for name in os.listdir("/dev/shm"):
+        pid = owner(name)
+        if name in judged or not pid:
+            continue
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                env = f.read().split(b"\0")
+            ino = os.stat("/dev/shm/" + name).st_ino
+        except OSError:
+            continue  # its owner is gone already: unknown, left alone
+        judged.add(name)
+        if tag in env:
+            ours[name] = ino
+while not select.select([sys.stdin], [], [], 0.5)[0]:
+    sample()
+sample()
+for name, ino in ours.items():
+    pid = owner(name)
     try:
         os.kill(pid, 0)
+        continue  # still running
     except ProcessLookupError:
-        return False
+        pass
     except PermissionError:
-        return True
-    return True
+        continue
+    try:
+        if os.stat("/dev/shm/" + name).st_ino == ino:
+            os.unlink("/dev/shm/" + name)
+    except OSError:
+        pass
+"""
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -68,62 +98,30 @@ def _remove_shm_files_our_dead_processes_left():
     sweeps its own pid's leftovers when it opens, but they pile up, 16 MiB of address space
     each).  At the end of the session remove those that a process of *this* session created
     and that outlived it -- never another session's or anything that was there before: every
-    process started by the tests inherits a tag in its environment, a sampler records each
-    new file (name and inode) whose owner carries our tag, and only recorded files whose
+    process started by the tests inherits a tag in its environment, a sampler process records
+    each new file (name and inode) whose owner carries our tag, and only recorded files whose
     owner is gone are removed; and, last, the files this process itself created."""
-    if not os.path.isdir(_SHM):
+    if not os.path.isdir("/dev/shm"):
         yield
         return
-    tag = f"AIOTE_TEST_SESSION={os.getpid()}.{time.time_ns()}".encode()
-    os.environ["AIOTE_TEST_SESSION"] = tag.decode().partition("=")[2]
-    before = set(os.listdir(_SHM))
-    ours: dict[str, int] = {}  # name -> inode
-    judged: set[str] = set(before)
-    stop = threading.Event()
-
-    def sample() -> None:
-        try:
-            names = os.listdir(_SHM)
-        except OSError:
-            return
-        for name in names:
-            pid = _shm_pid(name)
-            if name in judged or not pid:
-                continue
-            try:
-                with open(f"/proc/{pid}/environ", "rb") as f:
-                    env = f.read().split(b"\0")
-                ino = os.stat(os.path.join(_SHM, name)).st_ino
-            except OSError:
-                continue  # its owner is gone already: unknown, left alone
-            judged.add(name)
-            if tag in env:
-                ours[name] = ino
-
-    def sampler() -> None:
-        while not stop.wait(0.5):
-            sample()
-
-    thread = threading.Thread(target=sampler, name="shm-sampler", daemon=True)
-    thread.start()
+    value = f"{os.getpid()}.{time.time_ns()}"
+    os.environ["AIOTE_TEST_SESSION"] = value
+    before = set(os.listdir("/dev/shm"))
+    sampler = subprocess.Popen([sys.executable, "-c", _SAMPLER, f"AIOTE_TEST_SESSION={value}", *sorted(before)],
+                               stdin=subprocess.PIPE, close_fds=True)
     yield
-    stop.set()
-    thread.join()
-    sample()
-    for name, ino in ours.items():
-        path = os.path.join(_SHM, name)
-        try:
-            if os.stat(path).st_ino == ino and not _alive(_shm_pid(name)):
-                os.unlink(path)
-        except OSError:
-            pass
-    # and this process's own: engines whose teardown was deferred (kept mapped for peers that
-    # might still answer them, docs/reliability.md) keep their files until exit, and libfabric
-    # 1.17 leaves them after it; the tests are over, every peer is gone, the mappings stay valid
+    sampler.stdin.close()
+    try:
+        sampler.wait(30)
+    except subprocess.TimeoutExpired:
+        sampler.kill()
+    # this process's own: engines whose teardown was deferred (kept mapped for peers that
+    # might still answer them, docs/reliability.md) keep their files for good (libfabric 1.17
+    # removes none at exit); the tests are over, every peer is gone, the mappings stay valid
     me = f"{os.getpid()}:"
-    for name in os.listdir(_SHM):
+    for name in os.listdir("/dev/shm"):
         if name.startswith(me) and name not in before:
             try:
-                os.unlink(os.path.join(_SHM, name))
+                os.unlink(os.path.join("/dev/shm", name))
             except OSError:
                 pass
