@@ -3,9 +3,20 @@
 from __future__ import annotations
 
 import errno as _errno
+import os as _os
 
 from . import errors
-from ._native import ffi, lib
+
+# libfabric pulls in libinfinipath (Debian's build links its psm provider), whose
+# load-time constructor replaces the handlers of SIGSEGV, SIGBUS, SIGILL, SIGABRT,
+# SIGINT and SIGTERM with one that prints a backtrace and calls exit(1): a crash
+# then leaves no core and no faulthandler dump and reads as "exit code 1", SIGTERM
+# exits 1 instead of dying of the signal, and Ctrl-C no longer raises
+# KeyboardInterrupt.  This variable, read by that constructor, keeps the process's
+# own handlers (docs/reliability.md, "Signals").
+_os.environ.setdefault("IPATH_NO_BACKTRACE", "1")
+
+from ._native import ffi, lib  # noqa: E402
 
 __all__ = ["ffi", "lib", "check", "error_for", "last_error"]
 

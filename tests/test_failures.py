@@ -503,3 +503,33 @@ async def test_closing_a_same_process_shm_peer_with_writes_in_flight_doesnt_corr
             await asyncio.gather(c.imms.wait(2, 50, timeout=30), b.imms.wait(3, 50, timeout=30))
             assert bufs[1] == bufs[0] and bufs[3] == bufs[2]
             del churn
+
+
+async def test_closing_before_a_peer_took_our_connection_request_spares_the_peer():
+    """shm (libfabric 1.17): the first post to a peer queues a connection request naming the
+    sender's endpoint and is refused (EAGAIN) until the peer's progress takes it, which maps the
+    sender's region by that name.  An engine that closed before then used to remove the name, and
+    the peer, taking the request later, dereferenced NULL and died of SIGSEGV in fi_cq_read (the
+    torchrun KV demo: the router closed the sending engine of a worker it had given up on while
+    the worker was still alive).  The closing engine now keeps its endpoints instead."""
+    async with PeerProcess("shm") as peer:
+        addr = await peer.call("address")
+        peer.pause()
+        try:
+            eng = aiote.TransferEngine("shm").open()
+            first = eng.send(addr, b"never")
+            while eng.stats()["eagain"] == 0:  # our request waits in the stopped peer's queue
+                await asyncio.sleep(0.001)
+            await eng.close()
+        finally:
+            peer.resume()
+        with pytest.raises(aiote.EngineClosed):
+            await first
+        # the peer takes our request, then a new sender's (its queue is in order): an answer
+        # to the new sender means it took ours and lived
+        echo = peer.call("echo_messages", 1)
+        async with aiote.TransferEngine("shm") as other:
+            got = await asyncio.wait_for(asyncio.gather(other.recv(), other.send(addr, b"ping"), echo), 60)
+        data, _ = got[0]
+        assert data == b"re:ping"
+        assert peer.alive

@@ -10,6 +10,7 @@ and by hand, finding each other through a TCPStore on 127.0.0.1.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -135,6 +136,25 @@ async def test_fifty_requests_survive_a_kill_a_join_and_a_retirement(log_file: s
         {n: p.returncode for n, p in cluster.procs.items()}
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every live process below ``pid`` (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    ppid = int(f.read().rpartition(")")[2].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(d))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -166,8 +186,10 @@ def test_workers_meet_through_tcpstore(tmp_path: Path, launcher: str) -> None:
         try:
             outputs.append(p.communicate(timeout=100)[0])
         except subprocess.TimeoutExpired:
-            for q in procs:
-                os.killpg(q.pid, signal.SIGKILL)
+            for q in procs:  # torchrun starts each rank in a session of its own: those too
+                for pid in [q.pid, *_descendants(q.pid)]:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
             outputs.append(p.communicate()[0])
     if not all(p.returncode == 0 for p in procs):
         # a native crash shows as a backtrace somewhere in a rank's output: keep all of it

@@ -51,6 +51,7 @@ class _Worker:
     jobs: set[int] = field(default_factory=set)
     last_seen: float = 0.0
     blocked: bool = False  # decode said it is out of pages: skip until one of its jobs ends
+    silent: bool = False  # same host, alive, but no heartbeat for dead_after_s: no new jobs until heard
     pending_allocs: int = 0
     served: int = 0
     unwatch: Any = None
@@ -94,6 +95,7 @@ class Router:
         self._job_ids = itertools.count(1)
         self._changed = asyncio.Event()
         self._stop = asyncio.Event()
+        self._hb_gap_logged: set[str] = set()
         self.tg: Any = None
         self.stats: dict[str, Any] = {
             "requests": 0, "completed": 0, "failed": 0, "retries": 0, "joined": 0, "left": 0, "died": 0,
@@ -137,13 +139,25 @@ class Router:
                 self.log.exception("router.handler_failed", msg_type=msg["t"])
 
     async def _monitor(self) -> None:
-        """Heartbeats: a worker silent for dead_after_s is dead (the pidfd is faster on one host)."""
+        """Heartbeats: a worker on another host silent for dead_after_s is dead.  On this host its
+        pidfd reports its exit at once and exactly; silence there means slow, not dead (a loaded
+        2-core box left live workers unheard for over 5 s), so it only gets no new jobs until it
+        is heard again (a job stuck on it still ends by job_timeout_s)."""
+        last = time.monotonic()
         while True:
             await anyio.sleep(self.s.heartbeat_s)
             now = time.monotonic()
+            if now - last > self.s.heartbeat_s + 1.0:  # this loop itself did not run meanwhile
+                self.log.warning("router.late_tick", seconds=round(now - last, 3))
+            last = now
             for w in list(self.workers.values()):
                 if w.state in ("active", "draining") and now - w.last_seen > self.s.dead_after_s:
-                    self._lost(w, f"no heartbeat for {now - w.last_seen:.1f} s")
+                    if w.unwatch is None:
+                        self._lost(w, f"no heartbeat for {now - w.last_seen:.1f} s")
+                    elif not w.silent:
+                        w.silent = True
+                        self.log.warning("router.worker_silent", worker=w.name,
+                                         seconds=round(now - w.last_seen, 3))
 
     # -- clients ---------------------------------------------------------------------
 
@@ -231,9 +245,19 @@ class Router:
         if w is None or w.state not in ("active", "draining"):
             return None
         w.last_seen = time.monotonic()
+        if w.silent:  # heard again: it takes jobs again
+            w.silent = False
+            self.log.info("router.worker_heard", worker=w.name)
+            self._notify()
         return w
 
     def on_hb(self, msg: dict[str, Any], sender: bytes) -> None:
+        w = self.workers.get(msg["name"])
+        if w is not None and time.monotonic() - w.last_seen > 1.0 and w.name not in self._hb_gap_logged:
+            self.log.warning("router.hb_gap", worker=w.name, state=w.state,
+                             seconds=round(time.monotonic() - w.last_seen, 3))
+            if w.state not in ("active", "draining"):
+                self._hb_gap_logged.add(w.name)  # once for a worker given up on
         w = self._worker(msg)
         if w is not None:
             w.load = {k: v for k, v in msg.items() if k not in ("t", "name")}
@@ -310,7 +334,8 @@ class Router:
     async def _choose(self, role: str) -> _Worker:
         while True:
             cands = [w for w in self.workers.values()
-                     if w.role == role and w.state == "active" and not w.blocked and len(w.jobs) < w.capacity]
+                     if w.role == role and w.state == "active" and not w.blocked and not w.silent
+                     and len(w.jobs) < w.capacity]
             if cands:
                 return min(cands, key=lambda w: (len(w.jobs), w.served))
             await self._changed.wait()

@@ -145,6 +145,7 @@ class WorkerBase:
     # -- messages every worker understands -------------------------------------------
 
     def on_welcome(self, msg: dict[str, Any]) -> None:
+        self.log.info("worker.welcome")
         self._welcomed.set()
         if msg.get("host") == socket.gethostname():
             self._unwatch = watch_pid(int(msg["pid"]), self._router_gone)

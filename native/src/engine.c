@@ -188,8 +188,13 @@ int aiote_engine_shutdown(aiote_engine *e)
         pthread_join(e->worker, NULL);
     e->worker_started = false;
     watches_close(e);
-    if (e->is_shm && e->local_seq)
+    if (e->is_shm && e->local_seq) {
         e->defer_teardown = !drain_local_inflight(e, 500 * 1000000ull);
+        /* a live peer may still take a connection request of ours: our
+         * regions must outlive it (conn_requests_pending, worker.c) */
+        if (!e->defer_teardown && conn_requests_pending(e))
+            e->defer_teardown = true;
+    }
     fabric_close(e);
     /* the NIC can't touch them any more: free what the worker left */
     struct op *op = e->live;

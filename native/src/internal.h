@@ -64,6 +64,8 @@ struct mr_slot {
 
 /* ---- operations -------------------------------------------------------- */
 enum op_kind { OP_WRITES = 1, OP_PAGED = 2, OP_SEND = 3, OP_CTRL = 4, OP_PING = 5, OP_ARRIVE = 6, OP_IMMS = 7 };
+#define CONN_TRIED 1u /* struct peer.conn */
+#define CONN_TAKEN 2u
 #define MSG_FLAG_PING 1u /* message header flag: a liveness probe, dropped by the receiver */
 #define MSG_FLAG_IMMS 4u /* message header flag: imms of direct writes (direct.c), counted in C */
 #define IMMS_MAGIC 0x534d4d49u /* "IMMS" */
@@ -254,6 +256,12 @@ struct peer {
      * (which never complete) would stall every later one; on its own
      * endpoint they stall nothing else and die with it.  NULL: the NIC's. */
     struct fid_ep *ep[AIOTE_MAX_NICS];
+    /* shm: per [our NIC][their NIC], CONN_TRIED once a post was attempted,
+     * CONN_TAKEN once one was accepted.  libfabric 1.17's shm refuses posts
+     * (-FI_EAGAIN) until the peer's progress has taken our connection request;
+     * TRIED without TAKEN means a request of ours may still wait in its queue
+     * (see conn_requests_pending, worker.c). */
+    uint8_t conn[AIOTE_MAX_NICS][AIOTE_MAX_NICS];
     int pid;      /* shm: the peer's process (from its address), 0 if unknown */
     int pidfd;    /* readable once that process has exited; -1 if none */
     atomic_bool gone; /* its process exited: everything to it fails from now on */
@@ -406,6 +414,7 @@ uint64_t local_engine_opened(aiote_engine *e);
 /* Under local_close_begin(): does another engine of the process wait for x? */
 bool local_others_inflight_to(aiote_engine *x);
 bool drain_local_inflight(aiote_engine *e, uint64_t budget_ns); /* worker.c */
+bool conn_requests_pending(aiote_engine *e);                     /* worker.c */
 /* Under local_close_begin(): the engine is closed; d's objects (NULL: closed
  * already) are kept for the life of the process (see there). */
 void local_engine_closed(aiote_engine *e, uint64_t open_seq, struct deferred *d);

@@ -176,6 +176,15 @@ static inline void watched_post_end(aiote_engine *e)
     atomic_fetch_add_explicit(&e->post_seq, 1, memory_order_relaxed);
 }
 
+/* A post's outcome for the connection-request bookkeeping (struct peer.conn). */
+static inline void note_conn(struct peer *p, uint32_t nic, uint32_t remote, ssize_t rc)
+{
+    if (rc == 0)
+        p->conn[nic][remote] = CONN_TRIED | CONN_TAKEN;
+    else if (rc == -FI_EAGAIN)
+        p->conn[nic][remote] |= CONN_TRIED;
+}
+
 /* 0: posted (or nothing to post), 1: provider said -FI_EAGAIN, 2: no transmit
  * context free (wait for our completions), <0: -fi_errno (*nic_out names the NIC) */
 static int post_shard(aiote_engine *e, struct op *op, size_t i, int *nic_out)
@@ -185,7 +194,7 @@ static int post_shard(aiote_engine *e, struct op *op, size_t i, int *nic_out)
     if (w.len == 0 && !op->has_imm)
         return 0;
     const struct rdesc *rd = w.rd;
-    const struct peer *p = e->peers[rd->peer];
+    struct peer *p = e->peers[rd->peer];
     unsigned lg = shard_log(e, op, p, w.len);
     uint32_t s = op->next_shard, nshards = 1u << lg;
     uint32_t want_local, remote;
@@ -242,6 +251,7 @@ static int post_shard(aiote_engine *e, struct op *op, size_t i, int *nic_out)
     ssize_t rc = fi_writemsg(p->ep[n->index] ? p->ep[n->index] : n->ep, &msg, flags);
     if (p->ep[n->index])
         watched_post_end(e);
+    note_conn(p, n->index, remote, rc);
     if (rc == -FI_EAGAIN)
         return 1;
     if (rc)
@@ -269,7 +279,7 @@ static int post_send(aiote_engine *e, struct op *op, int *nic_out)
 {
     struct nic *n = &e->nics[0];
     uint32_t peer = op->kind == OP_IMMS ? op->ipeers[op->next_post] : op->peer;
-    const struct peer *p = e->peers[peer];
+    struct peer *p = e->peers[peer];
     /* OP_IMMS: {magic, imm, count} for element next_post (direct.c) */
     uint32_t imms_msg[4];
     const uint8_t *payload = op->msg;
@@ -321,6 +331,7 @@ static int post_send(aiote_engine *e, struct op *op, int *nic_out)
     }
     if (p->ep[0])
         watched_post_end(e);
+    note_conn(p, 0, 0, rc);
     if (rc == -FI_EAGAIN)
         return 1;
     if (rc)
@@ -480,6 +491,33 @@ bool drain_local_inflight(aiote_engine *e, uint64_t budget_ns)
         struct timespec ts = {0, 20000};
         nanosleep(&ts, NULL);
     }
+}
+
+/* Closing a shm engine: might a live peer still hold an untaken connection
+ * request of ours?  libfabric 1.17's shm introduces an endpoint to a peer with
+ * a request that carries the endpoint's name, and refuses every post
+ * (-FI_EAGAIN) until the peer's progress has taken it; taking it maps the
+ * sender's region by that name.  Closing our endpoint removes the name, and a
+ * peer that takes the request afterwards gets no mapping, dereferences NULL
+ * (smr_progress_connreq) and dies of SIGSEGV in fi_cq_read.  A post that was
+ * refused and never followed by an accepted one means a request may still
+ * wait.  A peer whose process exited, or a same-process engine that closed,
+ * takes nothing.  The caller then keeps our endpoints (local_peers.c). */
+bool conn_requests_pending(aiote_engine *e)
+{
+    for (size_t i = 0; i < e->npeers; i++) {
+        struct peer *p = e->peers[i];
+        if (p->gone)
+            continue;
+        for (uint32_t k = 0; k < e->nnics; k++)
+            for (uint32_t j = 0; j < p->nnics && j < AIOTE_MAX_NICS; j++) {
+                if (p->conn[k][j] != CONN_TRIED)
+                    continue;
+                if (p->local[j] ? atomic_load(&p->local[j]->open) : !peer_process_gone(p))
+                    return true;
+            }
+    }
+    return false;
 }
 
 /* A failed NIC's outstanding contexts will never complete: fail them now. */
