@@ -382,13 +382,19 @@ class ExpertParallel:
             out.index_add_(0, tok[:nr], self._combine_rows[:nr] * w[:nr])
         return out
 
-    async def _settle(self) -> None:
-        """Wait for this rank's writes of the last dispatch and combine (normally long done:
-        their completions were processed while this rank waited for its peers' writes);
-        raises what any of them failed with."""
+    async def settle(self) -> None:
+        """Wait until this rank's own writes of the last dispatch and combine are complete.
+
+        A step returns once the writes *to* this rank have landed; its own writes to the
+        others are settled by the next ``dispatch``.  After the last step, ``await
+        ep.settle()`` before closing the engine (or this object): a close cuts off writes
+        still in flight (they fail EngineClosed) and the peers would wait for them.
+        Raises what any of them failed with."""
         pending, self._pending = self._pending, []
         if pending:
             await asyncio.gather(*pending)
+
+    _settle = settle
 
     async def step(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
                    expert_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:

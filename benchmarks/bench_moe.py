@@ -125,6 +125,7 @@ def _rank(rank: int, world: int, a, port: int, conn) -> None:
                         res[name][0].append(d * 1e6)
                         res[name][1].append(c * 1e6)
                         res[name][2].append(cpu * 1e6)
+            await ep.settle()
             dist.barrier()
             return res
 

@@ -85,6 +85,9 @@ def _rank_main(rank, world, provider, conn, gpu=False):
             got = torch.cat([await small.step(x[a:a + 4], ids[a:a + 4], w[a:a + 4],
                                               lambda r, i: experts(r, i, "new")) for a in range(0, TOKENS, 4)])
             errs.append(float((got.cpu() - reference(x.cpu(), ids.cpu(), w.cpu(), mats.cpu())).abs().max()))
+            # our last combine's writes may still be in flight: closing the engine would cut them off
+            await ep.settle()
+            await small.settle()
             conn.send(errs)
 
     asyncio.run(main())
@@ -109,18 +112,32 @@ async def _run_ranks(world, aiote_provider, gpu):
              for r in range(world)]
     for p in procs:
         p.start()
+    for _, child_end in pipes:
+        child_end.close()  # a rank that dies closes its end: our recv gets EOFError, not a hang
     loop = asyncio.get_running_loop()
 
     async def recv(r):
-        return await asyncio.wait_for(loop.run_in_executor(None, pipes[r][0].recv), 120)
+        try:
+            return await asyncio.wait_for(loop.run_in_executor(None, pipes[r][0].recv), 120)
+        except (EOFError, asyncio.TimeoutError):
+            raise AssertionError(f"rank {r} sent nothing (exit codes {[p.exitcode for p in procs]}; "
+                                 "its traceback is in the captured stderr)") from None
 
-    for _ in range(2):  # the two ExpertParallels' buffers
-        bufs = [await recv(r) for r in range(world)]
-        for r in range(world):
-            pipes[r][0].send(bufs)
-    errs = [await recv(r) for r in range(world)]
-    for p in procs:
-        await loop.run_in_executor(None, p.join, 30)
+    try:
+        for _ in range(2):  # the two ExpertParallels' buffers
+            bufs = [await recv(r) for r in range(world)]
+            for r in range(world):
+                pipes[r][0].send(bufs)
+        errs = [await recv(r) for r in range(world)]
+        for p in procs:
+            await loop.run_in_executor(None, p.join, 30)
+    finally:
+        for p in procs:  # the others wait for a dead rank's writes forever: end them
+            if p.is_alive():
+                p.kill()
+                p.join(5)
+        for parent_end, _ in pipes:
+            parent_end.close()
     assert all(len(rank_errs) == STEPS + 1 and all(e < 1e-5 for e in rank_errs) for rank_errs in errs), errs
     assert [p.exitcode for p in procs] == [0] * world
 
