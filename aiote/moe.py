@@ -92,7 +92,10 @@ class ExpertParallel:
     makes a skewed step fail with ``CapacityExceeded``.  ``dtype`` is the hidden
     states' dtype.  ``device``: where the rows live (default host memory;
     ``"cuda:N"`` puts every buffer on that GPU and moves them through the engine's GPU
-    paths).
+    paths).  ``timeout``: seconds a dispatch or combine waits for the other ranks'
+    writes before it fails with ``ImmTimeout`` (a rank that died or stalled); ``None``
+    waits forever.  After a timeout the ranks are out of step: build a new
+    ExpertParallel (with another ``imm_base``) rather than going on with this one.
     """
 
     DISPATCH_IMM = 0x0E0000  # imm_base: dispatch (even steps); +1 combine; +2 dispatch (odd steps)
@@ -100,7 +103,7 @@ class ExpertParallel:
 
     def __init__(self, engine: TransferEngine, rank: int, world: int, num_experts: int, hidden: int,
                  max_tokens: int, top_k: int, dtype: Any = None, imm_base: int | None = None,
-                 device: Any = None, capacity: int | None = None):
+                 device: Any = None, capacity: int | None = None, timeout: float | None = None):
         import torch
 
         if not 0 <= rank < world or num_experts % world or top_k < 1 or max_tokens < 1 or hidden < 1:
@@ -115,6 +118,10 @@ class ExpertParallel:
         if not isinstance(capacity, int) or not 1 <= capacity <= self.max_rows:
             raise InvalidArgument(f"capacity must be an int in 1..{self.max_rows}, got {capacity!r}")
         self.capacity = cap = capacity
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                                    or not timeout > 0):
+            raise InvalidArgument(f"timeout must be a positive number of seconds or None, got {timeout!r}")
+        self.timeout = timeout
         self.dtype = dtype or torch.float32
         base = self.DISPATCH_IMM if imm_base is None else imm_base
         self._dispatch_imms = (base, base + 2)
@@ -252,7 +259,7 @@ class ExpertParallel:
             if c > cap:
                 raise CapacityExceeded(f"{c} rows for rank {dest} exceed its slot for this rank (capacity {cap})",
                                        dest, c, cap)
-        await self._settle()  # the last step's writes out of the send and out buffers
+        await self.settle()  # the last step's writes out of the send and out buffers
         tok = order // k
         lid = (flat[order] % epr).to(torch.int32)
         step, self._step = self._step, self._step + 1
@@ -264,7 +271,7 @@ class ExpertParallel:
         imm = self._dispatch_imms[parity]
         # our own writes' completions aren't awaited here: what this step returns only needs
         # the imms of the writes to us; the next dispatch settles them before reusing buffers
-        arrived = eng.imms.wait(imm, world - 1) if world > 1 else None
+        arrived = eng.imms.wait(imm, world - 1, timeout=self.timeout) if world > 1 else None
         sent: list = []
         off = start = 0
         try:
@@ -364,7 +371,7 @@ class ExpertParallel:
         arrived = None
         if targets:
             self._pending.append(eng.scatter(self._mr[src], targets, imm=self._combine_imm))
-            arrived = eng.imms.wait(self._combine_imm, len(targets))
+            arrived = eng.imms.wait(self._combine_imm, len(targets), timeout=self.timeout)
         # rows came back in the order this rank packed them; own rows reduce meanwhile
         order, tok, nr = last["order"], last["tok"], last["n_remote"]
         w = topk_weights.reshape(-1).to(self.device)[order].to(self.dtype).unsqueeze(1)
@@ -393,8 +400,6 @@ class ExpertParallel:
         pending, self._pending = self._pending, []
         if pending:
             await asyncio.gather(*pending)
-
-    _settle = settle
 
     async def step(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
                    expert_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:

@@ -224,3 +224,22 @@ def test_bench_moe_arguments():
         assert bench.skip_reason(g, 2) == "no CUDA device"
     with pytest.raises(SystemExit):
         bench.parse_args(["--device", "tpu"])
+
+
+async def test_a_silent_rank_times_the_step_out_typed(aiote_provider, aiote_host):
+    """A rank that never sends (dead or stalled): the others' dispatch fails ImmTimeout after
+    ``timeout`` instead of waiting forever, and leaves no wait armed (a later wait on the same
+    imm still counts from zero)."""
+    import aiote
+
+    async with aiote.TransferEngine(aiote_provider, host=aiote_host) as e0, \
+            aiote.TransferEngine(aiote_provider, host=aiote_host) as e1:
+        eps = [ExpertParallel(e, r, 2, 4, 8, 4, 2, timeout=0.3) for r, e in enumerate((e0, e1))]
+        for ep in eps:
+            ep.connect([eps[0].buffers, eps[1].buffers])
+        x, ids = torch.randn(4, 8), torch.tensor([[0, 2], [1, 3], [2, 3], [0, 1]])
+        with pytest.raises(aiote.ImmTimeout):
+            await eps[0].dispatch(x, ids)  # rank 1 never dispatches
+        assert e0.imms.pending(eps[0]._dispatch_imms[0]) == 0
+        with pytest.raises(aiote.InvalidArgument, match="timeout"):
+            ExpertParallel(e0, 0, 2, 4, 8, 4, 2, timeout=0)
