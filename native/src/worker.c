@@ -1199,6 +1199,7 @@ void *worker_main(void *arg)
 
     uint64_t idle_since = 0, backoff = 0;
     uint64_t spin_ns = (uint64_t)e->cfg.spin_us * 1000;
+    direct_worker_begin(e);
     for (;;) {
         pthread_mutex_lock(&e->progress_lock);
         bool active = take_submissions(e, true);
@@ -1265,6 +1266,7 @@ void *worker_main(void *arg)
     pthread_mutex_lock(&e->progress_lock);
     fail_all_closed(e);
     pthread_mutex_unlock(&e->progress_lock);
+    direct_worker_end(e);
     return NULL;
 }
 
