@@ -229,6 +229,11 @@ int aiote_rdesc_insert(aiote_engine *e, uint32_t peer, uint64_t base, uint64_t l
 int aiote_submit_writes(aiote_engine *e, uint64_t op_id, uint64_t mr_id,
                         const aiote_wr *wrs, size_t n, int has_imm, uint32_t imm,
                         uint64_t *bad_index);
+/* One write, as aiote_submit_writes with a single element (no array for the
+ * caller to fill: the latency path's write()). */
+int aiote_submit_write(aiote_engine *e, uint64_t op_id, uint64_t mr_id, uint32_t rdesc,
+                       uint64_t src_off, uint64_t dst_off, uint64_t len, int has_imm, uint32_t imm,
+                       uint64_t *bad_index);
 /* Paged writes: page i goes from src_off + src_pages[i]*src_stride to
  * dst_off + dst_pages[i]*dst_stride, page_len bytes each. */
 int aiote_submit_paged(aiote_engine *e, uint64_t op_id, uint64_t mr_id,
