@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 
 __all__ = ["attach", "detach"]
 
+_c_spin = lib.aiote_spin  # bound once: called per select()
 _FD_POLL_NS = 50_000  # while spinning, look at the loop's other fds at least this often
 _wrappers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _SpinSelector] = weakref.WeakKeyDictionary()
 
@@ -93,7 +94,7 @@ class _SpinSelector:
         now = start
         while True:
             chunk = min(end - now, _FD_POLL_NS - (now - self._last_fd_poll))
-            if chunk > 0 and lib.aiote_spin(h, n, chunk):
+            if chunk > 0 and _c_spin(h, n, chunk):
                 self._drain()
                 now = time.monotonic_ns()
                 if now - self._last_fd_poll < _FD_POLL_NS:
@@ -123,7 +124,9 @@ class _SpinSelector:
     def _drain(self) -> None:
         for e in self._engines:
             try:
-                e._drain_spin()
+                e._drain()
+                if e._deferred:
+                    e._flush_deferred()
             except Exception as exc:  # noqa: BLE001 - never let it escape from select()
                 self._loop.call_exception_handler(
                     {"message": "aiote: draining an engine's events failed", "exception": exc})

@@ -22,6 +22,7 @@ __all__ = ["ImmCounter", "IMM_MAX"]
 #: Largest imm a user may send: the top bits are reserved for shard counts of
 #: striped writes, so the receiver always counts whole writes.
 IMM_MAX = (1 << lib.AIOTE_IMM_BITS) - 1
+_imm_wait = lib.aiote_imm_wait  # bound once (the latency path)
 
 
 # Waits with a timeout share one loop timer per counter: their deadlines go into a heap
@@ -104,7 +105,7 @@ class ImmCounter:
             addr = peer if isinstance(peer, EngineAddress) else EngineAddress.from_bytes(peer)
             pidx = eng._peer(addr.addrs, addr.provider)
         wid = next(self._ids)
-        rc = lib.aiote_imm_wait(h, wid, imm, count)
+        rc = _imm_wait(h, wid, imm, count)
         if rc:
             if rc == 1:  # satisfied already: consumed in C
                 done: asyncio.Future[None] = loop.create_future()
@@ -145,7 +146,9 @@ class ImmCounter:
             return
         fut, imm, count, timeout = entry
         if timeout is not None:
-            self._untimed()
+            self._timed -= 1
+            if len(self._deadlines) > 2 * self._timed + _COMPACT_SLACK:
+                self._compact()
         if fut.done():  # cancelled after the count was consumed in C: give it back
             self._restore(imm, count)
         else:
@@ -212,13 +215,16 @@ class ImmCounter:
 
     def _untimed(self) -> None:
         """A wait with a deadline finished before it: its heap entry is stale now.  Keep the
-        heap within twice the live entries (plus slack) so it can't grow without bound."""
+        heap within twice the live entries (plus slack) so it can't grow without bound
+        (_fired does the same inline)."""
         self._timed -= 1
-        heap = self._deadlines
-        if len(heap) > 2 * self._timed + _COMPACT_SLACK:
-            waiters = self._waiters
-            self._deadlines = [e for e in heap if e[1] in waiters]
-            heapq.heapify(self._deadlines)
+        if len(self._deadlines) > 2 * self._timed + _COMPACT_SLACK:
+            self._compact()
+
+    def _compact(self) -> None:
+        waiters = self._waiters
+        self._deadlines = [e for e in self._deadlines if e[1] in waiters]
+        heapq.heapify(self._deadlines)
 
     def _expire_due(self) -> None:
         """The timer: fail every wait whose deadline has come (ImmTimeout, consuming nothing),

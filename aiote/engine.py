@@ -34,6 +34,7 @@ _U64 = 1 << 64
 _engine_ids = itertools.count(1)
 _DONE, _AGAIN = lib.AIOTE_DONE, -lib.AIOTE_E_AGAIN
 _EV_OP, _EV_IMM = lib.AIOTE_EV_OP, lib.AIOTE_EV_IMM
+_poll_events = lib.aiote_poll_events  # bound once: the drain runs per wake-up
 
 
 class _OpFuture(asyncio.Future):
@@ -938,21 +939,16 @@ class TransferEngine:
         if self._deferred:
             self._flush_deferred()
 
-    def _drain_spin(self) -> None:
-        """Events seen by the spinning loop (aiote/_spin.py), inside its select()."""
-        self._drain()
-        if self._deferred:
-            self._flush_deferred()
-
     def _drain(self) -> None:
         h, evs = self._h, self._events
+        fired = self.imms._fired
         while True:
-            n = lib.aiote_poll_events(h, evs, _EVENT_BATCH)
+            n = _poll_events(h, evs, _EVENT_BATCH)
             for i in range(n):
                 ev = evs[i]
                 kind = ev.kind
                 if kind == _EV_IMM:
-                    self.imms._fired(ev.id)
+                    fired(ev.id)
                 elif kind == _EV_OP:
                     self._op_event(ev)
                 elif kind == lib.AIOTE_EV_RECV:
