@@ -300,6 +300,10 @@ int aiote_loop_spin(aiote_engine *e, int on);
 int aiote_progress(aiote_engine *e);
 int aiote_events_pending(aiote_engine *e);
 int aiote_spin(aiote_engine *const *engines, size_t n, uint64_t budget_ns);
+/* 1 if fd is readable now (poll, no wait), 0 if not, -1 on error.  The
+ * spinning loop asks this of its selector's epoll fd before it pays for a
+ * select(0) from Python. */
+int aiote_fd_readable(int fd);
 void aiote_free(void *p);
 
 /* Wire-format validators (the parsers the engine uses on bytes from other
