@@ -74,7 +74,9 @@ class ImmCounter:
              peer: bytes | EngineAddress | None = None) -> asyncio.Future[None]:
         """Future that resolves when ``count`` writes carrying ``imm`` have landed.
 
-        With ``timeout`` (seconds) it fails with ImmTimeout instead, consuming nothing.
+        With ``timeout`` (seconds: an int or float) it fails with ImmTimeout instead,
+        consuming nothing; a timeout that is not a number raises InvalidArgument before
+        anything is armed.  Timed waits share one loop timer per engine (a deadline heap).
         With ``peer`` (the writer's engine address) it fails with PeerUnreachable,
         consuming nothing, once the engine learns that peer is dead: at once for a
         shm peer whose process exited, within about ``peer_timeout`` otherwise (the
