@@ -32,6 +32,24 @@ class _FrozenClock:
         del self.loop.time
 
 
+class _ShiftedClock:
+    """loop.time() = the real clock + an offset the test advances: deadlines pass when the
+    test says so, not when a (loaded) machine gets round to it."""
+
+    def __enter__(self):
+        self.loop = asyncio.get_running_loop()
+        self.offset = 0.0
+        real = self.loop.time
+        self.loop.time = lambda: real() + self.offset
+        return self
+
+    def advance(self, seconds: float) -> None:
+        self.offset += seconds
+
+    def __exit__(self, *exc):
+        del self.loop.time
+
+
 async def _landed(a, src, desc, imm, n=1):
     for _ in range(n):
         await a.write(src, desc, imm=imm)
@@ -74,12 +92,14 @@ async def test_resolved_before_its_deadline_never_times_out(pair):
     and the count it consumed is not given back or taken twice."""
     a, b = pair
     src, dst = a.register(bytearray(8)), b.register(bytearray(8))
-    early = b.imms.wait(7, 2, timeout=0.05)
-    await _landed(a, src, dst.descriptor, 7, 2)
-    await asyncio.wait_for(early, 30)
-    # a later deadline times out: the timer has been through the earlier one by then
-    with pytest.raises(aiote.ImmTimeout):
-        await asyncio.wait_for(b.imms.wait(8, 1, timeout=0.1), 30)
+    with _ShiftedClock() as clock:
+        early = b.imms.wait(7, 2, timeout=60)  # a deadline no loaded machine reaches by itself
+        await _landed(a, src, dst.descriptor, 7, 2)
+        await asyncio.wait_for(early, 30)
+        later = b.imms.wait(8, 1, timeout=61)
+        clock.advance(120)  # both deadlines are past: the timer goes through early's, then later's
+        with pytest.raises(aiote.ImmTimeout):
+            await asyncio.wait_for(later, 30)
     assert early.done() and early.exception() is None
     assert b.imms.pending(7) == 0
     await _landed(a, src, dst.descriptor, 7)
