@@ -184,3 +184,22 @@ async def test_post_to_a_dead_peer_fails_typed(aiote_make_engine, aiote_make_pee
     assert await live.call("read", lr, 0, 4096) == b"\x42" * 4096
     to_dead.close()
     to_live.close()
+
+
+async def test_post_from_a_spinning_loop(aiote_make_engine, peer):
+    """Latency mode (loop_spin_us): posts go in from the loop's own thread (tcp: posted there
+    at once; shm: copied there); bytes and counts exact."""
+    eng = await aiote_make_engine(loop_spin_us=200)
+    rid, desc = await peer.call("register", 8192, 0)
+    d = aiote.MrDescriptor.from_bytes(desc)
+    src = eng.register(bytearray(range(256)) * 32)
+    prep = eng.prepare_scatter(src, [(d, i * 256, 8192 - (i + 1) * 256, 256) for i in range(32)], imm=13)
+    for _ in range(50):
+        await prep.post()
+    await asyncio.gather(*(prep.post() for _ in range(20)))
+    assert await peer.call("wait_imm", 13, 70 * 32, 20)
+    assert await peer.call("pending", 13) == 0
+    got = await peer.call("read", rid, 0, 8192)
+    for i in range(32):
+        assert got[8192 - (i + 1) * 256:8192 - i * 256] == bytes(range(256)), i
+    prep.close()
