@@ -650,14 +650,16 @@ class TransferEngine:
 
     def prepare_write(self, src: MemoryRegion, dst: MrDescriptor, length: int | None = None, src_offset: int = 0,
                       dst_offset: int = 0, imm: int | None = None) -> Prepared:
-        """A write checked now and posted by C each time a watcher reaction fires."""
+        """A write checked now, posted by C each time a watcher reaction fires or ``post()`` is called."""
         if length is None:
             length = src.nbytes - src_offset
         return self.prepare_scatter(src, [(dst, src_offset, dst_offset, length)], imm)
 
     def prepare_scatter(self, src: MemoryRegion, targets: Sequence[tuple[MrDescriptor, int, int, int]],
                         imm: int | None = None) -> Prepared:
-        """Like ``scatter``, prepared (see ``prepare_write``)."""
+        """Like ``scatter``, prepared: checked and resolved once, then ``post()`` (or a watcher
+        reaction) sends the whole batch with one C call — a repeated batch costs no Python
+        per element (see ``Prepared.post``)."""
         self._check_prepared_src(src, [t[0] for t in targets])
         n = len(targets)
         if n == 0:
@@ -669,7 +671,7 @@ class TransferEngine:
         bad, out = ffi.new("uint64_t*"), ffi.new("uint32_t*")
         check(lib.aiote_prepare_writes(self._handle(), src._mr_id(), wrs, n, has_imm, imm_v, bad, out),
               "prepare", index=int(bad[0]))
-        return Prepared(self, int(out[0]), src)
+        return Prepared(self, int(out[0]), src, n)
 
     def prepare_barrier(self, targets: Iterable[MrDescriptor], imm: int) -> Prepared:
         """Like ``barrier``, prepared: an imm-only write to each target's owner."""
@@ -689,14 +691,14 @@ class TransferEngine:
         check(lib.aiote_prepare_paged(self._handle(), src._mr_id(), self._rdesc(dst), page_len, sp, src_stride,
                                       src_offset, dp, dst_stride, dst_offset, n, has_imm, imm_v, bad, out),
               "prepare", index=int(bad[0]))
-        return Prepared(self, int(out[0]), (src, keep))
+        return Prepared(self, int(out[0]), (src, keep), n)
 
     @staticmethod
     def _check_prepared_src(src: MemoryRegion, dsts: Sequence[MrDescriptor]) -> None:
         if not isinstance(src, MemoryRegion):
             raise TypeError(f"src must be a MemoryRegion, got {type(src).__name__}")
         staged = (src.cuda is not None and src.cuda.mirror) or any(
-            d.cuda is not None and d.cuda.mode == "staged" for d in dsts)
+            getattr(d, "cuda", None) is not None and d.cuda.mode == "staged" for d in dsts)  # non-descriptors: _fill
         if staged:
             raise InvalidArgument("prepared transfers need host memory or GPUDirect regions: a staged GPU "
                                   "region's bytes must be copied by Python first (write it instead)")
