@@ -30,6 +30,7 @@ _ROUTING = {"round_robin": lib.AIOTE_ROUTE_ROUND_ROBIN, "pinned": lib.AIOTE_ROUT
 _POLLING = {"busy": lib.AIOTE_POLL_BUSY, "adaptive": lib.AIOTE_POLL_ADAPTIVE, "blocking": lib.AIOTE_POLL_BLOCKING}
 _EVENT_BATCH = 256
 _WR = struct.Struct("=IIQQQ")  # aiote_wr: rdesc, _pad, src_off, dst_off, len (32 bytes)
+_COPY = struct.Struct("=QQQ")  # aiote_copy: dst, src, len
 _U64 = 1 << 64
 _engine_ids = itertools.count(1)
 
@@ -736,17 +737,35 @@ class TransferEngine:
                      imm: int | None) -> asyncio.Future[None]:
         """Copies (dst address, src address, n) on stream, then NIC writes (src_off,
         dst_off, len) of src into dst, posted by the worker once the copies are done."""
+        return self._submit_cuda_to(ctx, stream, wait, copies, src, [(dst, so, do, ln) for so, do, ln in ranges],
+                                    imm)
+
+    def _submit_cuda_to(self, ctx: int, stream: int, wait: tuple[int, int], copies: Sequence[tuple[int, int, int]],
+                        src: MemoryRegion | None, targets: Sequence[tuple[MrDescriptor, int, int, int]],
+                        imm: int | None) -> asyncio.Future[None]:
+        """Like ``_submit_cuda``, the writes to any descriptors: (dst, src_off, dst_off, len)."""
         has_imm, imm_v = self._check_imm(imm)
         h = self._handle()
         mr_id = src._mr_id() if src is not None else self._scratch()._mr_id()
-        n = len(ranges)
-        wrs = ffi.new("aiote_wr[]", n) if n else ffi.NULL
-        for i, (so, do, ln) in enumerate(ranges):
-            self._fill(wrs[i], dst, so, do, ln)
-        cps = ffi.new("aiote_copy[]", len(copies)) if copies else ffi.NULL
-        for i, (d, s_, ln) in enumerate(copies):
-            c = cps[i]
-            c.dst, c.src, c.len = d, s_, ln
+        n = len(targets)
+        wrs: Any = ffi.NULL
+        if n:  # packed straight into aiote_wr layout, as scatter does; the slow path names a bad value
+            buf = bytearray(_WR.size * n)
+            try:
+                for i, (d, so, do, ln) in enumerate(targets):
+                    r = self._rdescs.get(d) if type(d) is MrDescriptor else None
+                    _WR.pack_into(buf, i * _WR.size, self._rdesc(d) if r is None else r, 0, so, do, ln)
+                wrs = ffi.from_buffer("aiote_wr[]", buf)
+            except struct.error:
+                wrs = ffi.new("aiote_wr[]", n)
+                for i, (d, so, do, ln) in enumerate(targets):
+                    self._fill(wrs[i], d, so, do, ln)
+        cps: Any = ffi.NULL
+        if copies:
+            cbuf = bytearray(_COPY.size * len(copies))
+            for i, c in enumerate(copies):
+                _COPY.pack_into(cbuf, i * _COPY.size, *c)
+            cps = ffi.from_buffer("aiote_copy[]", cbuf)
         ncopies = len(copies)
         w, ws = wait
         bad = ffi.new("uint64_t*")
