@@ -30,6 +30,7 @@ _ROUTING = {"round_robin": lib.AIOTE_ROUTE_ROUND_ROBIN, "pinned": lib.AIOTE_ROUT
 _POLLING = {"busy": lib.AIOTE_POLL_BUSY, "adaptive": lib.AIOTE_POLL_ADAPTIVE, "blocking": lib.AIOTE_POLL_BLOCKING}
 _EVENT_BATCH = 256
 _WR = struct.Struct("=IIQQQ")  # aiote_wr: rdesc, _pad, src_off, dst_off, len (32 bytes)
+_COPY = struct.Struct("=QQQ")  # aiote_copy: dst, src, len
 _U64 = 1 << 64
 _engine_ids = itertools.count(1)
 _DONE, _AGAIN = lib.AIOTE_DONE, -lib.AIOTE_E_AGAIN
@@ -678,14 +679,16 @@ class TransferEngine:
 
     def prepare_write(self, src: MemoryRegion, dst: MrDescriptor, length: int | None = None, src_offset: int = 0,
                       dst_offset: int = 0, imm: int | None = None) -> Prepared:
-        """A write checked now and posted by C each time a watcher reaction fires."""
+        """A write checked now, posted by C each time a watcher reaction fires or ``post()`` is called."""
         if length is None:
             length = src.nbytes - src_offset
         return self.prepare_scatter(src, [(dst, src_offset, dst_offset, length)], imm)
 
     def prepare_scatter(self, src: MemoryRegion, targets: Sequence[tuple[MrDescriptor, int, int, int]],
                         imm: int | None = None) -> Prepared:
-        """Like ``scatter``, prepared (see ``prepare_write``)."""
+        """Like ``scatter``, prepared: checked and resolved once, then ``post()`` (or a watcher
+        reaction) sends the whole batch with one C call — a repeated batch costs no Python
+        per element (see ``Prepared.post``)."""
         self._check_prepared_src(src, [t[0] for t in targets])
         n = len(targets)
         if n == 0:
@@ -697,7 +700,7 @@ class TransferEngine:
         bad, out = ffi.new("uint64_t*"), ffi.new("uint32_t*")
         check(lib.aiote_prepare_writes(self._handle(), src._mr_id(), wrs, n, has_imm, imm_v, bad, out),
               "prepare", index=int(bad[0]))
-        return Prepared(self, int(out[0]), src)
+        return Prepared(self, int(out[0]), src, n)
 
     def prepare_barrier(self, targets: Iterable[MrDescriptor], imm: int) -> Prepared:
         """Like ``barrier``, prepared: an imm-only write to each target's owner."""
@@ -717,14 +720,14 @@ class TransferEngine:
         check(lib.aiote_prepare_paged(self._handle(), src._mr_id(), self._rdesc(dst), page_len, sp, src_stride,
                                       src_offset, dp, dst_stride, dst_offset, n, has_imm, imm_v, bad, out),
               "prepare", index=int(bad[0]))
-        return Prepared(self, int(out[0]), (src, keep))
+        return Prepared(self, int(out[0]), (src, keep), n)
 
     @staticmethod
     def _check_prepared_src(src: MemoryRegion, dsts: Sequence[MrDescriptor]) -> None:
         if not isinstance(src, MemoryRegion):
             raise TypeError(f"src must be a MemoryRegion, got {type(src).__name__}")
         staged = (src.cuda is not None and src.cuda.mirror) or any(
-            d.cuda is not None and d.cuda.mode == "staged" for d in dsts)
+            getattr(d, "cuda", None) is not None and d.cuda.mode == "staged" for d in dsts)  # non-descriptors: _fill
         if staged:
             raise InvalidArgument("prepared transfers need host memory or GPUDirect regions: a staged GPU "
                                   "region's bytes must be copied by Python first (write it instead)")
@@ -763,17 +766,35 @@ class TransferEngine:
                      imm: int | None) -> asyncio.Future[None]:
         """Copies (dst address, src address, n) on stream, then NIC writes (src_off,
         dst_off, len) of src into dst, posted by the worker once the copies are done."""
+        return self._submit_cuda_to(ctx, stream, wait, copies, src, [(dst, so, do, ln) for so, do, ln in ranges],
+                                    imm)
+
+    def _submit_cuda_to(self, ctx: int, stream: int, wait: tuple[int, int], copies: Sequence[tuple[int, int, int]],
+                        src: MemoryRegion | None, targets: Sequence[tuple[MrDescriptor, int, int, int]],
+                        imm: int | None) -> asyncio.Future[None]:
+        """Like ``_submit_cuda``, the writes to any descriptors: (dst, src_off, dst_off, len)."""
         has_imm, imm_v = self._check_imm(imm)
         h = self._handle()
         mr_id = src._mr_id() if src is not None else self._scratch()._mr_id()
-        n = len(ranges)
-        wrs = ffi.new("aiote_wr[]", n) if n else ffi.NULL
-        for i, (so, do, ln) in enumerate(ranges):
-            self._fill(wrs[i], dst, so, do, ln)
-        cps = ffi.new("aiote_copy[]", len(copies)) if copies else ffi.NULL
-        for i, (d, s_, ln) in enumerate(copies):
-            c = cps[i]
-            c.dst, c.src, c.len = d, s_, ln
+        n = len(targets)
+        wrs: Any = ffi.NULL
+        if n:  # packed straight into aiote_wr layout, as scatter does; the slow path names a bad value
+            buf = bytearray(_WR.size * n)
+            try:
+                for i, (d, so, do, ln) in enumerate(targets):
+                    r = self._rdescs.get(d) if type(d) is MrDescriptor else None
+                    _WR.pack_into(buf, i * _WR.size, self._rdesc(d) if r is None else r, 0, so, do, ln)
+                wrs = ffi.from_buffer("aiote_wr[]", buf)
+            except struct.error:
+                wrs = ffi.new("aiote_wr[]", n)
+                for i, (d, so, do, ln) in enumerate(targets):
+                    self._fill(wrs[i], d, so, do, ln)
+        cps: Any = ffi.NULL
+        if copies:
+            cbuf = bytearray(_COPY.size * len(copies))
+            for i, c in enumerate(copies):
+                _COPY.pack_into(cbuf, i * _COPY.size, *c)
+            cps = ffi.from_buffer("aiote_copy[]", cbuf)
         ncopies = len(copies)
         w, ws = wait
         bad = ffi.new("uint64_t*")

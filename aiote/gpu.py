@@ -42,7 +42,7 @@ from . import cuda
 from ._core import check, lib
 from .counters import IMM_MAX
 from .descriptor import CudaExt, MrDescriptor
-from .errors import AioteError, OutOfBounds
+from .errors import AioteError, InvalidArgument, OutOfBounds
 
 if TYPE_CHECKING:
     from .engine import TransferEngine
@@ -430,6 +430,44 @@ class GpuPaths:
             self._plans.clear()
         self._plans[id(dst)] = plan
         return plan
+
+    def ipc_reachable(self, dst: MrDescriptor, device: int) -> bool:
+        """Whether ``ipc_batch`` can copy into dst: a GPU region of another process of this
+        host, mapped here over CUDA IPC."""
+        return self._plan(dst, device) is not None
+
+    def ipc_batch(self, device: int, copies: Sequence[tuple[MrDescriptor, int, int, int]],
+                  src: MemoryRegion | None, writes: Sequence[tuple[MrDescriptor, int, int, int]],
+                  imm: int | None) -> asyncio.Future[None]:
+        """Copies into GPU regions of other processes of this host, then writes: one operation.
+
+        ``copies``: (destination descriptor, offset in it, source device address, length),
+        destinations for which ``ipc_reachable`` holds; they go on this engine's stream of
+        ``device`` after the work queued on torch's current stream.  ``writes``:
+        (descriptor, src_offset, dst_offset, length) of ``src`` (length 0: an imm-only
+        write; ``src`` None for imm-only writes alone), each with ``imm``, posted by the
+        worker once every copy is done, so a peer that counts the imm sees the copied bytes
+        too.  One C call, one event and one future for the whole batch (many peers)."""
+        cps = []
+        for i, (d, off, addr, n) in enumerate(copies):
+            plan = self._plans.get(id(d))
+            if plan is None or plan[0] is not d:
+                plan = self._plan(d, device)
+                if plan is None:
+                    raise InvalidArgument(f"copy {i}: the destination is not reached over CUDA IPC from here")
+            if type(off) is not int or type(n) is not int or off < 0 or n < 0 or off + n > d.length:
+                raise OutOfBounds(f"copy {i}: destination range {off}+{n} exceeds {d.length} bytes", index=i)
+            if n:
+                cps.append((plan[1] + off, addr, n))
+        src_len = src.nbytes if src is not None else 0
+        for i, (d, so, do, n) in enumerate(writes):
+            if so + n > src_len or do + n > d.length:
+                raise OutOfBounds(f"write {i}: {so}+{n} of the source ({src_len} bytes) to {do} of the destination "
+                                  f"({d.length} bytes) is out of bounds", index=i)
+        if cps:
+            self.stats["ipc_writes"] += 1
+        return self._engine._submit_cuda_to(self._ctx(device), self._stream(device), self._torch_stream(device),
+                                            cps, src, writes, imm)
 
     def forget_plans(self) -> None:
         """A peer went away: its descriptors resolve afresh."""

@@ -3,7 +3,9 @@
 Every rank owns ``num_experts / world`` experts.  Each step:
 
 1. **dispatch** — a rank groups its (token, k) pairs by the rank that owns the chosen
-   expert (torch index ops, no per-token Python) and packs, for every other rank, one
+   expert (numpy on the host: a table lookup, a stable argsort, a bincount; no per-token
+   Python; GPU ids are read back once, the step's one wait for the GPU) and packs, for
+   every other rank, one
    contiguous segment: the rows' local expert ids, a 16-byte header (step tag, row
    count, where the rows sit in the sender's packing, sender rank) and the rows.  Each
    segment goes out as **one write carrying the dispatch imm** into the receiver's
@@ -14,17 +16,32 @@ Every rank owns ``num_experts / world`` experts.  Each step:
    The receiver then makes its rows contiguous: the first slot is in place, later slots
    move down behind it (a local copy; none at EP 2) and its own rows are gathered
    straight from its input behind them.
+
+   **GPU rows** keep their ids and headers in host memory of their own (``meta``), so
+   receivers read the counts without a GPU sync.  The rows for every other rank are
+   gathered by one ``index_select``; for the ranks reached over CUDA IPC one C call
+   (``GpuPaths.ipc_batch``) copies every segment's rows into the end of its receiver's
+   slot and, once the copies are done, writes each receiver's ids and header with the
+   dispatch imm.  Rows for a rank not reached over IPC go as a write of their own with
+   the *other* parity's dispatch imm (flagged in the header; the receiver waits for
+   those too: a staged write's imm counts only once its bytes are in GPU memory).  Own
+   rows are gathered into the last slot while the peers' writes are in flight; the
+   remote groups move up behind each other in front of them (no copy at EP 2).
 2. the receiver runs its experts on them (``expert_fn``);
 3. **combine** — it writes each source's output rows straight back into the order
    that source packed them (the header said where; one write per source, imm-only when
-   empty); a source awaits one from every other rank and reduces the rows with the
-   routing weights.
+   empty; on GPUs one C call of copies then imm-only writes for the IPC peers); a
+   source awaits one from every other rank and reduces the rows with the routing
+   weights (``index_add_``; on GPUs the rows go back in [tokens, top_k] order and one
+   ``bmm`` reduces them: fewer kernels).
 
 Buffers are registered once and reused.  The receive slots are double-buffered by step
 parity, and the dispatch imm carries the parity: a source starts step N+1 only after
 every rank's combine of step N arrived, so it is at most one step ahead of any
 receiver, and its writes for step N+1 go to the other half from the one a slow receiver
-may still be reading (or sending back from) for step N.  The header's step tag checks
+may still be reading (or sending back from) for step N.  (The same bound makes the
+other parity's imm safe for rows written apart: no rank sends step N+1's headers before
+step N is over everywhere, and step N-1's imms were all counted.)  The header's step tag checks
 this on every step (``StepMismatch``).  A source with more rows for one rank than its
 slot holds gets ``CapacityExceeded`` before anything is written or sent.  Within a step
 only the imms of the writes to a rank gate it; the completions of its own writes are
@@ -40,6 +57,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from .descriptor import MrDescriptor
 from .errors import AioteError, InvalidArgument
 from .memory import host_buffer
@@ -54,6 +73,7 @@ __all__ = ["ExpertParallel", "MoeBuffers", "CapacityExceeded", "StepMismatch"]
 _HDR = 16  # header bytes: int32 step tag, row count, combine offset (rows), source rank
 _TAG_MASK = 0x7FFFFFFF
 _MAGIC = 0x4D6F0000  # "Mo" | source rank in the header's last word: a zeroed slot never passes
+_APART = 0x8000  # header flag: the rows travel in a write of their own, with the other parity's imm
 
 
 class CapacityExceeded(InvalidArgument):
@@ -78,8 +98,9 @@ class StepMismatch(AioteError):
 class MoeBuffers:
     """The descriptors a rank hands its peers (plain data: bytes, pickle)."""
 
-    recv: MrDescriptor      # 2 (parity) x world slots of [ids | header | capacity rows]
+    recv: MrDescriptor      # 2 (parity) x world slots of [ids | header | capacity rows] (GPU: rows only)
     combine: MrDescriptor   # outputs coming back, in this rank's packing order: [max_rows, hidden]
+    meta: MrDescriptor | None = None  # GPU ranks: 2 x world host slots of [ids | header]
 
 
 class ExpertParallel:
@@ -91,23 +112,27 @@ class ExpertParallel:
     exceed); a smaller one saves memory (each rank holds ``2 * world`` slots of it) and
     makes a skewed step fail with ``CapacityExceeded``.  ``dtype`` is the hidden
     states' dtype.  ``device``: where the rows live (default host memory;
-    ``"cuda:N"`` puts every buffer on that GPU and moves them through the engine's GPU
-    paths).  ``timeout``: seconds a dispatch or combine waits for the other ranks'
-    writes before it fails with ``ImmTimeout`` (a rank that died or stalled); ``None``
-    waits forever.  After a timeout the ranks are out of step: build a new
-    ExpertParallel (with another ``imm_base``) rather than going on with this one.
+    ``"cuda:N"`` puts the rows on that GPU and moves them through the engine's GPU
+    paths; the ids and headers stay in host memory).  ``timeout``: seconds a dispatch
+    or combine waits for the other ranks' writes before it fails with ``ImmTimeout`` (a
+    rank that died or stalled); ``None`` waits forever.  After a timeout the ranks are
+    out of step: build a new ExpertParallel (with another ``imm_base``) rather than
+    going on with this one.
     """
 
     DISPATCH_IMM = 0x0E0000  # imm_base: dispatch (even steps); +1 combine; +2 dispatch (odd steps)
     COMBINE_IMM = 0x0E0001
+    #: headers and ids in a host region of their own, the rows apart (always on GPUs; a
+    #: subclass may set it for host rows too, which tests the GPU layout without a GPU)
+    _SPLIT_META = False
 
     def __init__(self, engine: TransferEngine, rank: int, world: int, num_experts: int, hidden: int,
                  max_tokens: int, top_k: int, dtype: Any = None, imm_base: int | None = None,
                  device: Any = None, capacity: int | None = None, timeout: float | None = None):
         import torch
 
-        if not 0 <= rank < world or num_experts % world or top_k < 1 or max_tokens < 1 or hidden < 1:
-            raise InvalidArgument("need 0 <= rank < world, num_experts divisible by world, sizes >= 1")
+        if not 0 <= rank < world < _APART or num_experts % world or top_k < 1 or max_tokens < 1 or hidden < 1:
+            raise InvalidArgument("need 0 <= rank < world < 32768, num_experts divisible by world, sizes >= 1")
         self.engine, self.rank, self.world = engine, rank, world
         self.num_experts, self.hidden, self.top_k = num_experts, hidden, top_k
         self.experts_per_rank = num_experts // world
@@ -130,22 +155,29 @@ class ExpertParallel:
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
-        gpu = self.device.type == "cuda"
+        gpu = self._gpu = self.device.type == "cuda"
+        split = self._split = gpu or self._SPLIT_META
         esize = torch.empty(0, dtype=self.dtype).element_size()
         rb = self._row_bytes = hidden * esize
         align = self._align = math.lcm(rb, _HDR)
-        # a slot: [pad | ids (int32 x capacity) | header] ending on a row boundary, then the rows
-        self._slot_hdr = -(-(_HDR + 4 * cap) // align) * align
+        # a meta slot (split layout): [pad | ids (int32 x capacity) | header], in host memory
+        self._mslot = -(-(_HDR + 4 * cap) // _HDR) * _HDR
+        if split:  # a slot: capacity rows (the ids and header are in the meta slot)
+            self._slot_hdr = 0
+        else:  # a slot: [pad | ids (int32 x capacity) | header] ending on a row boundary, then the rows
+            self._slot_hdr = -(-(_HDR + 4 * cap) // align) * align
         self._slot = self._slot_hdr + cap * rb
 
-        def buf(nbytes: int) -> torch.Tensor:
-            if gpu:
+        def buf(nbytes: int, host: bool = False) -> torch.Tensor:
+            if gpu and not host:
                 return torch.zeros(nbytes, dtype=torch.uint8, device=self.device)
             # huge-page host memory: shm's single-copy transfers run ~2x faster on it
             return torch.frombuffer(host_buffer(nbytes), dtype=torch.uint8)
 
-        # send: one [pad | ids | header | rows] segment per other rank, packed back to back
-        self._send = buf(world * (self._slot_hdr + align) + self.max_rows * rb)
+        if split:  # send: the rows for every other rank, back to back; their ids and headers apart
+            self._send = buf(self.max_rows * rb)
+        else:  # send: one [pad | ids | header | rows] segment per other rank, packed back to back
+            self._send = buf(world * (self._slot_hdr + align) + self.max_rows * rb)
         self._recv = buf(2 * world * self._slot)
         self._out = buf(world * cap * rb)        # expert outputs to send back, in receive order
         self._combine = buf(self.max_rows * rb)  # outputs coming back, in this rank's packing order
@@ -154,13 +186,38 @@ class ExpertParallel:
         self._out_rows = self._out.view(self.dtype).view(-1, hidden)
         self._combine_rows = self._combine.view(self.dtype).view(-1, hidden)
         self._recv_ids = torch.zeros(world * cap, dtype=torch.int32, device=self.device)
-        # headers are a few words: numpy views write and read them without torch's per-op cost
-        self._send_np = None if gpu else self._send_i32.numpy()
-        self._recv_np = None if gpu else self._recv_i32.numpy()
+        # ids and headers are a few words: numpy views write and read them without torch's per-op cost
+        if split:
+            self._meta_send = buf(world * self._mslot, host=True)
+            self._meta_recv = buf(2 * world * self._mslot, host=True)
+            self._send_np = self._meta_send.view(torch.int32).numpy()
+            self._recv_np = self._meta_recv.view(torch.int32).numpy()
+        else:
+            self._send_np = self._send_i32.numpy()
+            self._recv_np = self._recv_i32.numpy()
+        if gpu:
+            # the routing is computed on the host; its indices go to the GPU in one pinned copy
+            # each way (reused once the next dispatch has waited for the GPU: see _route)
+            self._stage_idx = torch.empty(2 * self.max_rows, dtype=torch.int64, pin_memory=True)
+            self._stage_ids = torch.empty(world * cap, dtype=torch.int32, pin_memory=True)
+            self._idx_dev = torch.empty(2 * self.max_rows, dtype=torch.int64, device=self.device)
+            self._stage_idx_np = self._stage_idx.numpy()
+        self._ids_np = self._stage_ids.numpy() if gpu else self._recv_ids.numpy()  # where the ids are gathered
+        # routing tables by expert id: its destination (rotated: the next rank 0, this rank
+        # world-1) and its local id
+        e = np.arange(num_experts)
+        self._dest_lut = ((e // self.experts_per_rank - (rank + 1)) % world).astype(np.int16)
+        self._lid_lut = (e % self.experts_per_rank).astype(np.int32)
+        # the GPU combine's reduction: outputs back in [tokens, top_k] order, then one batched product
+        self._full = buf(self.max_rows * rb).view(self.dtype).view(-1, hidden) if gpu else None
+        self._send_ptr = self._send.data_ptr()
         r = engine.register
-        self._mr = {name: r(t) for name, t in (("send", self._send), ("recv", self._recv), ("out", self._out),
-                                               ("combine", self._combine))}
+        mine = [("send", self._send), ("recv", self._recv), ("out", self._out), ("combine", self._combine)]
+        if split:
+            mine += [("meta_send", self._meta_send), ("meta_recv", self._meta_recv)]
+        self._mr = {name: r(t) for name, t in mine}
         self._peers: list[MoeBuffers] = []
+        self._ipc: list[bool] = []  # per rank: reached over CUDA IPC (copies batched in one C call)
         self._step = 0
         self._last: dict[str, Any] | None = None  # what combine needs from the last dispatch
         self._pending: list = []  # this rank's writes not awaited yet (settled by the next dispatch)
@@ -175,32 +232,81 @@ class ExpertParallel:
     @property
     def buffers(self) -> MoeBuffers:
         """This rank's descriptors, for every peer's ``connect``."""
-        return MoeBuffers(self._mr["recv"].descriptor, self._mr["combine"].descriptor)
+        meta = self._mr["meta_recv"].descriptor if self._split else None
+        return MoeBuffers(self._mr["recv"].descriptor, self._mr["combine"].descriptor, meta)
 
     def connect(self, peers: Sequence[MoeBuffers]) -> None:
         """Every rank's buffers, indexed by rank (this rank's own included)."""
         if len(peers) != self.world:
             raise InvalidArgument(f"need {self.world} ranks' buffers, got {len(peers)}")
-        need = 2 * self.world * self._slot
-        if any(p.recv.length < need for p in peers):
+        if any((p.meta is not None) != self._split for p in peers):
+            raise InvalidArgument("the ranks' buffers have different layouts: all ranks' rows on GPUs, or all "
+                                  "in host memory")
+        need, mneed = 2 * self.world * self._slot, 2 * self.world * self._mslot
+        if any(p.recv.length < need or (p.meta is not None and p.meta.length < mneed) for p in peers):
             raise InvalidArgument("a peer's receive buffer is smaller than this rank's: every rank needs the "
                                   "same world, hidden, dtype and capacity")
         self._peers = list(peers)
+        self._ipc = [False] * self.world
+        if self._gpu:
+            gp, dev = self.engine._gpu_paths(), self.device.index
+            self._ipc = [r != self.rank and gp.ipc_reachable(p.recv, dev) and gp.ipc_reachable(p.combine, dev)
+                         for r, p in enumerate(peers)]
 
     def source_order(self) -> list[int]:
         """The order of the source groups in ``dispatch``'s rows: the next rank first,
         this rank's own rows last (``rank+1, rank+2, …, rank``, wrapping)."""
         return [(self.rank + 1 + j) % self.world for j in range(self.world)]
 
-    def _put_header(self, at: int, words: tuple[int, int, int, int]) -> None:
-        if self._send_np is not None:
-            self._send_np[at:at + 4] = words
-        else:
-            import torch
+    # -- routing (host side) -----------------------------------------------------------
 
-            self._send_i32[at:at + 4] = torch.tensor(words, dtype=torch.int32, device=self.device)
+    def _route(self, topk_ids: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[int]]:
+        """(order, tok, lid, counts): the (token, k) pairs grouped by destination in
+        ``source_order`` from this rank's view (the next rank first, its own last), the
+        token and local expert id of each, and the count per group.  Computed on the host
+        with numpy: GPU ids are read back once (the step's one wait for the GPU)."""
+        flat = topk_ids.reshape(-1)
+        if self._gpu:
+            # waiting for the GPU here (reading the ids back does) also means the last step's
+            # GPU work is done: its copies out of the staging buffers, and its reads of the
+            # combine buffer, which the peers write again once this step's rows reached them
+            if flat.device != self.device:
+                import torch
 
-    def _post_segment(self, hidden: torch.Tensor, tok: torch.Tensor, lid: torch.Tensor, c: int, r: int, off: int,
+                torch.cuda.current_stream(self.device).synchronize()
+            flat = flat.cpu()
+        f = flat.numpy()
+        if f.dtype.kind != "u":  # unsigned: a negative id is out of the tables' range as well
+            f = f.view(f"u{f.itemsize}") if f.dtype.kind == "i" else f.astype(np.int64).view(np.uint64)
+        me, world, cap = self.rank, self.world, self.capacity
+        try:
+            rot = self._dest_lut[f]  # destination rotated: the next rank 0, this rank world-1
+        except IndexError:
+            raise InvalidArgument("expert ids out of range") from None
+        order = np.argsort(rot, kind="stable")
+        counts = np.bincount(rot, minlength=world).tolist()  # counts[j]: to rank (me + 1 + j) % world
+        for dest in range(world):
+            c = counts[(dest - me - 1) % world]
+            if c > cap:
+                raise CapacityExceeded(f"{c} rows for rank {dest} exceed its slot for this rank (capacity {cap})",
+                                       dest, c, cap)
+        return order, order // self.top_k, self._lid_lut[f[order]], counts
+
+    def _index_tensors(self, tok: np.ndarray, order: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """tok and order as tensors on this rank's device (GPU: one pinned copy for both)."""
+        import torch
+
+        if not self._gpu:
+            return torch.from_numpy(tok), torch.from_numpy(order)
+        n, m = tok.size, self.max_rows
+        st = self._stage_idx_np  # free again: _route waited for the GPU
+        st[:n], st[m:m + n] = tok, order
+        self._idx_dev.copy_(self._stage_idx, non_blocking=True)  # whole (16 bytes a row): no slicing
+        return self._idx_dev[:n], self._idx_dev[m:m + n]
+
+    # -- posting (in-slot headers: host rows) --------------------------------------------
+
+    def _post_segment(self, hidden: torch.Tensor, tok: torch.Tensor, lid: np.ndarray, c: int, r: int, off: int,
                       start: int, tag: int, base: int, imm: int, waits: list) -> tuple[int, int]:
         """Pack [pad | ids | header | rows] for rank r at off in the send buffer and post it
         as one write; returns the next segment's offset and the next pair index."""
@@ -209,16 +315,71 @@ class ExpertParallel:
         rb, align = self._row_bytes, self._align
         h = -(-(_HDR + 4 * c) // align) * align
         at = off + h  # rows start here
+        hw = (at - _HDR) // 4  # the header's first word
         if c:
-            self._send_i32[(at - _HDR) // 4 - c:(at - _HDR) // 4] = lid[start:start + c]
+            self._send_np[hw - c:hw] = lid[start:start + c]
             torch.index_select(hidden, 0, tok[start:start + c], out=self._send_rows[at // rb:at // rb + c])
-        self._put_header((at - _HDR) // 4, (tag, c, start, _MAGIC | self.rank))
+        self._send_np[hw:hw + 4] = (tag, c, start, _MAGIC | self.rank)
         slot = (self.rank - r - 1) % self.world  # the receiver's slot for this rank
         seg = _HDR + 4 * c
         waits.append(self.engine.scatter(self._mr["send"], [(self._peers[r].recv, at - seg,
                                                               base + slot * self._slot + self._slot_hdr - seg,
                                                               seg + c * rb)], imm=imm))
         return -(-(at + c * rb) // align) * align, start + c
+
+    # -- posting (split: rows apart from their ids and headers) --------------------------
+
+    def _post_split(self, hidden: torch.Tensor, tok: torch.Tensor, lid: np.ndarray, counts: list[int], tag: int,
+                    parity: int, imm: int, sent: list) -> int:
+        """Gather the rows for every other rank into the send buffer (one index_select),
+        write their ids and headers into the host meta buffer, and post them.  Ranks
+        reached over CUDA IPC: one C call copies every such segment's rows into its
+        receiver's GPU and then writes each receiver's [ids | header] with the imm.  The
+        others: the rows go as writes of their own carrying the other parity's dispatch
+        imm (the header says so: the receiver waits for those too), the headers with the
+        imm.  A segment's rows end where its slot ends; this rank's own rows are gathered
+        into its own slot (the last) meanwhile: the last remote group and the own rows are
+        contiguous without a copy.  Returns the number of rows sent."""
+        import torch
+
+        me, world, rb, ms = self.rank, self.world, self._row_bytes, self._mslot
+        n_remote = sum(counts[:world - 1])
+        if n_remote:
+            torch.index_select(hidden, 0, tok[:n_remote], out=self._send_rows[:n_remote])
+        mn, ipc = self._send_np, self._ipc
+        copies, ipc_metas, rows, metas = [], [], [], []
+        start = 0
+        for j in range(world - 1):
+            r, c = (me + 1 + j) % world, counts[j]
+            hw = (j + 1) * ms // 4 - 4  # the header's first word: the meta slot's last 16 bytes
+            if c:
+                mn[hw - c:hw] = lid[start:start + c]
+            apart = _APART if c and not ipc[r] else 0
+            mn[hw:hw + 4] = (tag, c, start, _MAGIC | apart | me)
+            rslot = parity * world + (me - r - 1) % world  # the receiver's slot for this rank
+            seg = _HDR + 4 * c
+            meta = (self._peers[r].meta, (j + 1) * ms - seg, (rslot + 1) * ms - seg, seg)
+            at = (rslot + 1) * self._slot - c * rb  # the rows end where the slot ends
+            if ipc[r]:
+                copies.append((self._peers[r].recv, at, self._send_ptr + start * rb, c * rb))
+                ipc_metas.append(meta)
+            else:
+                if c:
+                    rows.append((self._peers[r].recv, start * rb, at, c * rb))
+                metas.append(meta)
+            start += c
+        eng = self.engine
+        if rows:
+            sent.append(eng.scatter(self._mr["send"], rows, imm=self._dispatch_imms[1 - parity]))
+        if copies:
+            sent.append(eng._gpu_paths().ipc_batch(self.device.index, copies, self._mr["meta_send"], ipc_metas, imm))
+        if metas:
+            sent.append(eng.scatter(self._mr["meta_send"], metas, imm=imm))
+        own = tok.numel() - n_remote
+        if own:  # off the critical path: the peers' writes are in flight
+            o = (parity * world + world - 1) * self.capacity
+            torch.index_select(hidden, 0, tok[n_remote:], out=self._recv_rows[o:o + own])
+        return n_remote
 
     # -- dispatch ----------------------------------------------------------------------
 
@@ -230,8 +391,6 @@ class ExpertParallel:
 
         ``rows`` and ``local_expert_ids`` are views of this rank's buffers: valid until
         this rank's ``combine`` returns (the step after next overwrites them)."""
-        import torch
-
         if topk_ids.dim() != 2 or hidden.dim() != 2:
             raise InvalidArgument("hidden must be [tokens, hidden] and topk_ids [tokens, top_k]")
         t, k = topk_ids.shape
@@ -242,44 +401,32 @@ class ExpertParallel:
                                   f"{hidden.device}")
         if not self._peers:
             raise InvalidArgument("connect() first")
-        me, world, eng, cap, rb = self.rank, self.world, self.engine, self.capacity, self._row_bytes
-        epr = self.experts_per_rank
-        flat = topk_ids.reshape(-1).to(device=self.device, dtype=torch.int64)
-        n = flat.numel()
-        if n:
-            lo, hi = torch.aminmax(flat)
-            if int(lo) < 0 or int(hi) >= self.num_experts:
-                raise InvalidArgument("expert ids out of range")
-        # destinations rotated so that the next rank comes first and this rank last
-        rot = (flat // epr - (me + 1)) % world
-        order = torch.argsort(rot, stable=True)
-        counts = torch.bincount(rot, minlength=world).tolist()  # counts[j]: to rank (me + 1 + j) % world
-        for dest in range(world):
-            c = counts[(dest - me - 1) % world]
-            if c > cap:
-                raise CapacityExceeded(f"{c} rows for rank {dest} exceed its slot for this rank (capacity {cap})",
-                                       dest, c, cap)
+        me, world, eng = self.rank, self.world, self.engine
+        order_np, tok_np, lid, counts = self._route(topk_ids)  # CapacityExceeded: nothing sent
         await self.settle()  # the last step's writes out of the send and out buffers
-        tok = order // k
-        lid = (flat[order] % epr).to(torch.int32)
+        n = tok_np.size
+        tok, order = self._index_tensors(tok_np, order_np)
         step, self._step = self._step, self._step + 1
         tag, parity = step & _TAG_MASK, step % 2
         base = parity * world * self._slot
 
-        # 1. one segment per other rank: [pad | ids | header | rows], each posted as one write
-        #    as soon as it is packed (the transfer of one overlaps the packing of the next)
+        # 1. one segment per other rank (rows, ids, header) with the dispatch imm
         imm = self._dispatch_imms[parity]
         # our own writes' completions aren't awaited here: what this step returns only needs
         # the imms of the writes to us; the next dispatch settles them before reusing buffers
-        arrived = eng.imms.wait(imm, world - 1, timeout=self.timeout) if world > 1 else None
+        arrived = None
         sent: list = []
-        off = start = 0
         try:
-            for j in range(world - 1):
-                off, start = self._post_segment(hidden, tok, lid, counts[j], (me + 1 + j) % world, off, start,
-                                                tag, base, imm, sent)
+            if self._split:
+                n_remote = self._post_split(hidden, tok, lid, counts, tag, parity, imm, sent)
+            else:  # each posted as soon as it is packed (the transfer of one overlaps the next's packing)
+                off = n_remote = 0
+                for j in range(world - 1):
+                    off, n_remote = self._post_segment(hidden, tok, lid, counts[j], (me + 1 + j) % world, off,
+                                                       n_remote, tag, base, imm, sent)
             self._pending = sent
-            if arrived is not None:
+            if world > 1:  # armed after posting (counts are kept): the posts go out first
+                arrived = eng.imms.wait(imm, world - 1, timeout=self.timeout)
                 await arrived
         except BaseException:
             for w in [arrived, *sent]:  # a wait left armed would eat the next step's imms
@@ -287,50 +434,102 @@ class ExpertParallel:
                     w.cancel()
             self._pending = []
             raise
-        n_remote = start
 
-        # 2. the headers say how many rows each source sent; make them contiguous
-        slot_rows, hdr_rows = self._slot // rb, self._slot_hdr // rb
-        row0 = base // rb + hdr_rows
-        got = [0] * world
-        at_row = [0] * world  # where each source's rows start, relative to row0
-        rows_t, ids = self._recv_rows, self._recv_ids
-        if world > 1:
-            hw = self._slot_hdr // 4 - 4
-            src_i32 = self._recv_np if self._recv_np is not None else self._recv_i32
-            heads = src_i32[base // 4:base // 4 + (world - 1) * self._slot // 4].reshape(world - 1, -1)
-            heads = heads[:, hw:hw + 4].tolist()
-        pos = 0
+        # 2. the headers say how many rows each source sent (and whether they come apart)
+        heads = self._headers(tag, parity)
+        apart = sum(1 for _, c, _, a in heads if a)
+        if apart:  # rows written apart from their headers: their own imms, the other parity's
+            rows_in = eng.imms.wait(self._dispatch_imms[1 - parity], apart, timeout=self.timeout)
+            try:
+                await rows_in
+            except BaseException:
+                rows_in.cancel()
+                raise
+        # 3. make the rows and ids contiguous
+        got, at_row, comb_off, total, row0 = self._assemble(heads, hidden, tok, lid, n, n_remote, parity)
+        self._last = {"row0": row0, "got": got, "at_row": at_row, "order": order, "tok": tok,
+                      "n_remote": n_remote, "shape": (t, k), "total": total, "comb_off": comb_off}
+        return self._recv_rows[row0:row0 + total], self._recv_ids[:total], got
+
+    def _headers(self, tag: int, parity: int) -> list[tuple[int, int, int, bool]]:
+        """Each other source's header (host memory), checked: (source, rows, its combine
+        offset, rows written apart), in ``source_order``."""
+        me, world = self.rank, self.world
+        if self._split:
+            h0, hstride = (parity * world + 1) * self._mslot // 4 - 4, self._mslot // 4
+        else:
+            h0, hstride = (parity * world * self._slot + self._slot_hdr) // 4 - 4, self._slot // 4
+        heads = []
         for j in range(world - 1):
             s = (me + 1 + j) % world
-            h_tag, c, _, h_src = heads[j]
-            if h_tag != tag or h_src != _MAGIC | s or not 0 <= c <= cap:
+            hw = h0 + j * hstride
+            h_tag, c, off, h_src = self._recv_np[hw:hw + 4].tolist()
+            if h_tag != tag or h_src & ~_APART != _MAGIC | s or not 0 <= c <= self.capacity:
                 raise StepMismatch(f"dispatch header from slot {j} says step {h_tag}, source {h_src}, {c} rows; "
                                    f"expected step {tag} from rank {s} (source {_MAGIC | s:#x})")
-            got[s], at_row[s] = c, pos
-            if c:
-                u = row0 + j * slot_rows
-                ib = (base + j * self._slot + self._slot_hdr - _HDR) // 4
-                ids[pos:pos + c] = self._recv_i32[ib - c:ib]
-                if pos != j * slot_rows:
-                    src = rows_t[u:u + c]
-                    if row0 + pos + c > u:  # overlapping move
-                        src = src.clone()
-                    rows_t[row0 + pos:row0 + pos + c] = src
-            pos += c
+            heads.append((s, c, off, bool(h_src & _APART)))
+        return heads
+
+    def _assemble(self, heads: list[tuple[int, int, int, bool]], hidden: torch.Tensor, tok: torch.Tensor,
+                  lid: np.ndarray, n: int, n_remote: int, parity: int
+                  ) -> tuple[list[int], list[int], list[int], int, int]:
+        """Make the received rows and ids contiguous (own rows last): (rows per source,
+        where each source's rows start, each source's combine offset, total rows, the first
+        row)."""
+        import torch
+
+        me, world, cap, rb = self.rank, self.world, self.capacity, self._row_bytes
+        got, at_row, comb_off = [0] * world, [0] * world, [0] * world
+        rows_t, heads_np = self._recv_rows, self._recv_np
+        ids = self._ids_np  # GPU: the ids staging, free again (_route waited for the GPU)
         own = n - n_remote
+        if self._split:
+            # right-aligned slots, own rows at the start of the last: moved up behind each other
+            h0, hstride = (parity * world + 1) * self._mslot // 4 - 4, self._mslot // 4
+            own_at = (parity * world + world - 1) * cap
+            total = own + sum(c for _, c, _, _ in heads)
+            row0 = own_at - (total - own)
+            end = own_at
+            for j in range(world - 2, -1, -1):
+                s, c, off, _ = heads[j]
+                end -= c
+                got[s], at_row[s], comb_off[s] = c, end - row0, off
+                if c:
+                    hw = h0 + j * hstride
+                    ids[end - row0:end - row0 + c] = heads_np[hw - c:hw]
+                    u = (parity * world + j + 1) * cap - c  # where slot j's rows landed
+                    if u != end:
+                        src = rows_t[u:u + c]
+                        if end < u + c:  # overlapping move
+                            src = src.clone()
+                        rows_t[end:end + c] = src
+            pos = total - own
+        else:
+            slot_rows = self._slot // rb
+            row0 = parity * world * slot_rows + self._slot_hdr // rb
+            h0, hstride = (parity * world * self._slot + self._slot_hdr) // 4 - 4, self._slot // 4
+            pos = 0
+            for j, (s, c, off, _) in enumerate(heads):
+                got[s], at_row[s], comb_off[s] = c, pos, off
+                if c:
+                    hw = h0 + j * hstride
+                    ids[pos:pos + c] = heads_np[hw - c:hw]
+                    u = row0 + j * slot_rows
+                    if pos != j * slot_rows:
+                        src = rows_t[u:u + c]
+                        if row0 + pos + c > u:  # overlapping move
+                            src = src.clone()
+                        rows_t[row0 + pos:row0 + pos + c] = src
+                pos += c
+            total = pos + own
+            if own:
+                torch.index_select(hidden, 0, tok[n_remote:], out=rows_t[row0 + pos:row0 + total])
         got[me], at_row[me] = own, pos
         if own:
-            torch.index_select(hidden, 0, tok[n_remote:], out=rows_t[row0 + pos:row0 + pos + own])
-            ids[pos:pos + own] = lid[n_remote:]
-        total = pos + own
-        self._last = {"row0": row0, "got": got, "at_row": at_row, "order": order, "tok": tok,
-                      "n_remote": n_remote, "shape": (t, k), "total": total, "comb_off": [0] * world}
-        # where each source packed the rows it sent us (its combine offset)
-        for j in range(world - 1):
-            s = (me + 1 + j) % world
-            self._last["comb_off"][s] = heads[j][2]
-        return rows_t[row0:row0 + total], ids[:total], got
+            ids[pos:total] = lid[n_remote:]
+        if self._gpu:
+            self._recv_ids.copy_(self._stage_ids, non_blocking=True)  # whole (4 bytes a row): no slicing
+        return got, at_row, comb_off, total, row0
 
     # -- combine -----------------------------------------------------------------------
 
@@ -357,37 +556,67 @@ class ExpertParallel:
         # the outputs go out from registered memory: out_buffer, or the receive buffer itself
         # (an expert that works in place, or the identity); anything else is copied first
         row0 = last["row0"]
-        if outputs.data_ptr() == self._recv_rows[row0].data_ptr() and outputs.is_contiguous():
+        if outputs.data_ptr() == self._recv.data_ptr() + row0 * rb and outputs.is_contiguous():
             src, src_rows, first = "recv", self._recv_rows, row0
         else:
             src, src_rows, first = "out", self._out_rows, 0
             if outputs.data_ptr() != self._out.data_ptr() or not outputs.is_contiguous():
                 self._out_rows[:total] = outputs
-        targets = []
+        targets, copies = [], []
+        base = src_rows.data_ptr()
         for j in range(world - 1):  # imm-only when empty: every source hears from every rank
             s = (me + 1 + j) % world
-            targets.append((self._peers[s].combine, (first + at_row[s]) * rb, last["comb_off"][s] * rb,
-                            got[s] * rb))
-        arrived = None
+            d, so, do, nb = self._peers[s].combine, (first + at_row[s]) * rb, last["comb_off"][s] * rb, got[s] * rb
+            if self._ipc[s]:
+                copies.append((d, do, base + so, nb))
+            else:
+                targets.append((d, so, do, nb))
+        if copies:  # one C call: every copy, then an imm-only write to each of those sources
+            self._pending.append(eng._gpu_paths().ipc_batch(self.device.index, copies, None,
+                                                            [(d, 0, 0, 0) for d, _, _, _ in copies],
+                                                            self._combine_imm))
         if targets:
             self._pending.append(eng.scatter(self._mr[src], targets, imm=self._combine_imm))
-            arrived = eng.imms.wait(self._combine_imm, len(targets), timeout=self.timeout)
-        # rows came back in the order this rank packed them; own rows reduce meanwhile
-        order, tok, nr = last["order"], last["tok"], last["n_remote"]
-        w = topk_weights.reshape(-1).to(self.device)[order].to(self.dtype).unsqueeze(1)
-        out = torch.zeros(t, self.hidden, dtype=self.dtype, device=self.device)
+        arrived = eng.imms.wait(self._combine_imm, world - 1, timeout=self.timeout) if world > 1 else None
+        order, nr = last["order"], last["n_remote"]
+        if not self._gpu:
+            # host: weighted rows added into their tokens (own rows meanwhile), which on a
+            # CPU costs less than the reordering copy and batched product below
+            tok = last["tok"]
+            w = topk_weights.reshape(-1).to(self.device)[order].to(self.dtype).unsqueeze(1)
+            out = torch.zeros(t, self.hidden, dtype=self.dtype, device=self.device)
+            if got[me]:
+                a = first + at_row[me]
+                out.index_add_(0, tok[nr:], src_rows[a:a + got[me]] * w[nr:])
+            if arrived is not None:
+                try:
+                    await arrived
+                except BaseException:
+                    arrived.cancel()
+                    raise
+            if nr:
+                out.index_add_(0, tok[:nr], self._combine_rows[:nr] * w[:nr])
+            return out
+        # GPU: rows back into [tokens, top_k] order (own rows meanwhile), then out[t] =
+        # weights[t] @ rows[t] for every token in one bmm (fewer kernels than weighting and
+        # adding); what can be prepared is, before the wait
+        full = self._full
+        assert full is not None
         if got[me]:
             a = first + at_row[me]
-            out.index_add_(0, tok[nr:], src_rows[a:a + got[me]] * w[nr:])
+            full.index_copy_(0, order[nr:], src_rows[a:a + got[me]])
+        w = topk_weights.to(device=self.device, dtype=self.dtype).reshape(t, 1, k)
+        rows_tk = full[:t * k].view(t, k, self.hidden)
+        back = (order[:nr], self._combine_rows[:nr]) if nr else None
         if arrived is not None:
             try:
                 await arrived
             except BaseException:
                 arrived.cancel()
                 raise
-        if nr:
-            out.index_add_(0, tok[:nr], self._combine_rows[:nr] * w[:nr])
-        return out
+        if back is not None:
+            full.index_copy_(0, *back)
+        return torch.bmm(w, rows_tk).squeeze(1)
 
     async def settle(self) -> None:
         """Wait until this rank's own writes of the last dispatch and combine are complete.
@@ -398,8 +627,17 @@ class ExpertParallel:
         still in flight (they fail EngineClosed) and the peers would wait for them.
         Raises what any of them failed with."""
         pending, self._pending = self._pending, []
-        if pending:
-            await asyncio.gather(*pending)
+        if not pending:
+            return
+        if all(f.done() for f in pending):  # the usual case: no trip through the event loop
+            err: BaseException | None = None
+            for f in pending:  # every outcome read (none left "never retrieved"), the first raised
+                e = asyncio.CancelledError() if f.cancelled() else f.exception()
+                err = err or e
+            if err is not None:
+                raise err
+            return
+        await asyncio.gather(*pending)
 
     async def step(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
                    expert_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:

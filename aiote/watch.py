@@ -36,19 +36,67 @@ __all__ = ["Watcher", "Prepared"]
 _CU_MEMHOSTALLOC_PORTABLE_DEVICEMAP = 0x1 | 0x2
 
 
+_KEEP: Any = object()  # post(): the imm given at preparation
+
+
 class Prepared:
-    """A transfer checked and resolved once, posted by C each time a reaction fires.
+    """A transfer checked and resolved once: posted by C each time a watcher
+    reaction fires, or by ``post()``, as often as wanted.
 
     It holds its source region (which can't be closed meanwhile) until ``close()``.
     Only host memory or GPUDirect (``gpu="direct"``) regions: a staged GPU region's
     bytes must be copied to its mirror first, which C can't do.
     """
 
-    def __init__(self, engine: TransferEngine, prep_id: int, keep: Any):
+    def __init__(self, engine: TransferEngine, prep_id: int, keep: Any, n: int = 0):
         self._engine = engine
         self._id = prep_id
         self._keep = keep
+        #: writes in the transfer (elements or pages); each carries the imm
+        self.n = n
         self.closed = False
+
+    def post(self, imm: int | None = _KEEP) -> asyncio.Future[None]:
+        """Post the whole prepared batch now: one C call, no checking or resolving again.
+
+        Returns one future for the batch, with the same meaning as ``scatter``'s or
+        ``write_paged``'s (every write landed; a failure names the element).  ``imm``:
+        the one given at preparation unless given here (``None``: no imm); every write
+        of the batch carries it, so the target counts ``n`` of it per post.  Bounds
+        were checked at preparation, against regions that can't change meanwhile: the
+        source is held, and a target deregistered since fails the post (stale key).
+        """
+        if self.closed:
+            raise InvalidArgument("post() on a closed Prepared transfer")
+        eng = self._engine
+        if imm is _KEEP:
+            mode, v = 0, 0
+        else:
+            has, v = eng._check_imm(imm)
+            mode = 2 if has else 1
+        h = eng._handle()
+        pid = self._id
+        if not eng._deferred:  # fast path: one C call (the direct path may finish it there)
+            op_id = next(eng._op_ids)
+            rc = lib.aiote_post_prepared(h, op_id, pid, mode, v)
+            if rc == lib.AIOTE_DONE:
+                fut = eng._loop.create_future()
+                fut.set_result(None)
+                return fut
+            if rc >= 0:
+                return eng._track(op_id, self)
+            if rc != -lib.AIOTE_E_AGAIN:
+                check(rc, "post")
+
+        def submit(op_id: int) -> int:
+            if self.closed:  # closed while this post waited for room: its id may name another now
+                raise InvalidArgument("the Prepared transfer was closed before it could be posted")
+            rc = lib.aiote_post_prepared(h, op_id, pid, mode, v)
+            if rc < 0 and rc != -lib.AIOTE_E_AGAIN:
+                check(rc, "post")
+            return rc
+
+        return eng._submit(submit, self)
 
     def close(self) -> None:
         """Free it (RegionInUse-like AioteError while a reaction is armed with it)."""

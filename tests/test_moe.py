@@ -38,18 +38,28 @@ def reference(x, ids, w, mats):
     return out
 
 
-def _rank_main(rank, world, provider, conn, gpu=False):
+class SplitEP(ExpertParallel):
+    """The GPU layout (ids and headers in host regions of their own, the rows apart, the
+    headers written after the rows) with host rows: the GPU path's logic, testable here."""
+
+    _SPLIT_META = True
+
+
+def _rank_main(rank, world, provider, conn, gpu=False, split=False, cuda_ipc=True):
     import aiote
-    from aiote.moe import CapacityExceeded, ExpertParallel
+    from aiote.moe import CapacityExceeded
 
     device = f"cuda:{rank % torch.cuda.device_count()}" if gpu else "cpu"
+    EP = SplitEP if split else ExpertParallel
 
     async def main():
         host = "127.0.0.1" if provider == "tcp" else None
-        async with aiote.TransferEngine(provider, host=host) as eng:
-            ep = ExpertParallel(eng, rank, world, EXPERTS, HIDDEN, TOKENS, TOPK, device=device if gpu else None)
+        async with aiote.TransferEngine(provider, host=host, cuda_ipc=cuda_ipc) as eng:
+            ep = EP(eng, rank, world, EXPERTS, HIDDEN, TOKENS, TOPK, device=device if gpu else None)
             conn.send(ep.buffers)
             ep.connect(conn.recv())
+            if gpu:  # every peer in another process of this host: one C call per dispatch/combine
+                assert ep._ipc == [r != rank and cuda_ipc for r in range(world)]
             mats = expert_weights().to(device)
             per = EXPERTS // world
             mine = mats[rank * per:(rank + 1) * per]
@@ -74,8 +84,8 @@ def _rank_main(rank, world, provider, conn, gpu=False):
 
             # a slot of 12 rows: every source routes its 16 tokens to expert 0 (rank 0), so every
             # rank's dispatch is refused before anything is sent; each retries in chunks of 4 tokens
-            small = ExpertParallel(eng, rank, world, EXPERTS, HIDDEN, TOKENS, TOPK, device=device if gpu else None,
-                                   capacity=12, imm_base=0x0F0000)
+            small = EP(eng, rank, world, EXPERTS, HIDDEN, TOKENS, TOPK, device=device if gpu else None,
+                       capacity=12, imm_base=0x0F0000)
             conn.send(small.buffers)
             small.connect(conn.recv())
             x, ids, w = (t.to(device) for t in make_inputs(rank, STEPS, world))
@@ -93,22 +103,28 @@ def _rank_main(rank, world, provider, conn, gpu=False):
     asyncio.run(main())
 
 
+@pytest.mark.parametrize("split", [False, True], ids=["host", "split"])
 @pytest.mark.parametrize("world", [2, 4])
-async def test_dispatch_combine_matches_reference(world, aiote_provider):
-    await _run_ranks(world, aiote_provider, gpu=False)
+async def test_dispatch_combine_matches_reference(world, split, aiote_provider):
+    """split: the GPU layout (rows apart from their ids and headers) on host rows."""
+    await _run_ranks(world, aiote_provider, gpu=False, split=split)
 
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-async def test_dispatch_combine_on_gpus(aiote_provider):
-    """EP = 2 with the rows in GPU memory (rank r on GPU r mod count)."""
-    await _run_ranks(2, aiote_provider, gpu=True)
+@pytest.mark.parametrize("cuda_ipc", [True, False], ids=["ipc", "no-ipc"])
+async def test_dispatch_combine_on_gpus(aiote_provider, cuda_ipc):
+    """EP = 2 with the rows in GPU memory (rank r on GPU r mod count): over CUDA IPC (one
+    C call of copies then header writes per dispatch and combine), and without it (the
+    engine's GPU paths, the headers written after the rows)."""
+    await _run_ranks(2, aiote_provider, gpu=True, cuda_ipc=cuda_ipc)
 
 
-async def _run_ranks(world, aiote_provider, gpu):
+async def _run_ranks(world, aiote_provider, gpu, split=False, cuda_ipc=True):
     ctx = mp.get_context("spawn")
     pipes = [ctx.Pipe() for _ in range(world)]
-    procs = [ctx.Process(target=_rank_main, args=(r, world, aiote_provider, pipes[r][1], gpu), daemon=True)
+    procs = [ctx.Process(target=_rank_main, args=(r, world, aiote_provider, pipes[r][1], gpu, split, cuda_ipc),
+                         daemon=True)
              for r in range(world)]
     for p in procs:
         p.start()
@@ -181,7 +197,8 @@ async def test_bad_calls_are_refused_typed(aiote_provider, aiote_host):
             ExpertParallel(eng, 0, 1, 4, 8, 4, 2, capacity=9)
 
 
-async def test_ranks_out_of_step_are_detected(aiote_provider, aiote_host):
+@pytest.mark.parametrize("EP", [ExpertParallel, SplitEP], ids=["host", "split"])
+async def test_ranks_out_of_step_are_detected(aiote_provider, aiote_host, EP):
     """Two layers of one rank sharing an imm base: the dispatch that reads a slot nobody
     wrote this step fails with StepMismatch instead of returning stale rows."""
     import aiote
@@ -189,8 +206,8 @@ async def test_ranks_out_of_step_are_detected(aiote_provider, aiote_host):
     x, ids = torch.randn(4, 8), torch.zeros(4, 2, dtype=torch.int64)
     async with aiote.TransferEngine(aiote_provider, host=aiote_host) as e0, \
             aiote.TransferEngine(aiote_provider, host=aiote_host) as e1:
-        a0, a1 = (ExpertParallel(e, r, 2, 4, 8, 4, 2) for r, e in ((0, e0), (1, e1)))
-        b1 = ExpertParallel(e1, 1, 2, 4, 8, 4, 2)  # layer B on rank 1, same imm base as layer A
+        a0, a1 = (EP(e, r, 2, 4, 8, 4, 2) for r, e in ((0, e0), (1, e1)))
+        b1 = EP(e1, 1, 2, 4, 8, 4, 2)  # layer B on rank 1, same imm base as layer A
         for ep in (a0, a1):
             ep.connect([a0.buffers, a1.buffers])
         b1.connect([a0.buffers, b1.buffers])
@@ -243,3 +260,85 @@ async def test_a_silent_rank_times_the_step_out_typed(aiote_provider, aiote_host
         assert e0.imms.pending(eps[0]._dispatch_imms[0]) == 0
         with pytest.raises(aiote.InvalidArgument, match="timeout"):
             ExpertParallel(e0, 0, 2, 4, 8, 4, 2, timeout=0)
+
+
+async def test_layouts_that_differ_are_refused(aiote_provider, aiote_host):
+    """A rank with rows on a GPU (headers in a host region) and one with host rows can't be
+    connected: refused at connect, before any step."""
+    import aiote
+
+    async with aiote.TransferEngine(aiote_provider, host=aiote_host) as eng:
+        a, b = ExpertParallel(eng, 0, 2, 4, 8, 4, 2), SplitEP(eng, 1, 2, 4, 8, 4, 2)
+        assert a.buffers.meta is None and b.buffers.meta is not None
+        for ep in (a, b):
+            with pytest.raises(aiote.InvalidArgument, match="layouts"):
+                ep.connect([a.buffers, b.buffers])
+
+
+class _HostIpc:
+    """Stands in for the engine's GPU paths: ``ipc_batch``'s copies are done with memmove
+    (every rank is in this process: ``where`` maps a descriptor to its buffer's address),
+    then its writes are posted as a scatter with the imm, as the C core does after the
+    copies."""
+
+    def __init__(self, eng, where):
+        self.eng, self.where, self.calls = eng, where, 0
+
+    def ipc_reachable(self, desc, device):
+        return True
+
+    def ipc_batch(self, device, copies, src, writes, imm):
+        import ctypes
+
+        self.calls += 1
+        for d, off, addr, n in copies:
+            assert 0 <= off and off + n <= d.length
+            ctypes.memmove(self.where[d] + off, addr, n)
+        return self.eng.scatter(src if src is not None else self.eng._scratch(), writes, imm=imm)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+async def test_ipc_batch_path_on_host_memory(world, aiote_provider, aiote_host, monkeypatch):
+    """The GPU fast path's bookkeeping (each segment's rows copied to the end of its slot in
+    one batch with the headers written after, own rows gathered during the wait, the
+    combine's copies) with host buffers and an emulated batch: outputs equal the reference
+    at EP 2 and 4, also when a rank receives nothing or one expert takes every token."""
+    import contextlib
+
+    import aiote
+
+    async with contextlib.AsyncExitStack() as stack:
+        engs = [await stack.enter_async_context(aiote.TransferEngine(aiote_provider, host=aiote_host))
+                for _ in range(world)]
+        eps = [SplitEP(e, r, world, EXPERTS, HIDDEN, TOKENS, TOPK) for r, e in enumerate(engs)]
+        where = {}
+        for ep in eps:
+            where[ep.buffers.recv], where[ep.buffers.combine] = ep._recv.data_ptr(), ep._combine.data_ptr()
+        fakes = [_HostIpc(e, where) for e in engs]
+        for e, f in zip(engs, fakes):
+            monkeypatch.setattr(e, "_gpu_paths", lambda f=f: f)
+        for ep in eps:
+            ep._gpu = True  # connect asks the (emulated) GPU paths which peers IPC reaches
+            ep.connect([p.buffers for p in eps])
+            ep._gpu = False
+            assert ep._ipc == [r != ep.rank for r in range(world)]
+        mats, per = expert_weights(), EXPERTS // world
+
+        async def one(r, step):
+            x, ids, w = make_inputs(r, step, world)
+            mine = mats[r * per:(r + 1) * per]
+
+            def experts(rows, lid):
+                out = torch.empty_like(rows)
+                for e in range(per):
+                    out[lid == e] = torch.tanh(rows[lid == e] @ mine[e])
+                return out
+
+            got = await eps[r].step(x, ids, w, experts)
+            return float((got - reference(x, ids, w, mats)).abs().max())
+
+        errs = [await asyncio.gather(*(one(r, step % 3) for r in range(world))) for step in range(6)]
+        for ep in eps:
+            await ep.settle()
+    assert max(max(e) for e in errs) < 1e-5, errs
+    assert all(f.calls == 12 for f in fakes)  # a dispatch and a combine per step: one batch each

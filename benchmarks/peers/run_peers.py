@@ -85,6 +85,12 @@ def configs() -> list[Config]:
             {**ucx, "UCX_TLS": "shm"}, "ucx_error_handling_mode=peer (NIXL's default)",
         ),
         Config("aiote-tcp", "aiote", "tcp", "aiote tcp;ofi_rxm", "w_aiote.py", ["--provider", "tcp"]),
+        Config(
+            "aiote-tcp-spin", "aiote", "tcp", "aiote tcp, loop_spin_us=500", "w_aiote.py",
+            ["--provider", "tcp", "--loop-spin-us", "500"],
+            note="latency mode: each process's event loop spins on its engine instead of sleeping "
+            "(a core per process, as NIXL's and fi_bench's pollers)",
+        ),
         Config("raw-tcp", "raw", "tcp", "raw C libfabric tcp;ofi_rxm"),
         Config("mooncake-tcp", "mooncake", "tcp", "Mooncake TE tcp", "w_mooncake.py"),
         Config("nixl-tcp", "nixl", "tcp", "NIXL/UCX tcp", "w_nixl.py", [], {**ucx, "UCX_TLS": "tcp"}),
@@ -95,7 +101,7 @@ def configs() -> list[Config]:
 # what "complete" means for each system's two modes (goes into the doc)
 SEMANTICS = {
     "aiote": (
-        "32 coroutines each awaiting `eng.write(..., imm)`",
+        "a batch of 32 writes with imm prepared once (`eng.prepare_scatter`), one awaited `post()` per round",
         "`await eng.write(..., imm)`",
         "initiator: the future resolves with delivery-complete (bytes in target memory); the target's "
         "ImmCounter sees every imm (checked)",

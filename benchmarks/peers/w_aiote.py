@@ -4,13 +4,18 @@
     w_aiote.py target    --provider shm|tcp [--polling adaptive]
     w_aiote.py initiator --provider shm|tcp --ctl-port P --sizes 64,4096,...
 
-Modes per size: ``pipe`` = batches of 32 writes, each batch one
-``eng.scatter(..., imm)`` call (one C submission, every write with the imm),
-awaited before the next — as NIXL (a prepared 32-write transfer) and Mooncake
-(``batch_transfer_sync_write`` of 32) are driven; with ``--pipe tasks``, 32
+Modes per size: ``pipe`` = batches of 32 writes, every write with the imm,
+each batch awaited before the next — as NIXL (a prepared 32-write transfer,
+posted again and again) and Mooncake (``batch_transfer_sync_write`` of 32)
+are driven.  ``--pipe prepared`` (default): the batch is prepared once per
+size (``eng.prepare_scatter``) and each round is one ``post()``, as NIXL's
+prepped transfer; ``--pipe batch``: one ``eng.scatter(..., imm)`` call per
+round (the runs of 2026-11-27 18:28 to 2026-11-28); ``--pipe tasks``: 32
 coroutines each awaiting ``eng.write(..., imm)`` in turn (bench_write's
-driver, the runs before 2026-11-27 18:20); ``one`` = one awaited write at a
-time.  Buffers are numpy arrays, as in the Mooncake and NIXL workers
+driver, the runs before 2026-11-27 18:20).  ``one`` = one awaited write at a
+time.  ``--loop-spin-us N``: both engines in latency mode (the event loop
+spins up to N µs on the engine's events instead of sleeping; NIXL's and
+fi_bench's pollers spin too).  Buffers are numpy arrays, as in the Mooncake and NIXL workers
 (numpy asks for transparent huge pages on large arrays; see _ctl.buffer).
 Complete = the write's future resolved: with ``delivery_complete=True``
 (aiote's default) the bytes are in the target's memory.  The target then
@@ -46,7 +51,8 @@ async def target(args: argparse.Namespace) -> None:
     import aiote
 
     loop = asyncio.get_running_loop()
-    async with aiote.TransferEngine(args.provider, host=_host(args.provider), polling=args.polling) as eng:
+    async with aiote.TransferEngine(args.provider, host=_host(args.provider), polling=args.polling,
+                                    loop_spin_us=args.loop_spin_us) as eng:
         buf = _buffer(args.mem)
         mr = eng.register(buf)
         srv = K.listen()
@@ -87,13 +93,26 @@ async def _batched(eng: Any, mr: Any, d: Any, size: int, imm: int, n: int) -> No
         await eng.scatter(mr, batch, imm=imm)
 
 
+async def _prepared(eng: Any, mr: Any, d: Any, size: int, imm: int, n: int) -> None:
+    """n writes as n / INFLIGHT posts of one prepared batch of INFLIGHT (checked once), awaited in turn."""
+    prep = eng.prepare_scatter(mr, [(d, 0, 0, size)] * K.INFLIGHT, imm=imm)
+    post = prep.post
+    for _ in range(n // K.INFLIGHT):
+        await post()
+    prep.close()
+
+
+_PIPE = {"prepared": _prepared, "batch": _batched, "tasks": _pipelined}
+
+
 async def initiator(args: argparse.Namespace) -> None:
     import aiote
 
     loop = asyncio.get_running_loop()
     ctl = K.connect(args.ctl_port)
     hello = ctl.recv()
-    async with aiote.TransferEngine(args.provider, host=_host(args.provider), polling=args.polling) as eng:
+    async with aiote.TransferEngine(args.provider, host=_host(args.provider), polling=args.polling,
+                                    loop_spin_us=args.loop_spin_us) as eng:
         src = _buffer(args.mem)
         mr = eng.register(src)
         d = aiote.MrDescriptor.from_bytes(bytes.fromhex(hello["desc"]))
@@ -108,7 +127,7 @@ async def initiator(args: argparse.Namespace) -> None:
                 if mode == "pipe":
                     n = K.pipe_ops(size)
                     t0 = K.now()
-                    await (_batched if args.pipe == "batch" else _pipelined)(eng, mr, d, size, imm, n)
+                    await _PIPE[args.pipe](eng, mr, d, size, imm, n)
                     dt = K.now() - t0
                 else:
                     n = K.one_ops(size)
@@ -123,7 +142,8 @@ async def initiator(args: argparse.Namespace) -> None:
                 )
                 if not r["ok"]:
                     raise RuntimeError(f"target buffer does not hold the written bytes ({size} B, {mode})")
-                K.emit(K.result("aiote", mode, size, n, dt, lat, polling=args.polling, pipe=args.pipe))
+                K.emit(K.result("aiote", mode, size, n, dt, lat, polling=args.polling, pipe=args.pipe,
+                                loop_spin_us=args.loop_spin_us))
         mr.close()
     ctl.call({"cmd": "exit"})
     ctl.close()
@@ -134,8 +154,11 @@ def main() -> int:
     p.add_argument("role", choices=["target", "initiator"])
     p.add_argument("--provider", default="shm", choices=["shm", "tcp"])
     p.add_argument("--polling", default="adaptive", choices=["adaptive", "busy", "blocking"])
-    p.add_argument("--pipe", default="batch", choices=["batch", "tasks"],
-                   help="pipelined mode: scatter batches of 32 (like the peers) or 32 coroutines of single writes")
+    p.add_argument("--pipe", default="prepared", choices=list(_PIPE),
+                   help="pipelined mode: a prepared batch of 32 posted per round (like NIXL's prepped transfer), "
+                        "a scatter call of 32 per round, or 32 coroutines of single writes")
+    p.add_argument("--loop-spin-us", type=int, default=0,
+                   help="latency mode: the event loop spins this long on the engine's events (0: off)")
     p.add_argument("--ctl-port", type=int, default=0)
     p.add_argument("--sizes", default="64,4096")
     p.add_argument("--mem", default="numpy", choices=["numpy", "bytearray"],

@@ -339,6 +339,11 @@ int aiote_prepare_paged(aiote_engine *e, uint64_t mr_id, uint32_t rdesc, uint64_
                         size_t n, int has_imm, uint32_t imm, uint64_t *bad_index, uint32_t *prep);
 /* AIOTE_E_BUSY while a reaction refers to it. */
 int aiote_prepare_free(aiote_engine *e, uint32_t prep);
+/* Post a prepared transfer now, as aiote_submit_writes / aiote_submit_paged
+ * would post the same batch (one AIOTE_EV_OP event with op_id reports it, or
+ * AIOTE_DONE), without checking or resolving it again.  imm_mode: 0 = the
+ * prepared imm, 1 = no imm, 2 = imm instead (every element carries it). */
+int aiote_post_prepared(aiote_engine *e, uint64_t op_id, uint32_t prep, int imm_mode, uint32_t imm);
 
 /* ---- CUDA copies ahead of an operation (cuda_copy.c) ----------------------
  * libcuda.so.1 is dlopen'd at run time (no build-time CUDA).  Contexts,

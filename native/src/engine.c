@@ -1002,10 +1002,10 @@ int aiote_prepare_free(aiote_engine *e, uint32_t prep)
         return -AIOTE_E_NOT_FOUND;
     }
     struct prepared *p = &e->preps[prep - 1];
-    if (p->armed) {
+    if (p->armed || p->posting) {
         uint32_t armed = p->armed;
         pthread_mutex_unlock(&e->watch_lock);
-        aiote_set_error("prepared transfer %u is armed on %u reaction(s)", prep, armed);
+        aiote_set_error("prepared transfer %u is armed on %u reaction(s) or being posted", prep, armed);
         return -AIOTE_E_BUSY;
     }
     struct op *t = p->tmpl;
@@ -1013,6 +1013,72 @@ int aiote_prepare_free(aiote_engine *e, uint32_t prep)
     pthread_mutex_unlock(&e->watch_lock);
     release_template(e, t);
     return 0;
+}
+
+/* Post a prepared batch now.  The template was checked and resolved once:
+ * this only copies it (or, on the direct path's calling-thread mode, not even
+ * that: the copy runs from a stack copy of the template). */
+static int post_template(aiote_engine *e, const struct op *t, uint64_t op_id, int imm_mode, uint32_t imm)
+{
+    struct op tmp = *t; /* shallow: wrs / pages stay the template's (read only) */
+    tmp.id = op_id;
+    if (imm_mode == 1)
+        tmp.has_imm = 0;
+    else if (imm_mode == 2) {
+        tmp.has_imm = 1;
+        tmp.imm = imm;
+    }
+    size_t n = t->n_submitted;
+    int dmode = direct_mode(e, &tmp);
+    if (dmode == 1) {
+        /* the template holds its local region: no reference to take for a copy that ends here */
+        int r = direct_run(e, &tmp);
+        if (r != AIOTE_DIRECT_FALLBACK)
+            return r;
+        dmode = 0;
+    }
+    struct op *op = op_clone(t, op_id);
+    if (!op)
+        return -AIOTE_E_NOMEM;
+    op->has_imm = tmp.has_imm;
+    op->imm = tmp.imm;
+    pthread_mutex_lock(&e->mr_lock); /* the op's own reference on the region, as writes_op takes */
+    if (dmode)
+        return direct_submit(e, op, n, dmode);
+    int rc = reserve(e, n);
+    if (rc) {
+        pthread_mutex_unlock(&e->mr_lock);
+        op_free(op);
+        return rc;
+    }
+    commit_local(e, &e->mrs[op->mr_index]);
+    return submit_op(e, op, n);
+}
+
+int aiote_post_prepared(aiote_engine *e, uint64_t op_id, uint32_t prep, int imm_mode, uint32_t imm)
+{
+    if (imm_mode < 0 || imm_mode > 2 || (imm_mode == 2 && imm > IMM_USER_MAX)) {
+        aiote_set_error("imm %u out of range 0..%u (mode %d)", imm, IMM_USER_MAX, imm_mode);
+        return -AIOTE_E_INVAL;
+    }
+    if (atomic_load(&e->stopping)) {
+        aiote_set_error("engine is closed");
+        return -AIOTE_E_CLOSED;
+    }
+    pthread_mutex_lock(&e->watch_lock);
+    if (prep == 0 || prep > e->npreps || !e->preps[prep - 1].tmpl) {
+        pthread_mutex_unlock(&e->watch_lock);
+        aiote_set_error("unknown prepared transfer %u", prep);
+        return -AIOTE_E_NOT_FOUND;
+    }
+    const struct op *t = e->preps[prep - 1].tmpl; /* its own allocation: stable while posting > 0 */
+    e->preps[prep - 1].posting++;
+    pthread_mutex_unlock(&e->watch_lock);
+    int rc = post_template(e, t, op_id, imm_mode, imm);
+    pthread_mutex_lock(&e->watch_lock);
+    e->preps[prep - 1].posting--;
+    pthread_mutex_unlock(&e->watch_lock);
+    return rc;
 }
 
 int aiote_watch_add(aiote_engine *e, const uint64_t *word, uint32_t *watch)

@@ -166,6 +166,7 @@ struct watch {
 struct prepared {
     struct op *tmpl; /* NULL: free slot */
     uint32_t armed;  /* reactions referring to it */
+    uint32_t posting; /* aiote_post_prepared calls using it now (free waits for none) */
 };
 
 /* ---- ImmCounter table --------------------------------------------------- */
