@@ -33,6 +33,9 @@ _WR = struct.Struct("=IIQQQ")  # aiote_wr: rdesc, _pad, src_off, dst_off, len (3
 _COPY = struct.Struct("=QQQ")  # aiote_copy: dst, src, len
 _U64 = 1 << 64
 _engine_ids = itertools.count(1)
+_DONE, _AGAIN = lib.AIOTE_DONE, -lib.AIOTE_E_AGAIN
+_EV_OP, _EV_IMM = lib.AIOTE_EV_OP, lib.AIOTE_EV_IMM
+_poll_events = lib.aiote_poll_events  # bound once: the drain runs per wake-up
 
 
 class _OpFuture(asyncio.Future):
@@ -629,6 +632,32 @@ class TransferEngine:
             raise TypeError(f"src must be a MemoryRegion, got {type(src).__name__}")
         if length is None:
             length = src.nbytes - src_offset
+        # The latency path (docs/benchmarks.md, issue 2): host memory on both sides, a
+        # descriptor resolved before, plain ints, nothing deferred: one C call with scalars.
+        # Anything else, or anything the C call refuses as an argument, takes the checked path.
+        if (type(dst) is MrDescriptor and dst.cuda is None and src.cuda is None and not self._deferred
+                and type(src_offset) is int and type(dst_offset) is int and type(length) is int
+                and (imm is None or (type(imm) is int and 0 <= imm <= IMM_MAX)) and not self._closed
+                and not src._closed):
+            r = self._rdescs.get(dst)
+            h = self._h
+            if r is not None and h is not None:
+                op_id = next(self._op_ids)
+                try:
+                    rc = lib.aiote_submit_write(h, op_id, src._id, r, src_offset, dst_offset, length,
+                                                imm is not None, imm or 0, self._bad)
+                except OverflowError:  # negative or >= 2**64: the checked path names it
+                    rc = None
+                if rc is not None:
+                    if rc == _DONE:  # copied (and its imm published) inside the call
+                        fut = self._loop.create_future()
+                        fut.set_result(None)
+                        return fut
+                    if rc >= 0:
+                        return self._track(op_id, (src, None, None))
+                    if rc != _AGAIN:
+                        check(rc, index=int(self._bad[0]))
+                    # the engine is full: the checked path defers it
         if self._gpu is not None and type(dst) is MrDescriptor and dst.cuda is not None:
             fut = self._gpu.ipc_write_one(src, dst, length, src_offset, dst_offset, imm)
             if fut is not None:  # the common GPU->GPU case on one host, checked and queued
@@ -931,23 +960,18 @@ class TransferEngine:
         if self._deferred:
             self._flush_deferred()
 
-    def _drain_spin(self) -> None:
-        """Events seen by the spinning loop (aiote/_spin.py), inside its select()."""
-        self._drain()
-        if self._deferred:
-            self._flush_deferred()
-
     def _drain(self) -> None:
         h, evs = self._h, self._events
+        fired = self.imms._fired
         while True:
-            n = lib.aiote_poll_events(h, evs, _EVENT_BATCH)
+            n = _poll_events(h, evs, _EVENT_BATCH)
             for i in range(n):
                 ev = evs[i]
                 kind = ev.kind
-                if kind == lib.AIOTE_EV_OP:
+                if kind == _EV_IMM:
+                    fired(ev.id)
+                elif kind == _EV_OP:
                     self._op_event(ev)
-                elif kind == lib.AIOTE_EV_IMM:
-                    self.imms._fired(int(ev.id))
                 elif kind == lib.AIOTE_EV_RECV:
                     self._recv_event(ev)
                 elif kind == lib.AIOTE_EV_PEER_DOWN:

@@ -4,7 +4,9 @@ target's key table.  Two real processes each (PeerProcess); no sleeps."""
 
 import asyncio
 import errno
+import os
 import random
+import signal
 import types
 
 import numpy as np
@@ -174,6 +176,32 @@ async def test_dead_target_fails_typed(engine, aiote_make_peer, aiote_faults):
     for _ in range(3):
         with pytest.raises(aiote.PeerUnreachable):
             await asyncio.wait_for(engine.write(src, d, 4096, imm=1), 30)
+
+
+async def test_killed_target_not_yet_reaped_fails_typed(engine, aiote_make_peer, aiote_faults):
+    """A target killed but not reaped (a zombie, its pid still taken): its worker's liveness
+    word no longer proves it alive, so writes fail with PeerUnreachable and land nowhere."""
+    peer = await aiote_make_peer()
+    rid, desc = await peer.call("register", 1 << 16, 0)
+    d = aiote.MrDescriptor.from_bytes(desc)
+    src = engine.register(bytearray(b"\x5a" * (1 << 16)))
+    for _ in range(3):  # the target's worker holds its liveness word by now: the fast check
+        await engine.write(src, d, 4096, imm=1)
+    assert _direct(engine.stats()) == 3
+    pid = peer.proc.pid
+    os.kill(pid, signal.SIGKILL)  # no join: nobody reaps it while we write
+    while _proc_state(pid) != "Z":  # an event (the kernel's exit), polled; no sleep
+        await asyncio.sleep(0)
+    for _ in range(3):
+        with pytest.raises(aiote.PeerUnreachable):
+            await asyncio.wait_for(engine.write(src, d, 4096, imm=1), 30)
+    assert _direct(engine.stats()) == 3
+    aiote_faults.kill(peer)  # reaps it and removes its shm files
+
+
+def _proc_state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]
 
 
 @pytest.mark.parametrize("side", ["initiator", "target", "env"])

@@ -229,6 +229,11 @@ int aiote_rdesc_insert(aiote_engine *e, uint32_t peer, uint64_t base, uint64_t l
 int aiote_submit_writes(aiote_engine *e, uint64_t op_id, uint64_t mr_id,
                         const aiote_wr *wrs, size_t n, int has_imm, uint32_t imm,
                         uint64_t *bad_index);
+/* One write, as aiote_submit_writes with a single element (no array for the
+ * caller to fill: the latency path's write()). */
+int aiote_submit_write(aiote_engine *e, uint64_t op_id, uint64_t mr_id, uint32_t rdesc,
+                       uint64_t src_off, uint64_t dst_off, uint64_t len, int has_imm, uint32_t imm,
+                       uint64_t *bad_index);
 /* Paged writes: page i goes from src_off + src_pages[i]*src_stride to
  * dst_off + dst_pages[i]*dst_stride, page_len bytes each. */
 int aiote_submit_paged(aiote_engine *e, uint64_t op_id, uint64_t mr_id,
@@ -295,6 +300,10 @@ int aiote_loop_spin(aiote_engine *e, int on);
 int aiote_progress(aiote_engine *e);
 int aiote_events_pending(aiote_engine *e);
 int aiote_spin(aiote_engine *const *engines, size_t n, uint64_t budget_ns);
+/* 1 if fd is readable now (poll, no wait), 0 if not, -1 on error.  The
+ * spinning loop asks this of its selector's epoll fd before it pays for a
+ * select(0) from Python. */
+int aiote_fd_readable(int fd);
 void aiote_free(void *p);
 
 /* Wire-format validators (the parsers the engine uses on bytes from other

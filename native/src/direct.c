@@ -44,10 +44,27 @@
  *   check and the syscall, so its hold is honoured: deregistration waits up
  *   to peer_timeout, then fails with AIOTE_E_BUSY (the slot stays invalid, so
  *   no new copy starts; a later close retries).
- * Dead target: the initiator polls a pidfd of the target before each copy
- *   and process_vm_writev fails with ESRCH once it is gone (PeerUnreachable).
- *   A pid reused between that poll and the syscall is the residual window,
- *   the same one libfabric shm's own CMA copies have.
+ * Dead target: before each copy the initiator checks that the target is
+ *   alive, and process_vm_writev fails with ESRCH once it is gone (a zombie
+ *   has no mm either: PeerUnreachable).  The check must hold before the pid
+ *   can name another process.  Fast and exact: the liveness word (below)
+ *   still holds the tid of the target's worker thread.  Otherwise (the word
+ *   not published yet, the worker gone, an older target) the initiator polls
+ *   a pidfd of the target, a syscall.  A pid reused between the check and the
+ *   syscall is the residual window, the same one libfabric shm's own CMA
+ *   copies have (and it needs the target reaped and the pid space cycled
+ *   within that window).
+ * Liveness word: `alive` in the header is a process-shared *robust* mutex
+ *   that the target's worker thread locks when it starts and unlocks when it
+ *   stops; `alive_tid` says which tid holds it.  When that thread exits in any
+ *   way (SIGKILL included) the kernel rewrites the word (FUTEX_OWNER_DIED, tid
+ *   cleared: the robust-futex list, walked in exit_mm) before the thread, hence
+ *   the process, has finished exiting: before the pidfd turns readable, before
+ *   the process can be reaped, before its pid can be reused.  So "word ==
+ *   alive_tid" is at least as strong as "pidfd not readable", for one load of
+ *   shared memory instead of a syscall.  The word is glibc's mutex __lock (the
+ *   target checks it holds its tid before publishing alive_tid; where it
+ *   doesn't, alive_tid stays 0 and initiators poll the pidfd).
  * Anything unusual (no table: the target turned the path off or runs an older
  *   aiote; EPERM: CMA not allowed; a full lane table; GPU memory) falls back
  *   to libfabric before any byte is copied.
@@ -107,6 +124,10 @@ struct dt_header {
     int32_t efd;               /* the target's submission eventfd (its number there) */
     uint32_t addr_len;
     uint8_t addr[AIOTE_ADDR_MAX];
+    /* the liveness word (see the top of this file); zero in a table of an older
+     * aiote, which makes its initiators poll the pidfd */
+    _Alignas(64) pthread_mutex_t alive;
+    _Atomic uint32_t alive_tid; /* tid of the worker holding `alive`; 0: not held */
 };
 
 #define DT_HDR_SIZE 4096u
@@ -118,6 +139,8 @@ struct dtable {
     struct dt_lane *lanes;
     struct dt_slot *slots;
     char name[96];
+    bool alive_ok;   /* target side: `alive` initialised */
+    bool alive_held; /* target side: the worker holds it */
 };
 
 /* An initiator's view of one target engine (stable until the engine is freed). */
@@ -262,9 +285,50 @@ int direct_table_open(aiote_engine *e)
     h->addr_len = (uint32_t)n0->addr_len;
     memcpy(h->addr, n0->addr, n0->addr_len);
     h->efd = e->sub_efd;
+    pthread_mutexattr_t ma;
+    if (pthread_mutexattr_init(&ma) == 0) {
+        if (pthread_mutexattr_setpshared(&ma, PTHREAD_PROCESS_SHARED) == 0 &&
+            pthread_mutexattr_setrobust(&ma, PTHREAD_MUTEX_ROBUST) == 0 &&
+            pthread_mutex_init(&h->alive, &ma) == 0)
+            t->alive_ok = true; /* the worker takes it (direct_worker_begin) */
+        pthread_mutexattr_destroy(&ma);
+    }
     __atomic_store_n(&h->magic, DT_MAGIC, __ATOMIC_SEQ_CST); /* last: the header is complete */
     e->dtab = t;
     return 0;
+}
+
+/* The worker thread, when it starts: hold the liveness word for its lifetime. */
+void direct_worker_begin(aiote_engine *e)
+{
+    struct dtable *t = e->dtab;
+    if (!t || !t->alive_ok || pthread_mutex_lock(&t->h->alive) != 0)
+        return;
+    t->alive_held = true;
+    uint32_t tid = (uint32_t)syscall(SYS_gettid);
+    /* publish only if the word is what the kernel will rewrite at our exit */
+    if (__atomic_load_n((uint32_t *)&t->h->alive, __ATOMIC_SEQ_CST) == tid)
+        atomic_store(&t->h->alive_tid, tid);
+}
+
+/* The worker thread, when it stops (the engine closes; `closed` tells peers). */
+void direct_worker_end(aiote_engine *e)
+{
+    struct dtable *t = e->dtab;
+    if (!t || !t->alive_held)
+        return;
+    atomic_store(&t->h->alive_tid, 0);
+    t->alive_held = false;
+    pthread_mutex_unlock(&t->h->alive);
+}
+
+/* Initiator: is the target's worker thread, hence its process, certainly alive?
+ * false: don't know (poll the pidfd). */
+static inline bool target_alive(const struct dpeer *dp)
+{
+    struct dt_header *h = dp->t.h;
+    uint32_t tid = atomic_load_explicit(&h->alive_tid, memory_order_acquire);
+    return tid && __atomic_load_n((uint32_t *)&h->alive, __ATOMIC_ACQUIRE) == tid;
 }
 
 void direct_publish(aiote_engine *e, size_t idx, uint32_t gen, uint64_t key, uint64_t base, uint64_t len)
@@ -807,9 +871,10 @@ static int direct_copy(aiote_engine *e, struct op *op, bool on_thread)
             bad = i;
             break;
         }
-        /* the target's process: gone means gone (before the pid can be reused) */
+        /* the target's process: gone means gone (before the pid can be reused); the
+         * liveness word spares the pidfd poll while it proves the target alive */
         struct pollfd pf = {.fd = dp->pidfd, .events = POLLIN};
-        if (poll(&pf, 1, 0) != 0) {
+        if (!target_alive(dp) && poll(&pf, 1, 0) != 0) {
             atomic_store(&dp->off, true);
             atomic_store(&dp->dead, true);
             status = -AIOTE_E_PROVIDER;

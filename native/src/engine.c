@@ -743,6 +743,13 @@ int aiote_submit_writes(aiote_engine *e, uint64_t op_id, uint64_t mr_id, const a
     return writes_op(e, op_id, mr_id, wrs, n, has_imm, imm, bad_index, NULL);
 }
 
+int aiote_submit_write(aiote_engine *e, uint64_t op_id, uint64_t mr_id, uint32_t rdesc, uint64_t src_off,
+                       uint64_t dst_off, uint64_t len, int has_imm, uint32_t imm, uint64_t *bad_index)
+{
+    aiote_wr w = {.rdesc = rdesc, .src_off = src_off, .dst_off = dst_off, .len = len};
+    return writes_op(e, op_id, mr_id, &w, 1, has_imm, imm, bad_index, NULL);
+}
+
 /* ---- CUDA-gated operations (cuda_copy.c) -------------------------------- */
 
 static void unref_local(aiote_engine *e, struct op *op)

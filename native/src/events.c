@@ -9,6 +9,7 @@
  * `spinning` (here) are both sequentially consistent: either the loop sees
  * the events or this writes the eventfd. */
 #define _GNU_SOURCE
+#include <poll.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
@@ -108,4 +109,11 @@ void aiote_host_notify(void *efd)
     uint64_t one = 1;
     ssize_t r = write((int)(intptr_t)efd, &one, sizeof one);
     (void)r;
+}
+
+int aiote_fd_readable(int fd)
+{
+    struct pollfd f = {.fd = fd, .events = POLLIN};
+    int r = poll(&f, 1, 0);
+    return r < 0 ? -1 : (r > 0 && (f.revents & (POLLIN | POLLERR | POLLHUP | POLLNVAL)) ? 1 : 0);
 }

@@ -472,6 +472,8 @@ int enqueue_op(aiote_engine *e, struct op *op);
 /* direct.c */
 int direct_table_open(aiote_engine *e);
 void direct_table_close(aiote_engine *e, uint64_t timeout_ns);
+void direct_worker_begin(aiote_engine *e); /* the worker holds the table's liveness word */
+void direct_worker_end(aiote_engine *e);
 void direct_publish(aiote_engine *e, size_t idx, uint32_t gen, uint64_t key, uint64_t base, uint64_t len);
 int direct_unpublish(aiote_engine *e, size_t idx, uint64_t timeout_ns);
 void direct_resolve(aiote_engine *e, struct peer *p, struct rdesc *rd);

@@ -1199,6 +1199,7 @@ void *worker_main(void *arg)
 
     uint64_t idle_since = 0, backoff = 0;
     uint64_t spin_ns = (uint64_t)e->cfg.spin_us * 1000;
+    direct_worker_begin(e);
     for (;;) {
         pthread_mutex_lock(&e->progress_lock);
         bool active = take_submissions(e, true);
@@ -1206,6 +1207,9 @@ void *worker_main(void *arg)
             pthread_mutex_unlock(&e->progress_lock);
             break;
         }
+        /* direct-path imms first and apart: taking them alone, while the event loop
+         * spins (it polls the rings itself), keeps the naps long (below) */
+        bool ring = direct_poll_imms(e);
         active |= poll_watches(e);
         if (e->gated_head)
             active |= poll_gated(e);
@@ -1213,9 +1217,12 @@ void *worker_main(void *arg)
         bool waiting = e->pend_head || e->gated_head;
         bool own_work = waiting || atomic_load_explicit(&e->narmed, memory_order_relaxed);
         pthread_mutex_unlock(&e->progress_lock);
-        if (active) {
+        if (active || ring) {
             idle_since = 0;
-            backoff = 0;
+            /* short naps again only for work the loop does not do; otherwise each early
+             * wake-up preempts a spinning thread on a small machine (issue 2's p99) */
+            if (active || !atomic_load_explicit(&e->events.spinning, memory_order_relaxed))
+                backoff = 0;
             continue;
         }
         bool loop_spins = atomic_load_explicit(&e->events.spinning, memory_order_relaxed);
@@ -1265,6 +1272,7 @@ void *worker_main(void *arg)
     pthread_mutex_lock(&e->progress_lock);
     fail_all_closed(e);
     pthread_mutex_unlock(&e->progress_lock);
+    direct_worker_end(e);
     return NULL;
 }
 
