@@ -130,6 +130,9 @@ int aiote_engine_open(const aiote_config *cfg, aiote_engine **out)
     if (!rc)
         rc = fabric_open(e);
     e->direct_max = e->cfg.direct_max ? e->cfg.direct_max : 4 * 1024 * 1024;
+    e->inline_max = e->cfg.direct_inline < 0 ? 0 : e->cfg.direct_inline ? (uint64_t)e->cfg.direct_inline : 256;
+    if (e->inline_max > 4096)
+        e->inline_max = 4096; /* an entry must fit well inside the ring */
     if (!rc && e->is_shm && e->cfg.direct_shm && (e->info.mr_mode & FI_MR_VIRT_ADDR))
         rc = direct_table_open(e);
     if (!rc && pthread_create(&e->worker, NULL, worker_main, e) != 0) {

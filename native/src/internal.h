@@ -374,6 +374,7 @@ struct aiote_engine {
     /* direct path (direct.c): our key table as a target; the largest op it copies */
     struct dtable *dtab;
     uint64_t direct_max;
+    uint64_t inline_max; /* direct writes up to this size go inline (0: never) */
     atomic_uint_fast64_t direct_ops_ok, direct_ops_failed; /* finished on callers' or copy threads */
     struct dcopier *dcp; /* the copy threads for direct ops above direct_max (NULL: none started) */
     pthread_mutex_t dcp_lock;
