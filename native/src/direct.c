@@ -183,7 +183,7 @@ struct dpeer {
     int lane;
     int efd; /* the target's eventfd (pidfd_getfd), -1: imms go as messages */
     pthread_mutex_t push_lock; /* our threads share our lane's ring */
-    pthread_mutex_t ilock;     /* one inline batch at a time in our lane's inline ring */
+    atomic_bool ibusy;         /* one inline batch at a time in our lane's inline ring (until acked) */
     atomic_bool off; /* fall back to libfabric (EPERM, gone, closed) */
     atomic_bool dead; /* its process exited: fail at once here (PeerUnreachable), never hand
                        * work for it to libfabric (shm would try to connect to a dead peer) */
@@ -476,6 +476,18 @@ void direct_table_close(aiote_engine *e, uint64_t timeout_ns)
     e->dtab = NULL;
 }
 
+/* An inline batch whose acknowledgement the worker (or the spinning loop)
+ * waits for: the caller's budget ran out (the target sleeps, is stopped, or
+ * is slow).  Its future resolves by event. */
+struct ipend {
+    struct ipend *next;
+    uint64_t op_id;
+    struct dpeer *dp;
+    uint64_t end, deadline, next_check;
+    size_t n;
+    uint64_t pos[]; /* each element's entry */
+};
+
 /* ---- initiator side ---------------------------------------------------- */
 
 static struct dpeer *dpeer_attach(aiote_engine *e, const uint8_t *addr, size_t len)
@@ -567,7 +579,6 @@ static struct dpeer *dpeer_attach(aiote_engine *e, const uint8_t *addr, size_t l
     }
 #endif
     pthread_mutex_init(&dp->push_lock, NULL);
-    pthread_mutex_init(&dp->ilock, NULL);
     return dp;
 fail:
     munmap(m, DT_SIZE);
@@ -589,7 +600,6 @@ static void dpeer_free(struct dpeer *dp)
     if (dp->efd >= 0)
         close(dp->efd);
     pthread_mutex_destroy(&dp->push_lock);
-    pthread_mutex_destroy(&dp->ilock);
     free(dp);
 }
 
@@ -637,6 +647,11 @@ void direct_resolve(aiote_engine *e, struct peer *p, struct rdesc *rd)
 
 void direct_peers_free(aiote_engine *e)
 {
+    while (e->ipend) { /* none after a worker that ran; a worker that never started leaves them */
+        struct ipend *pd = e->ipend;
+        e->ipend = pd->next;
+        free(pd);
+    }
     for (size_t i = 0; i < e->npeers; i++) {
         dpeer_free(e->peers[i]->dpeer);
         e->peers[i]->dpeer = NULL;
@@ -746,6 +761,8 @@ static int push_imms(struct dpeer *dp, uint32_t imm, uint64_t count)
     return 0;
 }
 
+static bool poll_ipend(aiote_engine *e, bool closing);
+
 static void count_imms(aiote_engine *e, uint32_t imm, uint64_t cnt)
 {
     if (cnt && cnt <= UINT32_MAX && imm_table_restore(&e->imms, imm, (uint32_t)cnt, &e->pending_events) == 0) {
@@ -830,9 +847,10 @@ static bool poll_inline(aiote_engine *e, struct dtable *t, struct dt_iring *r)
 /* Target worker: take every published imm entry of every lane. */
 bool direct_poll_imms(aiote_engine *e)
 {
+    bool acks = poll_ipend(e, false);
     struct dtable *t = e->dtab;
     if (!t || !atomic_load_explicit(&t->h->imm_pending, memory_order_relaxed))
-        return false;
+        return acks;
     atomic_store(&t->h->imm_pending, 0); /* before the scan: a later push sets it again */
     bool any = false;
     for (uint32_t l = 0; l < DT_LANES; l++) {
@@ -860,7 +878,7 @@ bool direct_poll_imms(aiote_engine *e)
     }
     for (uint32_t l = 0; l < DT_LANES; l++)
         any |= poll_inline(e, t, &t->irings[l]);
-    return any;
+    return any || acks;
 }
 
 /* Target worker about to sleep: false if imms are waiting (don't sleep). */
@@ -998,47 +1016,87 @@ static void inline_publish(struct dpeer *dp, struct dt_iring *r, uint64_t end)
     }
 }
 
-/* Wait until the target applied our ring up to `end`.  0, or a negative
- * status with *fi_err: the target died / closed / did not answer in time. */
-static int32_t inline_wait(aiote_engine *e, struct dpeer *dp, struct dt_iring *r, uint64_t end, int *fi_err)
+static uint64_t inline_deadline(aiote_engine *e)
 {
-    uint64_t deadline = 0;
+    return now_ns() + (uint64_t)(e->cfg.peer_timeout_ms ? e->cfg.peer_timeout_ms : 10000) * 1000000ull;
+}
+
+static inline bool inline_acked(struct dt_iring *r, uint64_t end)
+{
+    return (int64_t)(atomic_load_explicit(&r->done, memory_order_acquire) - end) >= 0;
+}
+
+/* Is the target gone or closed?  0, or a negative status with *fi_err. */
+static int32_t inline_target_check(struct dpeer *dp, int *fi_err)
+{
+    struct pollfd pf = {.fd = dp->pidfd, .events = POLLIN};
+    if (!target_alive(dp) && poll(&pf, 1, 0) != 0) {
+        atomic_store(&dp->off, true);
+        atomic_store(&dp->dead, true);
+        *fi_err = FI_ECONNRESET;
+        return -AIOTE_E_PROVIDER;
+    }
+    if (atomic_load(&dp->t.h->closed)) {
+        *fi_err = FI_ENOTCONN;
+        return -AIOTE_E_PROVIDER;
+    }
+    return 0;
+}
+
+/* The caller waits for the acknowledgement up to budget_ns (yielding the CPU
+ * after a short spin: on a small machine the target may need this core).
+ * 1: acked; 0: not yet. */
+static int inline_wait(aiote_engine *e, struct dt_iring *r, uint64_t end, uint64_t budget_ns)
+{
+    uint64_t stop = 0;
     for (uint32_t spins = 0;; spins++) {
-        if ((int64_t)(atomic_load_explicit(&r->done, memory_order_acquire) - end) >= 0)
-            return 0;
+        if (inline_acked(r, end))
+            return 1;
         if (spins < 256) {
             cpu_pause();
             continue;
         }
         serve_own(e);
-        if ((spins & 63) == 0) {
-            struct pollfd pf = {.fd = dp->pidfd, .events = POLLIN};
-            if (!target_alive(dp) && poll(&pf, 1, 0) != 0) {
-                atomic_store(&dp->off, true);
-                atomic_store(&dp->dead, true);
-                *fi_err = FI_ECONNRESET;
-                return -AIOTE_E_PROVIDER;
-            }
-            if (atomic_load(&dp->t.h->closed)) {
-                *fi_err = FI_ENOTCONN;
-                return -AIOTE_E_PROVIDER;
-            }
+        if ((spins & 15) == 0) {
             uint64_t now = now_ns();
-            if (!deadline)
-                deadline = now + (uint64_t)(e->cfg.peer_timeout_ms ? e->cfg.peer_timeout_ms : 10000) * 1000000ull;
-            else if (now > deadline) {
-                *fi_err = FI_ETIMEDOUT; /* the entries stay published: they may still land */
-                return -AIOTE_E_PROVIDER;
-            }
+            if (!stop)
+                stop = now + budget_ns;
+            else if (now > stop)
+                return 0;
         }
-        if (spins < 4096)
-            sched_yield();
-        else {
-            struct timespec ts = {0, 20000};
-            nanosleep(&ts, NULL);
-        }
+        sched_yield();
     }
 }
+
+/* The statuses of an acked batch: 0 or the first failure (*bad, *fi_err). */
+static int32_t inline_result(aiote_engine *e, struct dt_iring *r, const uint64_t *pos, size_t n, uint64_t *bad,
+                             int *fi_err)
+{
+    int32_t status = 0;
+    uint64_t ok = 0, bytes = 0;
+    for (size_t i = 0; i < n; i++) {
+        const struct dt_ient *c = (const struct dt_ient *)(r->cells + (size_t)(pos[i] % DT_ICELLS) * DT_ICELL);
+        int32_t st = __atomic_load_n(&c->status, __ATOMIC_RELAXED);
+        if (st == 0) {
+            ok++;
+            bytes += c->len;
+        } else if (!status) {
+            *bad = i;
+            if (st == -AIOTE_E_BOUNDS) {
+                status = -AIOTE_E_BOUNDS;
+            } else {
+                status = -AIOTE_E_PROVIDER;
+                *fi_err = FI_EKEYREJECTED; /* as the copy says for a closed region */
+            }
+        }
+    }
+    __atomic_fetch_add(&e->stats.direct_inline, ok, __ATOMIC_RELAXED);
+    __atomic_fetch_add(&e->stats.direct_writes, ok, __ATOMIC_RELAXED);
+    __atomic_fetch_add(&e->stats.direct_bytes, bytes, __ATOMIC_RELAXED);
+    return status;
+}
+
+#define DT_INLINE_BUDGET_NS 50000ull /* the caller waits this long for the target, then the worker does */
 
 /* Try the op as inline entries: every element small, one target.  -1: not
  * taken (nothing published; copy it as usual), else as direct_copy. */
@@ -1062,23 +1120,22 @@ static int inline_try(aiote_engine *e, struct op *op)
     }
     if (cells > DT_ICELLS / 2)
         return -1;
-    struct pollfd pf = {.fd = dp->pidfd, .events = POLLIN};
-    if (!target_alive(dp) && poll(&pf, 1, 0) != 0)
-        return -1; /* the usual path fails it (PeerUnreachable) */
-    if (atomic_load(&dp->t.h->closed))
-        return -1;
-    if (pthread_mutex_trylock(&dp->ilock) != 0)
-        return -1; /* another of our threads waits on this ring: copy it ourselves */
+    int fi_err = 0;
+    if (inline_target_check(dp, &fi_err) != 0)
+        return -1; /* the usual path reports it */
+    bool idle = false;
+    if (!atomic_compare_exchange_strong(&dp->ibusy, &idle, true))
+        return -1; /* a batch of ours to that target is not acked yet: copy this one ourselves */
     struct dt_iring *r = &dp->t.irings[dp->lane];
     uint64_t start = atomic_load_explicit(&r->head, memory_order_relaxed);
     /* room for the entries and at most one pad at the wrap */
     if (start - atomic_load_explicit(&r->done, memory_order_acquire) + cells + (cells - 1) > DT_ICELLS) {
-        pthread_mutex_unlock(&dp->ilock);
+        atomic_store(&dp->ibusy, false);
         __atomic_fetch_add(&e->stats.direct_inline_full, 1, __ATOMIC_RELAXED);
         return -1; /* full (the target is behind): copy it ourselves */
     }
     uint64_t pos = start;
-    uint64_t at_idx[DT_ICELLS / 2]; /* each element's position */
+    uint64_t at_idx[DT_ICELLS / 2]; /* each element's entry */
     for (size_t i = 0; i < op->n; i++) {
         struct welem x;
         elem_at(op, i, &x);
@@ -1107,33 +1164,42 @@ static int inline_try(aiote_engine *e, struct op *op)
         pos += nc;
     }
     inline_publish(dp, r, pos);
-    int fi_err = 0;
-    int32_t status = inline_wait(e, dp, r, pos, &fi_err);
-    uint64_t bad = 0, ok = 0, bytes = 0;
-    if (!status) {
-        for (size_t i = 0; i < op->n; i++) {
-            const struct dt_ient *c = (const struct dt_ient *)(r->cells + (size_t)(at_idx[i] % DT_ICELLS) * DT_ICELL);
-            int32_t st = __atomic_load_n(&c->status, __ATOMIC_RELAXED);
-            if (st == 0) {
-                ok++;
-                bytes += c->len;
-                continue;
-            }
-            if (!status) {
-                bad = i;
-                if (st == -AIOTE_E_BOUNDS)
-                    status = -AIOTE_E_BOUNDS;
-                else {
-                    status = -AIOTE_E_PROVIDER;
-                    fi_err = FI_EKEYREJECTED; /* as the copy says for a closed region */
-                }
+    if (!inline_wait(e, r, pos, DT_INLINE_BUDGET_NS)) {
+        /* the entries are published and can't be withdrawn: the worker (or the spinning
+         * loop) completes the op when the target acks, fails it when the target dies */
+        struct ipend *pd = malloc(sizeof *pd + op->n * sizeof(uint64_t));
+        if (pd) {
+            pd->op_id = op->id;
+            pd->dp = dp;
+            pd->end = pos;
+            pd->deadline = inline_deadline(e);
+            pd->next_check = 0;
+            pd->n = op->n;
+            memcpy(pd->pos, at_idx, op->n * sizeof(uint64_t));
+            pthread_mutex_lock(&e->ipend_lock);
+            pd->next = e->ipend;
+            e->ipend = pd;
+            atomic_fetch_add(&e->ipend_n, 1);
+            pthread_mutex_unlock(&e->ipend_lock);
+            uint64_t one = 1;
+            ssize_t wr = write(e->sub_efd, &one, sizeof one); /* the worker may sleep */
+            (void)wr;
+            return 0;
+        }
+        /* no memory to hand it over: wait here */
+        while (!inline_wait(e, r, pos, DT_INLINE_BUDGET_NS)) {
+            int32_t st = inline_target_check(dp, &fi_err);
+            if (st) {
+                atomic_store(&dp->ibusy, false);
+                push_op_event(e, op->id, st, fi_err, 0);
+                atomic_fetch_add(&e->direct_ops_failed, 1);
+                return 0;
             }
         }
     }
-    pthread_mutex_unlock(&dp->ilock);
-    __atomic_fetch_add(&e->stats.direct_inline, ok, __ATOMIC_RELAXED);
-    __atomic_fetch_add(&e->stats.direct_writes, ok, __ATOMIC_RELAXED);
-    __atomic_fetch_add(&e->stats.direct_bytes, bytes, __ATOMIC_RELAXED);
+    uint64_t bad = 0;
+    int32_t status = inline_result(e, r, at_idx, op->n, &bad, &fi_err);
+    atomic_store(&dp->ibusy, false);
     if (status) {
         push_op_event(e, op->id, status, fi_err, bad);
         atomic_fetch_add(&e->direct_ops_failed, 1);
@@ -1142,6 +1208,65 @@ static int inline_try(aiote_engine *e, struct op *op)
     atomic_fetch_add(&e->direct_ops_ok, 1);
     return AIOTE_DIRECT_DONE;
 }
+
+/* Under progress_lock (worker or spinning loop): complete the handed-over
+ * inline batches that were acked; fail those whose target died or closed, or
+ * that waited peer_timeout (their entries stay published: they may still
+ * land).  closing: the engine stops: fail the rest (AIOTE_E_CLOSED). */
+static bool poll_ipend(aiote_engine *e, bool closing)
+{
+    if (!atomic_load_explicit(&e->ipend_n, memory_order_relaxed))
+        return false;
+    bool any = false;
+    uint64_t now = 0;
+    pthread_mutex_lock(&e->ipend_lock);
+    for (struct ipend **pp = &e->ipend; *pp;) {
+        struct ipend *pd = *pp;
+        struct dt_iring *r = &pd->dp->t.irings[pd->dp->lane];
+        int32_t status = 0;
+        int fi_err = 0;
+        uint64_t bad = 0;
+        if (inline_acked(r, pd->end)) {
+            status = inline_result(e, r, pd->pos, pd->n, &bad, &fi_err);
+        } else if (closing) {
+            status = -AIOTE_E_CLOSED;
+            fi_err = FI_ECANCELED;
+        } else {
+            if (!now)
+                now = now_ns();
+            if (now < pd->next_check) {
+                pp = &pd->next;
+                continue;
+            }
+            pd->next_check = now + 1000000; /* liveness once a ms */
+            status = inline_target_check(pd->dp, &fi_err);
+            if (!status && now > pd->deadline) {
+                status = -AIOTE_E_PROVIDER;
+                fi_err = FI_ETIMEDOUT;
+            }
+            if (!status) {
+                pp = &pd->next;
+                continue;
+            }
+        }
+        *pp = pd->next;
+        atomic_fetch_sub(&e->ipend_n, 1);
+        atomic_store(&pd->dp->ibusy, false);
+        aiote_event ev = {.id = pd->op_id, .kind = AIOTE_EV_OP, .status = status, .fi_errno = fi_err,
+                          .index = bad, .nic = -1};
+        event_buf_push(&e->pending_events, &ev);
+        atomic_fetch_add(status ? &e->direct_ops_failed : &e->direct_ops_ok, 1);
+        free(pd);
+        any = true;
+    }
+    pthread_mutex_unlock(&e->ipend_lock);
+    return any;
+}
+
+bool direct_inline_pending(aiote_engine *e) { return atomic_load_explicit(&e->ipend_n, memory_order_relaxed) != 0; }
+
+/* Worker exit (under progress_lock): fail what is still handed over. */
+void direct_inline_close(aiote_engine *e) { poll_ipend(e, true); }
 
 /* Tests: publish one raw (forged) entry through rdesc's peer, wait for it.
  * Returns the entry's status (0, -AIOTE_E_BOUNDS, DT_IST_STALE -> -AIOTE_E_NO_MR,
@@ -1163,7 +1288,11 @@ int aiote_direct_inline_raw(aiote_engine *e, uint32_t rdesc, uint32_t slot, uint
         state = rd->dstate;
     if (key == UINT64_MAX)
         key = rd->keys[0];
-    pthread_mutex_lock(&dp->ilock);
+    bool idle = false;
+    if (!atomic_compare_exchange_strong(&dp->ibusy, &idle, true)) {
+        aiote_set_error("an inline batch to that peer is in flight");
+        return -AIOTE_E_BUSY;
+    }
     struct dt_iring *r = &dp->t.irings[dp->lane];
     uint64_t pos = atomic_load(&r->head);
     uint32_t nc = icells(payload_len), at = (uint32_t)(pos % DT_ICELLS);
@@ -1181,10 +1310,12 @@ int aiote_direct_inline_raw(aiote_engine *e, uint32_t rdesc, uint32_t slot, uint
     memset(c + 1, 0xAB, payload_len);
     inline_publish(dp, r, pos + nc);
     int fi_err = 0;
-    int32_t st = inline_wait(e, dp, r, pos + nc, &fi_err);
+    int32_t st = 0;
+    while (!inline_wait(e, r, pos + nc, DT_INLINE_BUDGET_NS) && !(st = inline_target_check(dp, &fi_err)))
+        ;
     if (!st)
         st = __atomic_load_n(&c->status, __ATOMIC_RELAXED);
-    pthread_mutex_unlock(&dp->ilock);
+    atomic_store(&dp->ibusy, false);
     return st == DT_IST_STALE ? -AIOTE_E_NO_MR : st;
 }
 

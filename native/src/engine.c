@@ -48,6 +48,7 @@ static void engine_release(aiote_engine *e)
     free(e->mrs);
     direct_async_free(e);
     pthread_mutex_destroy(&e->dcp_lock);
+    pthread_mutex_destroy(&e->ipend_lock);
     direct_peers_free(e);
     for (size_t i = 0; i < e->npeers; i++) {
         for (uint32_t j = 0; j < e->peers[i]->nnics; j++)
@@ -116,6 +117,7 @@ int aiote_engine_open(const aiote_config *cfg, aiote_engine **out)
     pthread_mutex_init(&e->sub_lock, NULL);
     pthread_mutex_init(&e->watch_lock, NULL);
     pthread_mutex_init(&e->dcp_lock, NULL);
+    pthread_mutex_init(&e->ipend_lock, NULL);
     pthread_mutex_init(&e->progress_lock, NULL);
     atomic_init(&e->outstanding, 0);
     atomic_init(&e->narmed, 0);
