@@ -32,7 +32,7 @@ async def _pause(faults, peer) -> None:
                 continue
         if states and all(s in "tT" for s in states):
             return
-        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # noqa: sleep-ok (one loop turn between polls of /proc)
 
 
 async def test_bytes_exact_around_the_threshold(aiote_make_engine, peer):
@@ -137,7 +137,7 @@ async def test_imm_never_counted_before_its_bytes(engine, peer):
         looks += 1
         if c == n:
             break
-        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # noqa: sleep-ok (one loop turn between polls of /proc)
     await task
     assert looks > 0
 
@@ -213,7 +213,7 @@ async def test_dead_target_fails_typed(engine, peer, aiote_faults):
     await engine.write(src, d, 8)
     await _pause(aiote_faults, peer)
     fut = asyncio.ensure_future(engine.write(src, d, 8, imm=3))
-    await asyncio.sleep(0)  # noqa: sleep-ok - one loop turn: the write is submitted before the kill
+    await asyncio.sleep(0)  # noqa: sleep-ok (one loop turn: the write is submitted before the kill)
     aiote_faults.kill(peer)
     with pytest.raises(aiote.PeerUnreachable):
         await asyncio.wait_for(fut, 30)
@@ -255,7 +255,7 @@ async def test_cancel_does_not_withdraw_a_published_entry(engine, peer, aiote_fa
     await engine.write(src, d, 8)
     await _pause(aiote_faults, peer)
     fut = asyncio.ensure_future(engine.write(src, d, 8, 0, 512, imm=4))
-    await asyncio.sleep(0)  # noqa: sleep-ok - one loop turn: the write is submitted before the cancel
+    await asyncio.sleep(0)  # noqa: sleep-ok (one loop turn: the write is submitted before the cancel)
     fut.cancel()
     aiote_faults.resume(peer)
     assert await peer.call("wait_imm", 4, 1, 10)
@@ -274,7 +274,7 @@ async def test_initiator_close_while_waiting(aiote_make_engine, peer, aiote_faul
     await eng.write(src, d, 8)
     await _pause(aiote_faults, peer)
     fut = asyncio.ensure_future(eng.write(src, d, 8, 0, 256, imm=6))
-    await asyncio.sleep(0)  # noqa: sleep-ok - one loop turn: the write is submitted before the close
+    await asyncio.sleep(0)  # noqa: sleep-ok (one loop turn: the write is submitted before the close)
     await eng.close()
     aiote_faults.resume(peer)
     with pytest.raises(aiote.EngineClosed):
@@ -293,7 +293,7 @@ async def test_target_engine_closed_while_waiting(engine, aiote_make_peer, aiote
     await engine.write(src, d, 8)
     await _pause(aiote_faults, peer)
     fut = asyncio.ensure_future(engine.write(src, d, 8, imm=7))
-    await asyncio.sleep(0)  # noqa: sleep-ok - one loop turn: the write is submitted first
+    await asyncio.sleep(0)  # noqa: sleep-ok (one loop turn: the write is submitted first)
     aiote_faults.resume(peer)
     await peer.call("exit")
     try:
