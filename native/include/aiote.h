@@ -180,6 +180,8 @@ typedef struct {
     uint64_t loop_found;       /* ... of which found work (imms, completions) */
     uint64_t direct_inline;    /* direct writes carried inline in the target's ring */
     uint64_t direct_inline_full; /* ops that found that ring full (copied with process_vm_writev) */
+    uint64_t direct_inline_late; /* inline ops whose ack came after the caller's budget (the worker
+                                  * completed them) */
 } aiote_stats;
 
 const char *aiote_last_error(void);

@@ -1052,7 +1052,7 @@ static int inline_wait(aiote_engine *e, struct dt_iring *r, uint64_t end, uint64
     for (uint32_t spins = 0;; spins++) {
         if (inline_acked(r, end))
             return 1;
-        if (spins < 256) {
+        if (spins < 32) {
             cpu_pause();
             continue;
         }
@@ -1120,6 +1120,10 @@ static int inline_try(aiote_engine *e, struct op *op)
     }
     if (cells > DT_ICELLS / 2)
         return -1;
+    /* inline needs the target to run; process_vm_writev does not: a target whose worker
+     * sleeps (nor its loop spins) would cost a wake-up per write, so copy it ourselves */
+    if (atomic_load_explicit(&dp->t.h->sleeping, memory_order_relaxed))
+        return -1;
     int fi_err = 0;
     if (inline_target_check(dp, &fi_err) != 0)
         return -1; /* the usual path reports it */
@@ -1168,6 +1172,7 @@ static int inline_try(aiote_engine *e, struct op *op)
         /* the entries are published and can't be withdrawn: the worker (or the spinning
          * loop) completes the op when the target acks, fails it when the target dies */
         struct ipend *pd = malloc(sizeof *pd + op->n * sizeof(uint64_t));
+        __atomic_fetch_add(&e->stats.direct_inline_late, 1, __ATOMIC_RELAXED);
         if (pd) {
             pd->op_id = op->id;
             pd->dp = dp;
