@@ -1122,7 +1122,7 @@ static int inline_try(aiote_engine *e, struct op *op)
         return -1;
     /* inline needs the target to run; process_vm_writev does not: a target whose worker
      * sleeps (nor its loop spins) would cost a wake-up per write, so copy it ourselves */
-    if (atomic_load_explicit(&dp->t.h->sleeping, memory_order_relaxed))
+    if (!e->inline_wake && atomic_load_explicit(&dp->t.h->sleeping, memory_order_relaxed))
         return -1;
     int fi_err = 0;
     if (inline_target_check(dp, &fi_err) != 0)

@@ -135,6 +135,8 @@ int aiote_engine_open(const aiote_config *cfg, aiote_engine **out)
     e->inline_max = e->cfg.direct_inline < 0 ? 0 : e->cfg.direct_inline ? (uint64_t)e->cfg.direct_inline : 256;
     if (e->inline_max > 4096)
         e->inline_max = 4096; /* an entry must fit well inside the ring */
+    const char *wake = getenv("AIOTE_DIRECT_INLINE_WAKE");
+    e->inline_wake = wake && wake[0] == '1';
     if (!rc && e->is_shm && e->cfg.direct_shm && (e->info.mr_mode & FI_MR_VIRT_ADDR))
         rc = direct_table_open(e);
     if (!rc && pthread_create(&e->worker, NULL, worker_main, e) != 0) {

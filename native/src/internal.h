@@ -375,6 +375,7 @@ struct aiote_engine {
     struct dtable *dtab;
     uint64_t direct_max;
     uint64_t inline_max; /* direct writes up to this size go inline (0: never) */
+    bool inline_wake;    /* ... even to a sleeping target (AIOTE_DIRECT_INLINE_WAKE=1; experimental) */
     pthread_mutex_t ipend_lock;  /* inline batches handed to the worker for their ack (direct.c) */
     struct ipend *ipend;
     atomic_uint ipend_n;
