@@ -364,3 +364,65 @@ async def test_ping_pong_inline(aiote_make_engine, aiote_make_peer, spin):
     else:
         assert eng.stats()["direct_inline"] == n
         assert (await peer.call("stats"))["direct_inline"] == n
+
+
+async def test_deregistration_while_inline_writes_are_in_flight(engine, peer):
+    """The target (this process, busy-polling) closes its region while another process
+    streams 64 B inline writes into it: from close() on not one byte lands (the target's own
+    copy holds the slot as an initiator's does), and the writer's later writes fail with the
+    stale-key error."""
+    size = 1 << 20
+    buf = bytearray(size)
+    mr = engine.register(buf)
+    srid, _ = await peer.call("register", 64, 0xAB)
+    n = 40000
+    stream = peer.call("write_many", srid, mr.descriptor.to_bytes(),
+                       [(64, 0, (i % (size // 64)) * 64, 7) for i in range(n)])
+    await engine.imms.wait(7, 200, timeout=30)  # the stream is running
+    mr.close()  # deregistered: no byte may land from here on
+    buf[:] = bytes(size)
+    with pytest.raises(aiote.ProviderError) as ei:
+        await stream
+    assert "EKEYREJECTED" in str(ei.value) or "rejected" in str(ei.value).lower(), ei.value
+    assert buf == bytearray(size), "bytes landed in a deregistered region"
+    landed = engine.imms.pending(7)
+    assert 200 <= landed + 200 < n, landed
+    assert (await peer.call("stats"))["direct_inline"] > 0
+
+
+async def test_malformed_ring_is_dropped_and_the_target_goes_on(engine, peer):
+    """Raw bytes in a lane's inline ring, written straight into the target's key table (a
+    process of the same user can): an entry of 0 cells, one longer than what was published,
+    one past the ring's end, and a head far ahead of done.  The target drops them
+    (bad_msgs), acknowledges, copies nothing, and serves inline writes as before."""
+    import mmap
+    import struct
+
+    rid, d = await peer.call("register", 4096, 0x31)
+    desc = aiote.MrDescriptor.from_bytes(d)
+    src = engine.register(bytearray(b"\x32" * 64))
+    await engine.write(src, desc, 64)  # the table exists and our lane is claimed
+    pid = peer.proc.pid
+    name = next(f for f in os.listdir("/dev/shm") if f.startswith(f"{pid}:aiote_kt_"))
+    hdr, lane, nlanes, slot, nslots = 4096, 8384, 64, 64, 8192  # sizes of direct.c's structs
+    ir_off, ir_size = hdr + nlanes * lane + nslots * slot, 128 + 1024 * 64
+    base = ir_off + 63 * ir_size  # the last lane: no initiator here owns it
+    with open(f"/dev/shm/{name}", "r+b") as f:
+        m = mmap.mmap(f.fileno(), 0)
+        try:
+            before = (await peer.call("stats"))["bad_msgs"]
+            for ncells, publish in ((0, 1), (9, 3), (2000, 2000)):
+                head = struct.unpack_from("<Q", m, base)[0]
+                at = head % 1024
+                struct.pack_into("<IIII", m, base + 128 + at * 64, ncells, 1, 0, 8)
+                struct.pack_into("<Q", m, base, head + publish)
+                struct.pack_into("<I", m, 48, 1)  # imm_pending: look at the rings
+                while struct.unpack_from("<Q", m, base + 64)[0] != head + publish:
+                    await asyncio.sleep(0)  # noqa: sleep-ok (polls the target's done word)
+            assert (await peer.call("stats"))["bad_msgs"] == before + 3
+        finally:
+            m.close()
+    assert await peer.call("read", rid, 0, 4096) == b"\x32" * 64 + b"\x31" * (4096 - 64)
+    await engine.write(src, desc, 64, 0, 100, imm=60)
+    assert await peer.call("wait_imm", 60, 1, 10)
+    assert await peer.call("read", rid, 100, 64) == b"\x32" * 64

@@ -68,6 +68,13 @@
  * Anything unusual (no table: the target turned the path off or runs an older
  *   aiote; EPERM: CMA not allowed; a full lane table; GPU memory) falls back
  *   to libfabric before any byte is copied.
+ * Inline writes (small ones, below): instead of the syscall the initiator
+ *   copies the payload into its lane's inline ring in the table and the
+ *   *target* applies it under its progress lock (checks against its own
+ *   slots, a hold of its own, memcpy, then the imm), then acknowledges; the
+ *   write completes on the acknowledgement.  Only to a target that is polling
+ *   (its worker not asleep): the syscall needs nothing of the target, inline
+ *   needs it on a CPU.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -1301,6 +1308,11 @@ int aiote_direct_inline_raw(aiote_engine *e, uint32_t rdesc, uint32_t slot, uint
     struct dt_iring *r = &dp->t.irings[dp->lane];
     uint64_t pos = atomic_load(&r->head);
     uint32_t nc = icells(payload_len), at = (uint32_t)(pos % DT_ICELLS);
+    if (pos - atomic_load(&r->done) + 2 * nc > DT_ICELLS) {
+        atomic_store(&dp->ibusy, false);
+        aiote_set_error("the inline ring to that peer is full");
+        return -AIOTE_E_BUSY;
+    }
     if (at + nc > DT_ICELLS) {
         struct dt_ient *pad = (struct dt_ient *)(r->cells + (size_t)at * DT_ICELL);
         pad->ncells = DT_ICELLS - at;
