@@ -117,6 +117,12 @@ class TransferEngine:
             only queues them; the future resolves by event once the bytes are there);
             0: none, such operations go through libfabric.  ``None``:
             ``AIOTE_DIRECT_WORKERS`` from the environment, else 1.
+        direct_inline: direct writes whose every element is at most this many bytes (and
+            which go to one target) are carried inline: copied into the target's
+            shared-memory ring and applied by the target's worker (or its spinning loop),
+            instead of one ``process_vm_writev``; the future still resolves only once the
+            bytes are in the target's memory (docs/concepts.md).  0: off.  ``None``:
+            ``AIOTE_DIRECT_INLINE`` from the environment, else 256.  At most 4096.
         loop_spin_us: latency mode (0, the default: off).  The asyncio loop's thread spins
             up to this many µs on the engine's events before it sleeps in epoll, driving the
             engine's progress itself meanwhile (the worker rests while it does), and resolves
@@ -156,6 +162,7 @@ class TransferEngine:
         direct_max: int | None = None,
         direct_workers: int | None = None,
         loop_spin_us: int = 0,
+        direct_inline: int | None = None,
     ):
         if isinstance(nics, int):
             if not 1 <= nics <= lib.AIOTE_MAX_NICS:
@@ -192,6 +199,13 @@ class TransferEngine:
                 raise InvalidArgument("AIOTE_DIRECT_WORKERS must be an int") from None
         if not isinstance(direct_workers, int) or not 0 <= direct_workers <= 16:
             raise InvalidArgument(f"direct_workers must be an int 0..16, got {direct_workers!r}")
+        if direct_inline is None:
+            try:
+                direct_inline = int(os.environ.get("AIOTE_DIRECT_INLINE", 256))
+            except ValueError:
+                raise InvalidArgument("AIOTE_DIRECT_INLINE must be an int") from None
+        if type(direct_inline) is not int or not 0 <= direct_inline <= 4096:
+            raise InvalidArgument(f"direct_inline must be an int 0..4096, got {direct_inline!r}")
         if type(loop_spin_us) is not int or not 0 <= loop_spin_us <= 10_000_000:
             raise InvalidArgument(f"loop_spin_us must be an int in 0..10000000 (µs), got {loop_spin_us!r}")
         self._loop_spin_ns = loop_spin_us * 1000
@@ -206,7 +220,7 @@ class TransferEngine:
                               recv_slots=recv_slots, send_slots=send_slots, max_queued=max_queued,
                               delivery_complete=delivery_complete, peer_timeout=peer_timeout,
                               max_inflight=max_inflight, direct_shm=bool(direct_shm), direct_max=direct_max,
-                              direct_workers=direct_workers)
+                              direct_workers=direct_workers, direct_inline=direct_inline)
         self.id = next(_engine_ids)
         self._h: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -276,6 +290,7 @@ class TransferEngine:
         cfg.direct_shm = 1 if a["direct_shm"] else 0
         cfg.direct_max = a["direct_max"]
         cfg.direct_workers = a["direct_workers"] if a["direct_workers"] > 0 else -1
+        cfg.direct_inline = a["direct_inline"] if a["direct_inline"] > 0 else -1
         out = ffi.new("aiote_engine**")
         _sweep_own_shm_names()
         rc = lib.aiote_engine_open(cfg, out)

@@ -97,6 +97,9 @@ typedef struct {
     uint64_t direct_max;      /* ops up to this many bytes are copied on the calling thread; 0 = 4 MiB */
     int32_t direct_workers;   /* threads that copy larger direct ops (the caller is not held; the op
                                * completes by event): 0 = 1, < 0 = none (those go through libfabric) */
+    int32_t direct_inline;    /* direct writes of at most this many bytes each go inline: copied into
+                               * the target's shared-memory ring, applied by the target (0: default
+                               * 256, < 0: off) */
 } aiote_config;
 
 typedef struct {
@@ -175,6 +178,10 @@ typedef struct {
     uint64_t direct_syscalls;   /* process_vm_writev calls of the direct path */
     uint64_t loop_passes;      /* loop-spin mode: progress passes the event loop's thread ran */
     uint64_t loop_found;       /* ... of which found work (imms, completions) */
+    uint64_t direct_inline;    /* direct writes carried inline in the target's ring */
+    uint64_t direct_inline_full; /* ops that found that ring full (copied with process_vm_writev) */
+    uint64_t direct_inline_late; /* inline ops whose ack came after the caller's budget (the worker
+                                  * completed them) */
 } aiote_stats;
 
 const char *aiote_last_error(void);
@@ -262,6 +269,11 @@ int aiote_imm_arrive(aiote_engine *e, uint32_t imm, uint64_t count);
 /* Whole writes with this imm that landed and were not consumed yet. */
 int aiote_imm_pending(aiote_engine *e, uint32_t imm, uint64_t *count);
 
+/* Tests: publish one raw inline entry (forged fields; UINT32_MAX / UINT64_MAX:
+ * the descriptor's own slot / state / key) to rdesc's peer and wait for it:
+ * its status (0, -AIOTE_E_BOUNDS, -AIOTE_E_NO_MR, -AIOTE_E_INVAL) or an error. */
+int aiote_direct_inline_raw(aiote_engine *e, uint32_t rdesc, uint32_t slot, uint64_t state, uint64_t key,
+                            uint64_t off, uint32_t len, uint32_t payload_len, int has_imm, uint32_t imm);
 /* Tests only: hold the direct path's copy threads after the next chunk (up to
  * 1024 elements) of the op they copy (on = 1) or let them go on (on = 0). */
 int aiote_direct_pause(aiote_engine *e, int on);

@@ -68,6 +68,13 @@
  * Anything unusual (no table: the target turned the path off or runs an older
  *   aiote; EPERM: CMA not allowed; a full lane table; GPU memory) falls back
  *   to libfabric before any byte is copied.
+ * Inline writes (small ones, below): instead of the syscall the initiator
+ *   copies the payload into its lane's inline ring in the table and the
+ *   *target* applies it under its progress lock (checks against its own
+ *   slots, a hold of its own, memcpy, then the imm), then acknowledges; the
+ *   write completes on the acknowledgement.  Only to a target that is polling
+ *   (its worker not asleep): the syscall needs nothing of the target, inline
+ *   needs it on a CPU.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -88,12 +95,14 @@
 #include "internal.h"
 
 #define DT_MAGIC 0x3174626c746b6961ull /* "aiktlbt1" */
-#define DT_VERSION 1u
+#define DT_VERSION 2u /* 2: inline rings */
 #define DT_SLOTS 8192u
 #define DT_LANES 64u
 #define DT_HELD 8u
 #define DT_IOV 1024 /* IOV_MAX */
 #define DT_RING 1024u /* imm entries per lane */
+#define DT_ICELL 64u     /* inline ring: entries are whole cells (header cell + payload) */
+#define DT_ICELLS 1024u  /* cells per lane (64 KiB) */
 
 struct dt_slot {
     _Atomic uint64_t state; /* gen << 1 | valid */
@@ -128,16 +137,46 @@ struct dt_header {
      * aiote, which makes its initiators poll the pidfd */
     _Alignas(64) pthread_mutex_t alive;
     _Atomic uint32_t alive_tid; /* tid of the worker holding `alive`; 0: not held */
+    _Atomic uint32_t self_held; /* slot + 1 while the target itself copies an inline entry into it */
+};
+
+/* Inline ring of one lane: small writes carried in shared memory.  The
+ * initiator writes whole entries, then publishes `head` (cells, release);
+ * the target applies them in order, writes each entry's status into it and
+ * publishes `done` (release) once bytes and imms are in place. */
+struct dt_ient {
+    uint32_t ncells; /* cells of this entry, header included */
+    uint32_t kind;   /* DT_IK_DATA / DT_IK_PAD */
+    uint32_t slot, len;
+    uint64_t state, key, off;
+    uint32_t imm, has_imm;
+    int32_t status; /* written by the target: 0 or -AIOTE_E_* / DT_IST_* */
+    uint32_t _r[3];
+};
+_Static_assert(sizeof(struct dt_ient) == DT_ICELL, "inline header is one cell");
+#define DT_IK_DATA 1u
+#define DT_IK_PAD 2u
+#define DT_IST_PENDING 1      /* not applied yet (the initiator's mark) */
+#define DT_IST_STALE (-1000)  /* key/generation/slot mismatch: the region is closed or the key stale */
+
+struct dt_iring {
+    _Atomic uint64_t head; /* cells published by the initiator */
+    uint64_t _pad[7];
+    _Atomic uint64_t done; /* cells applied by the target (statuses written) */
+    uint64_t _pad2[7];
+    uint8_t cells[DT_ICELLS * DT_ICELL];
 };
 
 #define DT_HDR_SIZE 4096u
-#define DT_SIZE (DT_HDR_SIZE + DT_LANES * sizeof(struct dt_lane) + DT_SLOTS * sizeof(struct dt_slot))
+#define DT_IR_OFF (DT_HDR_SIZE + DT_LANES * sizeof(struct dt_lane) + DT_SLOTS * sizeof(struct dt_slot))
+#define DT_SIZE (DT_IR_OFF + DT_LANES * sizeof(struct dt_iring))
 
 struct dtable {
     uint8_t *map;
     struct dt_header *h;
     struct dt_lane *lanes;
     struct dt_slot *slots;
+    struct dt_iring *irings;
     char name[96];
     bool alive_ok;   /* target side: `alive` initialised */
     bool alive_held; /* target side: the worker holds it */
@@ -151,6 +190,7 @@ struct dpeer {
     int lane;
     int efd; /* the target's eventfd (pidfd_getfd), -1: imms go as messages */
     pthread_mutex_t push_lock; /* our threads share our lane's ring */
+    atomic_bool ibusy;         /* one inline batch at a time in our lane's inline ring (until acked) */
     atomic_bool off; /* fall back to libfabric (EPERM, gone, closed) */
     atomic_bool dead; /* its process exited: fail at once here (PeerUnreachable), never hand
                        * work for it to libfabric (shm would try to connect to a dead peer) */
@@ -245,6 +285,7 @@ static void table_map(struct dtable *t, uint8_t *map)
     t->h = (struct dt_header *)map;
     t->lanes = (struct dt_lane *)(map + DT_HDR_SIZE);
     t->slots = (struct dt_slot *)(map + DT_HDR_SIZE + DT_LANES * sizeof(struct dt_lane));
+    t->irings = (struct dt_iring *)(map + DT_IR_OFF);
 }
 
 /* ---- target side ------------------------------------------------------ */
@@ -298,9 +339,12 @@ int direct_table_open(aiote_engine *e)
     return 0;
 }
 
+static __thread bool tl_worker; /* this thread is an engine's worker: never wait on a target */
+
 /* The worker thread, when it starts: hold the liveness word for its lifetime. */
 void direct_worker_begin(aiote_engine *e)
 {
+    tl_worker = true;
     struct dtable *t = e->dtab;
     if (!t || !t->alive_ok || pthread_mutex_lock(&t->h->alive) != 0)
         return;
@@ -353,6 +397,8 @@ void direct_publish(aiote_engine *e, size_t idx, uint32_t gen, uint64_t key, uin
 
 static bool slot_held(struct dtable *t, uint32_t mark)
 {
+    if (atomic_load(&t->h->self_held) == mark)
+        return true;
     for (uint32_t l = 0; l < DT_LANES; l++) {
         struct dt_lane *ln = &t->lanes[l];
         if (!atomic_load(&ln->owner))
@@ -436,6 +482,18 @@ void direct_table_close(aiote_engine *e, uint64_t timeout_ns)
     free(t);
     e->dtab = NULL;
 }
+
+/* An inline batch whose acknowledgement the worker (or the spinning loop)
+ * waits for: the caller's budget ran out (the target sleeps, is stopped, or
+ * is slow).  Its future resolves by event. */
+struct ipend {
+    struct ipend *next;
+    uint64_t op_id;
+    struct dpeer *dp;
+    uint64_t end, deadline, next_check;
+    size_t n;
+    uint64_t pos[]; /* each element's entry */
+};
 
 /* ---- initiator side ---------------------------------------------------- */
 
@@ -596,6 +654,11 @@ void direct_resolve(aiote_engine *e, struct peer *p, struct rdesc *rd)
 
 void direct_peers_free(aiote_engine *e)
 {
+    while (e->ipend) { /* none after a worker that ran; a worker that never started leaves them */
+        struct ipend *pd = e->ipend;
+        e->ipend = pd->next;
+        free(pd);
+    }
     for (size_t i = 0; i < e->npeers; i++) {
         dpeer_free(e->peers[i]->dpeer);
         e->peers[i]->dpeer = NULL;
@@ -705,12 +768,96 @@ static int push_imms(struct dpeer *dp, uint32_t imm, uint64_t count)
     return 0;
 }
 
+static bool poll_ipend(aiote_engine *e, bool closing);
+
+static void count_imms(aiote_engine *e, uint32_t imm, uint64_t cnt)
+{
+    if (cnt && cnt <= UINT32_MAX && imm_table_restore(&e->imms, imm, (uint32_t)cnt, &e->pending_events) == 0) {
+        e->stats.imms_received += cnt;
+        e->nics[0].stats.imms_received += cnt;
+    } else if (cnt) {
+        e->stats.bad_msgs++;
+    }
+}
+
+/* Target, under progress_lock: apply one entry (read once: it is wire input).
+ * Returns its status. */
+static int32_t inline_apply(aiote_engine *e, struct dtable *t, const struct dt_ient *x, const uint8_t *payload)
+{
+    uint32_t hi = atomic_load(&t->h->high);
+    if (x->slot >= DT_SLOTS || x->slot >= hi)
+        return DT_IST_STALE;
+    struct dt_slot *s = &t->slots[x->slot];
+    /* the same Dekker pair as an initiator's copy: hold, then check the state */
+    atomic_store(&t->h->self_held, x->slot + 1);
+    int32_t st = 0;
+    uint64_t state = atomic_load(&s->state);
+    if (!(state & 1) || state != x->state || s->key != x->key || atomic_load(&t->h->closed))
+        st = DT_IST_STALE;
+    else if (x->off > s->len || x->len > s->len - x->off)
+        st = -AIOTE_E_BOUNDS;
+    else if (x->len)
+        memcpy((uint8_t *)(uintptr_t)(s->base + x->off), payload, x->len);
+    atomic_store(&t->h->self_held, 0);
+    (void)e;
+    return st;
+}
+
+/* Target, under progress_lock: apply the published entries of one lane's
+ * inline ring: bytes first, then their imms, then `done` (the initiator's
+ * completion). */
+static bool poll_inline(aiote_engine *e, struct dtable *t, struct dt_iring *r)
+{
+    uint64_t head = atomic_load_explicit(&r->head, memory_order_acquire);
+    uint64_t pos = atomic_load_explicit(&r->done, memory_order_relaxed);
+    if (head == pos)
+        return false;
+    uint32_t run_imm = 0;
+    uint64_t run = 0;
+    if (head - pos > DT_ICELLS) { /* not something an aiote initiator writes */
+        e->stats.bad_msgs++;
+        atomic_store_explicit(&r->done, head, memory_order_release);
+        return true;
+    }
+    while (pos != head) {
+        uint32_t at = (uint32_t)(pos % DT_ICELLS);
+        struct dt_ient *cell = (struct dt_ient *)(r->cells + (size_t)at * DT_ICELL);
+        struct dt_ient x;
+        memcpy(&x, cell, sizeof x); /* once: the initiator's process could change it under us */
+        if (x.ncells == 0 || x.ncells > head - pos || at + x.ncells > DT_ICELLS) {
+            e->stats.bad_msgs++; /* malformed: drop what is left */
+            pos = head;
+            break;
+        }
+        if (x.kind == DT_IK_DATA) {
+            int32_t st = x.len > (uint64_t)(x.ncells - 1) * DT_ICELL
+                             ? -AIOTE_E_INVAL
+                             : inline_apply(e, t, &x, (const uint8_t *)(cell + 1));
+            if (st == 0 && x.has_imm) {
+                if (run && run_imm != x.imm) {
+                    count_imms(e, run_imm, run);
+                    run = 0;
+                }
+                run_imm = x.imm;
+                run++;
+            }
+            __atomic_store_n(&cell->status, st, __ATOMIC_RELAXED); /* published by `done` */
+        }
+        pos += x.ncells;
+    }
+    if (run)
+        count_imms(e, run_imm, run);
+    atomic_store_explicit(&r->done, pos, memory_order_release);
+    return true;
+}
+
 /* Target worker: take every published imm entry of every lane. */
 bool direct_poll_imms(aiote_engine *e)
 {
+    bool acks = poll_ipend(e, false);
     struct dtable *t = e->dtab;
     if (!t || !atomic_load_explicit(&t->h->imm_pending, memory_order_relaxed))
-        return false;
+        return acks;
     atomic_store(&t->h->imm_pending, 0); /* before the scan: a later push sets it again */
     bool any = false;
     for (uint32_t l = 0; l < DT_LANES; l++) {
@@ -736,7 +883,9 @@ bool direct_poll_imms(aiote_engine *e)
         atomic_store(&ln->tail, tail);
         any = true;
     }
-    return any;
+    for (uint32_t l = 0; l < DT_LANES; l++)
+        any |= poll_inline(e, t, &t->irings[l]);
+    return any || acks;
 }
 
 /* Target worker about to sleep: false if imms are waiting (don't sleep). */
@@ -833,6 +982,360 @@ static void iov_advance(struct iovec *v, size_t n, size_t *idx, uint64_t adv)
 static bool async_checkpoint(aiote_engine *e, struct op *op);
 static void async_release(aiote_engine *e, struct op *op);
 
+/* ---- inline writes: small ones carried in the target's shared memory ----- */
+
+
+static inline void cpu_pause(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
+
+static inline uint32_t icells(uint64_t len) { return 1u + (uint32_t)((len + DT_ICELL - 1) / DT_ICELL); }
+
+/* While we wait for a target: take our own rings too (two engines that write
+ * inline to each other from spinning loops would otherwise wait for each other). */
+static void serve_own(aiote_engine *e)
+{
+    if (!e->dtab || pthread_mutex_trylock(&e->progress_lock) != 0)
+        return;
+    if (!atomic_load(&e->stopping)) {
+        direct_poll_imms(e);
+        if (e->pending_events.n)
+            event_queue_flush(&e->events, &e->pending_events);
+    }
+    pthread_mutex_unlock(&e->progress_lock);
+}
+
+/* Publish [start, end) of our inline ring and wake the target if it sleeps. */
+static void inline_publish(struct dpeer *dp, struct dt_iring *r, uint64_t end)
+{
+    atomic_store(&r->head, end); /* seq_cst: entries before head, head before the flag */
+    struct dt_header *h = dp->t.h;
+    atomic_store(&h->imm_pending, 1);
+    if (atomic_load(&h->sleeping)) { /* Dekker with direct_sleep_begin */
+        uint64_t one = 1;
+        ssize_t w = write(dp->efd, &one, sizeof one);
+        (void)w;
+    }
+}
+
+static uint64_t inline_deadline(aiote_engine *e)
+{
+    return now_ns() + (uint64_t)(e->cfg.peer_timeout_ms ? e->cfg.peer_timeout_ms : 10000) * 1000000ull;
+}
+
+static inline bool inline_acked(struct dt_iring *r, uint64_t end)
+{
+    return (int64_t)(atomic_load_explicit(&r->done, memory_order_acquire) - end) >= 0;
+}
+
+/* Is the target gone or closed?  0, or a negative status with *fi_err. */
+static int32_t inline_target_check(struct dpeer *dp, int *fi_err)
+{
+    struct pollfd pf = {.fd = dp->pidfd, .events = POLLIN};
+    if (!target_alive(dp) && poll(&pf, 1, 0) != 0) {
+        atomic_store(&dp->off, true);
+        atomic_store(&dp->dead, true);
+        *fi_err = FI_ECONNRESET;
+        return -AIOTE_E_PROVIDER;
+    }
+    if (atomic_load(&dp->t.h->closed)) {
+        *fi_err = FI_ENOTCONN;
+        return -AIOTE_E_PROVIDER;
+    }
+    return 0;
+}
+
+/* The caller waits for the acknowledgement up to budget_ns (yielding the CPU
+ * after a short spin: on a small machine the target may need this core).
+ * 1: acked; 0: not yet. */
+static int inline_wait(aiote_engine *e, struct dt_iring *r, uint64_t end, uint64_t budget_ns)
+{
+    uint64_t stop = 0;
+    for (uint32_t spins = 0;; spins++) {
+        if (inline_acked(r, end))
+            return 1;
+        if (spins < 32) {
+            cpu_pause();
+            continue;
+        }
+        serve_own(e);
+        if ((spins & 15) == 0) {
+            uint64_t now = now_ns();
+            if (!stop)
+                stop = now + budget_ns;
+            else if (now > stop)
+                return 0;
+        }
+        sched_yield();
+    }
+}
+
+/* The statuses of an acked batch: 0 or the first failure (*bad, *fi_err). */
+static int32_t inline_result(aiote_engine *e, struct dt_iring *r, const uint64_t *pos, size_t n, uint64_t *bad,
+                             int *fi_err)
+{
+    int32_t status = 0;
+    uint64_t ok = 0, bytes = 0;
+    for (size_t i = 0; i < n; i++) {
+        const struct dt_ient *c = (const struct dt_ient *)(r->cells + (size_t)(pos[i] % DT_ICELLS) * DT_ICELL);
+        int32_t st = __atomic_load_n(&c->status, __ATOMIC_RELAXED);
+        if (st == 0) {
+            ok++;
+            bytes += c->len;
+        } else if (!status) {
+            *bad = i;
+            if (st == -AIOTE_E_BOUNDS) {
+                status = -AIOTE_E_BOUNDS;
+            } else {
+                status = -AIOTE_E_PROVIDER;
+                *fi_err = FI_EKEYREJECTED; /* as the copy says for a closed region */
+            }
+        }
+    }
+    __atomic_fetch_add(&e->stats.direct_inline, ok, __ATOMIC_RELAXED);
+    __atomic_fetch_add(&e->stats.direct_writes, ok, __ATOMIC_RELAXED);
+    __atomic_fetch_add(&e->stats.direct_bytes, bytes, __ATOMIC_RELAXED);
+    return status;
+}
+
+#define DT_INLINE_BUDGET_NS 50000ull /* the caller waits this long for the target, then the worker does */
+
+/* Try the op as inline entries: every element small, one target.  -1: not
+ * taken (nothing published; copy it as usual), else as direct_copy. */
+static int inline_try(aiote_engine *e, struct op *op)
+{
+    uint64_t lim = e->inline_max;
+    if (!lim || tl_worker || op->n == 0 || op->n > DT_ICELLS / 2)
+        return -1;
+    struct welem w;
+    elem_at(op, 0, &w);
+    struct dpeer *dp = w.rd->dp;
+    if (!dp || dp->efd < 0 || dp->pid == getpid() || atomic_load(&dp->off))
+        return -1;
+    uint64_t cells = 0;
+    for (size_t i = 0; i < op->n; i++) {
+        struct welem x;
+        elem_at(op, i, &x);
+        if (x.rd->dp != dp || x.rd->dslot == UINT32_MAX || x.len > lim)
+            return -1;
+        cells += icells(x.len);
+    }
+    if (cells > DT_ICELLS / 2)
+        return -1;
+    /* inline needs the target to run; process_vm_writev does not: a target whose worker
+     * sleeps (nor its loop spins) would cost a wake-up per write, so copy it ourselves */
+    if (!e->inline_wake && atomic_load_explicit(&dp->t.h->sleeping, memory_order_relaxed))
+        return -1;
+    int fi_err = 0;
+    if (inline_target_check(dp, &fi_err) != 0)
+        return -1; /* the usual path reports it */
+    bool idle = false;
+    if (!atomic_compare_exchange_strong(&dp->ibusy, &idle, true))
+        return -1; /* a batch of ours to that target is not acked yet: copy this one ourselves */
+    struct dt_iring *r = &dp->t.irings[dp->lane];
+    uint64_t start = atomic_load_explicit(&r->head, memory_order_relaxed);
+    /* room for the entries and at most one pad at the wrap */
+    if (start - atomic_load_explicit(&r->done, memory_order_acquire) + cells + (cells - 1) > DT_ICELLS) {
+        atomic_store(&dp->ibusy, false);
+        __atomic_fetch_add(&e->stats.direct_inline_full, 1, __ATOMIC_RELAXED);
+        return -1; /* full (the target is behind): copy it ourselves */
+    }
+    uint64_t pos = start;
+    uint64_t at_idx[DT_ICELLS / 2]; /* each element's entry */
+    for (size_t i = 0; i < op->n; i++) {
+        struct welem x;
+        elem_at(op, i, &x);
+        uint32_t nc = icells(x.len), at = (uint32_t)(pos % DT_ICELLS);
+        if (at + nc > DT_ICELLS) { /* entries never wrap: pad to the ring's start */
+            struct dt_ient *pad = (struct dt_ient *)(r->cells + (size_t)at * DT_ICELL);
+            pad->ncells = DT_ICELLS - at;
+            pad->kind = DT_IK_PAD;
+            pos += DT_ICELLS - at;
+            at = 0;
+        }
+        struct dt_ient *c = (struct dt_ient *)(r->cells + (size_t)at * DT_ICELL);
+        c->ncells = nc;
+        c->kind = DT_IK_DATA;
+        c->slot = x.rd->dslot;
+        c->len = (uint32_t)x.len;
+        c->state = x.rd->dstate;
+        c->key = x.rd->keys[0];
+        c->off = x.dst_off; /* the descriptor's base is the slot's (direct_resolve) */
+        c->imm = op->imm;
+        c->has_imm = op->has_imm ? 1 : 0;
+        c->status = DT_IST_PENDING;
+        if (x.len)
+            memcpy(c + 1, op->local_base + x.src_off, x.len);
+        at_idx[i] = pos;
+        pos += nc;
+    }
+    inline_publish(dp, r, pos);
+    if (!inline_wait(e, r, pos, DT_INLINE_BUDGET_NS)) {
+        /* the entries are published and can't be withdrawn: the worker (or the spinning
+         * loop) completes the op when the target acks, fails it when the target dies */
+        struct ipend *pd = malloc(sizeof *pd + op->n * sizeof(uint64_t));
+        __atomic_fetch_add(&e->stats.direct_inline_late, 1, __ATOMIC_RELAXED);
+        if (pd) {
+            pd->op_id = op->id;
+            pd->dp = dp;
+            pd->end = pos;
+            pd->deadline = inline_deadline(e);
+            pd->next_check = 0;
+            pd->n = op->n;
+            memcpy(pd->pos, at_idx, op->n * sizeof(uint64_t));
+            pthread_mutex_lock(&e->ipend_lock);
+            pd->next = e->ipend;
+            e->ipend = pd;
+            atomic_fetch_add(&e->ipend_n, 1);
+            pthread_mutex_unlock(&e->ipend_lock);
+            uint64_t one = 1;
+            ssize_t wr = write(e->sub_efd, &one, sizeof one); /* the worker may sleep */
+            (void)wr;
+            return 0;
+        }
+        /* no memory to hand it over: wait here */
+        while (!inline_wait(e, r, pos, DT_INLINE_BUDGET_NS)) {
+            int32_t st = inline_target_check(dp, &fi_err);
+            if (st) {
+                atomic_store(&dp->ibusy, false);
+                push_op_event(e, op->id, st, fi_err, 0);
+                atomic_fetch_add(&e->direct_ops_failed, 1);
+                return 0;
+            }
+        }
+    }
+    uint64_t bad = 0;
+    int32_t status = inline_result(e, r, at_idx, op->n, &bad, &fi_err);
+    atomic_store(&dp->ibusy, false);
+    if (status) {
+        push_op_event(e, op->id, status, fi_err, bad);
+        atomic_fetch_add(&e->direct_ops_failed, 1);
+        return 0;
+    }
+    atomic_fetch_add(&e->direct_ops_ok, 1);
+    return AIOTE_DIRECT_DONE;
+}
+
+/* Under progress_lock (worker or spinning loop): complete the handed-over
+ * inline batches that were acked; fail those whose target died or closed, or
+ * that waited peer_timeout (their entries stay published: they may still
+ * land).  closing: the engine stops: fail the rest (AIOTE_E_CLOSED). */
+static bool poll_ipend(aiote_engine *e, bool closing)
+{
+    if (!atomic_load_explicit(&e->ipend_n, memory_order_relaxed))
+        return false;
+    bool any = false;
+    uint64_t now = 0;
+    pthread_mutex_lock(&e->ipend_lock);
+    for (struct ipend **pp = &e->ipend; *pp;) {
+        struct ipend *pd = *pp;
+        struct dt_iring *r = &pd->dp->t.irings[pd->dp->lane];
+        int32_t status = 0;
+        int fi_err = 0;
+        uint64_t bad = 0;
+        if (inline_acked(r, pd->end)) {
+            status = inline_result(e, r, pd->pos, pd->n, &bad, &fi_err);
+        } else if (closing) {
+            status = -AIOTE_E_CLOSED;
+            fi_err = FI_ECANCELED;
+        } else {
+            if (!now)
+                now = now_ns();
+            if (now < pd->next_check) {
+                pp = &pd->next;
+                continue;
+            }
+            pd->next_check = now + 1000000; /* liveness once a ms */
+            status = inline_target_check(pd->dp, &fi_err);
+            if (!status && now > pd->deadline) {
+                status = -AIOTE_E_PROVIDER;
+                fi_err = FI_ETIMEDOUT;
+            }
+            if (!status) {
+                pp = &pd->next;
+                continue;
+            }
+        }
+        *pp = pd->next;
+        atomic_fetch_sub(&e->ipend_n, 1);
+        atomic_store(&pd->dp->ibusy, false);
+        aiote_event ev = {.id = pd->op_id, .kind = AIOTE_EV_OP, .status = status, .fi_errno = fi_err,
+                          .index = bad, .nic = -1};
+        event_buf_push(&e->pending_events, &ev);
+        atomic_fetch_add(status ? &e->direct_ops_failed : &e->direct_ops_ok, 1);
+        free(pd);
+        any = true;
+    }
+    pthread_mutex_unlock(&e->ipend_lock);
+    return any;
+}
+
+bool direct_inline_pending(aiote_engine *e) { return atomic_load_explicit(&e->ipend_n, memory_order_relaxed) != 0; }
+
+/* Worker exit (under progress_lock): fail what is still handed over. */
+void direct_inline_close(aiote_engine *e) { poll_ipend(e, true); }
+
+/* Tests: publish one raw (forged) entry through rdesc's peer, wait for it.
+ * Returns the entry's status (0, -AIOTE_E_BOUNDS, DT_IST_STALE -> -AIOTE_E_NO_MR,
+ * -AIOTE_E_INVAL) or a negative error of the wait. */
+int aiote_direct_inline_raw(aiote_engine *e, uint32_t rdesc, uint32_t slot, uint64_t state, uint64_t key,
+                            uint64_t off, uint32_t len, uint32_t payload_len, int has_imm, uint32_t imm)
+{
+    pthread_mutex_lock(&e->peer_lock);
+    struct rdesc *rd = rdesc < e->nrdescs ? e->rdescs[rdesc] : NULL;
+    pthread_mutex_unlock(&e->peer_lock);
+    if (!rd || !rd->dp || rd->dp->efd < 0 || payload_len > 4096) {
+        aiote_set_error("no inline ring to that peer");
+        return -AIOTE_E_INVAL;
+    }
+    struct dpeer *dp = rd->dp;
+    if (slot == UINT32_MAX)
+        slot = rd->dslot;
+    if (state == UINT64_MAX)
+        state = rd->dstate;
+    if (key == UINT64_MAX)
+        key = rd->keys[0];
+    bool idle = false;
+    if (!atomic_compare_exchange_strong(&dp->ibusy, &idle, true)) {
+        aiote_set_error("an inline batch to that peer is in flight");
+        return -AIOTE_E_BUSY;
+    }
+    struct dt_iring *r = &dp->t.irings[dp->lane];
+    uint64_t pos = atomic_load(&r->head);
+    uint32_t nc = icells(payload_len), at = (uint32_t)(pos % DT_ICELLS);
+    if (pos - atomic_load(&r->done) + 2 * nc > DT_ICELLS) {
+        atomic_store(&dp->ibusy, false);
+        aiote_set_error("the inline ring to that peer is full");
+        return -AIOTE_E_BUSY;
+    }
+    if (at + nc > DT_ICELLS) {
+        struct dt_ient *pad = (struct dt_ient *)(r->cells + (size_t)at * DT_ICELL);
+        pad->ncells = DT_ICELLS - at;
+        pad->kind = DT_IK_PAD;
+        pos += DT_ICELLS - at;
+        at = 0;
+    }
+    struct dt_ient *c = (struct dt_ient *)(r->cells + (size_t)at * DT_ICELL);
+    *c = (struct dt_ient){.ncells = nc, .kind = DT_IK_DATA, .slot = slot, .len = len, .state = state,
+                          .key = key, .off = off, .imm = imm, .has_imm = has_imm ? 1 : 0,
+                          .status = DT_IST_PENDING};
+    memset(c + 1, 0xAB, payload_len);
+    inline_publish(dp, r, pos + nc);
+    int fi_err = 0;
+    int32_t st = 0;
+    while (!inline_wait(e, r, pos + nc, DT_INLINE_BUDGET_NS) && !(st = inline_target_check(dp, &fi_err)))
+        ;
+    if (!st)
+        st = __atomic_load_n(&c->status, __ATOMIC_RELAXED);
+    atomic_store(&dp->ibusy, false);
+    return st == DT_IST_STALE ? -AIOTE_E_NO_MR : st;
+}
+
 #define DT_CHUNK_BYTES (64ull << 20) /* a chunk ends after this many bytes (cancel/close/deregistration
                                       * are seen between chunks) */
 
@@ -843,6 +1346,11 @@ static void async_release(aiote_engine *e, struct op *op);
  * thread runs it (checkpoints between chunks). */
 static int direct_copy(aiote_engine *e, struct op *op, bool on_thread)
 {
+    if (!on_thread) {
+        int ir = inline_try(e, op);
+        if (ir >= 0)
+            return ir;
+    }
     struct iovec liov[DT_IOV], riov[DT_IOV];
     size_t nacc = 0, acc_cap = op->kind == OP_PAGED ? 1 : op->n;
     struct imm_acc acc_small[8];

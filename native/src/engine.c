@@ -48,6 +48,7 @@ static void engine_release(aiote_engine *e)
     free(e->mrs);
     direct_async_free(e);
     pthread_mutex_destroy(&e->dcp_lock);
+    pthread_mutex_destroy(&e->ipend_lock);
     direct_peers_free(e);
     for (size_t i = 0; i < e->npeers; i++) {
         for (uint32_t j = 0; j < e->peers[i]->nnics; j++)
@@ -116,6 +117,7 @@ int aiote_engine_open(const aiote_config *cfg, aiote_engine **out)
     pthread_mutex_init(&e->sub_lock, NULL);
     pthread_mutex_init(&e->watch_lock, NULL);
     pthread_mutex_init(&e->dcp_lock, NULL);
+    pthread_mutex_init(&e->ipend_lock, NULL);
     pthread_mutex_init(&e->progress_lock, NULL);
     atomic_init(&e->outstanding, 0);
     atomic_init(&e->narmed, 0);
@@ -130,6 +132,11 @@ int aiote_engine_open(const aiote_config *cfg, aiote_engine **out)
     if (!rc)
         rc = fabric_open(e);
     e->direct_max = e->cfg.direct_max ? e->cfg.direct_max : 4 * 1024 * 1024;
+    e->inline_max = e->cfg.direct_inline < 0 ? 0 : e->cfg.direct_inline ? (uint64_t)e->cfg.direct_inline : 256;
+    if (e->inline_max > 4096)
+        e->inline_max = 4096; /* an entry must fit well inside the ring */
+    const char *wake = getenv("AIOTE_DIRECT_INLINE_WAKE");
+    e->inline_wake = wake && wake[0] == '1';
     if (!rc && e->is_shm && e->cfg.direct_shm && (e->info.mr_mode & FI_MR_VIRT_ADDR))
         rc = direct_table_open(e);
     if (!rc && pthread_create(&e->worker, NULL, worker_main, e) != 0) {

@@ -374,6 +374,11 @@ struct aiote_engine {
     /* direct path (direct.c): our key table as a target; the largest op it copies */
     struct dtable *dtab;
     uint64_t direct_max;
+    uint64_t inline_max; /* direct writes up to this size go inline (0: never) */
+    bool inline_wake;    /* ... even to a sleeping target (AIOTE_DIRECT_INLINE_WAKE=1; experimental) */
+    pthread_mutex_t ipend_lock;  /* inline batches handed to the worker for their ack (direct.c) */
+    struct ipend *ipend;
+    atomic_uint ipend_n;
     atomic_uint_fast64_t direct_ops_ok, direct_ops_failed; /* finished on callers' or copy threads */
     struct dcopier *dcp; /* the copy threads for direct ops above direct_max (NULL: none started) */
     pthread_mutex_t dcp_lock;
@@ -488,6 +493,8 @@ void direct_async_free(aiote_engine *e);
 /* engine.c: hand a reserved, region-referencing op to the worker (libfabric); on failure it is freed */
 int engine_handoff(aiote_engine *e, struct op *op);
 bool direct_poll_imms(aiote_engine *e);
+bool direct_inline_pending(aiote_engine *e); /* inline batches wait for their target's ack */
+void direct_inline_close(aiote_engine *e);
 bool direct_sleep_begin(aiote_engine *e);
 void direct_sleep_end(aiote_engine *e);
 

@@ -1239,6 +1239,12 @@ void *worker_main(void *arg)
             sched_yield();
             continue;
         }
+        if (direct_inline_pending(e) && !loop_spins) {
+            /* inline writes wait for their targets' acks (a slow or stopped target): nap */
+            struct timespec ts = {0, 20000};
+            nanosleep(&ts, NULL);
+            continue;
+        }
         if (e->cfg.polling == AIOTE_POLL_BUSY)
             continue;
         uint64_t now = now_ns();
@@ -1270,6 +1276,7 @@ void *worker_main(void *arg)
         }
     }
     pthread_mutex_lock(&e->progress_lock);
+    direct_inline_close(e);
     fail_all_closed(e);
     pthread_mutex_unlock(&e->progress_lock);
     direct_worker_end(e);
