@@ -1050,8 +1050,12 @@ static int32_t inline_target_check(struct dpeer *dp, int *fi_err)
     return 0;
 }
 
-/* The caller waits for the acknowledgement up to budget_ns (yielding the CPU
- * after a short spin: on a small machine the target may need this core).
+/* The caller waits for the acknowledgement up to budget_ns, spinning: a
+ * polling target on a CPU of its own acks within a microsecond or two; one
+ * that isn't running won't be helped by a longer wait, and yielding here is
+ * worse (on a small machine sched_yield hands this core to a busy-polling
+ * worker for a whole time slice: ~2 ms ping-pongs with polling="busy" on 2
+ * cores).  Past the budget the worker completes the op.
  * 1: acked; 0: not yet. */
 static int inline_wait(aiote_engine *e, struct dt_iring *r, uint64_t end, uint64_t budget_ns)
 {
@@ -1063,15 +1067,15 @@ static int inline_wait(aiote_engine *e, struct dt_iring *r, uint64_t end, uint64
             cpu_pause();
             continue;
         }
-        serve_own(e);
         if ((spins & 15) == 0) {
+            serve_own(e); /* two engines of one process writing to each other */
             uint64_t now = now_ns();
             if (!stop)
                 stop = now + budget_ns;
             else if (now > stop)
                 return 0;
         }
-        sched_yield();
+        cpu_pause();
     }
 }
 
