@@ -103,6 +103,16 @@ class MoeBuffers:
     meta: MrDescriptor | None = None  # GPU ranks: 2 x world host slots of [ids | header]
 
 
+
+async def _settled_or_withdrawn(wait: asyncio.Future[None]) -> None:
+    """Await an imm wait; on any failure (timeout, cancellation) withdraw it, so a wait
+    left armed can't eat the next step's imms."""
+    try:
+        await wait
+    except BaseException:
+        wait.cancel()
+        raise
+
 class ExpertParallel:
     """Dispatch/combine for one rank (see the module docstring).
 
@@ -439,12 +449,8 @@ class ExpertParallel:
         heads = self._headers(tag, parity)
         apart = sum(1 for _, c, _, a in heads if a)
         if apart:  # rows written apart from their headers: their own imms, the other parity's
-            rows_in = eng.imms.wait(self._dispatch_imms[1 - parity], apart, timeout=self.timeout)
-            try:
-                await rows_in
-            except BaseException:
-                rows_in.cancel()
-                raise
+            await _settled_or_withdrawn(
+                eng.imms.wait(self._dispatch_imms[1 - parity], apart, timeout=self.timeout))
         # 3. make the rows and ids contiguous
         got, at_row, comb_off, total, row0 = self._assemble(heads, hidden, tok, lid, n, n_remote, parity)
         self._last = {"row0": row0, "got": got, "at_row": at_row, "order": order, "tok": tok,
@@ -589,11 +595,7 @@ class ExpertParallel:
                 a = first + at_row[me]
                 out.index_add_(0, tok[nr:], src_rows[a:a + got[me]] * w[nr:])
             if arrived is not None:
-                try:
-                    await arrived
-                except BaseException:
-                    arrived.cancel()
-                    raise
+                await _settled_or_withdrawn(arrived)
             if nr:
                 out.index_add_(0, tok[:nr], self._combine_rows[:nr] * w[:nr])
             return out
@@ -609,11 +611,7 @@ class ExpertParallel:
         rows_tk = full[:t * k].view(t, k, self.hidden)
         back = (order[:nr], self._combine_rows[:nr]) if nr else None
         if arrived is not None:
-            try:
-                await arrived
-            except BaseException:
-                arrived.cancel()
-                raise
+            await _settled_or_withdrawn(arrived)
         if back is not None:
             full.index_copy_(0, *back)
         return torch.bmm(w, rows_tk).squeeze(1)
