@@ -183,7 +183,8 @@ async def run_bw(con: Any, args: argparse.Namespace, provider: str, target: C.Ta
                 s["raw_dc1"].append(C.fi_bench(provider, "bw", size, raw_it, args.inflight, 1))
                 imm += 1
                 s["aiote"].append(
-                    await aiote_bw(target, provider, args.polling, size, aio_it, args.inflight, imm, args.driver)
+                    await aiote_bw(target, provider, args.polling, size, aio_it, args.inflight, imm, args.driver,
+                                   cpu=getattr(args, "cpu", False))
                 )
                 s["raw_dc0"].append(C.fi_bench(provider, "bw", size, raw_it, args.inflight, 0))
                 prog.advance(task)
@@ -199,6 +200,12 @@ async def run_bw(con: Any, args: argparse.Namespace, provider: str, target: C.Ta
                     "ops_per_s": C.summary([r["ops_per_s"] for r in s[k]]),
                 }
             row["aiote_stats"] = [{"initiator": x["initiator_stats"], "target": x["target_stats"]} for x in s["aiote"]]
+            if all("cpu" in x for x in s["aiote"]):
+                # busy share of a core: the target's engine threads, the initiator's loop thread
+                row["cpu"] = {
+                    k: C.summary([sum(t["busy"] for t in x["cpu"][k]["threads"]) for x in s["aiote"]])
+                    for k in ("target_worker", "initiator_loop", "initiator_worker")
+                }
             row["ratio"] = C.paired_ratios(row["aiote"]["gbps"]["values"], row["raw_dc1"]["gbps"]["values"])
             row["ratio_vs_dc0"] = C.paired_ratios(row["aiote"]["gbps"]["values"], row["raw_dc0"]["gbps"]["values"])
             row["best_ratio"] = C.best_ratio(row["aiote"]["gbps"], row["raw_dc1"]["gbps"])
@@ -227,7 +234,7 @@ def bw_table(con: Any, provider: str, rows: list[dict[str, Any]], args: argparse
         "aiote ops/s",
         "raw DC=0 GB/s",
         "aiote/raw DC=0",
-    ):
+    ) + (("target worker CPU", "initiator loop CPU") if any("cpu" in r for r in rows) else ()):
         t.add_column(col, justify="right")
     for r in rows:
         ratio = r["ratio"]["median"]
@@ -246,6 +253,7 @@ def bw_table(con: Any, provider: str, rows: list[dict[str, Any]], args: argparse
             C.fmt_rate(r["aiote"]["ops_per_s"]["median"]),
             C.fmt_med(r["raw_dc0"]["gbps"]),
             C.fmt_med(r["ratio_vs_dc0"]),
+            *((C.fmt_med(r["cpu"]["target_worker"]), C.fmt_med(r["cpu"]["initiator_loop"])) if "cpu" in r else ()),
         )
     con.print(t)
     con.print(
@@ -603,6 +611,10 @@ def main() -> int:
     p.add_argument("--replot", metavar="JSON", help="only redraw the plot from a results file, then exit")
     p.add_argument("--title", default="", help="suffix for the plot titles (with --replot)")
     p.add_argument("--spin-us", type=int, help="TransferEngine spin_us of both engines (default: aiote's)")
+    p.add_argument(
+        "--cpu", action="store_true", help="throughput: also report the busy share of the target's engine threads "
+        "and of the initiator's loop thread (1.00 = one core)"
+    )
     args = p.parse_args()
     if args.spin_us is not None:
         C.ENGINE_KW["spin_us"] = args.spin_us

@@ -182,6 +182,8 @@ typedef struct {
     uint64_t direct_inline_full; /* ops that found that ring full (copied with process_vm_writev) */
     uint64_t direct_inline_late; /* inline ops whose ack came after the caller's budget (the worker
                                   * completed them) */
+    uint64_t spin_window_ns;   /* adaptive polling: the worker's current spin window (adapts up to
+                                * spin_us) */
 } aiote_stats;
 
 const char *aiote_last_error(void);

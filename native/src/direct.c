@@ -101,6 +101,11 @@
 #define DT_HELD 8u
 #define DT_IOV 1024 /* IOV_MAX */
 #define DT_RING 1024u /* imm entries per lane */
+/* dt_header.sleeping: 0 awake; WAKE: wake me for anything; LAZY: nobody waits
+ * for imms here, so imm entries need not wake me (inline entries still do).
+ * An initiator of an older aiote wakes on any non-zero value. */
+#define DT_SLEEP_WAKE 1u
+#define DT_SLEEP_LAZY 2u
 #define DT_ICELL 64u     /* inline ring: entries are whole cells (header cell + payload) */
 #define DT_ICELLS 1024u  /* cells per lane (64 KiB) */
 
@@ -128,7 +133,7 @@ struct dt_header {
     _Atomic uint32_t closed;
     _Atomic uint32_t overflow; /* a region could not be published (index >= nslots) */
     _Atomic uint32_t high;     /* slots in use are below this */
-    _Atomic uint32_t sleeping; /* the target's worker sleeps (or is about to): wake it */
+    _Atomic uint32_t sleeping; /* the target's worker sleeps (or is about to): wake it (DT_SLEEP_*) */
     _Atomic uint32_t imm_pending; /* an initiator published imms since the target last looked */
     int32_t efd;               /* the target's submission eventfd (its number there) */
     uint32_t addr_len;
@@ -760,7 +765,12 @@ static int push_imms(struct dpeer *dp, uint32_t imm, uint64_t count)
     pthread_mutex_unlock(&dp->push_lock);
     struct dt_header *h = dp->t.h;
     atomic_store(&h->imm_pending, 1);
-    if (atomic_load(&h->sleeping)) { /* Dekker with direct_sleep_begin */
+    /* Dekker with direct_sleep_begin and direct_imm_armed.  A target that sleeps
+     * with nobody waiting for imms (DT_SLEEP_LAZY) takes the entry on its next
+     * nap's end (shm naps are short) or when a wait is armed: no wake-up per
+     * write; but a ring half full wakes it, so it never fills for that. */
+    uint32_t sl = atomic_load(&h->sleeping);
+    if (sl && (sl != DT_SLEEP_LAZY || head + 1 - atomic_load(&ln->tail) >= DT_RING / 2)) {
         uint64_t one = 1;
         ssize_t r = write(dp->efd, &one, sizeof one);
         (void)r;
@@ -899,8 +909,53 @@ bool direct_sleep_begin(aiote_engine *e)
      * wakes us (aiote_loop_spin), and the next nap here publishes sleeping. */
     if (atomic_load(&e->events.spinning))
         return true;
-    atomic_store(&t->h->sleeping, 1);
+    /* nobody waits for an imm (no armed wait, no watcher): initiators need not
+     * wake us for their imm entries (push_imms).  Dekker with direct_imm_armed:
+     * the store of `sleeping` before the load of nwaiters, the waiter's count
+     * before its load of `sleeping`: one of the two sees the other. */
+    bool lazy = !atomic_load(&e->narmed) && !__atomic_load_n(&e->imms.nwaiters, __ATOMIC_SEQ_CST);
+    atomic_store(&t->h->sleeping, lazy ? DT_SLEEP_LAZY : DT_SLEEP_WAKE);
+    if (lazy && (__atomic_load_n(&e->imms.nwaiters, __ATOMIC_SEQ_CST) || atomic_load(&e->narmed)))
+        atomic_store(&t->h->sleeping, DT_SLEEP_WAKE);
     return !atomic_load(&t->h->imm_pending);
+}
+
+/* A wait was armed (aiote_imm_wait, after its count is in the table): entries
+ * that a lazily sleeping worker left in the rings may be what it waits for,
+ * and later ones must wake the worker.  Any thread. */
+void direct_imm_armed(aiote_engine *e)
+{
+    struct dtable *t = e->dtab;
+    if (!t)
+        return;
+    uint32_t lazy = DT_SLEEP_LAZY;
+    atomic_thread_fence(memory_order_seq_cst); /* the waiter's count before these loads */
+    if (atomic_compare_exchange_strong(&t->h->sleeping, &lazy, DT_SLEEP_WAKE) && atomic_load(&t->h->imm_pending)) {
+        uint64_t one = 1;
+        ssize_t r = write(e->sub_efd, &one, sizeof one);
+        (void)r;
+    }
+}
+
+/* A caller that reads counts (imms.pending; imms.wait's fast path with
+ * only_lazy): take what the imm rings hold, unless the worker is in its
+ * progress pass (it takes them there).  only_lazy: only if the worker sleeps
+ * lazily (it would take them only when its nap ends; an awake one takes them
+ * on its next pass, and the hot path should not contend with it).  Any thread
+ * but the worker's; never blocks (a worker wedged in the provider holds the
+ * lock for good). */
+void direct_imms_settle(aiote_engine *e, bool only_lazy)
+{
+    struct dtable *t = e->dtab;
+    if (!t || (only_lazy && atomic_load(&t->h->sleeping) != DT_SLEEP_LAZY) || !atomic_load(&t->h->imm_pending) ||
+        atomic_load(&e->stopping))
+        return;
+    if (pthread_mutex_trylock(&e->progress_lock) != 0)
+        return;
+    direct_poll_imms(e);
+    if (e->pending_events.n)
+        event_queue_flush(&e->events, &e->pending_events);
+    pthread_mutex_unlock(&e->progress_lock);
 }
 
 void direct_sleep_end(aiote_engine *e)
@@ -1509,7 +1564,7 @@ static int direct_copy(aiote_engine *e, struct op *op, bool on_thread)
             /* a long copy: did the target die meanwhile?  Its memory took the bytes while the
              * kernel held it, but nobody is there to use them: the chunk counts as failed */
             struct pollfd pf2 = {.fd = dp->pidfd, .events = POLLIN};
-            if (poll(&pf2, 1, 0) != 0) {
+            if (!target_alive(dp) && poll(&pf2, 1, 0) != 0) { /* the word, else the pidfd (as above) */
                 atomic_store(&dp->off, true);
                 atomic_store(&dp->dead, true);
                 status = -AIOTE_E_PROVIDER;

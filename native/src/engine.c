@@ -1293,7 +1293,10 @@ int aiote_cancel(aiote_engine *e, uint64_t op_id)
 
 int aiote_imm_wait(aiote_engine *e, uint64_t waiter_id, uint32_t imm, uint64_t count)
 {
+    direct_imms_settle(e, true); /* entries a lazily sleeping worker left in the rings count now */
     int rc = imm_table_wait(&e->imms, waiter_id, imm, count);
+    if (rc == 0)
+        direct_imm_armed(e);
     if (rc == -AIOTE_E_INVAL)
         aiote_set_error("imm must be 0..%u and count >= 1 (imm=%u count=%llu)", IMM_USER_MAX, imm,
                         (unsigned long long)count);
@@ -1327,6 +1330,7 @@ int aiote_imm_arrive(aiote_engine *e, uint32_t imm, uint64_t count)
 
 int aiote_imm_pending(aiote_engine *e, uint32_t imm, uint64_t *count)
 {
+    direct_imms_settle(e, false);
     *count = imm_table_pending(&e->imms, imm);
     return 0;
 }

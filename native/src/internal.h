@@ -496,6 +496,8 @@ bool direct_poll_imms(aiote_engine *e);
 bool direct_inline_pending(aiote_engine *e); /* inline batches wait for their target's ack */
 void direct_inline_close(aiote_engine *e);
 bool direct_sleep_begin(aiote_engine *e);
+void direct_imm_armed(aiote_engine *e);
+void direct_imms_settle(aiote_engine *e, bool only_lazy);
 void direct_sleep_end(aiote_engine *e);
 
 /* fabric.c: per-peer endpoints (shm) */

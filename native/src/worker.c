@@ -29,6 +29,14 @@
 #define MAX_BLOCKED_OPS 8 /* refused ops to try past before giving up this round */
 #define SHARD_ALIGN 64
 #define WARM_NS (50ull * 1000 * 1000) /* recent traffic keeps naps short */
+/* Adaptive polling's spin window (spin_adapt): a spin that runs its whole window
+ * without work halves the next window, down to this; a spin that finds work
+ * doubles it, up to spin_us.  Events that come faster than the window keep it
+ * at spin_us (the worker stays hot); events further apart than it (a stream of
+ * large writes, ~85 us apart for 1 MiB on shm) shrink it, so the worker does
+ * not burn most of a core spinning between them (on 2 cores that core is the
+ * writer's: issue 2's throughput). */
+#define SPIN_MIN_NS 2000ull
 
 static uint64_t now_ns(void)
 {
@@ -1199,6 +1207,10 @@ void *worker_main(void *arg)
 
     uint64_t idle_since = 0, backoff = 0;
     uint64_t spin_ns = (uint64_t)e->cfg.spin_us * 1000;
+    /* adaptive: the spin window adapts between SPIN_MIN_NS and spin_ns (see spin_adapt) */
+    uint64_t spin_win = spin_ns;
+    bool spun_out = false; /* this idle period's spin ended without work: the worker sleeps */
+    e->stats.spin_window_ns = spin_win;
     direct_worker_begin(e);
     for (;;) {
         pthread_mutex_lock(&e->progress_lock);
@@ -1218,7 +1230,13 @@ void *worker_main(void *arg)
         bool own_work = waiting || atomic_load_explicit(&e->narmed, memory_order_relaxed);
         pthread_mutex_unlock(&e->progress_lock);
         if (active || ring) {
+            if (idle_since && !spun_out && spin_win < spin_ns)
+            {
+                spin_win = spin_win * 2 < spin_ns ? spin_win * 2 : spin_ns; /* the spin caught it */
+                e->stats.spin_window_ns = spin_win;
+            }
             idle_since = 0;
+            spun_out = false;
             /* short naps again only for work the loop does not do; otherwise each early
              * wake-up preempts a spinning thread on a small machine (issue 2's p99) */
             if (active || !atomic_load_explicit(&e->events.spinning, memory_order_relaxed))
@@ -1251,8 +1269,13 @@ void *worker_main(void *arg)
         if (!idle_since)
             idle_since = now;
         /* while the loop spins it sees direct-path imms itself: no spin here */
-        if (e->cfg.polling == AIOTE_POLL_ADAPTIVE && now - idle_since < spin_ns && !loop_spins)
+        if (e->cfg.polling == AIOTE_POLL_ADAPTIVE && now - idle_since < spin_win && !loop_spins)
             continue;
+        if (e->cfg.polling == AIOTE_POLL_ADAPTIVE && !spun_out && !loop_spins) {
+            spun_out = true; /* a whole window for nothing: the next one is half as long */
+            spin_win = spin_win / 2 > SPIN_MIN_NS ? spin_win / 2 : (spin_ns < SPIN_MIN_NS ? spin_ns : SPIN_MIN_NS);
+            e->stats.spin_window_ns = spin_win;
+        }
         idle_sleep(e, &backoff, now - idle_since < WARM_NS);
     }
     /* ctrl ops that raced with stopping: refuse them */
