@@ -129,9 +129,9 @@ _CUDA_MODES = {1: "staged", 2: "direct"}
 class CudaExt:
     """What a peer needs to know of a GPU region.
 
-    ``mode``: ``"staged"`` — the NIC keys address a pinned host mirror; bytes
-    written there reach the GPU when the owner copies them after a commit
-    message (the writer sends it); ``"direct"`` — the keys address the GPU
+    ``mode``: ``"staged"`` — writes reach it through bounce slots its owner
+    grants (aiote/staging.py): the owner copies each chunk to the GPU after the
+    writer's commit message; ``"direct"`` — the keys address the GPU
     memory itself (GPUDirect).  ``token`` names the region in commit messages
     (random 64-bit, as secret as a key).  ``host``, ``pid``, ``device_uuid``,
     ``ipc_handle`` (all zero if none) and ``ipc_offset`` let a process on the

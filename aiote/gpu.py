@@ -4,13 +4,10 @@ A CUDA buffer is registered one of two ways (``TransferEngine(gpu=...)``):
 
 * ``direct``: the NIC registers the device memory itself (``FI_HMEM``; efa,
   verbs with GPUDirect RDMA).  Writes are plain NIC writes.
-* ``staged`` (shm, tcp and any NIC without GPUDirect): the region gets a
-  pinned host *mirror* of the same size, registered with the NIC.  A GPU
-  source is copied device→host into its mirror before the NIC reads it; a
-  GPU destination receives into its mirror and the writer then sends a
-  commit message naming the byte ranges; the owner copies them host→device
-  and only then counts the imm.  Large transfers go in chunks, so the copies
-  of one chunk overlap the network transfer of the next.
+* ``staged`` (shm, tcp and any NIC without GPUDirect): bytes pass through
+  bounded pools of pinned bounce buffers, on both sides, chunks pipelined;
+  the owner of a GPU region grants its slots to writers and counts the imm
+  once the last chunk is in its GPU memory (aiote/staging.py).
 
 Between processes of one host (same boot id) a GPU destination with a CUDA
 IPC handle is written by mapping it (``cuIpcOpenMemHandle``) and copying with
@@ -20,11 +17,12 @@ once the copy's event has completed, so ``imms.wait`` keeps its meaning.
 Copies run on streams of their own (``cuMemcpyAsync``, the copy engines, no
 kernels); a source tensor's pending work on torch's current stream is waited
 for first.  The copies are queued by the C core (``aiote_submit_cuda``,
-``aiote_cuda_arrive``, native/src/cuda_copy.c, libcuda dlopen'd there), which
-records an event after them; the worker thread polls that event and then posts
-the operation's writes (an IPC write's imm, a staged chunk's NIC write) or
-counts the imm (a staged commit on the owner's side).  No Python runs between
-the copy and the imm.
+native/src/cuda_copy.c, libcuda dlopen'd there), which records an event after
+them; the worker thread polls that event and then posts the operation's writes
+(an IPC write's imm, a staged chunk's NIC write), or completes the operation
+(a staged chunk's host->device copy on the owner's side, which then recycles
+the slot and, after the last chunk, counts the imm).  For CUDA IPC no Python
+runs between the copy and the imm.
 """
 
 from __future__ import annotations
@@ -32,7 +30,6 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
-import struct
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -42,7 +39,9 @@ from . import cuda
 from ._core import check, lib
 from .counters import IMM_MAX
 from .descriptor import CudaExt, MrDescriptor
-from .errors import AioteError, InvalidArgument, OutOfBounds
+from .errors import InvalidArgument, OutOfBounds
+from .staging import MAGIC as _STAGING_MAGIC
+from .staging import Staging
 
 if TYPE_CHECKING:
     from .engine import TransferEngine
@@ -50,11 +49,6 @@ if TYPE_CHECKING:
 
 __all__ = ["GpuPaths", "Element", "chunk_elements"]
 
-_COMMIT = struct.Struct("<4sQIII")  # magic, token, imm (or NO_IMM), imm count, range count
-_RANGE = struct.Struct("<QQ")
-_MAGIC = b"AGC1"
-_NO_IMM = 0xFFFFFFFF
-_ONE_IMM = ((0, 0, 0),)  # one imm-only write
 
 
 @dataclass
@@ -77,7 +71,7 @@ class _GpuInfo:
 
     device: int
     ptr: int        # device address of byte 0
-    mirror: int     # pinned host mirror (staged), 0 for direct
+    staged: bool    # bytes to and from the NIC pass through the bounce pools
     token: int
 
 
@@ -135,7 +129,7 @@ def _local_region(token: int) -> MemoryRegion | None:
 class GpuPaths:
     """The GPU side of one engine: registration, routing, copies, commits."""
 
-    def __init__(self, engine: TransferEngine, mode: str, ipc: bool, chunk_bytes: int):
+    def __init__(self, engine: TransferEngine, mode: str, ipc: bool, chunk_bytes: int, staging_bytes: int):
         self._engine = engine
         self.mode = mode              # "staged" or "direct"
         self.ipc = ipc                # use CUDA IPC for same-host GPU destinations
@@ -156,7 +150,8 @@ class GpuPaths:
         self._dev: dict[int, tuple[int, int]] = {}  # device -> (context, aiote's stream)
         self._raw_stream: Any = None  # torch._C._cuda_getCurrentRawStream, once torch is up
         self.stats = {"staged_in": 0, "staged_out": 0, "ipc_writes": 0, "commits_sent": 0,
-                      "commits_received": 0, "bad_commits": 0}
+                      "commits_received": 0, "bad_commits": 0, "grants": 0, "staging_pinned": 0}
+        self.staging = Staging(self, staging_bytes, chunk_bytes)
 
     # -- registration ------------------------------------------------------------
 
@@ -166,17 +161,16 @@ class GpuPaths:
         eng, drv = self._engine, self._drv
         drv.use_device(cp.device)
         token = secrets.randbits(64)
-        if self.mode == "direct":
+        staged = self.mode != "direct"
+        if not staged:
             region = MemoryRegion._from_device(eng, cp)
-            mirror = 0
         else:
-            mirror = drv.host_alloc(cp.nbytes)
-            try:
-                region = MemoryRegion._from_raw(eng, mirror, cp.nbytes, cp.keep)
-            except BaseException:
-                drv.host_free(mirror)
-                raise
-            region._on_close.append(lambda: drv.host_free(mirror))
+            # no host memory of its own: the NIC never touches a staged region (writes to it
+            # land in the owner's bounce slots); a 64-byte stand-in gives it a key and an id
+            self.staging.ensure_recv_pool()
+            region = MemoryRegion(eng, bytearray(64))
+            region.address, region.nbytes, region._keep = cp.ptr, cp.nbytes, (cp.keep, region._keep)
+            region._descriptor = replace(region._descriptor, length=cp.nbytes)
         handle, offset, kind = bytes(64), 0, 0
         try:
             base, _ = drv.address_range(cp.ptr)
@@ -194,11 +188,12 @@ class GpuPaths:
         ext = CudaExt(self.mode, cp.device, token, self._boot, self._pid, drv.device_uuid(cp.device), handle,
                       offset, kind)
         region._descriptor = replace(region._descriptor, cuda=ext)
-        region.cuda = _GpuInfo(cp.device, cp.ptr, mirror, token)
+        region.cuda = _GpuInfo(cp.device, cp.ptr, staged, token)
         region.device = cp.device
         self._by_token[token] = region
         _LOCAL_REGIONS[token] = region
-        region._on_close.append(lambda: (self._by_token.pop(token, None), _LOCAL_REGIONS.pop(token, None)))
+        region._on_close.append(lambda: (self._by_token.pop(token, None), _LOCAL_REGIONS.pop(token, None),
+                                         self.staging.region_closed(token)))
         return region
 
     def local_region(self, token: int) -> MemoryRegion | None:
@@ -206,11 +201,14 @@ class GpuPaths:
 
     # -- copies --------------------------------------------------------------------
 
-    def _stream(self, device: int) -> int:
-        s = self._streams.get(device)
+    def _stream(self, device: int, h2d: bool = False) -> int:
+        """aiote's stream of a device; the staged path's host->device copies have their
+        own (key -1 - device), so they overlap the device->host copies of our own writes."""
+        key = -1 - device if h2d else device
+        s = self._streams.get(key)
         if s is None:
             self._drv.use_device(device)
-            s = self._streams[device] = self._drv.stream()
+            s = self._streams[key] = self._drv.stream()
         return s
 
     def _after_torch(self, device: int, stream: int) -> None:
@@ -244,12 +242,12 @@ class GpuPaths:
         return 1, int(torch.cuda.current_stream(device).cuda_stream)
 
     def _gated(self, device: int, wait: tuple[int, int], copies: Sequence[tuple[int, int, int]],
-               src: MemoryRegion | None, dst: MrDescriptor, ranges: Sequence[tuple[int, int, int]],
-               imm: int | None) -> asyncio.Future[None]:
+               src: MemoryRegion | None, dst: MrDescriptor | None, ranges: Sequence[tuple[int, int, int]],
+               imm: int | None, h2d: bool = False) -> asyncio.Future[None]:
         """Copies (dst address, src address, n) on the device's stream, then NIC writes
         (src_off, dst_off, len) of src into dst, posted by the worker once the copies
         are done; one future for the whole."""
-        return self._engine._submit_cuda(self._ctx(device), self._stream(device), wait, copies, src, dst,
+        return self._engine._submit_cuda(self._ctx(device), self._stream(device, h2d), wait, copies, src, dst,
                                          ranges, imm)
 
     # -- writes --------------------------------------------------------------------
@@ -269,7 +267,13 @@ class GpuPaths:
         groups: dict[MrDescriptor, list[Element]] = {}
         for e in elems:
             groups.setdefault(e.dst, []).append(e)
-        await asyncio.gather(*(self._to_one(src, dst, es, imm) for dst, es in groups.items()))
+        if src is not None:
+            src._busy += 1  # deregistering it now: RegionInUse (chunks of it are still to go)
+        try:
+            await asyncio.gather(*(self._to_one(src, dst, es, imm) for dst, es in groups.items()))
+        finally:
+            if src is not None:
+                src._busy -= 1
 
     def _route(self, dst: MrDescriptor, device: int = 0) -> str:
         """How a write reaches dst: "ipc" (copy engines, this host: dst is mapped here,
@@ -317,61 +321,29 @@ class GpuPaths:
         if route == "ipc":
             await self._ipc_write(src, dst, es, imm, (0, 0))  # ordered after torch's stream in submit
             return
-        chunks = self._chunks(es)
-        staged_src = src is not None and src.cuda is not None and src.cuda.mirror != 0
-        # NIC writes of chunk k are posted by the worker when its device->host copy
-        # is done; the copies of later chunks run meanwhile.
-        nic_imm = imm if route != "staged" else None
-        nic = [self._nic_chunk(src, dst, c, staged_src, nic_imm) for c in chunks]
+        if route == "staged":
+            await self.staging.to_staged(src, dst, es, imm)
+        elif src is not None and src.cuda is not None and src.cuda.staged:
+            await self.staging.from_gpu(src, dst, es, imm)
+        else:
+            await self._plain(src, dst, es, imm)
+
+    async def _plain(self, src: MemoryRegion | None, dst: MrDescriptor, es: list[Element],
+                     imm: int | None) -> None:
+        """NIC writes straight from src (host or GPUDirect memory) to a host or GPUDirect region."""
+        chunks = chunk_elements(es, self.chunk_bytes)
+        nic = [self._engine._write_ranges(src, dst, [(p[0], p[1], p[2]) for p in c], imm if c[0][3] else None)
+               for c in chunks]
         try:
-            if route == "staged":
-                # commits in chunk order: the owner copies them to its GPU in arrival order
-                # and counts an element's imm with the chunk holding its last part
-                for c, f in zip(chunks, nic):
-                    await f
-                    count = sum(1 for p in c if p[4]) if imm is not None else 0
-                    await self._commit(dst, [(p[1], p[2]) for p in c], imm, count)
-            else:
-                await asyncio.gather(*nic)
-                nsplit = sum(1 for c in chunks for p in c if p[4] and not p[3])
-                if imm is not None and nsplit:
-                    # elements cut into parts: their imm follows once every part landed
-                    await self._engine._imm_only(dst, imm, nsplit)
+            await asyncio.gather(*nic)
+            nsplit = sum(1 for c in chunks for p in c if p[4] and not p[3])
+            if imm is not None and nsplit:
+                # elements cut into parts: their imm follows once every part landed
+                await self._engine._imm_only(dst, imm, nsplit)
         finally:
             for f in nic:
                 if not f.done():
                     f.cancel()
-
-    def _chunks(self, es: list[Element]) -> list[list[Part]]:
-        # a commit names every range of its chunk: keep it within one message
-        max_ranges = max(1, min(2000, (self._engine._cfg_args["msg_size"] - 1024) // _RANGE.size))
-        return chunk_elements(es, self.chunk_bytes, max_ranges)
-
-    def _nic_chunk(self, src: MemoryRegion | None, dst: MrDescriptor, chunk: list[Part], staged_src: bool,
-                   imm: int | None) -> asyncio.Future[None]:
-        """One chunk's NIC writes (after its device->host copy for a staged source).  A chunk
-        holds whole elements, which carry the imm (if any), or one part of a cut element,
-        which doesn't."""
-        ranges = [(p[0], p[1], p[2]) for p in chunk]
-        whole = chunk[0][3]
-        assert all(p[3] == whole for p in chunk)
-        nimm = imm if whole else None
-        if not staged_src:
-            return self._engine._write_ranges(src, dst, ranges, nimm)
-        assert src is not None and src.cuda is not None
-        info = src.cuda
-        merged = _merge([(p[0], p[0], p[2]) for p in chunk])
-        self.stats["staged_out"] += sum(n for _, _, n in merged)
-        return self._gated(info.device, (0, 0), [(info.mirror + o, info.ptr + o, n) for o, _, n in merged],
-                           src, dst, ranges, nimm)
-
-    async def _commit(self, dst: MrDescriptor, ranges: list[tuple[int, int]], imm: int | None, count: int) -> None:
-        ext = dst.cuda
-        assert ext is not None
-        body = _COMMIT.pack(_MAGIC, ext.token, _NO_IMM if imm is None else imm, count, len(ranges))
-        body += b"".join(_RANGE.pack(d, n) for d, n in ranges)
-        self.stats["commits_sent"] += 1
-        await self._engine._send_ctrl(dst.address, body)
 
     def ipc_write_one(self, src: MemoryRegion, dst: MrDescriptor, length: Any, src_off: Any, dst_off: Any,
                       imm: Any) -> asyncio.Future[None] | None:
@@ -508,42 +480,19 @@ class GpuPaths:
 
     # -- the owner's side ----------------------------------------------------------
 
-    def on_commit(self, payload: bytes) -> None:
-        """A writer's bytes are in a staged region's mirror: copy them to the GPU,
-        then count the imm.  Malformed or unknown commits are dropped (counted)."""
-        try:
-            magic, token, imm, count, nranges = _COMMIT.unpack_from(payload)
-            if magic != _MAGIC or len(payload) != _COMMIT.size + nranges * _RANGE.size:
-                raise ValueError("malformed commit")
-            region = self._by_token.get(token)
-            if region is None or region.closed or region.cuda is None or not region.cuda.mirror:
-                raise ValueError("commit for an unknown region")
-            info = region.cuda
-            pairs = []
-            for i in range(nranges):
-                off, n = _RANGE.unpack_from(payload, _COMMIT.size + i * _RANGE.size)
-                if off + n > region.nbytes:
-                    raise ValueError("commit range out of bounds")
-                if n:
-                    pairs.append((info.ptr + off, info.mirror + off, n))
-        except (ValueError, struct.error) as e:
+    def on_ctrl(self, payload: bytes, sender: tuple[bytes, ...]) -> None:
+        """An aiote control message: the staging protocol's (aiote/staging.py)."""
+        if payload[:4] == _STAGING_MAGIC:
+            self.staging.on_message(payload, sender)
+        else:
             self.stats["bad_commits"] += 1
-            self._engine._log.warning("gpu.bad_commit", error=str(e))
-            return
-        self.stats["commits_received"] += 1
-        self.stats["staged_in"] += sum(n for _, _, n in pairs)
-        # the C core copies host->device and counts the imm once the copy's event completed
-        try:
-            self._engine._cuda_arrive(self._ctx(info.device), self._stream(info.device), pairs,
-                                      imm if imm != _NO_IMM else 0, count if imm != _NO_IMM else 0)
-        except AioteError as e:  # CUDA refused the copy: the imm is never counted (the waiter times out)
-            self.stats["bad_commits"] += 1
-            self._engine._log.error("gpu.commit_copy_failed", error=str(e))
+            self._engine._log.warning("gpu.bad_control_message")
 
     # -- closing ---------------------------------------------------------------------
 
     def close(self) -> None:
         """After the engine's shutdown (which waited for the copies it had queued)."""
+        self.staging.close()
         for unmap in self._ipc_unmap:
             try:
                 unmap()
@@ -551,9 +500,9 @@ class GpuPaths:
                 pass
         self._ipc_unmap.clear()
         self._ipc_maps.clear()
-        for dev, s in self._streams.items():
+        for key, s in self._streams.items():
             try:
-                self._drv.use_device(dev)
+                self._drv.use_device(key if key >= 0 else -1 - key)
                 self._drv.call("cuStreamDestroy", _vp(s))
             except cuda.CudaError:
                 pass

@@ -3,7 +3,7 @@
 Needs a host with 2 GPUs.  Initiator on cuda:0, target on cuda:1, each its own process:
 
 * aiote ``ipc``: the default on one host (CUDA IPC mapping, copy engines, imm after the copy);
-* aiote ``staged``: ``cuda_ipc=False`` (pinned host mirrors + the shm NIC path), for reference;
+* aiote ``staged``: ``cuda_ipc=False`` (the bounce pools + the NIC path, ``--provider``), for reference;
 * ``memcpyPeer``: torch ``dst.copy_(src)`` between the two devices in one process;
 * ``NCCL``: torch.distributed send/recv between two processes.
 
@@ -42,11 +42,12 @@ def iters_for(size: int) -> int:
 # ---- aiote ---------------------------------------------------------------------------
 
 
-def _aiote_target(conn, max_size: int, ipc: bool, polling: str = "adaptive") -> None:
+def _aiote_target(conn, max_size: int, ipc: bool, polling: str = "adaptive", provider: str = "shm") -> None:
     import aiote
 
     async def main() -> None:
-        async with aiote.TransferEngine("shm", cuda_ipc=ipc, polling=polling) as eng:
+        host = None if provider == "shm" else "127.0.0.1"
+        async with aiote.TransferEngine(provider, host=host, cuda_ipc=ipc, polling=polling) as eng:
             dst = eng.register(torch.zeros(max_size, dtype=torch.uint8, device="cuda:1"))
             conn.send(dst.descriptor.to_bytes())
             loop = asyncio.get_running_loop()
@@ -57,16 +58,18 @@ def _aiote_target(conn, max_size: int, ipc: bool, polling: str = "adaptive") -> 
     asyncio.run(main())
 
 
-async def _aiote_run(sizes: list[int], ipc: bool, polling: str = "adaptive") -> dict[int, dict[str, float]]:
+async def _aiote_run(sizes: list[int], ipc: bool, polling: str = "adaptive",
+                     provider: str = "shm") -> dict[int, dict[str, float]]:
     import aiote
 
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
-    proc = ctx.Process(target=_aiote_target, args=(child, max(sizes), ipc, polling), daemon=True)
+    proc = ctx.Process(target=_aiote_target, args=(child, max(sizes), ipc, polling, provider), daemon=True)
     proc.start()
     out: dict[int, dict[str, float]] = {}
     try:
-        async with aiote.TransferEngine("shm", cuda_ipc=ipc, polling=polling) as eng:
+        host = None if provider == "shm" else "127.0.0.1"
+        async with aiote.TransferEngine(provider, host=host, cuda_ipc=ipc, polling=polling) as eng:
             src = eng.register(torch.randint(0, 256, (max(sizes),), dtype=torch.uint8, device="cuda:0"))
             loop = asyncio.get_running_loop()
             d = aiote.MrDescriptor.from_bytes(await loop.run_in_executor(None, parent.recv))
@@ -190,8 +193,21 @@ def main() -> None:
     ap.add_argument("--json")
     ap.add_argument("--polling", default="adaptive", choices=["adaptive", "busy", "blocking"],
                     help="both aiote engines' polling mode (default: the engine's default, adaptive)")
+    ap.add_argument("--staged-only", action="store_true",
+                    help="only the staged path, on --provider (shm and tcp: docs/benchmarks.md#gpu)")
+    ap.add_argument("--provider", default="shm")
     a = ap.parse_args()
     sizes = [parse_size(s) for s in a.sizes.split(",")]
+    if a.staged_only:
+        r = asyncio.run(_aiote_run(sizes, False, a.polling, a.provider))
+        print(f"{torch.cuda.get_device_name(0)} x{torch.cuda.device_count()}, aiote staged on {a.provider}, "
+              f"{time.strftime('%Y-%m-%d')}")
+        for s in sizes:
+            print(f"{fmt(s):>5} | {r[s]['GB/s']:8.2f} GB/s | {r[s]['lat_us']:10.1f} us")
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump({str(k): v for k, v in r.items()}, f, indent=1)
+        return
     results = {
         "aiote ipc": asyncio.run(_aiote_run(sizes, True, a.polling)),
         "aiote staged": asyncio.run(_aiote_run(sizes, False, a.polling)),
