@@ -98,12 +98,19 @@ class TransferEngine:
             before it fails with PeerUnreachable.
         max_inflight: writes/sends in flight per NIC (0: the provider's queue size).
         gpu: how CUDA buffers are registered: ``"direct"`` (the NIC reads and writes
-            GPU memory: efa, verbs with GPUDirect), ``"staged"`` (bounded pinned bounce pools,
+            GPU memory: efa, verbs with GPUDirect), ``"staged"`` (through pinned host memory:
+            a full mirror per region while the mirror budget lasts, else bounded bounce pools;
             copies on the copy engines; shm, tcp) or ``"auto"`` (direct on efa/verbs,
             else staged).  See docs/gpu.md.
         cuda_ipc: write GPU regions of other processes on this host through CUDA IPC
             (NVLink/PCIe copies) instead of the NIC.
-        staging_bytes: pinned host memory for the staged GPU path (shm, tcp): half a pool
+        staging_mirror_bytes: the staged GPU path's mirror budget: a staged GPU region whose
+            size fits in what is left of it gets a pinned host mirror of its own (the fastest
+            protocol); larger ones, and all once it is spent, use the bounce pools
+            (``staging_bytes``); closing a mirrored region gives its bytes back.  0: pools
+            only.  ``None``: ``AIOTE_STAGING_MIRROR_BYTES`` from the environment, else 1 GiB.
+            Pinned host memory is bounded by ``staging_mirror_bytes + staging_bytes``.
+        staging_bytes: pinned host memory for the staged GPU path's pools (shm, tcp): half a pool
             of send slots, half a pool of receive slots, each allocated on first use; this,
             not the size of the GPU regions, bounds the host memory staging pins.  ``None``:
             ``AIOTE_STAGING_BYTES`` from the environment, else 64 MiB.  See docs/gpu.md.
@@ -166,6 +173,7 @@ class TransferEngine:
         gpu_chunk: int | None = None,
         staging_bytes: int | None = None,
         staging_chunk: int | None = None,
+        staging_mirror_bytes: int | None = None,
         direct_shm: bool | None = None,
         direct_max: int | None = None,
         direct_workers: int | None = None,
@@ -198,6 +206,10 @@ class TransferEngine:
         if type(staging_bytes) is not int or not 2 * staging_chunk <= staging_bytes < 1 << 48:
             raise InvalidArgument(f"staging_bytes must be an int >= 2 * staging_chunk ({2 * staging_chunk}), "
                                   f"got {staging_bytes!r}")
+        if staging_mirror_bytes is None:
+            staging_mirror_bytes = _env_int("AIOTE_STAGING_MIRROR_BYTES", 1 << 30)
+        if type(staging_mirror_bytes) is not int or not 0 <= staging_mirror_bytes < 1 << 48:
+            raise InvalidArgument(f"staging_mirror_bytes must be an int >= 0, got {staging_mirror_bytes!r}")
         if direct_shm is None:
             direct_shm = os.environ.get("AIOTE_DIRECT_SHM", "1").strip().lower() not in ("0", "false", "no", "off")
         if direct_max is None:
@@ -229,7 +241,7 @@ class TransferEngine:
         if gpu == "auto":
             gpu = "direct" if self.requested_provider.split(";")[0] in ("efa", "verbs") else "staged"
         self._gpu_mode, self._cuda_ipc, self._gpu_chunk = gpu, cuda_ipc, staging_chunk
-        self._staging_bytes = staging_bytes
+        self._staging_bytes, self._mirror_bytes = staging_bytes, staging_mirror_bytes
         self._gpu: GpuPaths | None = None
         self._cfg_args = dict(host=host, domain=domain, nics=nnics, routing=routing, pinned_nic=pinned_nic,
                               stripe_threshold=stripe_threshold, polling=polling, spin_us=spin_us, msg_size=msg_size,
@@ -472,7 +484,8 @@ class TransferEngine:
 
     def _gpu_paths(self) -> GpuPaths:
         if self._gpu is None:
-            self._gpu = GpuPaths(self, self._gpu_mode, self._cuda_ipc, self._gpu_chunk, self._staging_bytes)
+            self._gpu = GpuPaths(self, self._gpu_mode, self._cuda_ipc, self._gpu_chunk, self._staging_bytes,
+                                 self._mirror_bytes)
         return self._gpu
 
     @property
@@ -505,7 +518,7 @@ class TransferEngine:
             keys = ffi.new("uint64_t[]", list(desc.keys))
             # a staged GPU region's keys name its owner's small stand-in registration: over the
             # NIC only imm-only writes reach it (bytes go through bounce slots, aiote/staging.py)
-            length = 1 if desc.cuda is not None and desc.cuda.mode == "staged" else desc.length
+            length = 1 if desc.cuda is not None and desc.cuda.mode == "pooled" else desc.length
             check(lib.aiote_rdesc_insert(self._handle(), peer, desc.base, length, keys, len(desc.keys), out),
                   "descriptor")
             r = self._rdescs[desc] = int(out[0])
@@ -764,7 +777,8 @@ class TransferEngine:
         if not isinstance(src, MemoryRegion):
             raise TypeError(f"src must be a MemoryRegion, got {type(src).__name__}")
         staged = (src.cuda is not None and src.cuda.staged) or any(
-            getattr(d, "cuda", None) is not None and d.cuda.mode == "staged" for d in dsts)  # non-descriptors: _fill
+            getattr(d, "cuda", None) is not None and d.cuda.mode in ("staged", "pooled")  # non-descriptors: _fill
+            for d in dsts)
         if staged:
             raise InvalidArgument("prepared transfers need host memory or GPUDirect regions: a staged GPU "
                                   "region's bytes must be copied by Python first (write it instead)")
@@ -844,6 +858,15 @@ class TransferEngine:
             return rc
 
         return self._submit(submit, (src, wrs, cps))
+
+    def _cuda_arrive(self, ctx: int, stream: int, copies: Sequence[tuple[int, int, int]], imm: int,
+                     count: int) -> None:
+        """Copies on stream; then the worker counts count arrivals of imm (mirror commits)."""
+        cps = ffi.new("aiote_copy[]", len(copies)) if copies else ffi.NULL
+        for i, (d, s_, ln) in enumerate(copies):
+            c = cps[i]
+            c.dst, c.src, c.len = d, s_, ln
+        check(lib.aiote_cuda_arrive(self._handle(), ctx, stream, cps, len(copies), imm, count), "commit")
 
     def _send_ctrl(self, peer: EngineAddress, body: bytes) -> asyncio.Future[None]:
         return self._send(peer, body, lib.AIOTE_MSG_CTRL)

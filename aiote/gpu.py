@@ -5,9 +5,19 @@ A CUDA buffer is registered one of two ways (``TransferEngine(gpu=...)``):
 * ``direct``: the NIC registers the device memory itself (``FI_HMEM``; efa,
   verbs with GPUDirect RDMA).  Writes are plain NIC writes.
 * ``staged`` (shm, tcp and any NIC without GPUDirect): bytes pass through
-  bounded pools of pinned bounce buffers, on both sides, chunks pipelined;
-  the owner of a GPU region grants its slots to writers and counts the imm
-  once the last chunk is in its GPU memory (aiote/staging.py).
+  pinned host memory, one of two ways chosen per region at registration:
+  - *mirror* (descriptor mode ``"staged"``), while the engine's mirror budget
+    (``staging_mirror_bytes``) lasts: the region gets a pinned host mirror of
+    the same size, registered with the NIC.  A GPU source is copied
+    device→host into its mirror before the NIC reads it; a GPU destination
+    receives into its mirror and the writer then sends a commit message
+    naming the byte ranges; the owner copies them host→device and only then
+    counts the imm.  Large transfers go in chunks, so the copies of one chunk
+    overlap the network transfer of the next.
+  - *pools* (mode ``"pooled"``), once the budget is spent: bytes pass through
+    bounded pools of pinned bounce buffers, on both sides, chunks pipelined;
+    the owner of a GPU region grants its slots to writers and counts the imm
+    once the last chunk is in its GPU memory (aiote/staging.py).
 
 Between processes of one host (same boot id) a GPU destination with a CUDA
 IPC handle is written by mapping it (``cuIpcOpenMemHandle``) and copying with
@@ -30,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+import struct
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -39,9 +50,9 @@ from . import cuda
 from ._core import check, lib
 from .counters import IMM_MAX
 from .descriptor import CudaExt, MrDescriptor
-from .errors import InvalidArgument, OutOfBounds
+from .errors import AioteError, InvalidArgument, OutOfBounds
 from .staging import MAGIC as _STAGING_MAGIC
-from .staging import Staging
+from .staging import Staging, withdraw
 
 if TYPE_CHECKING:
     from .engine import TransferEngine
@@ -49,6 +60,11 @@ if TYPE_CHECKING:
 
 __all__ = ["GpuPaths", "Element", "chunk_elements"]
 
+# the mirror protocol's commit (a writer's bytes are in the owner's mirror)
+_COMMIT = struct.Struct("<4sQIII")  # magic, token, imm (or NO_IMM), imm count, range count
+_RANGE = struct.Struct("<QQ")
+_MAGIC = b"AGC1"
+_NO_IMM = 0xFFFFFFFF
 
 
 @dataclass
@@ -71,8 +87,14 @@ class _GpuInfo:
 
     device: int
     ptr: int        # device address of byte 0
-    staged: bool    # bytes to and from the NIC pass through the bounce pools
+    mirror: int     # pinned host mirror (staged, mirror protocol), 0 if none
     token: int
+    pooled: bool = False  # staged without a mirror: bytes pass through the bounce pools
+
+    @property
+    def staged(self) -> bool:
+        """Bytes to and from the NIC pass through pinned host memory (mirror or pools)."""
+        return self.mirror != 0 or self.pooled
 
 
 def chunk_elements(es: Sequence[Element], cap: int, max_ranges: int = 2000) -> list[list[Part]]:
@@ -129,7 +151,8 @@ def _local_region(token: int) -> MemoryRegion | None:
 class GpuPaths:
     """The GPU side of one engine: registration, routing, copies, commits."""
 
-    def __init__(self, engine: TransferEngine, mode: str, ipc: bool, chunk_bytes: int, staging_bytes: int):
+    def __init__(self, engine: TransferEngine, mode: str, ipc: bool, chunk_bytes: int, staging_bytes: int,
+                 mirror_bytes: int = 0):
         self._engine = engine
         self.mode = mode              # "staged" or "direct"
         self.ipc = ipc                # use CUDA IPC for same-host GPU destinations
@@ -149,9 +172,23 @@ class GpuPaths:
         self._plans: dict[int, tuple[MrDescriptor, int, int]] = {}
         self._dev: dict[int, tuple[int, int]] = {}  # device -> (context, aiote's stream)
         self._raw_stream: Any = None  # torch._C._cuda_getCurrentRawStream, once torch is up
+        self.mirror_budget = self.mirror_left = mirror_bytes  # staged regions' mirrors, engine-wide
         self.stats = {"staged_in": 0, "staged_out": 0, "ipc_writes": 0, "commits_sent": 0,
-                      "commits_received": 0, "bad_commits": 0, "grants": 0, "staging_pinned": 0}
+                      "commits_received": 0, "bad_commits": 0, "grants": 0,
+                      # pinned host memory: mirrors + pools = staging_pinned
+                      "staging_pinned": 0, "mirror_pinned": 0, "pool_pinned": 0, "mirror_left": mirror_bytes,
+                      # staged regions open now, per protocol; staged writes per protocol (one per
+                      # destination of a write, by the destination's protocol; by the source's)
+                      "mirror_regions": 0, "pooled_regions": 0, "writes_to_mirror": 0, "writes_to_pool": 0,
+                      "writes_from_mirror": 0, "writes_from_pool": 0}
         self.staging = Staging(self, staging_bytes, chunk_bytes)
+
+    def pinned_changed(self) -> None:
+        st = self.stats
+        st["pool_pinned"] = self.staging.pinned_bytes()
+        st["mirror_pinned"] = self.mirror_budget - self.mirror_left
+        st["mirror_left"] = self.mirror_left
+        st["staging_pinned"] = st["pool_pinned"] + st["mirror_pinned"]
 
     # -- registration ------------------------------------------------------------
 
@@ -161,16 +198,34 @@ class GpuPaths:
         eng, drv = self._engine, self._drv
         drv.use_device(cp.device)
         token = secrets.randbits(64)
-        staged = self.mode != "direct"
-        if not staged:
+        mirror, n = 0, cp.nbytes
+        if self.mode == "direct":
             region = MemoryRegion._from_device(eng, cp)
+            mode = "direct"
+        elif self.mirror_budget and n <= self.mirror_left:
+            # the mirror protocol: a pinned host mirror of the whole region, from the budget
+            mirror = drv.host_alloc(n)
+            try:
+                region = MemoryRegion._from_raw(eng, mirror, n, cp.keep)
+            except BaseException:
+                drv.host_free(mirror)
+                raise
+            self.mirror_left -= n
+            self.stats["mirror_regions"] += 1
+            self.pinned_changed()
+            region._on_close.append(lambda: self._mirror_freed(mirror, n))
+            mode = "staged"
         else:
-            # no host memory of its own: the NIC never touches a staged region (writes to it
-            # land in the owner's bounce slots); a 64-byte stand-in gives it a key and an id
+            # the pools: no host memory of its own, the NIC never touches the region (writes
+            # to it land in the owner's bounce slots); a 64-byte stand-in gives it a key and an id
             self.staging.ensure_recv_pool()
             region = MemoryRegion(eng, bytearray(64))
-            region.address, region.nbytes, region._keep = cp.ptr, cp.nbytes, (cp.keep, region._keep)
-            region._descriptor = replace(region._descriptor, length=cp.nbytes)
+            region.address, region.nbytes, region._keep = cp.ptr, n, (cp.keep, region._keep)
+            region._descriptor = replace(region._descriptor, length=n)
+            self.stats["pooled_regions"] += 1
+            region._on_close.append(lambda: self.stats.__setitem__("pooled_regions",
+                                                                   self.stats["pooled_regions"] - 1))
+            mode = "pooled"
         handle, offset, kind = bytes(64), 0, 0
         try:
             base, _ = drv.address_range(cp.ptr)
@@ -185,16 +240,24 @@ class GpuPaths:
             else:
                 handle, offset, kind = exp.handle, exp.offset, 1
                 region._on_close.append(exp.close)
-        ext = CudaExt(self.mode, cp.device, token, self._boot, self._pid, drv.device_uuid(cp.device), handle,
+        ext = CudaExt(mode, cp.device, token, self._boot, self._pid, drv.device_uuid(cp.device), handle,
                       offset, kind)
         region._descriptor = replace(region._descriptor, cuda=ext)
-        region.cuda = _GpuInfo(cp.device, cp.ptr, staged, token)
+        region.cuda = _GpuInfo(cp.device, cp.ptr, mirror, token, mode == "pooled")
         region.device = cp.device
         self._by_token[token] = region
         _LOCAL_REGIONS[token] = region
         region._on_close.append(lambda: (self._by_token.pop(token, None), _LOCAL_REGIONS.pop(token, None),
                                          self.staging.region_closed(token)))
         return region
+
+    def _mirror_freed(self, mirror: int, n: int) -> None:
+        """A mirrored region was closed (after the copies it had in flight): its mirror is
+        freed and its bytes go back to the budget."""
+        self._drv.host_free(mirror)
+        self.mirror_left += n
+        self.stats["mirror_regions"] -= 1
+        self.pinned_changed()
 
     def local_region(self, token: int) -> MemoryRegion | None:
         return self._by_token.get(token)
@@ -287,7 +350,7 @@ class GpuPaths:
                     return "ipc"
             elif ext.has_ipc and self._map(ext, device) is not None:
                 return "ipc"
-        return ext.mode  # "staged" or "direct"
+        return ext.mode  # "staged" (a mirror), "pooled" or "direct"
 
     def _map(self, ext: CudaExt, device: int) -> int | None:
         """Where another process's region (its whole allocation) is mapped here, mapping it
@@ -321,29 +384,95 @@ class GpuPaths:
         if route == "ipc":
             await self._ipc_write(src, dst, es, imm, (0, 0))  # ordered after torch's stream in submit
             return
-        if route == "staged":
+        info = src.cuda if src is not None else None
+        if info is not None and info.staged:
+            self.stats["writes_from_mirror" if info.mirror else "writes_from_pool"] += 1
+        if route == "pooled":
+            self.stats["writes_to_pool"] += 1
             await self.staging.to_staged(src, dst, es, imm)
-        elif src is not None and src.cuda is not None and src.cuda.staged:
-            await self.staging.from_gpu(src, dst, es, imm)
+        elif route != "staged" and info is not None and info.pooled:
+            await self.staging.from_gpu(src, dst, es, imm)  # type: ignore[arg-type]
         else:
-            await self._plain(src, dst, es, imm)
+            await self._nic(src, dst, es, imm, route == "staged")
 
-    async def _plain(self, src: MemoryRegion | None, dst: MrDescriptor, es: list[Element],
-                     imm: int | None) -> None:
-        """NIC writes straight from src (host or GPUDirect memory) to a host or GPUDirect region."""
-        chunks = chunk_elements(es, self.chunk_bytes)
-        nic = [self._engine._write_ranges(src, dst, [(p[0], p[1], p[2]) for p in c], imm if c[0][3] else None)
-               for c in chunks]
+    async def _nic(self, src: MemoryRegion | None, dst: MrDescriptor, es: list[Element], imm: int | None,
+                   to_mirror: bool) -> None:
+        """NIC writes of chunks to a host, GPUDirect or mirrored region (then a commit per
+        chunk: the owner copies it to its GPU and counts the imm).  A GPU source's chunk is
+        copied into its mirror, or a send slot, first."""
+        chunks = self._chunks(es)
+        # NIC writes of chunk k are posted by the worker when its device->host copy
+        # is done; the copies of later chunks run meanwhile.
+        nic_imm = imm if not to_mirror else None
+        if to_mirror:
+            self.stats["writes_to_mirror"] += 1
+        nic = [self._nic_chunk(src, dst, c, nic_imm) for c in chunks]
         try:
-            await asyncio.gather(*nic)
-            nsplit = sum(1 for c in chunks for p in c if p[4] and not p[3])
-            if imm is not None and nsplit:
-                # elements cut into parts: their imm follows once every part landed
-                await self._engine._imm_only(dst, imm, nsplit)
+            if to_mirror:
+                # commits in chunk order: the owner copies them to its GPU in arrival order
+                # and counts an element's imm with the chunk holding its last part
+                for c, f in zip(chunks, nic):
+                    await f
+                    count = sum(1 for p in c if p[4]) if imm is not None else 0
+                    await self._commit(dst, [(p[1], p[2]) for p in c], imm, count)
+            else:
+                await asyncio.gather(*nic)
+                nsplit = sum(1 for c in chunks for p in c if p[4] and not p[3])
+                if imm is not None and nsplit:
+                    # elements cut into parts: their imm follows once every part landed
+                    await self._engine._imm_only(dst, imm, nsplit)
         finally:
             for f in nic:
                 if not f.done():
+                    if hasattr(f, "_aiote_task"):  # a send slot's: its wait, or its C operation
+                        withdraw(self._engine, f)
                     f.cancel()
+
+    def _chunks(self, es: list[Element]) -> list[list[Part]]:
+        # a commit names every range of its chunk: keep it within one message
+        max_ranges = max(1, min(2000, (self._engine._cfg_args["msg_size"] - 1024) // _RANGE.size))
+        return chunk_elements(es, self.chunk_bytes, max_ranges)
+
+    def _nic_chunk(self, src: MemoryRegion | None, dst: MrDescriptor, chunk: list[Part],
+                   imm: int | None) -> asyncio.Future[None]:
+        """One chunk's NIC writes (after its device->host copy for a staged source).  A chunk
+        holds whole elements, which carry the imm (if any), or one part of a cut element,
+        which doesn't."""
+        ranges = [(p[0], p[1], p[2]) for p in chunk]
+        whole = chunk[0][3]
+        assert all(p[3] == whole for p in chunk)
+        nimm = imm if whole else None
+        info = src.cuda if src is not None else None
+        if info is None or not info.staged:
+            return self._engine._write_ranges(src, dst, ranges, nimm)
+        assert src is not None
+        if info.pooled:  # packed into a send slot, written from there
+            packed, pos = [], 0
+            for so, _, n in ranges:
+                packed.append((so, pos, n))
+                pos += n
+            return self.staging._gpu_out(src, packed, dst, [(o, d, n) for (_, o, n), (_, d, _) in
+                                                            zip(packed, ranges)], nimm)
+        return self.mirror_out(src, dst, ranges, nimm)
+
+    def mirror_out(self, src: MemoryRegion, dst: MrDescriptor, ranges: Sequence[tuple[int, int, int]],
+                   imm: int | None) -> asyncio.Future[None]:
+        """(src_off, dst_off, n) ranges of a mirrored GPU source: copied device->host into its
+        mirror, then NIC writes from there; one C operation."""
+        info = src.cuda
+        assert info is not None and info.mirror
+        merged = _merge([(so, so, n) for so, _, n in ranges])
+        self.stats["staged_out"] += sum(n for _, _, n in merged)
+        return self._gated(info.device, (0, 0), [(info.mirror + o, info.ptr + o, n) for o, _, n in merged],
+                           src, dst, ranges, imm)
+
+    async def _commit(self, dst: MrDescriptor, ranges: list[tuple[int, int]], imm: int | None, count: int) -> None:
+        ext = dst.cuda
+        assert ext is not None
+        body = _COMMIT.pack(_MAGIC, ext.token, _NO_IMM if imm is None else imm, count, len(ranges))
+        body += b"".join(_RANGE.pack(d, n) for d, n in ranges)
+        self.stats["commits_sent"] += 1
+        await self._engine._send_ctrl(dst.address, body)
 
     def ipc_write_one(self, src: MemoryRegion, dst: MrDescriptor, length: Any, src_off: Any, dst_off: Any,
                       imm: Any) -> asyncio.Future[None] | None:
@@ -481,12 +610,46 @@ class GpuPaths:
     # -- the owner's side ----------------------------------------------------------
 
     def on_ctrl(self, payload: bytes, sender: tuple[bytes, ...]) -> None:
-        """An aiote control message: the staging protocol's (aiote/staging.py)."""
+        """An aiote control message: a mirror commit, or the pools' protocol (aiote/staging.py)."""
         if payload[:4] == _STAGING_MAGIC:
             self.staging.on_message(payload, sender)
+        elif payload[:4] == _MAGIC:
+            self.on_commit(payload)
         else:
             self.stats["bad_commits"] += 1
             self._engine._log.warning("gpu.bad_control_message")
+
+    def on_commit(self, payload: bytes) -> None:
+        """A writer's bytes are in a mirrored region's mirror: copy them to the GPU,
+        then count the imm.  Malformed or unknown commits are dropped (counted)."""
+        try:
+            magic, token, imm, count, nranges = _COMMIT.unpack_from(payload)
+            if magic != _MAGIC or len(payload) != _COMMIT.size + nranges * _RANGE.size:
+                raise ValueError("malformed commit")
+            region = self._by_token.get(token)
+            if region is None or region.closed or region.cuda is None or not region.cuda.mirror:
+                raise ValueError("commit for an unknown region")
+            info = region.cuda
+            pairs = []
+            for i in range(nranges):
+                off, n = _RANGE.unpack_from(payload, _COMMIT.size + i * _RANGE.size)
+                if off + n > region.nbytes:
+                    raise ValueError("commit range out of bounds")
+                if n:
+                    pairs.append((info.ptr + off, info.mirror + off, n))
+        except (ValueError, struct.error) as e:
+            self.stats["bad_commits"] += 1
+            self._engine._log.warning("gpu.bad_commit", error=str(e))
+            return
+        self.stats["commits_received"] += 1
+        self.stats["staged_in"] += sum(n for _, _, n in pairs)
+        # the C core copies host->device and counts the imm once the copy's event completed
+        try:
+            self._engine._cuda_arrive(self._ctx(info.device), self._stream(info.device), pairs,
+                                      imm if imm != _NO_IMM else 0, count if imm != _NO_IMM else 0)
+        except AioteError as e:  # CUDA refused the copy: the imm is never counted (the waiter times out)
+            self.stats["bad_commits"] += 1
+            self._engine._log.error("gpu.commit_copy_failed", error=str(e))
 
     # -- closing ---------------------------------------------------------------------
 

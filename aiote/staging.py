@@ -1,4 +1,10 @@
-"""The host-staged GPU path: bounded pools of pinned bounce buffers, both sides.
+"""The host-staged GPU path's pools: bounded pinned bounce buffers, both sides.
+
+A staged GPU region gets a full pinned mirror while the engine's mirror budget
+(``staging_mirror_bytes``) lasts (aiote/gpu.py: one commit message per chunk, no
+round trip); a region that doesn't fit in what is left is *pooled* (descriptor
+mode ``"pooled"``) and written through the protocol below.  A GPU source without
+a mirror is copied into a send slot.
 
 Where the NIC can't reach GPU memory (tcp, shm), bytes between a GPU region and
 the network pass through pinned host memory.  Each engine owns two pools of
@@ -233,7 +239,7 @@ class Staging:
                 self._send = p
             else:
                 self._recv = p
-            self.stats["staging_pinned"] = self.pinned_bytes()
+            self._paths.pinned_changed()
         return p
 
     def ensure_recv_pool(self) -> None:
@@ -344,6 +350,8 @@ class Staging:
         eng = self._eng
         if src is None or src.cuda is None or not src.cuda.staged:
             return eng._write_ranges(src, dst, [(so, base + o, n) for so, o, n in packed], None)
+        if src.cuda.mirror:  # a mirrored source: copied into its own mirror, written from there
+            return self._paths.mirror_out(src, dst, [(so, base + o, n) for so, o, n in packed], None)
         return self._gpu_out(src, packed, dst, [(o, base + o, n) for _, o, n in packed], None)
 
     def _gpu_out(self, src: MemoryRegion, packed: list[tuple[int, int, int]], dst: MrDescriptor,
@@ -463,8 +471,8 @@ class Staging:
         key = (sender, xfer)
         region = self._paths.local_region(token)
         status, why = OK, ""
-        if region is None or region.closed or region.cuda is None or not region.cuda.staged:
-            status, why = E_REGION, "no open staged GPU region has that token"
+        if region is None or region.closed or region.cuda is None or not region.cuda.pooled:
+            status, why = E_REGION, "no open pooled GPU region has that token"
         elif key in self._in:
             status, why = E_PROTO, "transfer id reused"
         elif want == 0 or (imm != NO_IMM and imm > IMM_MAX) or (imm == NO_IMM and count):

@@ -2,8 +2,10 @@
 
 Run on a machine with 2 GPUs: our engine uses cuda:0, the peer process cuda:1 (or
 cuda:0 if there is one).  Paths: CUDA IPC between processes of the host (the
-default for GPU destinations) and the host-staged NIC path (``cuda_ipc=False``),
-on shm and tcp.  Every transfer is checked byte for byte.
+default for GPU destinations) and the host-staged NIC path (``cuda_ipc=False``)
+with both of its protocols: ``staged-mirror`` (the default mirror budget: every
+region here gets a pinned mirror) and ``staged-pools`` (``staging_mirror_bytes=0``:
+bounce pools only), on shm and tcp.  Every transfer is checked byte for byte.
 """
 
 import asyncio
@@ -45,16 +47,23 @@ async def peer_region(peer, size, kind, fill=0):
     return rid, aiote.MrDescriptor.from_bytes(d)
 
 
-@pytest.fixture(params=["ipc", "staged"])
+@pytest.fixture(params=["ipc", "staged-mirror", "staged-pools"])
 def path(request):
     return request.param
 
 
+def path_kw(path: str) -> dict:
+    """Engine options of a path: CUDA IPC, or the staged NIC path with the default mirror
+    budget (mirrors) or none (pools)."""
+    if path == "ipc":
+        return dict(cuda_ipc=True)
+    return dict(cuda_ipc=False, staging_mirror_bytes=0) if path == "staged-pools" else dict(cuda_ipc=False)
+
+
 @pytest.fixture
 async def gpu_pair(aiote_make_engine, aiote_make_peer, path):
-    ipc = path == "ipc"
-    eng = await aiote_make_engine(cuda_ipc=ipc, gpu_chunk=4 * MiB)
-    peer = await aiote_make_peer(cuda_ipc=ipc, gpu_chunk=4 * MiB)
+    eng = await aiote_make_engine(gpu_chunk=4 * MiB, **path_kw(path))
+    peer = await aiote_make_peer(gpu_chunk=4 * MiB, **path_kw(path))
     return eng, peer
 
 
@@ -77,8 +86,12 @@ async def test_write_every_direction(gpu_pair, path, direction, size):
     assert got[33 + size:] == b"\xee" * (128 - 33)
     assert await peer.call("pending", 11) == 0
     stats = await peer.call("gpu_stats")
-    if dst_kind == "gpu" and path == "staged":
+    if dst_kind == "gpu" and path != "ipc":
+        assert d.cuda.mode == ("pooled" if path == "staged-pools" else "staged")
         assert stats["commits_received"] >= 1 and stats["bad_commits"] == 0
+        assert stats["mirror_regions" if path == "staged-mirror" else "pooled_regions"] == 1
+    if src_kind == "gpu" and path != "ipc":
+        assert eng.gpu_stats["writes_from_mirror" if path == "staged-mirror" else "writes_from_pool"] == 1
     if dst_kind == "gpu" and path == "ipc":
         assert eng.gpu_stats["ipc_writes"] >= 1
 
@@ -113,15 +126,19 @@ async def test_paged(gpu_pair, direction):
 
 
 async def test_scatter_and_barrier_mixed_targets(aiote_make_engine, aiote_make_peer, path):
-    """One GPU source to a GPU and a CPU region of one peer and a GPU region of another."""
-    ipc = path == "ipc"
-    eng = await aiote_make_engine(cuda_ipc=ipc)
-    p1, p2 = await aiote_make_peer(cuda_ipc=ipc), await aiote_make_peer(cuda_ipc=ipc)
+    """One GPU source to a GPU and a CPU region of one peer and a GPU region of another;
+    staged-mirror: the other peer has no mirror budget, so one scatter writes a mirrored
+    and a pooled region."""
+    eng = await aiote_make_engine(**path_kw(path))
+    p1 = await aiote_make_peer(**path_kw(path))
+    p2 = await aiote_make_peer(**path_kw("staged-pools" if path == "staged-mirror" else path))
     data = pattern(8 * MiB, 5)
     src = eng.register(gpu_tensor(data))
     r1, d1 = await peer_region(p1, 4 * MiB, "gpu")
     r2, d2 = await peer_region(p1, 4 * MiB, "cpu")
     r3, d3 = await peer_region(p2, 4 * MiB, "gpu")
+    if path != "ipc":
+        assert (d1.cuda.mode, d3.cuda.mode) == ("pooled" if path == "staged-pools" else "staged", "pooled")
     await eng.scatter(src, [(d1, 0, 0, 4 * MiB), (d2, MiB, 0, 3 * MiB), (d3, 5 * MiB, 100, 3 * MiB)], imm=13)
     assert await p1.call("wait_imm", 13, 2, 60) and await p2.call("wait_imm", 13, 1, 60)
     assert await p1.call("read", r1, 0, 4 * MiB) == data[:4 * MiB].tobytes()
@@ -329,7 +346,8 @@ async def test_ipc_expandable_segments(aiote_make_engine, aiote_make_peer):
 
 # ---- the staged path's bounce pools (aiote/staging.py) ---------------------------------
 
-POOL = dict(cuda_ipc=False, staging_chunk=MiB, staging_bytes=8 * MiB)  # 4 slots of 1 MiB a side
+POOL = dict(cuda_ipc=False, staging_chunk=MiB, staging_bytes=8 * MiB,  # 4 slots of 1 MiB a side
+            staging_mirror_bytes=0)
 
 
 def sha(b: bytes) -> str:
@@ -362,7 +380,7 @@ async def test_staged_concurrent_both_ways_then_cancel(aiote_make_engine, aiote_
     """Eight 16 MiB writes each way at once through pools of 2 x 1 MiB a side (no deadlock,
     every byte, every imm once); then a 256 MiB write cancelled mid-way: its imm is never
     counted and the owner's slots come back (the next write needs them)."""
-    kw = dict(cuda_ipc=False, staging_chunk=MiB, staging_bytes=4 * MiB)
+    kw = dict(cuda_ipc=False, staging_chunk=MiB, staging_bytes=4 * MiB, staging_mirror_bytes=0)
     eng, peer = await aiote_make_engine(**kw), await aiote_make_peer(**kw)
     k, n = 8, 16 * MiB + 3
     src_t = torch.randint(0, 256, (k * n,), dtype=torch.uint8, device="cuda:0")

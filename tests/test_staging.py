@@ -28,7 +28,10 @@ T = 60  # a bound on every await that could hang if the protocol leaked a slot
 
 
 @pytest.fixture(autouse=True)
-def fake_gpu():
+def fake_gpu(monkeypatch):
+    # no mirror budget: every staged GPU region here is pooled (peers inherit the setting);
+    # tests that want mirrors pass staging_mirror_bytes
+    monkeypatch.setenv("AIOTE_STAGING_MIRROR_BYTES", "0")
     fake_cuda.enable()
     yield
     fake_cuda.disable()  # refused (raises) if a fake copy were still in flight
@@ -464,3 +467,184 @@ async def test_options_and_memory_bound(aiote_provider, aiote_host, monkeypatch)
         assert staging(eng).nslots == 4 and staging(eng).chunk == 2 * CHUNK
         assert eng.gpu_stats["staging_pinned"] == 8 * CHUNK  # ... pins 32 KiB (the receive pool), not 16 MiB
         big.close()
+
+
+# ---- both protocols: the mirror budget (staging_mirror_bytes) -----------------------------
+# A staged GPU region gets a full pinned mirror while the budget lasts (descriptor mode
+# "staged"), else it is pooled (mode "pooled"); a writer follows the destination's mode and
+# copies a GPU source through its mirror if it has one, else through a send slot.
+
+
+def mode(mr) -> str:
+    return mr.descriptor.cuda.mode
+
+
+async def test_mirror_while_the_budget_lasts_then_pools(aiote_make_engine):
+    """Regions get mirrors until the budget is spent; a region over what is left is pooled;
+    closing a mirrored region gives its bytes back for the next; gpu_stats counts both."""
+    eng = await aiote_make_engine(staging_mirror_bytes=10 * CHUNK, **TINY)
+    r1 = eng.register(FakeDeviceBuffer(4 * CHUNK))
+    r2 = eng.register(FakeDeviceBuffer(6 * CHUNK))            # exactly what is left
+    r3 = eng.register(FakeDeviceBuffer(1))                    # nothing left: pooled
+    assert (mode(r1), mode(r2), mode(r3)) == ("staged", "staged", "pooled")
+    assert r1.cuda.mirror and not r1.cuda.pooled and r3.cuda.pooled and not r3.cuda.mirror
+    st = eng.gpu_stats
+    assert st["mirror_pinned"] == 10 * CHUNK and st["mirror_left"] == 0
+    assert st["pool_pinned"] == CHUNK  # the receive pool (one slot), made for the pooled region
+    assert st["staging_pinned"] == 11 * CHUNK
+    assert st["mirror_regions"] == 2 and st["pooled_regions"] == 1
+    r1.close()
+    st = eng.gpu_stats
+    assert st["mirror_left"] == 4 * CHUNK and st["mirror_pinned"] == 6 * CHUNK and st["mirror_regions"] == 1
+    r4 = eng.register(FakeDeviceBuffer(4 * CHUNK + 1))        # one byte more than was freed: pooled
+    r5 = eng.register(FakeDeviceBuffer(4 * CHUNK))            # fits the freed bytes: a mirror
+    assert (mode(r4), mode(r5)) == ("pooled", "staged")
+    r3.close()
+    r4.close()
+    st = eng.gpu_stats
+    assert st["pooled_regions"] == 0 and st["mirror_regions"] == 2 and st["mirror_left"] == 0
+    assert st["staging_pinned"] == st["mirror_pinned"] + st["pool_pinned"] == 10 * CHUNK + CHUNK
+    # a pooled descriptor says so on the wire; a mirrored one is as before (mode 1)
+    for r, m in ((r5, "staged"), (eng.register(FakeDeviceBuffer(8)), "pooled")):
+        assert aiote.MrDescriptor.from_bytes(r.descriptor.to_bytes()).cuda.mode == m
+
+
+async def test_options_mirror_budget(aiote_provider, aiote_host, monkeypatch):
+    for bad in (-1, 1.5, "1"):
+        with pytest.raises(aiote.InvalidArgument):
+            aiote.TransferEngine(staging_mirror_bytes=bad)
+    monkeypatch.setenv("AIOTE_STAGING_MIRROR_BYTES", "lots")
+    with pytest.raises(aiote.InvalidArgument):
+        aiote.TransferEngine()
+    monkeypatch.setenv("AIOTE_STAGING_MIRROR_BYTES", str(3 * CHUNK))
+    async with aiote.TransferEngine(aiote_provider, host=aiote_host, **TINY) as eng:
+        assert mode(eng.register(FakeDeviceBuffer(3 * CHUNK))) == "staged"
+        assert mode(eng.register(FakeDeviceBuffer(1))) == "pooled"
+        assert eng.gpu_stats["staging_pinned"] <= 3 * CHUNK + 2 * CHUNK  # budget + staging_bytes
+    monkeypatch.delenv("AIOTE_STAGING_MIRROR_BYTES")
+    async with aiote.TransferEngine(aiote_provider, host=aiote_host, **TINY) as eng:
+        assert eng.gpu_stats == {}
+        assert mode(eng.register(FakeDeviceBuffer(1 << 20))) == "staged"  # the default budget: 1 GiB
+        assert eng.gpu_stats["mirror_left"] == (1 << 30) - (1 << 20) and eng.gpu_stats["pool_pinned"] == 0
+
+
+async def test_every_source_kind_to_every_destination_kind(aiote_make_engine, aiote_make_peer):
+    """Mirrored, pooled and host sources to a mirrored, a pooled and a host region of a peer
+    (another process), multi-chunk at odd offsets: every byte, each imm once; then the peer
+    writes back into a mirrored and a pooled region of ours."""
+    n = 5 * CHUNK + 3
+    eng = await aiote_make_engine(staging_mirror_bytes=n + 64, **TINY)
+    peer = await aiote_make_peer(staging_mirror_bytes=n + 64, **TINY)
+    data = os.urandom(n + 64)
+    srcs = {"mirror": eng.register(gpu_buf(data)), "pooled": eng.register(gpu_buf(data)),
+            "host": eng.register(bytearray(data))}
+    assert mode(srcs["mirror"]) == "staged" and mode(srcs["pooled"]) == "pooled"
+    dsts = {}
+    for kind in ("mirror", "pooled"):  # the peer's first GPU region takes its whole budget
+        rid, d = await peer.call("register_fake_cuda", n + 64, 0xEE, 1)
+        dsts[kind] = rid, aiote.MrDescriptor.from_bytes(d)
+    dsts["host"] = await peer.call("register", n + 64, 0xEE)
+    dsts["host"] = dsts["host"][0], aiote.MrDescriptor.from_bytes(dsts["host"][1])
+    assert dsts["mirror"][1].cuda.mode == "staged" and dsts["pooled"][1].cuda.mode == "pooled"
+    imm = 200
+    for sk, src in srcs.items():
+        for dk, (rid, d) in dsts.items():
+            await peer.call("fill", rid, 0, b"\xee" * (n + 64))
+            await asyncio.wait_for(eng.write(src, d, n, src_offset=7, dst_offset=33, imm=imm), T)
+            assert await peer.call("wait_imm", imm, 1, T)
+            got = await peer.call("read", rid, 0, n + 64)
+            assert got[:33] == b"\xee" * 33 and got[33 + n:] == b"\xee" * 31, (sk, dk)
+            assert got[33:33 + n] == data[7:7 + n], (sk, dk)
+            assert await peer.call("pending", imm) == 0
+            imm += 1
+    st = eng.gpu_stats
+    assert st["writes_from_mirror"] == st["writes_from_pool"] == 3
+    assert st["writes_to_mirror"] == st["writes_to_pool"] == 3
+    pst = await peer.call("gpu_stats")
+    assert pst["bad_commits"] == 0 and pst["mirror_regions"] == pst["pooled_regions"] == 1
+    # the peer writes into ours: our first GPU region is mirrored, the second pooled
+    prid, _ = await peer.call("register", n, 0x5A)
+    for src in (srcs["mirror"], srcs["pooled"]):
+        w = eng.imms.wait(300, 1, timeout=T)
+        await peer.call("write", prid, src.descriptor.to_bytes(), n, 0, 1, 300)
+        await w
+    bufs = [src.obj for src in (srcs["mirror"], srcs["pooled"])]
+    assert all(bytes(b.host[1:1 + n]) == b"\x5a" * n for b in bufs)
+    assert all_free(eng) and (await peer.call("staging_state"))["in"] == 0
+
+
+async def test_one_scatter_and_paged_write_to_both_kinds(aiote_make_engine, aiote_make_peer):
+    """One scatter from a mirrored and one from a pooled GPU source to a mirrored and a pooled
+    GPU region of one peer, a host region of it, and a pooled region of another peer; one
+    barrier to all; paged writes (permuted) into each kind: every byte, imms counted once per
+    element, pools whole after."""
+    m = 12 * CHUNK
+    eng = await aiote_make_engine(staging_mirror_bytes=3 * m, **SMALL)
+    p1 = await aiote_make_peer(staging_mirror_bytes=m, **SMALL)
+    p2 = await aiote_make_peer(staging_mirror_bytes=0, **TINY)
+    data = os.urandom(3 * m)
+    src_m = eng.register(gpu_buf(data))
+    src_p = eng.register(gpu_buf(data))
+    assert (mode(src_m), mode(src_p)) == ("staged", "pooled")
+    r1, d1 = await p1.call("register_fake_cuda", m, 0, 1)     # mirrored (p1's whole budget)
+    r2, d2 = await p1.call("register_fake_cuda", m, 0, 1)     # pooled
+    r3, d3 = await p1.call("register", m, 0)
+    r4, d4 = await p2.call("register_fake_cuda", m + 100, 0, 0)  # pooled (no budget)
+    d1, d2, d3, d4 = (aiote.MrDescriptor.from_bytes(x) for x in (d1, d2, d3, d4))
+    assert [d.cuda.mode for d in (d1, d2, d4)] == ["staged", "pooled", "pooled"]
+    imm = 40
+    for src in (src_m, src_p):
+        for r, p in ((r1, p1), (r2, p1), (r3, p1), (r4, p2)):
+            await p.call("fill", r, 0, b"\0" * m)
+        await asyncio.wait_for(eng.scatter(src, [(d1, 0, 0, m), (d2, m, 0, m - 5), (d3, CHUNK, 3, 2 * CHUNK),
+                                                 (d4, 2 * m, 100, m)], imm=imm), T)
+        assert await p1.call("wait_imm", imm, 3, T) and await p2.call("wait_imm", imm, 1, T)
+        assert await p1.call("read", r1, 0, m) == data[:m]
+        assert await p1.call("read", r2, 0, m - 5) == data[m:2 * m - 5]
+        assert await p1.call("read", r3, 3, 2 * CHUNK) == data[CHUNK:3 * CHUNK]
+        assert await p2.call("read", r4, 100, m) == data[2 * m:]
+        imm += 1
+    await asyncio.wait_for(eng.barrier([d1, d2, d4], imm=50), T)
+    assert await p1.call("wait_imm", 50, 2, T) and await p2.call("wait_imm", 50, 1, T)
+    # paged, pages of 1.5 chunks permuted, into each kind of destination
+    page, npages = 3 * CHUNK // 2, 8
+    perm = [5, 2, 7, 0, 3, 6, 1, 4]
+    for src in (src_m, src_p):
+        for r, d in ((r1, d1), (r2, d2)):
+            await asyncio.wait_for(eng.write_paged(src, d, page, list(range(npages)), perm, imm=60), T)
+            assert await p1.call("wait_imm", 60, npages, T)
+            got = await p1.call("read", r, 0, page * npages)
+            for i, p in enumerate(perm):
+                assert got[p * page:(p + 1) * page] == data[i * page:(i + 1) * page], (mode(src), d.cuda.mode, i)
+    for p in (p1, p2):
+        assert await p.call("pending", 40) == 0 and await p.call("pending", 60) == 0
+        st = await p.call("staging_state")
+        assert st["in"] == 0 and st["recv_free"] == st["nslots"]
+    assert all_free(eng)
+    assert eng.gpu_stats["bad_commits"] == 0
+
+
+async def test_cancel_pooled_source_to_mirror(aiote_make_engine):
+    """A write from a pooled GPU source (one send slot) to a mirrored region cancelled after
+    its first commit: the send slot comes back, the imm is never counted, the next write
+    works."""
+    a = await aiote_make_engine(staging_mirror_bytes=0, **TINY)
+    b = await aiote_make_engine(staging_mirror_bytes=1 << 20, **TINY)
+    n = 40 * CHUNK
+    data = os.urandom(n)
+    src = a.register(gpu_buf(data))
+    dbuf = FakeDeviceBuffer(n, 1)
+    dst = b.register(dbuf)
+    assert (mode(src), mode(dst)) == ("pooled", "staged")
+    first = asyncio.Event()
+    spy(b._gpu, "on_commit", after=lambda payload: first.set())
+    w = a.write(src, dst.descriptor, imm=7)
+    await asyncio.wait_for(first.wait(), T)
+    w.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await w
+    await asyncio.wait_for(staging(a).wait_idle(), T)
+    assert all_free(a)
+    await asyncio.wait_for(a.write(src, dst.descriptor, imm=8), T)
+    await asyncio.wait_for(b.imms.wait(8, 1), T)
+    assert bytes(dbuf.host) == data and b.imms.pending(7) == 0
