@@ -491,7 +491,11 @@ class TransferEngine:
     @property
     def gpu_stats(self) -> dict[str, int]:
         """Bytes staged in/out, CUDA IPC writes, commits sent/received, slots granted,
-        bad staging messages, pinned bytes of the bounce pools (GPU paths)."""
+        bad staging messages; pinned host memory (``mirror_pinned``, ``pool_pinned``,
+        their sum ``staging_pinned``), the mirror budget left (``mirror_left``), staged
+        regions open per protocol (``mirror_regions``, ``pooled_regions``) and staged
+        writes per protocol (``writes_to_mirror``, ``writes_to_pool``,
+        ``writes_from_mirror``, ``writes_from_pool``).  ``{}`` before the first GPU region."""
         return dict(self._gpu.stats) if self._gpu is not None else {}
 
     # -- peers ---------------------------------------------------------------------
