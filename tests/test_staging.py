@@ -648,3 +648,32 @@ async def test_cancel_pooled_source_to_mirror(aiote_make_engine):
     await asyncio.wait_for(a.write(src, dst.descriptor, imm=8), T)
     await asyncio.wait_for(b.imms.wait(8, 1), T)
     assert bytes(dbuf.host) == data and b.imms.pending(7) == 0
+
+
+async def test_mirror_region_closed_and_forged_mirror_commits(aiote_make_engine):
+    """A write to a mirrored region closed meanwhile fails typed (its mirror is deregistered);
+    a mirror commit with ranges out of the region is dropped and counted, nothing copied or
+    counted; the budget is whole again after the close."""
+    a = await aiote_make_engine(staging_mirror_bytes=1 << 20, **TINY)
+    b = await aiote_make_engine(staging_mirror_bytes=1 << 20, **TINY)
+    src = a.register(gpu_buf(os.urandom(5 * CHUNK)))
+    dbuf = FakeDeviceBuffer(5 * CHUNK, 1, fill=0x33)
+    dst = b.register(dbuf)
+    assert mode(dst) == "staged"
+    import struct
+
+    addr = aiote.EngineAddress(dst.descriptor.provider, dst.descriptor.addrs)
+    token = dst.descriptor.cuda.token
+    for body in (struct.pack("<4sQIII", b"AGC1", token, 5, 1, 1) + struct.pack("<QQ", 5 * CHUNK - 1, 2),
+                 struct.pack("<4sQIII", b"AGC1", token, 5, 1, 2)):  # says 2 ranges, carries none
+        await a._send_ctrl(addr, body)
+    await a.send(b.address, b"after")
+    assert (await asyncio.wait_for(b.recv(), T))[0] == b"after"
+    assert b.gpu_stats["bad_commits"] == 2 and b.imms.pending(5) == 0
+    assert bytes(dbuf.host) == b"\x33" * (5 * CHUNK)
+    d = dst.descriptor
+    dst.close()
+    assert b.gpu_stats["mirror_left"] == 1 << 20 and b.gpu_stats["mirror_pinned"] == 0
+    with pytest.raises(aiote.ProviderError):  # on tcp its subclass PeerUnreachable
+        await asyncio.wait_for(a.write(src, d, imm=6), T)
+    assert b.imms.pending(6) == 0 and bytes(dbuf.host) == b"\x33" * (5 * CHUNK)
