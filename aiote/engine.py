@@ -111,10 +111,13 @@ class TransferEngine:
             only.  ``None``: ``AIOTE_STAGING_MIRROR_BYTES`` from the environment, else 1 GiB.
             Pinned host memory is bounded by ``staging_mirror_bytes + staging_bytes``.
         staging_bytes: pinned host memory for the staged GPU path's pools (shm, tcp): half a pool
-            of send slots, half a pool of receive slots, each allocated on first use; this,
-            not the size of the GPU regions, bounds the host memory staging pins.  ``None``:
-            ``AIOTE_STAGING_BYTES`` from the environment, else 64 MiB.  See docs/gpu.md.
-        staging_chunk: bytes per slot, the unit of the staged path's pipeline.  ``None``:
+            of send slots, half a pool of receive slots, each allocated on first use; this and
+            ``staging_mirror_bytes``, not the size of the GPU regions, bound the host memory
+            staging pins.  ``None``:
+            ``AIOTE_STAGING_BYTES`` from the environment, else 64 MiB (or two chunks, if
+            more).  See docs/gpu.md.
+        staging_chunk: bytes per chunk of both staged protocols and per pool slot, the unit of
+            the staged path's pipeline.  ``None``:
             ``gpu_chunk`` if given, else ``AIOTE_STAGING_CHUNK``, else 4 MiB.
         gpu_chunk: the former name of ``staging_chunk`` (still accepted).
         direct_shm: on ``shm``, write to peers on this host by copying the bytes from the
@@ -202,7 +205,8 @@ class TransferEngine:
         if type(staging_chunk) is not int or not 4096 <= staging_chunk <= 1 << 30:
             raise InvalidArgument(f"staging_chunk (gpu_chunk) must be an int in 4096..2**30, got {staging_chunk!r}")
         if staging_bytes is None:
-            staging_bytes = _env_int("AIOTE_STAGING_BYTES", 64 << 20)
+            # the default grows with a large chunk (gpu_chunk=64 MiB worked before the pools existed)
+            staging_bytes = _env_int("AIOTE_STAGING_BYTES", max(64 << 20, 2 * staging_chunk))
         if type(staging_bytes) is not int or not 2 * staging_chunk <= staging_bytes < 1 << 48:
             raise InvalidArgument(f"staging_bytes must be an int >= 2 * staging_chunk ({2 * staging_chunk}), "
                                   f"got {staging_bytes!r}")

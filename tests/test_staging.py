@@ -513,6 +513,9 @@ async def test_options_mirror_budget(aiote_provider, aiote_host, monkeypatch):
     for bad in (-1, 1.5, "1"):
         with pytest.raises(aiote.InvalidArgument):
             aiote.TransferEngine(staging_mirror_bytes=bad)
+    # gpu_chunk as before the pools: a large chunk makes the default pools two chunks big
+    async with aiote.TransferEngine(aiote_provider, host=aiote_host, gpu_chunk=64 << 20) as eng:
+        assert eng._staging_bytes == 128 << 20 and eng._gpu_chunk == 64 << 20
     monkeypatch.setenv("AIOTE_STAGING_MIRROR_BYTES", "lots")
     with pytest.raises(aiote.InvalidArgument):
         aiote.TransferEngine()
