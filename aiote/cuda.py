@@ -381,14 +381,102 @@ class _Driver:
         self.call("cuEventDestroy", ctypes.c_void_p(event))
 
 
-_driver: _Driver | None = None
+class _FakeDriver:
+    """Tests only (``use_fake()``): "device memory" is host memory aiote.testing hands out,
+    copies are memcpys done by the C core (``aiote_cuda_fake``).  Enough of the driver for
+    the staged path: pinned memory, contexts, streams; no IPC handles (the NIC path serves)."""
+
+    def __init__(self) -> None:
+        import mmap
+
+        self._mmap = mmap
+        self._device: dict[int, tuple[int, int]] = {}  # base -> (nbytes, device)
+        self._host: dict[int, Any] = {}  # host_alloc'd address -> its mapping
+        self._ids = iter(range(0x1000, 1 << 62, 0x10))
+
+    def device_alloc(self, nbytes: int, device: int) -> tuple[int, memoryview]:
+        m = self._mmap.mmap(-1, nbytes)
+        addr = ctypes.addressof(ctypes.c_char.from_buffer(m))
+        self._device[addr] = (nbytes, device)
+        self._host[addr] = m
+        return addr, memoryview(m)
+
+    def device_free(self, addr: int) -> None:
+        self._device.pop(addr, None)
+        self._host.pop(addr, None)  # the mapping goes with its last view
+
+    def call(self, name: str, *args: Any) -> None:
+        pass  # stream destroy/wait: nothing to do
+
+    def use_device(self, device: int) -> None:
+        pass
+
+    def context(self, device: int) -> int:
+        return 0xC0 + device
+
+    def device_uuid(self, device: int) -> bytes:
+        return bytes([device]) * 16
+
+    def device_count(self) -> int:
+        return 2
+
+    def pointer_device(self, ptr: int) -> int | None:
+        for base, (n, dev) in self._device.items():
+            if base <= ptr < base + n:
+                return dev
+        return None
+
+    def address_range(self, ptr: int) -> tuple[int, int]:
+        raise CudaError("fake CUDA: no IPC handles")
+
+    def vmm_export(self, ptr: int, nbytes: int) -> VmmExport:
+        raise CudaError("fake CUDA: no IPC handles")
+
+    def host_alloc(self, nbytes: int) -> int:
+        m = self._mmap.mmap(-1, nbytes)
+        addr = ctypes.addressof(ctypes.c_char.from_buffer(m))
+        self._host[addr] = m
+        return addr
+
+    def host_free(self, ptr: int) -> None:
+        self._host.pop(ptr, None)
+
+    def stream(self) -> int:
+        return next(self._ids)
+
+    def event(self) -> int:
+        return next(self._ids)
+
+    def record(self, event: int, stream: int) -> None:
+        pass
+
+    def destroy_event(self, event: int) -> None:
+        pass
+
+
+_driver: _Driver | _FakeDriver | None = None
 _driver_error: CudaError | None = None
 _driver_lock = threading.Lock()
 
 
-def driver() -> _Driver:
+def use_fake(on: bool = True) -> None:
+    """Tests only: a fake driver (host memory as "device memory", memcpy as the copy) in
+    this process, for the staged path's protocol on machines without a GPU; children
+    started with ``AIOTE_FAKE_CUDA=1`` in their environment use it too.  ``on=False``
+    forgets it (the real driver is looked up afresh)."""
+    global _driver, _driver_error
+    from ._core import check, lib
+
+    with _driver_lock:
+        check(lib.aiote_cuda_fake(1 if on else 0), "fake CUDA")
+        _driver, _driver_error = (_FakeDriver(), None) if on else (None, None)
+
+
+def driver() -> Any:
     """The process's CUDA driver binding; CudaError if there is no usable driver."""
     global _driver, _driver_error
+    if _driver is None and _driver_error is None and os.environ.get("AIOTE_FAKE_CUDA") == "1":
+        use_fake(True)
     if _driver is None and _driver_error is None:
         with _driver_lock:
             if _driver is None and _driver_error is None:

@@ -122,18 +122,23 @@ class EngineAddress:
 
 
 _CUDA_EXT = struct.Struct("<BBHIQQ16s16s64s")
-_CUDA_MODES = {1: "staged", 2: "direct"}
+_CUDA_MODES = {1: "staged", 2: "direct", 3: "pooled"}
 
 
 @dataclass(frozen=True)
 class CudaExt:
     """What a peer needs to know of a GPU region.
 
-    ``mode``: ``"staged"`` — the NIC keys address a pinned host mirror; bytes
-    written there reach the GPU when the owner copies them after a commit
-    message (the writer sends it); ``"direct"`` — the keys address the GPU
-    memory itself (GPUDirect).  ``token`` names the region in commit messages
-    (random 64-bit, as secret as a key).  ``host``, ``pid``, ``device_uuid``,
+    ``mode``: ``"staged"`` — the NIC keys address a pinned host mirror of the
+    region; bytes written there reach the GPU when the owner copies them after a
+    commit message (the writer sends it); ``"pooled"`` — staged too, but the
+    region has no mirror (the owner's mirror budget was spent): writes reach it
+    through bounce slots its owner grants (aiote/staging.py), the keys name a
+    stand-in that only imm-only writes reach; ``"direct"`` — the keys address
+    the GPU memory itself (GPUDirect).  A writer must use the protocol the
+    mode names; aiote versions without ``"pooled"`` refuse such a descriptor.
+    ``token`` names the region in commit messages (random 64-bit, as secret as
+    a key).  ``host``, ``pid``, ``device_uuid``,
     ``ipc_handle`` (all zero if none) and ``ipc_offset`` let a process on the
     same host map the memory with CUDA IPC instead.  ``ipc_kind`` says what
     ``ipc_handle`` holds: 0 a legacy ``cuIpcGetMemHandle`` handle (``cudaMalloc``

@@ -100,12 +100,28 @@ class TransferEngine:
             before it fails with PeerUnreachable.
         max_inflight: writes/sends in flight per NIC (0: the provider's queue size).
         gpu: how CUDA buffers are registered: ``"direct"`` (the NIC reads and writes
-            GPU memory: efa, verbs with GPUDirect), ``"staged"`` (a pinned host mirror,
+            GPU memory: efa, verbs with GPUDirect), ``"staged"`` (through pinned host memory:
+            a full mirror per region while the mirror budget lasts, else bounded bounce pools;
             copies on the copy engines; shm, tcp) or ``"auto"`` (direct on efa/verbs,
             else staged).  See docs/gpu.md.
         cuda_ipc: write GPU regions of other processes on this host through CUDA IPC
             (NVLink/PCIe copies) instead of the NIC.
-        gpu_chunk: bytes per pipelined chunk of a staged transfer.
+        staging_mirror_bytes: the staged GPU path's mirror budget: a staged GPU region whose
+            size fits in what is left of it gets a pinned host mirror of its own (the fastest
+            protocol); larger ones, and all once it is spent, use the bounce pools
+            (``staging_bytes``); closing a mirrored region gives its bytes back.  0: pools
+            only.  ``None``: ``AIOTE_STAGING_MIRROR_BYTES`` from the environment, else 1 GiB.
+            Pinned host memory is bounded by ``staging_mirror_bytes + staging_bytes``.
+        staging_bytes: pinned host memory for the staged GPU path's pools (shm, tcp): half a pool
+            of send slots, half a pool of receive slots, each allocated on first use; this and
+            ``staging_mirror_bytes``, not the size of the GPU regions, bound the host memory
+            staging pins.  ``None``:
+            ``AIOTE_STAGING_BYTES`` from the environment, else 64 MiB (or two chunks, if
+            more).  See docs/gpu.md.
+        staging_chunk: bytes per chunk of both staged protocols and per pool slot, the unit of
+            the staged path's pipeline.  ``None``:
+            ``gpu_chunk`` if given, else ``AIOTE_STAGING_CHUNK``, else 4 MiB.
+        gpu_chunk: the former name of ``staging_chunk`` (still accepted).
         direct_shm: on ``shm``, write to peers on this host by copying the bytes from the
             calling thread with ``process_vm_writev`` (the kernel mechanism shm itself uses)
             instead of through libfabric; imms follow as one control message per target.
@@ -159,7 +175,10 @@ class TransferEngine:
         max_inflight: int = 0,
         gpu: str = "auto",
         cuda_ipc: bool = True,
-        gpu_chunk: int = 4 << 20,
+        gpu_chunk: int | None = None,
+        staging_bytes: int | None = None,
+        staging_chunk: int | None = None,
+        staging_mirror_bytes: int | None = None,
         direct_shm: bool | None = None,
         direct_max: int | None = None,
         direct_workers: int | None = None,
@@ -183,8 +202,20 @@ class TransferEngine:
             raise InvalidArgument(f"polling must be one of {sorted(_POLLING)}, got {polling!r}")
         if gpu not in ("auto", "staged", "direct"):
             raise InvalidArgument(f"gpu must be 'auto', 'staged' or 'direct', got {gpu!r}")
-        if not isinstance(gpu_chunk, int) or gpu_chunk < 4096:
-            raise InvalidArgument(f"gpu_chunk must be an int >= 4096, got {gpu_chunk!r}")
+        if staging_chunk is None:
+            staging_chunk = gpu_chunk if gpu_chunk is not None else _env_int("AIOTE_STAGING_CHUNK", 4 << 20)
+        if type(staging_chunk) is not int or not 4096 <= staging_chunk <= 1 << 30:
+            raise InvalidArgument(f"staging_chunk (gpu_chunk) must be an int in 4096..2**30, got {staging_chunk!r}")
+        if staging_bytes is None:
+            # the default grows with a large chunk (gpu_chunk=64 MiB worked before the pools existed)
+            staging_bytes = _env_int("AIOTE_STAGING_BYTES", max(64 << 20, 2 * staging_chunk))
+        if type(staging_bytes) is not int or not 2 * staging_chunk <= staging_bytes < 1 << 48:
+            raise InvalidArgument(f"staging_bytes must be an int >= 2 * staging_chunk ({2 * staging_chunk}), "
+                                  f"got {staging_bytes!r}")
+        if staging_mirror_bytes is None:
+            staging_mirror_bytes = _env_int("AIOTE_STAGING_MIRROR_BYTES", 1 << 30)
+        if type(staging_mirror_bytes) is not int or not 0 <= staging_mirror_bytes < 1 << 48:
+            raise InvalidArgument(f"staging_mirror_bytes must be an int >= 0, got {staging_mirror_bytes!r}")
         if direct_shm is None:
             direct_shm = os.environ.get("AIOTE_DIRECT_SHM", "1").strip().lower() not in ("0", "false", "no", "off")
         if direct_max is None:
@@ -215,7 +246,8 @@ class TransferEngine:
         self.requested_provider = PROVIDER_ALIASES.get(provider, provider)
         if gpu == "auto":
             gpu = "direct" if self.requested_provider.split(";")[0] in ("efa", "verbs") else "staged"
-        self._gpu_mode, self._cuda_ipc, self._gpu_chunk = gpu, cuda_ipc, gpu_chunk
+        self._gpu_mode, self._cuda_ipc, self._gpu_chunk = gpu, cuda_ipc, staging_chunk
+        self._staging_bytes, self._mirror_bytes = staging_bytes, staging_mirror_bytes
         self._gpu: GpuPaths | None = None
         self._cfg_args = dict(host=host, domain=domain, nics=nnics, routing=routing, pinned_nic=pinned_nic,
                               stripe_threshold=stripe_threshold, polling=polling, spin_us=spin_us, msg_size=msg_size,
@@ -325,6 +357,8 @@ class TransferEngine:
 
     async def close(self) -> None:
         """Close the engine: fail pending operations with EngineClosed, join the worker."""
+        if self._gpu is not None and not self._closed and self._h is not None:
+            await self._gpu.staging.aclose()  # peers hear of our staged transfers ending
         self._close()
 
     def _close(self, failure: Callable[[], AioteError] | None = None) -> None:
@@ -348,7 +382,7 @@ class TransferEngine:
         self._fail_deferred(closed)
         self.imms._fail_all(closed)
         if self._gpu is not None:
-            self._gpu.close()  # waits for copies in flight before mirrors are freed
+            self._gpu.close()  # after the copies in flight (shutdown waited), before the pools are freed
         while self._recv_waiters:
             f = self._recv_waiters.popleft()
             if not f.done():
@@ -456,12 +490,18 @@ class TransferEngine:
 
     def _gpu_paths(self) -> GpuPaths:
         if self._gpu is None:
-            self._gpu = GpuPaths(self, self._gpu_mode, self._cuda_ipc, self._gpu_chunk)
+            self._gpu = GpuPaths(self, self._gpu_mode, self._cuda_ipc, self._gpu_chunk, self._staging_bytes,
+                                 self._mirror_bytes)
         return self._gpu
 
     @property
     def gpu_stats(self) -> dict[str, int]:
-        """Bytes staged in/out, CUDA IPC writes, commits sent/received/bad (GPU paths)."""
+        """Bytes staged in/out, CUDA IPC writes, commits sent/received, slots granted,
+        bad staging messages; pinned host memory (``mirror_pinned``, ``pool_pinned``,
+        their sum ``staging_pinned``), the mirror budget left (``mirror_left``), staged
+        regions open per protocol (``mirror_regions``, ``pooled_regions``) and staged
+        writes per protocol (``writes_to_mirror``, ``writes_to_pool``,
+        ``writes_from_mirror``, ``writes_from_pool``).  ``{}`` before the first GPU region."""
         return dict(self._gpu.stats) if self._gpu is not None else {}
 
     # -- peers ---------------------------------------------------------------------
@@ -486,7 +526,10 @@ class TransferEngine:
             peer = self._peer(desc.addrs, desc.provider)
             out = ffi.new("uint32_t*")
             keys = ffi.new("uint64_t[]", list(desc.keys))
-            check(lib.aiote_rdesc_insert(self._handle(), peer, desc.base, desc.length, keys, len(desc.keys), out),
+            # a staged GPU region's keys name its owner's small stand-in registration: over the
+            # NIC only imm-only writes reach it (bytes go through bounce slots, aiote/staging.py)
+            length = 1 if desc.cuda is not None and desc.cuda.mode == "pooled" else desc.length
+            check(lib.aiote_rdesc_insert(self._handle(), peer, desc.base, length, keys, len(desc.keys), out),
                   "descriptor")
             r = self._rdescs[desc] = int(out[0])
         return r
@@ -743,8 +786,9 @@ class TransferEngine:
     def _check_prepared_src(src: MemoryRegion, dsts: Sequence[MrDescriptor]) -> None:
         if not isinstance(src, MemoryRegion):
             raise TypeError(f"src must be a MemoryRegion, got {type(src).__name__}")
-        staged = (src.cuda is not None and src.cuda.mirror) or any(
-            getattr(d, "cuda", None) is not None and d.cuda.mode == "staged" for d in dsts)  # non-descriptors: _fill
+        staged = (src.cuda is not None and src.cuda.staged) or any(
+            getattr(d, "cuda", None) is not None and d.cuda.mode in ("staged", "pooled")  # non-descriptors: _fill
+            for d in dsts)
         if staged:
             raise InvalidArgument("prepared transfers need host memory or GPUDirect regions: a staged GPU "
                                   "region's bytes must be copied by Python first (write it instead)")
@@ -779,7 +823,7 @@ class TransferEngine:
         return self._submit_wrs(None, wrs, count, imm, None)
 
     def _submit_cuda(self, ctx: int, stream: int, wait: tuple[int, int], copies: Sequence[tuple[int, int, int]],
-                     src: MemoryRegion | None, dst: MrDescriptor, ranges: Sequence[tuple[int, int, int]],
+                     src: MemoryRegion | None, dst: MrDescriptor | None, ranges: Sequence[tuple[int, int, int]],
                      imm: int | None) -> asyncio.Future[None]:
         """Copies (dst address, src address, n) on stream, then NIC writes (src_off,
         dst_off, len) of src into dst, posted by the worker once the copies are done."""
@@ -827,7 +871,7 @@ class TransferEngine:
 
     def _cuda_arrive(self, ctx: int, stream: int, copies: Sequence[tuple[int, int, int]], imm: int,
                      count: int) -> None:
-        """Copies on stream; then the worker counts count arrivals of imm (staged commits)."""
+        """Copies on stream; then the worker counts count arrivals of imm (mirror commits)."""
         cps = ffi.new("aiote_copy[]", len(copies)) if copies else ffi.NULL
         for i, (d, s_, ln) in enumerate(copies):
             c = cps[i]
@@ -1039,6 +1083,8 @@ class TransferEngine:
             if self._gpu is not None:
                 self._gpu.forget_plans()
         why = "its process exited" if ev.index else f"it stopped answering: {fi_strerror(int(ev.fi_errno))}"
+        if self._gpu is not None:
+            self._gpu.staging.peer_down(idx, why)
         self._log.info("peer.down", peer=idx, fi_errno=int(ev.fi_errno), exited=bool(ev.index))
         self.imms._peer_down(idx, lambda: PeerUnreachable(f"peer is down ({why})", fi_errno=int(ev.fi_errno),
                                                            prov_errno=int(ev.prov_errno)))
@@ -1048,9 +1094,9 @@ class TransferEngine:
         src = raw[ev.src_off:ev.src_off + ev.src_len]
         payload = raw[ev.payload_off:ev.payload_off + ev.len]
         lib.aiote_free(ev.data)
-        if ev.index & lib.AIOTE_MSG_CTRL:  # aiote's own: a GPU staging commit
+        if ev.index & lib.AIOTE_MSG_CTRL:  # aiote's own: the GPU staging protocol
             if self._gpu is not None:
-                self._gpu.on_commit(payload)
+                self._gpu.on_ctrl(payload, _parse_addr_blob(src))
             return
         sender = EngineAddress(self.provider, _parse_addr_blob(src)).to_bytes()  # checked in C
         while self._recv_waiters:
@@ -1132,6 +1178,13 @@ def _sweep_own_shm_names() -> None:
     for path in glob.glob(f"/dev/shm/{pid}:*"):
         with contextlib.suppress(OSError):
             os.unlink(path)
+
+
+def _env_int(name: str, default: int) -> int:
+    try:
+        return int(os.environ.get(name, default))
+    except ValueError:
+        raise InvalidArgument(f"{name} must be an int") from None
 
 
 def _last_error_lower() -> str:

@@ -4,13 +4,20 @@ A CUDA buffer is registered one of two ways (``TransferEngine(gpu=...)``):
 
 * ``direct``: the NIC registers the device memory itself (``FI_HMEM``; efa,
   verbs with GPUDirect RDMA).  Writes are plain NIC writes.
-* ``staged`` (shm, tcp and any NIC without GPUDirect): the region gets a
-  pinned host *mirror* of the same size, registered with the NIC.  A GPU
-  source is copied device→host into its mirror before the NIC reads it; a
-  GPU destination receives into its mirror and the writer then sends a
-  commit message naming the byte ranges; the owner copies them host→device
-  and only then counts the imm.  Large transfers go in chunks, so the copies
-  of one chunk overlap the network transfer of the next.
+* ``staged`` (shm, tcp and any NIC without GPUDirect): bytes pass through
+  pinned host memory, one of two ways chosen per region at registration:
+  - *mirror* (descriptor mode ``"staged"``), while the engine's mirror budget
+    (``staging_mirror_bytes``) lasts: the region gets a pinned host mirror of
+    the same size, registered with the NIC.  A GPU source is copied
+    device→host into its mirror before the NIC reads it; a GPU destination
+    receives into its mirror and the writer then sends a commit message
+    naming the byte ranges; the owner copies them host→device and only then
+    counts the imm.  Large transfers go in chunks, so the copies of one chunk
+    overlap the network transfer of the next.
+  - *pools* (mode ``"pooled"``), once the budget is spent: bytes pass through
+    bounded pools of pinned bounce buffers, on both sides, chunks pipelined;
+    the owner of a GPU region grants its slots to writers and counts the imm
+    once the last chunk is in its GPU memory (aiote/staging.py).
 
 Between processes of one host (same boot id) a GPU destination with a CUDA
 IPC handle is written by mapping it (``cuIpcOpenMemHandle``) and copying with
@@ -20,11 +27,12 @@ once the copy's event has completed, so ``imms.wait`` keeps its meaning.
 Copies run on streams of their own (``cuMemcpyAsync``, the copy engines, no
 kernels); a source tensor's pending work on torch's current stream is waited
 for first.  The copies are queued by the C core (``aiote_submit_cuda``,
-``aiote_cuda_arrive``, native/src/cuda_copy.c, libcuda dlopen'd there), which
-records an event after them; the worker thread polls that event and then posts
-the operation's writes (an IPC write's imm, a staged chunk's NIC write) or
-counts the imm (a staged commit on the owner's side).  No Python runs between
-the copy and the imm.
+native/src/cuda_copy.c, libcuda dlopen'd there), which records an event after
+them; the worker thread polls that event and then posts the operation's writes
+(an IPC write's imm, a staged chunk's NIC write), or completes the operation
+(a staged chunk's host->device copy on the owner's side, which then recycles
+the slot and, after the last chunk, counts the imm).  For CUDA IPC no Python
+runs between the copy and the imm.
 """
 
 from __future__ import annotations
@@ -43,6 +51,8 @@ from ._core import check, lib
 from .counters import IMM_MAX
 from .descriptor import CudaExt, MrDescriptor
 from .errors import AioteError, InvalidArgument, OutOfBounds
+from .staging import MAGIC as _STAGING_MAGIC
+from .staging import Staging, withdraw
 
 if TYPE_CHECKING:
     from .engine import TransferEngine
@@ -50,11 +60,11 @@ if TYPE_CHECKING:
 
 __all__ = ["GpuPaths", "Element", "chunk_elements"]
 
+# the mirror protocol's commit (a writer's bytes are in the owner's mirror)
 _COMMIT = struct.Struct("<4sQIII")  # magic, token, imm (or NO_IMM), imm count, range count
 _RANGE = struct.Struct("<QQ")
 _MAGIC = b"AGC1"
 _NO_IMM = 0xFFFFFFFF
-_ONE_IMM = ((0, 0, 0),)  # one imm-only write
 
 
 @dataclass
@@ -77,8 +87,14 @@ class _GpuInfo:
 
     device: int
     ptr: int        # device address of byte 0
-    mirror: int     # pinned host mirror (staged), 0 for direct
+    mirror: int     # pinned host mirror (staged, mirror protocol), 0 if none
     token: int
+    pooled: bool = False  # staged without a mirror: bytes pass through the bounce pools
+
+    @property
+    def staged(self) -> bool:
+        """Bytes to and from the NIC pass through pinned host memory (mirror or pools)."""
+        return self.mirror != 0 or self.pooled
 
 
 def chunk_elements(es: Sequence[Element], cap: int, max_ranges: int = 2000) -> list[list[Part]]:
@@ -135,7 +151,8 @@ def _local_region(token: int) -> MemoryRegion | None:
 class GpuPaths:
     """The GPU side of one engine: registration, routing, copies, commits."""
 
-    def __init__(self, engine: TransferEngine, mode: str, ipc: bool, chunk_bytes: int):
+    def __init__(self, engine: TransferEngine, mode: str, ipc: bool, chunk_bytes: int, staging_bytes: int,
+                 mirror_bytes: int = 0):
         self._engine = engine
         self.mode = mode              # "staged" or "direct"
         self.ipc = ipc                # use CUDA IPC for same-host GPU destinations
@@ -155,8 +172,23 @@ class GpuPaths:
         self._plans: dict[int, tuple[MrDescriptor, int, int]] = {}
         self._dev: dict[int, tuple[int, int]] = {}  # device -> (context, aiote's stream)
         self._raw_stream: Any = None  # torch._C._cuda_getCurrentRawStream, once torch is up
+        self.mirror_budget = self.mirror_left = mirror_bytes  # staged regions' mirrors, engine-wide
         self.stats = {"staged_in": 0, "staged_out": 0, "ipc_writes": 0, "commits_sent": 0,
-                      "commits_received": 0, "bad_commits": 0}
+                      "commits_received": 0, "bad_commits": 0, "grants": 0,
+                      # pinned host memory: mirrors + pools = staging_pinned
+                      "staging_pinned": 0, "mirror_pinned": 0, "pool_pinned": 0, "mirror_left": mirror_bytes,
+                      # staged regions open now, per protocol; staged writes per protocol (one per
+                      # destination of a write, by the destination's protocol; by the source's)
+                      "mirror_regions": 0, "pooled_regions": 0, "writes_to_mirror": 0, "writes_to_pool": 0,
+                      "writes_from_mirror": 0, "writes_from_pool": 0}
+        self.staging = Staging(self, staging_bytes, chunk_bytes)
+
+    def pinned_changed(self) -> None:
+        st = self.stats
+        st["pool_pinned"] = self.staging.pinned_bytes()
+        st["mirror_pinned"] = self.mirror_budget - self.mirror_left
+        st["mirror_left"] = self.mirror_left
+        st["staging_pinned"] = st["pool_pinned"] + st["mirror_pinned"]
 
     # -- registration ------------------------------------------------------------
 
@@ -166,17 +198,34 @@ class GpuPaths:
         eng, drv = self._engine, self._drv
         drv.use_device(cp.device)
         token = secrets.randbits(64)
+        mirror, n = 0, cp.nbytes
         if self.mode == "direct":
             region = MemoryRegion._from_device(eng, cp)
-            mirror = 0
-        else:
-            mirror = drv.host_alloc(cp.nbytes)
+            mode = "direct"
+        elif self.mirror_budget and n <= self.mirror_left:
+            # the mirror protocol: a pinned host mirror of the whole region, from the budget
+            mirror = drv.host_alloc(n)
             try:
-                region = MemoryRegion._from_raw(eng, mirror, cp.nbytes, cp.keep)
+                region = MemoryRegion._from_raw(eng, mirror, n, cp.keep)
             except BaseException:
                 drv.host_free(mirror)
                 raise
-            region._on_close.append(lambda: drv.host_free(mirror))
+            self.mirror_left -= n
+            self.stats["mirror_regions"] += 1
+            self.pinned_changed()
+            region._on_close.append(lambda: self._mirror_freed(mirror, n))
+            mode = "staged"
+        else:
+            # the pools: no host memory of its own, the NIC never touches the region (writes
+            # to it land in the owner's bounce slots); a 64-byte stand-in gives it a key and an id
+            self.staging.ensure_recv_pool()
+            region = MemoryRegion(eng, bytearray(64))
+            region.address, region.nbytes, region._keep = cp.ptr, n, (cp.keep, region._keep)
+            region._descriptor = replace(region._descriptor, length=n)
+            self.stats["pooled_regions"] += 1
+            region._on_close.append(lambda: self.stats.__setitem__("pooled_regions",
+                                                                   self.stats["pooled_regions"] - 1))
+            mode = "pooled"
         handle, offset, kind = bytes(64), 0, 0
         try:
             base, _ = drv.address_range(cp.ptr)
@@ -191,26 +240,38 @@ class GpuPaths:
             else:
                 handle, offset, kind = exp.handle, exp.offset, 1
                 region._on_close.append(exp.close)
-        ext = CudaExt(self.mode, cp.device, token, self._boot, self._pid, drv.device_uuid(cp.device), handle,
+        ext = CudaExt(mode, cp.device, token, self._boot, self._pid, drv.device_uuid(cp.device), handle,
                       offset, kind)
         region._descriptor = replace(region._descriptor, cuda=ext)
-        region.cuda = _GpuInfo(cp.device, cp.ptr, mirror, token)
+        region.cuda = _GpuInfo(cp.device, cp.ptr, mirror, token, mode == "pooled")
         region.device = cp.device
         self._by_token[token] = region
         _LOCAL_REGIONS[token] = region
-        region._on_close.append(lambda: (self._by_token.pop(token, None), _LOCAL_REGIONS.pop(token, None)))
+        region._on_close.append(lambda: (self._by_token.pop(token, None), _LOCAL_REGIONS.pop(token, None),
+                                         self.staging.region_closed(token)))
         return region
+
+    def _mirror_freed(self, mirror: int, n: int) -> None:
+        """A mirrored region was closed (after the copies it had in flight): its mirror is
+        freed and its bytes go back to the budget."""
+        self._drv.host_free(mirror)
+        self.mirror_left += n
+        self.stats["mirror_regions"] -= 1
+        self.pinned_changed()
 
     def local_region(self, token: int) -> MemoryRegion | None:
         return self._by_token.get(token)
 
     # -- copies --------------------------------------------------------------------
 
-    def _stream(self, device: int) -> int:
-        s = self._streams.get(device)
+    def _stream(self, device: int, h2d: bool = False) -> int:
+        """aiote's stream of a device; the staged path's host->device copies have their
+        own (key -1 - device), so they overlap the device->host copies of our own writes."""
+        key = -1 - device if h2d else device
+        s = self._streams.get(key)
         if s is None:
             self._drv.use_device(device)
-            s = self._streams[device] = self._drv.stream()
+            s = self._streams[key] = self._drv.stream()
         return s
 
     def _after_torch(self, device: int, stream: int) -> None:
@@ -244,12 +305,12 @@ class GpuPaths:
         return 1, int(torch.cuda.current_stream(device).cuda_stream)
 
     def _gated(self, device: int, wait: tuple[int, int], copies: Sequence[tuple[int, int, int]],
-               src: MemoryRegion | None, dst: MrDescriptor, ranges: Sequence[tuple[int, int, int]],
-               imm: int | None) -> asyncio.Future[None]:
+               src: MemoryRegion | None, dst: MrDescriptor | None, ranges: Sequence[tuple[int, int, int]],
+               imm: int | None, h2d: bool = False) -> asyncio.Future[None]:
         """Copies (dst address, src address, n) on the device's stream, then NIC writes
         (src_off, dst_off, len) of src into dst, posted by the worker once the copies
         are done; one future for the whole."""
-        return self._engine._submit_cuda(self._ctx(device), self._stream(device), wait, copies, src, dst,
+        return self._engine._submit_cuda(self._ctx(device), self._stream(device, h2d), wait, copies, src, dst,
                                          ranges, imm)
 
     # -- writes --------------------------------------------------------------------
@@ -269,7 +330,13 @@ class GpuPaths:
         groups: dict[MrDescriptor, list[Element]] = {}
         for e in elems:
             groups.setdefault(e.dst, []).append(e)
-        await asyncio.gather(*(self._to_one(src, dst, es, imm) for dst, es in groups.items()))
+        if src is not None:
+            src._busy += 1  # deregistering it now: RegionInUse (chunks of it are still to go)
+        try:
+            await asyncio.gather(*(self._to_one(src, dst, es, imm) for dst, es in groups.items()))
+        finally:
+            if src is not None:
+                src._busy -= 1
 
     def _route(self, dst: MrDescriptor, device: int = 0) -> str:
         """How a write reaches dst: "ipc" (copy engines, this host: dst is mapped here,
@@ -283,7 +350,7 @@ class GpuPaths:
                     return "ipc"
             elif ext.has_ipc and self._map(ext, device) is not None:
                 return "ipc"
-        return ext.mode  # "staged" or "direct"
+        return ext.mode  # "staged" (a mirror), "pooled" or "direct"
 
     def _map(self, ext: CudaExt, device: int) -> int | None:
         """Where another process's region (its whole allocation) is mapped here, mapping it
@@ -317,14 +384,31 @@ class GpuPaths:
         if route == "ipc":
             await self._ipc_write(src, dst, es, imm, (0, 0))  # ordered after torch's stream in submit
             return
+        info = src.cuda if src is not None else None
+        if info is not None and info.staged:
+            self.stats["writes_from_mirror" if info.mirror else "writes_from_pool"] += 1
+        if route == "pooled":
+            self.stats["writes_to_pool"] += 1
+            await self.staging.to_staged(src, dst, es, imm)
+        elif route != "staged" and info is not None and info.pooled:
+            await self.staging.from_gpu(src, dst, es, imm)  # type: ignore[arg-type]
+        else:
+            await self._nic(src, dst, es, imm, route == "staged")
+
+    async def _nic(self, src: MemoryRegion | None, dst: MrDescriptor, es: list[Element], imm: int | None,
+                   to_mirror: bool) -> None:
+        """NIC writes of chunks to a host, GPUDirect or mirrored region (then a commit per
+        chunk: the owner copies it to its GPU and counts the imm).  A GPU source's chunk is
+        copied into its mirror, or a send slot, first."""
         chunks = self._chunks(es)
-        staged_src = src is not None and src.cuda is not None and src.cuda.mirror != 0
         # NIC writes of chunk k are posted by the worker when its device->host copy
         # is done; the copies of later chunks run meanwhile.
-        nic_imm = imm if route != "staged" else None
-        nic = [self._nic_chunk(src, dst, c, staged_src, nic_imm) for c in chunks]
+        nic_imm = imm if not to_mirror else None
+        if to_mirror:
+            self.stats["writes_to_mirror"] += 1
+        nic = [self._nic_chunk(src, dst, c, nic_imm) for c in chunks]
         try:
-            if route == "staged":
+            if to_mirror:
                 # commits in chunk order: the owner copies them to its GPU in arrival order
                 # and counts an element's imm with the chunk holding its last part
                 for c, f in zip(chunks, nic):
@@ -340,6 +424,8 @@ class GpuPaths:
         finally:
             for f in nic:
                 if not f.done():
+                    if hasattr(f, "_aiote_task"):  # a send slot's: its wait, or its C operation
+                        withdraw(self._engine, f)
                     f.cancel()
 
     def _chunks(self, es: list[Element]) -> list[list[Part]]:
@@ -347,7 +433,7 @@ class GpuPaths:
         max_ranges = max(1, min(2000, (self._engine._cfg_args["msg_size"] - 1024) // _RANGE.size))
         return chunk_elements(es, self.chunk_bytes, max_ranges)
 
-    def _nic_chunk(self, src: MemoryRegion | None, dst: MrDescriptor, chunk: list[Part], staged_src: bool,
+    def _nic_chunk(self, src: MemoryRegion | None, dst: MrDescriptor, chunk: list[Part],
                    imm: int | None) -> asyncio.Future[None]:
         """One chunk's NIC writes (after its device->host copy for a staged source).  A chunk
         holds whole elements, which carry the imm (if any), or one part of a cut element,
@@ -356,14 +442,29 @@ class GpuPaths:
         whole = chunk[0][3]
         assert all(p[3] == whole for p in chunk)
         nimm = imm if whole else None
-        if not staged_src:
+        info = src.cuda if src is not None else None
+        if info is None or not info.staged:
             return self._engine._write_ranges(src, dst, ranges, nimm)
-        assert src is not None and src.cuda is not None
+        assert src is not None
+        if info.pooled:  # packed into a send slot, written from there
+            packed, pos = [], 0
+            for so, _, n in ranges:
+                packed.append((so, pos, n))
+                pos += n
+            return self.staging._gpu_out(src, packed, dst, [(o, d, n) for (_, o, n), (_, d, _) in
+                                                            zip(packed, ranges)], nimm)
+        return self.mirror_out(src, dst, ranges, nimm)
+
+    def mirror_out(self, src: MemoryRegion, dst: MrDescriptor, ranges: Sequence[tuple[int, int, int]],
+                   imm: int | None) -> asyncio.Future[None]:
+        """(src_off, dst_off, n) ranges of a mirrored GPU source: copied device->host into its
+        mirror, then NIC writes from there; one C operation."""
         info = src.cuda
-        merged = _merge([(p[0], p[0], p[2]) for p in chunk])
+        assert info is not None and info.mirror
+        merged = _merge([(so, so, n) for so, _, n in ranges])
         self.stats["staged_out"] += sum(n for _, _, n in merged)
         return self._gated(info.device, (0, 0), [(info.mirror + o, info.ptr + o, n) for o, _, n in merged],
-                           src, dst, ranges, nimm)
+                           src, dst, ranges, imm)
 
     async def _commit(self, dst: MrDescriptor, ranges: list[tuple[int, int]], imm: int | None, count: int) -> None:
         ext = dst.cuda
@@ -508,8 +609,18 @@ class GpuPaths:
 
     # -- the owner's side ----------------------------------------------------------
 
+    def on_ctrl(self, payload: bytes, sender: tuple[bytes, ...]) -> None:
+        """An aiote control message: a mirror commit, or the pools' protocol (aiote/staging.py)."""
+        if payload[:4] == _STAGING_MAGIC:
+            self.staging.on_message(payload, sender)
+        elif payload[:4] == _MAGIC:
+            self.on_commit(payload)
+        else:
+            self.stats["bad_commits"] += 1
+            self._engine._log.warning("gpu.bad_control_message")
+
     def on_commit(self, payload: bytes) -> None:
-        """A writer's bytes are in a staged region's mirror: copy them to the GPU,
+        """A writer's bytes are in a mirrored region's mirror: copy them to the GPU,
         then count the imm.  Malformed or unknown commits are dropped (counted)."""
         try:
             magic, token, imm, count, nranges = _COMMIT.unpack_from(payload)
@@ -544,6 +655,7 @@ class GpuPaths:
 
     def close(self) -> None:
         """After the engine's shutdown (which waited for the copies it had queued)."""
+        self.staging.close()
         for unmap in self._ipc_unmap:
             try:
                 unmap()
@@ -551,9 +663,9 @@ class GpuPaths:
                 pass
         self._ipc_unmap.clear()
         self._ipc_maps.clear()
-        for dev, s in self._streams.items():
+        for key, s in self._streams.items():
             try:
-                self._drv.use_device(dev)
+                self._drv.use_device(key if key >= 0 else -1 - key)
                 self._drv.call("cuStreamDestroy", _vp(s))
             except cuda.CudaError:
                 pass

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._core import check, ffi, lib
 from .descriptor import MrDescriptor
-from .errors import RegionClosed, RegistrationError
+from .errors import RegionClosed, RegionInUse, RegistrationError
 
 if TYPE_CHECKING:
     from .engine import TransferEngine
@@ -89,6 +89,8 @@ class MemoryRegion:
     #: GPU regions: the device ordinal (None for host memory) and aiote.gpu's bookkeeping
     device: int | None = None
     cuda: Any = None
+    #: staged GPU transfers using it right now (their chunks are copied in Python's time, not C's)
+    _busy = 0
 
     def __init__(self, engine: TransferEngine, obj: Any, *, _raw: tuple[int, int, Any] | None = None,
                  _cuda_device: int | None = None):
@@ -117,7 +119,7 @@ class MemoryRegion:
 
     @classmethod
     def _from_raw(cls, engine: TransferEngine, addr: int, nbytes: int, keep: Any) -> MemoryRegion:
-        """Register host memory aiote allocated itself (a GPU region's pinned mirror)."""
+        """Register host memory aiote allocated itself (the staged path's bounce pools)."""
         return cls(engine, None, _raw=(addr, nbytes, keep))
 
     @classmethod
@@ -147,6 +149,8 @@ class MemoryRegion:
         """Deregister (idempotent).  Raises RegionInUse while operations use it."""
         if self._closed:
             return
+        if self._busy and not self._engine.closed:
+            raise RegionInUse(f"memory region is in use by {self._busy} staged GPU transfer(s)")
         if not self._engine.closed:
             check(lib.aiote_mr_deregister(self._engine._handle(), self._id), "deregister")
         self._closed = True

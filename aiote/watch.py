@@ -45,7 +45,7 @@ class Prepared:
 
     It holds its source region (which can't be closed meanwhile) until ``close()``.
     Only host memory or GPUDirect (``gpu="direct"``) regions: a staged GPU region's
-    bytes must be copied to its mirror first, which C can't do.
+    bytes pass through bounce slots under a protocol that Python drives.
     """
 
     def __init__(self, engine: TransferEngine, prep_id: int, keep: Any, n: int = 0):

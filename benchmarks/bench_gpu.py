@@ -3,7 +3,9 @@
 Needs a host with 2 GPUs.  Initiator on cuda:0, target on cuda:1, each its own process:
 
 * aiote ``ipc``: the default on one host (CUDA IPC mapping, copy engines, imm after the copy);
-* aiote ``staged``: ``cuda_ipc=False`` (pinned host mirrors + the shm NIC path), for reference;
+* aiote ``staged``: ``cuda_ipc=False`` (the NIC path, ``--provider``), for reference: with the
+  default mirror budget (each region a pinned mirror); ``--staged-only`` runs it beside
+  ``staging_mirror_bytes=0`` (the bounce pools) in one run;
 * ``memcpyPeer``: torch ``dst.copy_(src)`` between the two devices in one process;
 * ``NCCL``: torch.distributed send/recv between two processes.
 
@@ -13,6 +15,7 @@ Latency: one transfer at a time, median (aiote: awaited write; NCCL: ping-pong /
 memcpyPeer: copy + synchronize).
 
     python benchmarks/bench_gpu.py [--sizes 4K,...,256M] [--json out.json]
+    python benchmarks/bench_gpu.py --staged-only [--provider shm] [--lat-iters 30] [--iters-div 4]
 """
 
 from __future__ import annotations
@@ -42,51 +45,61 @@ def iters_for(size: int) -> int:
 # ---- aiote ---------------------------------------------------------------------------
 
 
-def _aiote_target(conn, max_size: int, ipc: bool, polling: str = "adaptive") -> None:
+def _aiote_target(conn, max_size: int, ipc: bool, polling: str = "adaptive", provider: str = "shm",
+                  kw: dict | None = None) -> None:
     import aiote
 
     async def main() -> None:
-        async with aiote.TransferEngine("shm", cuda_ipc=ipc, polling=polling) as eng:
+        host = None if provider == "shm" else "127.0.0.1"
+        async with aiote.TransferEngine(provider, host=host, cuda_ipc=ipc, polling=polling, **(kw or {})) as eng:
             dst = eng.register(torch.zeros(max_size, dtype=torch.uint8, device="cuda:1"))
             conn.send(dst.descriptor.to_bytes())
             loop = asyncio.get_running_loop()
             done = asyncio.Event()
             loop.add_reader(conn.fileno(), done.set)
             await done.wait()
+            conn.send(eng.gpu_stats)
 
     asyncio.run(main())
 
 
-async def _aiote_run(sizes: list[int], ipc: bool, polling: str = "adaptive") -> dict[int, dict[str, float]]:
+async def _aiote_run(sizes: list[int], ipc: bool, polling: str = "adaptive", provider: str = "shm",
+                     kw: dict | None = None, lat_iters: int = 30, iters_div: int = 4) -> dict:
+    """kw: both engines' extra options (e.g. staging_mirror_bytes=0: the bounce pools);
+    the result has each size's numbers and, under "stats", both engines' gpu_stats."""
     import aiote
 
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
-    proc = ctx.Process(target=_aiote_target, args=(child, max(sizes), ipc, polling), daemon=True)
+    proc = ctx.Process(target=_aiote_target, args=(child, max(sizes), ipc, polling, provider, kw), daemon=True)
     proc.start()
-    out: dict[int, dict[str, float]] = {}
+    out: dict = {}
     try:
-        async with aiote.TransferEngine("shm", cuda_ipc=ipc, polling=polling) as eng:
+        host = None if provider == "shm" else "127.0.0.1"
+        async with aiote.TransferEngine(provider, host=host, cuda_ipc=ipc, polling=polling, **(kw or {})) as eng:
             src = eng.register(torch.randint(0, 256, (max(sizes),), dtype=torch.uint8, device="cuda:0"))
             loop = asyncio.get_running_loop()
             d = aiote.MrDescriptor.from_bytes(await loop.run_in_executor(None, parent.recv))
             for size in sizes:
                 for _ in range(3):
                     await eng.write(src, d, size, imm=1)
-                n = iters_for(size) if ipc else max(4, iters_for(size) // 4)
+                n = iters_for(size) if ipc else max(4, iters_for(size) // iters_div)
                 t = time.perf_counter()
                 await asyncio.gather(*(eng.write(src, d, size, imm=1) for _ in range(n)))
                 bw = n * size / (time.perf_counter() - t) / 1e9
                 lat, call = [], []
-                for _ in range(30):
+                for _ in range(lat_iters):
                     t = time.perf_counter()
                     f = eng.write(src, d, size, imm=2)
                     call.append((time.perf_counter() - t) * 1e6)
                     await f
                     lat.append((time.perf_counter() - t) * 1e6)
                 out[size] = {"GB/s": bw, "lat_us": statistics.median(lat), "call_us": statistics.median(call)}
+            out["stats"] = {"initiator": eng.gpu_stats}
     finally:
         parent.send(b"done")
+        if parent.poll(30):
+            out.setdefault("stats", {})["target"] = parent.recv()
         proc.join(30)
     return out
 
@@ -190,8 +203,33 @@ def main() -> None:
     ap.add_argument("--json")
     ap.add_argument("--polling", default="adaptive", choices=["adaptive", "busy", "blocking"],
                     help="both aiote engines' polling mode (default: the engine's default, adaptive)")
+    ap.add_argument("--staged-only", action="store_true",
+                    help="only the staged path, on --provider, both protocols: the mirror (default budget) "
+                         "and the pools (staging_mirror_bytes=0) (docs/benchmarks.md#gpu)")
+    ap.add_argument("--provider", default="shm")
+    ap.add_argument("--lat-iters", type=int, default=30, help="writes timed one at a time per size (median)")
+    ap.add_argument("--iters-div", type=int, default=4,
+                    help="staged bandwidth: writes in flight per size = max(4, 2 GiB / size (8..400) / this)")
     a = ap.parse_args()
     sizes = [parse_size(s) for s in a.sizes.split(",")]
+    if a.staged_only:
+        runs = {}
+        for name, kw in (("mirror", {}), ("pools", {"staging_mirror_bytes": 0})):
+            runs[name] = asyncio.run(_aiote_run(sizes, False, a.polling, a.provider, kw, a.lat_iters, a.iters_div))
+            print(f"{name}: gpu_stats {runs[name].get('stats')}", flush=True)
+        m, p = runs["mirror"], runs["pools"]
+        print(f"{torch.cuda.get_device_name(0)} x{torch.cuda.device_count()}, aiote staged on {a.provider}, "
+              f"polling {a.polling}, {time.strftime('%Y-%m-%d %H:%M')}")
+        print(" size | mirror GB/s | pools GB/s | pools/mirror | mirror lat us | pools lat us | mirror call us "
+              "| pools call us")
+        for s in sizes:
+            print(f"{fmt(s):>5} | {m[s]['GB/s']:11.2f} | {p[s]['GB/s']:10.2f} | {p[s]['GB/s'] / m[s]['GB/s']:12.2f} "
+                  f"| {m[s]['lat_us']:13.1f} | {p[s]['lat_us']:12.1f} | {m[s]['call_us']:14.1f} "
+                  f"| {p[s]['call_us']:13.1f}")
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump({n: {str(k): v for k, v in r.items()} for n, r in runs.items()}, f, indent=1)
+        return
     results = {
         "aiote ipc": asyncio.run(_aiote_run(sizes, True, a.polling)),
         "aiote staged": asyncio.run(_aiote_run(sizes, False, a.polling)),

@@ -2,11 +2,14 @@
 
 Run on a machine with 2 GPUs: our engine uses cuda:0, the peer process cuda:1 (or
 cuda:0 if there is one).  Paths: CUDA IPC between processes of the host (the
-default for GPU destinations) and the host-staged NIC path (``cuda_ipc=False``),
-on shm and tcp.  Every transfer is checked byte for byte.
+default for GPU destinations) and the host-staged NIC path (``cuda_ipc=False``)
+with both of its protocols: ``staged-mirror`` (the default mirror budget: every
+region here gets a pinned mirror) and ``staged-pools`` (``staging_mirror_bytes=0``:
+bounce pools only), on shm and tcp.  Every transfer is checked byte for byte.
 """
 
 import asyncio
+import hashlib
 
 import numpy as np
 import pytest
@@ -44,16 +47,23 @@ async def peer_region(peer, size, kind, fill=0):
     return rid, aiote.MrDescriptor.from_bytes(d)
 
 
-@pytest.fixture(params=["ipc", "staged"])
+@pytest.fixture(params=["ipc", "staged-mirror", "staged-pools"])
 def path(request):
     return request.param
 
 
+def path_kw(path: str) -> dict:
+    """Engine options of a path: CUDA IPC, or the staged NIC path with the default mirror
+    budget (mirrors) or none (pools)."""
+    if path == "ipc":
+        return dict(cuda_ipc=True)
+    return dict(cuda_ipc=False, staging_mirror_bytes=0) if path == "staged-pools" else dict(cuda_ipc=False)
+
+
 @pytest.fixture
 async def gpu_pair(aiote_make_engine, aiote_make_peer, path):
-    ipc = path == "ipc"
-    eng = await aiote_make_engine(cuda_ipc=ipc, gpu_chunk=4 * MiB)
-    peer = await aiote_make_peer(cuda_ipc=ipc, gpu_chunk=4 * MiB)
+    eng = await aiote_make_engine(gpu_chunk=4 * MiB, **path_kw(path))
+    peer = await aiote_make_peer(gpu_chunk=4 * MiB, **path_kw(path))
     return eng, peer
 
 
@@ -76,8 +86,12 @@ async def test_write_every_direction(gpu_pair, path, direction, size):
     assert got[33 + size:] == b"\xee" * (128 - 33)
     assert await peer.call("pending", 11) == 0
     stats = await peer.call("gpu_stats")
-    if dst_kind == "gpu" and path == "staged":
+    if dst_kind == "gpu" and path != "ipc":
+        assert d.cuda.mode == ("pooled" if path == "staged-pools" else "staged")
         assert stats["commits_received"] >= 1 and stats["bad_commits"] == 0
+        assert stats["mirror_regions" if path == "staged-mirror" else "pooled_regions"] == 1
+    if src_kind == "gpu" and path != "ipc":
+        assert eng.gpu_stats["writes_from_mirror" if path == "staged-mirror" else "writes_from_pool"] == 1
     if dst_kind == "gpu" and path == "ipc":
         assert eng.gpu_stats["ipc_writes"] >= 1
 
@@ -112,15 +126,19 @@ async def test_paged(gpu_pair, direction):
 
 
 async def test_scatter_and_barrier_mixed_targets(aiote_make_engine, aiote_make_peer, path):
-    """One GPU source to a GPU and a CPU region of one peer and a GPU region of another."""
-    ipc = path == "ipc"
-    eng = await aiote_make_engine(cuda_ipc=ipc)
-    p1, p2 = await aiote_make_peer(cuda_ipc=ipc), await aiote_make_peer(cuda_ipc=ipc)
+    """One GPU source to a GPU and a CPU region of one peer and a GPU region of another;
+    staged-mirror: the other peer has no mirror budget, so one scatter writes a mirrored
+    and a pooled region."""
+    eng = await aiote_make_engine(**path_kw(path))
+    p1 = await aiote_make_peer(**path_kw(path))
+    p2 = await aiote_make_peer(**path_kw("staged-pools" if path == "staged-mirror" else path))
     data = pattern(8 * MiB, 5)
     src = eng.register(gpu_tensor(data))
     r1, d1 = await peer_region(p1, 4 * MiB, "gpu")
     r2, d2 = await peer_region(p1, 4 * MiB, "cpu")
     r3, d3 = await peer_region(p2, 4 * MiB, "gpu")
+    if path != "ipc":
+        assert (d1.cuda.mode, d3.cuda.mode) == ("pooled" if path == "staged-pools" else "staged", "pooled")
     await eng.scatter(src, [(d1, 0, 0, 4 * MiB), (d2, MiB, 0, 3 * MiB), (d3, 5 * MiB, 100, 3 * MiB)], imm=13)
     assert await p1.call("wait_imm", 13, 2, 60) and await p2.call("wait_imm", 13, 1, 60)
     assert await p1.call("read", r1, 0, 4 * MiB) == data[:4 * MiB].tobytes()
@@ -130,8 +148,9 @@ async def test_scatter_and_barrier_mixed_targets(aiote_make_engine, aiote_make_p
     assert await p1.call("wait_imm", 14, 1, 60) and await p2.call("wait_imm", 14, 1, 60)
 
 
-@pytest.mark.aiote_providers("shm")
-async def test_one_gib(gpu_pair):
+async def test_one_gib(gpu_pair, path, aiote_provider):
+    if path == "ipc" and aiote_provider != "shm":
+        pytest.skip("CUDA IPC copies don't use the NIC: shm covers it")
     eng, peer = gpu_pair
     n = 1 << 30
     src_t = torch.randint(0, 256, (n,), dtype=torch.uint8, device="cuda:0")
@@ -323,3 +342,80 @@ async def test_ipc_expandable_segments(aiote_make_engine, aiote_make_peer):
         assert (await peer.call("gpu_stats"))["ipc_writes"] == 1
     finally:
         torch.cuda.memory._set_allocator_settings("expandable_segments:False")
+
+
+# ---- the staged path's bounce pools (aiote/staging.py) ---------------------------------
+
+POOL = dict(cuda_ipc=False, staging_chunk=MiB, staging_bytes=8 * MiB,  # 4 slots of 1 MiB a side
+            staging_mirror_bytes=0)
+
+
+def sha(b: bytes) -> str:
+    return hashlib.sha256(b).hexdigest()
+
+
+@pytest.mark.parametrize("direction", ["cpu->gpu", "gpu->cpu", "gpu->gpu"])
+async def test_staged_pool_much_smaller_than_the_region(aiote_make_engine, aiote_make_peer, direction):
+    """256 MiB + 5 at odd offsets through pools of 4 x 1 MiB a side: every byte, the imm once,
+    pinned host memory bounded by the pools (the full mirror pinned 256 MiB a side)."""
+    eng, peer = await aiote_make_engine(**POOL), await aiote_make_peer(**POOL)
+    src_kind, dst_kind = direction.split("->")
+    n = 256 * MiB + 5
+    src_t = torch.randint(0, 256, (n + 64,), dtype=torch.uint8, device="cuda:0")
+    host = src_t.cpu().numpy().tobytes()
+    src = eng.register(src_t if src_kind == "gpu" else bytearray(host))
+    rid, d = await peer_region(peer, n + 64, dst_kind)
+    await eng.write(src, d, n, src_offset=3, dst_offset=17, imm=31)
+    assert await peer.call("wait_imm", 31, 1, 120)
+    assert await peer.call("pending", 31) == 0
+    assert await peer.call("digest", rid, 17, n) == sha(host[3:3 + n])
+    assert eng.gpu_stats["staging_pinned"] <= 8 * MiB
+    assert (await peer.call("gpu_stats")).get("staging_pinned", 0) <= 8 * MiB  # {} without a GPU region
+    st = await peer.call("staging_state")
+    if dst_kind == "gpu":
+        assert st["recv_free"] == st["nslots"] == 4 and st["in"] == 0 and st["busy"] == 0
+
+
+async def test_staged_concurrent_both_ways_then_cancel(aiote_make_engine, aiote_make_peer):
+    """Eight 16 MiB writes each way at once through pools of 2 x 1 MiB a side (no deadlock,
+    every byte, every imm once); then a 256 MiB write cancelled mid-way: its imm is never
+    counted and the owner's slots come back (the next write needs them)."""
+    kw = dict(cuda_ipc=False, staging_chunk=MiB, staging_bytes=4 * MiB, staging_mirror_bytes=0)
+    eng, peer = await aiote_make_engine(**kw), await aiote_make_peer(**kw)
+    k, n = 8, 16 * MiB + 3
+    src_t = torch.randint(0, 256, (k * n,), dtype=torch.uint8, device="cuda:0")
+    src = eng.register(src_t)
+    rid, d = await peer_region(peer, k * n, "gpu")
+    mine = torch.zeros(k * n, dtype=torch.uint8, device="cuda:0")
+    dst = eng.register(mine)
+    prid, _ = await peer_region(peer, k * n, "gpu", fill=0x5C)
+    got = eng.imms.wait(60, k, timeout=120)
+    ours = [eng.write(src, d, n, i * n, i * n, imm=50) for i in range(k)]
+    theirs = peer.call("write_many", prid, dst.descriptor.to_bytes(), [(n, i * n, i * n, 60) for i in range(k)])
+    await asyncio.gather(*ours, theirs)
+    await got
+    assert await peer.call("wait_imm", 50, k, 60)
+    assert await peer.call("digest", rid, 0, k * n) == sha(src_t.cpu().numpy().tobytes())
+    assert torch.all(mine == 0x5C).item()
+    # cancel mid-way: after the owner granted its fifth slot
+    granted = asyncio.Event()
+    seen = [0]
+    orig = eng._gpu.staging.on_message
+
+    def on_message(payload, sender):
+        orig(payload, sender)
+        if payload[4] == 3:  # GRANT
+            seen[0] += 1
+            if seen[0] == 5:
+                granted.set()
+
+    eng._gpu.staging.on_message = on_message
+    w = eng.write(src, d, 128 * MiB, imm=70)
+    await asyncio.wait_for(granted.wait(), 60)
+    w.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await w
+    await asyncio.wait_for(eng.write(src, d, 4 * MiB, imm=71), 60)
+    assert await peer.call("pending", 71) == 1 and await peer.call("pending", 70) == 0
+    assert await peer.call("digest", rid, 0, 4 * MiB) == sha(src_t[:4 * MiB].cpu().numpy().tobytes())
+    await asyncio.wait_for(eng._gpu.staging.wait_idle(), 60)

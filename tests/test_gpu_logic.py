@@ -29,6 +29,10 @@ def test_cuda_descriptor_round_trip():
     assert desc().to_bytes()[4] == 1  # host regions keep version 1
     assert "cuda=staged:1" in repr(d) and "deadbeef" not in repr(d).lower()
     assert ext(ipc_handle=bytes(64)).has_ipc is False
+    # a pooled region (no mirror: the bounce pools) says so on the wire, mode byte 3
+    p = desc(ext(mode="pooled"))
+    assert aiote.MrDescriptor.from_bytes(p.to_bytes()).cuda.mode == "pooled"
+    assert p.to_bytes() != d.to_bytes()
 
 
 @pytest.mark.parametrize("bad", [dict(mode="weird"), dict(device=300), dict(host=b"x"), dict(ipc_handle=b"1"),

@@ -72,6 +72,16 @@ async def _child(conn: Any, provider: str, polling: str, kwargs: dict[str, Any])
                 rid = next(rids)
                 regions[rid] = (buf, mr)
                 return rid, mr.descriptor.to_bytes()
+            if method == "register_fake_cuda":
+                # tests only: fake device memory (aiote.testing.fake_cuda; AIOTE_FAKE_CUDA=1)
+                from .fake_cuda import FakeDeviceBuffer
+
+                size, fill, device = args
+                buf = FakeDeviceBuffer(size, device, fill)
+                mr = eng.register(buf)
+                rid = next(rids)
+                regions[rid] = (buf, mr)
+                return rid, mr.descriptor.to_bytes()
             if method == "cuda_alloc_conf":
                 # torch's allocator settings from now on, e.g. "expandable_segments:True"
                 import torch
@@ -84,7 +94,18 @@ async def _child(conn: Any, provider: str, polling: str, kwargs: dict[str, Any])
                 buf = regions[rid][0]
                 if getattr(buf, "is_cuda", False):
                     return buf[off:off + n].cpu().numpy().tobytes()
+                if hasattr(buf, "host"):  # fake device memory
+                    return bytes(buf.host[off:off + n])
                 return bytes(buf[off:off + n])
+            if method == "digest":
+                # sha256 of a region's bytes (large regions, checked without shipping them)
+                import hashlib
+
+                rid, off, n = args
+                buf = regions[rid][0]
+                if getattr(buf, "is_cuda", False):
+                    return hashlib.sha256(buf[off:off + n].cpu().numpy().tobytes()).hexdigest()
+                return hashlib.sha256(bytes(buf[off:off + n])).hexdigest()
             if method == "fill":
                 rid, off, data = args
                 buf = regions[rid][0]
@@ -113,6 +134,16 @@ async def _child(conn: Any, provider: str, polling: str, kwargs: dict[str, Any])
                 d = aiote.MrDescriptor.from_bytes(desc)
                 await eng.write(regions[rid][1], d, length, src_off, dst_off, imm=imm)
                 return None
+            if method == "staging_state":
+                # the bounce pools: free and total slots, transfers open on each side
+                g = eng._gpu
+                if g is None:
+                    return None
+                st = g.staging
+                return {"recv_free": len(st._recv.free) if st._recv else None,
+                        "send_free": len(st._send.free) if st._send else None, "nslots": st.nslots,
+                        "in": len(st._in), "out": len(st._out),
+                        "busy": sum(r[1]._busy for r in regions.values())}
             if method == "write_many":
                 # (rid, desc, [(length, src_off, dst_off, imm), ...]): all in flight at once
                 rid, desc, items = args
@@ -204,9 +235,12 @@ class PeerProcess:
     | `address`, `info`, `stats`, `nic_stats` | | the peer engine's |
     | `register` | size, fill byte | `(rid, descriptor bytes)` |
     | `register_cuda` | size, fill byte, device | `(rid, descriptor bytes)` (a torch CUDA tensor) |
+    | `register_fake_cuda` | size, fill byte, device | `(rid, descriptor bytes)` (tests only: fake device memory) |
     | `cuda_alloc_conf` | settings | None (torch's allocator settings, e.g. `"expandable_segments:True"`) |
     | `gpu_stats` | | the peer engine's `gpu_stats` |
+    | `staging_state` | | free/total bounce slots, open staged transfers, busy regions (or None) |
     | `read` / `fill` | rid, offset, n / rid, offset, data | bytes / None |
+    | `digest` | rid, offset, n | sha256 hex digest of those bytes |
     | `close_region` | rid | None |
     | `wait_imm` | imm, count, timeout | True |
     | `pending` | imm | imms counted and not consumed |

@@ -392,6 +392,12 @@ int aiote_submit_cuda_one(aiote_engine *e, uint64_t op_id, uint64_t ctx, uint64_
 int aiote_cuda_arrive(aiote_engine *e, uint64_t ctx, uint64_t stream, const aiote_copy *copies,
                       size_t ncopies, uint32_t imm, uint64_t count);
 
+/* Tests only: on = 1 makes every CUDA copy of the C core a memcpy between
+ * host addresses (done when queued) and needs no driver; the staging protocol
+ * then runs on machines without a GPU (aiote.testing.fake_cuda).  0 turns it
+ * off again (-AIOTE_E_BUSY while fake copies are still in flight). */
+int aiote_cuda_fake(int on);
+
 /* A CUDA host function (cuLaunchHostFunc) that wakes the event loop: arg is
  * an eventfd number cast to a pointer; it adds 1 to it.  No CUDA needed here. */
 void aiote_host_notify(void *efd);

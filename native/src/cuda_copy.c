@@ -18,7 +18,9 @@
 #define _GNU_SOURCE
 #include <dlfcn.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "internal.h"
@@ -87,6 +89,43 @@ static bool ev_pool_put(void *ctx, void *ev)
     return kept;
 }
 
+/* Tests only (aiote_cuda_fake): "device memory" is host memory and a copy is
+ * a memcpy, done when it is queued (so in stream order); its event reports
+ * "not ready" to the first poll, so the worker's waiting path runs too.  Lets
+ * the staging protocol run in real processes on machines without a GPU. */
+#define FAKE_MAGIC 0xFA4EC0DAu
+struct fake_event {
+    uint32_t magic;
+    int polls_left;
+};
+static _Atomic int cu_fake;        /* 1: the fake above instead of libcuda */
+static _Atomic long fake_live;     /* fake events not yet released */
+
+int aiote_cuda_fake(int on)
+{
+    if (!on && atomic_load(&fake_live) > 0) {
+        aiote_set_error("fake CUDA events are still in use");
+        return -AIOTE_E_BUSY;
+    }
+    atomic_store(&cu_fake, on ? 1 : 0);
+    return 0;
+}
+
+static int fake_issue(const aiote_copy *copies, size_t n, void **event_out)
+{
+    struct fake_event *fe = malloc(sizeof *fe);
+    if (!fe)
+        return -AIOTE_E_NOMEM;
+    for (size_t i = 0; i < n; i++)
+        if (copies[i].len)
+            memmove((void *)(uintptr_t)copies[i].dst, (const void *)(uintptr_t)copies[i].src, copies[i].len);
+    fe->magic = FAKE_MAGIC;
+    fe->polls_left = 1;
+    atomic_fetch_add(&fake_live, 1);
+    *event_out = fe;
+    return 0;
+}
+
 static pthread_once_t cu_once = PTHREAD_ONCE_INIT;
 static int cu_state;       /* 1: usable, -1: not */
 static char cu_why[256];
@@ -136,6 +175,8 @@ static void cu_load_once(void)
 
 int aiote_cuda_load(void)
 {
+    if (atomic_load(&cu_fake))
+        return 0;
     pthread_once(&cu_once, cu_load_once);
     if (cu_state != 1) {
         aiote_set_error("%s", cu_why);
@@ -172,6 +213,8 @@ int cu_issue(void *ctx, void *stream, int wait, void *wait_stream, const aiote_c
             aiote_set_error("CUDA copy %zu: null address", i);
             return -AIOTE_E_INVAL;
         }
+    if (atomic_load(&cu_fake))
+        return fake_issue(copies, n, event_out);
     void *prev = NULL;
     cu.ctx_get(&prev);
     const char *what = "cuCtxSetCurrent";
@@ -236,6 +279,10 @@ static __thread void *cur_ctx; /* the worker's current context (set lazily) */
 /* Worker: 0 done, 1 not yet, else the (positive) CUresult of a failure. */
 int cu_poll(void *ctx, void *event)
 {
+    if (atomic_load(&cu_fake)) {
+        struct fake_event *fe = event;
+        return fe->polls_left-- > 0 ? 1 : 0;
+    }
     if (ctx != cur_ctx) {
         if (cu.ctx_set(ctx) == 0)
             cur_ctx = ctx;
@@ -250,6 +297,12 @@ int cu_poll(void *ctx, void *event)
  * still read or write buffers about to be freed).  Any thread. */
 void cu_release(void *ctx, void *event, bool sync)
 {
+    if (event && atomic_load(&cu_fake)) {
+        ((struct fake_event *)event)->magic = 0;
+        free(event);
+        atomic_fetch_sub(&fake_live, 1);
+        return;
+    }
     if (!event || cu_state != 1)
         return;
     /* done without error (the worker's case): kept for the next op */
