@@ -32,8 +32,10 @@ Every rank owns ``num_experts / world`` experts.  Each step:
    that source packed them (the header said where; one write per source, imm-only when
    empty; on GPUs one C call of copies then imm-only writes for the IPC peers); a
    source awaits one from every other rank and reduces the rows with the routing
-   weights (``index_add_``; on GPUs the rows go back in [tokens, top_k] order and one
-   ``bmm`` reduces them: fewer kernels).
+   weights in one ``embedding_bag`` (sum, the weights per sample, a bag of top_k rows
+   per token) that reads each row where it is: the receive, out and combine buffers are
+   one allocation, seen as one [rows, hidden] tensor, and ``dispatch`` wrote the bag
+   indices (no reordering copy, no weighted temporaries, one torch call after the wait).
 
 Buffers are registered once and reused.  The receive slots are double-buffered by step
 parity, and the dispatch imm carries the parity: a source starts step N+1 only after
@@ -634,8 +636,10 @@ class ExpertParallel:
         A step returns once the writes *to* this rank have landed; its own writes to the
         others are settled by the next ``dispatch``.  After the last step, ``await
         ep.settle()`` before closing the engine (or this object): a close cuts off writes
-        still in flight (they fail EngineClosed) and the peers would wait for them.
-        Raises what any of them failed with."""
+        still in flight (they fail EngineClosed) and the peers would wait for them.  Likewise
+        before blocking the event loop between steps: a write to a peer reached through the
+        staged GPU path (another host, ``cuda_ipc=False``) sends its commit from this loop,
+        and the peer's step waits for it.  Raises what any of them failed with."""
         pending, self._pending = self._pending, []
         if not pending:
             return

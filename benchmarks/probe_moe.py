@@ -33,6 +33,7 @@ def _rank(rank: int, a, conn) -> None:
     import aiote.moe as moe
     from aiote.gpu import GpuPaths
 
+    torch.set_num_threads(1)  # as bench_moe: intra-op threads fight the ranks for the cores
     gpu = a.device == "cuda"
     dev = f"cuda:{rank % torch.cuda.device_count()}" if gpu else "cpu"
     if gpu:
