@@ -32,8 +32,10 @@ Every rank owns ``num_experts / world`` experts.  Each step:
    that source packed them (the header said where; one write per source, imm-only when
    empty; on GPUs one C call of copies then imm-only writes for the IPC peers); a
    source awaits one from every other rank and reduces the rows with the routing
-   weights (``index_add_``; on GPUs the rows go back in [tokens, top_k] order and one
-   ``bmm`` reduces them: fewer kernels).
+   weights in one ``embedding_bag`` (sum, the weights per sample, a bag of top_k rows
+   per token) that reads each row where it is: the receive, out and combine buffers are
+   one allocation, seen as one [rows, hidden] tensor, and ``dispatch`` wrote the bag
+   indices (no reordering copy, no weighted temporaries, one torch call after the wait).
 
 Buffers are registered once and reused.  The receive slots are double-buffered by step
 parity, and the dispatch imm carries the parity: a source starts step N+1 only after
@@ -188,14 +190,29 @@ class ExpertParallel:
             self._send = buf(self.max_rows * rb)
         else:  # send: one [pad | ids | header | rows] segment per other rank, packed back to back
             self._send = buf(world * (self._slot_hdr + align) + self.max_rows * rb)
-        self._recv = buf(2 * world * self._slot)
-        self._out = buf(world * cap * rb)        # expert outputs to send back, in receive order
-        self._combine = buf(self.max_rows * rb)  # outputs coming back, in this rank's packing order
+        # receive, out and combine buffers are one allocation (each a whole number of rows,
+        # registered apart): the combine's reduction reads the rows that came back and this
+        # rank's own outputs through one [rows, hidden] view of it (_all_rows)
+        nrecv, nout = 2 * world * self._slot, world * cap * rb
+        self._rows = buf(nrecv + nout + self.max_rows * rb)
+        self._recv = self._rows[:nrecv]
+        self._out = self._rows[nrecv:nrecv + nout]          # expert outputs to send back, in receive order
+        self._combine = self._rows[nrecv + nout:]           # outputs coming back, in this rank's packing order
+        self._out_row0, self._combine_row0 = nrecv // rb, (nrecv + nout) // rb
+        self._all_rows = self._rows.view(self.dtype).view(-1, hidden)
         self._send_rows, self._send_i32 = self._send.view(self.dtype).view(-1, hidden), self._send.view(torch.int32)
         self._recv_rows, self._recv_i32 = self._recv.view(self.dtype).view(-1, hidden), self._recv.view(torch.int32)
         self._out_rows = self._out.view(self.dtype).view(-1, hidden)
         self._combine_rows = self._combine.view(self.dtype).view(-1, hidden)
-        self._recv_ids = torch.zeros(world * cap, dtype=torch.int32, device=self.device)
+        # int32: the received rows' local expert ids, then the combine's row indices into
+        # _all_rows for each (token, k) pair (two variants: own outputs sent from the receive
+        # buffer, or from out_buffer), then the bags' offsets (k apart)
+        m = self.max_rows
+        ni = world * cap + 3 * m
+        self._i32 = torch.zeros(ni, dtype=torch.int32, device=self.device)
+        self._recv_ids = self._i32[:world * cap]
+        self._bag_idx = (self._i32[world * cap:world * cap + m], self._i32[world * cap + m:world * cap + 2 * m])
+        self._bag_off = self._i32[world * cap + 2 * m:]
         # ids and headers are a few words: numpy views write and read them without torch's per-op cost
         if split:
             self._meta_send = buf(world * self._mslot, host=True)
@@ -208,18 +225,22 @@ class ExpertParallel:
         if gpu:
             # the routing is computed on the host; its indices go to the GPU in one pinned copy
             # each way (reused once the next dispatch has waited for the GPU: see _route)
-            self._stage_idx = torch.empty(2 * self.max_rows, dtype=torch.int64, pin_memory=True)
-            self._stage_ids = torch.empty(world * cap, dtype=torch.int32, pin_memory=True)
-            self._idx_dev = torch.empty(2 * self.max_rows, dtype=torch.int64, device=self.device)
+            self._stage_idx = torch.empty(self.max_rows, dtype=torch.int64, pin_memory=True)
+            self._stage_i32 = torch.empty(ni, dtype=torch.int32, pin_memory=True)
+            self._idx_dev = torch.empty(self.max_rows, dtype=torch.int64, device=self.device)
             self._stage_idx_np = self._stage_idx.numpy()
-        self._ids_np = self._stage_ids.numpy() if gpu else self._recv_ids.numpy()  # where the ids are gathered
+        i32 = (self._stage_i32 if gpu else self._i32).numpy()  # where the ids and indices are written
+        self._ids_np = i32[:world * cap]
+        self._bag_np = (i32[world * cap:world * cap + m], i32[world * cap + m:world * cap + 2 * m])
+        i32[world * cap + 2 * m:] = np.arange(0, m * top_k, top_k, dtype=np.int32)[:m]
+        if gpu:
+            self._i32.copy_(self._stage_i32)
+        self._arange = np.arange(m, dtype=np.int32)
         # routing tables by expert id: its destination (rotated: the next rank 0, this rank
         # world-1) and its local id
         e = np.arange(num_experts)
         self._dest_lut = ((e // self.experts_per_rank - (rank + 1)) % world).astype(np.int16)
         self._lid_lut = (e % self.experts_per_rank).astype(np.int32)
-        # the GPU combine's reduction: outputs back in [tokens, top_k] order, then one batched product
-        self._full = buf(self.max_rows * rb).view(self.dtype).view(-1, hidden) if gpu else None
         self._send_ptr = self._send.data_ptr()
         r = engine.register
         mine = [("send", self._send), ("recv", self._recv), ("out", self._out), ("combine", self._combine)]
@@ -302,17 +323,16 @@ class ExpertParallel:
                                        dest, c, cap)
         return order, order // self.top_k, self._lid_lut[f[order]], counts
 
-    def _index_tensors(self, tok: np.ndarray, order: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """tok and order as tensors on this rank's device (GPU: one pinned copy for both)."""
+    def _index_tensor(self, tok: np.ndarray) -> torch.Tensor:
+        """tok as a tensor on this rank's device (GPU: one pinned copy)."""
         import torch
 
         if not self._gpu:
-            return torch.from_numpy(tok), torch.from_numpy(order)
-        n, m = tok.size, self.max_rows
-        st = self._stage_idx_np  # free again: _route waited for the GPU
-        st[:n], st[m:m + n] = tok, order
-        self._idx_dev.copy_(self._stage_idx, non_blocking=True)  # whole (16 bytes a row): no slicing
-        return self._idx_dev[:n], self._idx_dev[m:m + n]
+            return torch.from_numpy(tok)
+        n = tok.size
+        self._stage_idx_np[:n] = tok  # free again: _route waited for the GPU
+        self._idx_dev.copy_(self._stage_idx, non_blocking=True)  # whole (8 bytes a row): no slicing
+        return self._idx_dev[:n]
 
     # -- posting (in-slot headers: host rows) --------------------------------------------
 
@@ -414,8 +434,7 @@ class ExpertParallel:
         me, world, eng = self.rank, self.world, self.engine
         order_np, tok_np, lid, counts = self._route(topk_ids)  # CapacityExceeded: nothing sent
         await self.settle()  # the last step's writes out of the send and out buffers
-        n = tok_np.size
-        tok, order = self._index_tensors(tok_np, order_np)
+        tok = self._index_tensor(tok_np)
         step, self._step = self._step, self._step + 1
         tag, parity = step & _TAG_MASK, step % 2
         base = parity * world * self._slot
@@ -452,9 +471,9 @@ class ExpertParallel:
             await _settled_or_withdrawn(
                 eng.imms.wait(self._dispatch_imms[1 - parity], apart, timeout=self.timeout))
         # 3. make the rows and ids contiguous
-        got, at_row, comb_off, total, row0 = self._assemble(heads, hidden, tok, lid, n, n_remote, parity)
-        self._last = {"row0": row0, "got": got, "at_row": at_row, "order": order, "tok": tok,
-                      "n_remote": n_remote, "shape": (t, k), "total": total, "comb_off": comb_off}
+        got, at_row, comb_off, total, row0 = self._assemble(heads, hidden, tok, lid, order_np, n_remote, parity)
+        self._last = {"row0": row0, "got": got, "at_row": at_row, "shape": (t, k), "total": total,
+                      "comb_off": comb_off}
         return self._recv_rows[row0:row0 + total], self._recv_ids[:total], got
 
     def _headers(self, tag: int, parity: int) -> list[tuple[int, int, int, bool]]:
@@ -477,17 +496,18 @@ class ExpertParallel:
         return heads
 
     def _assemble(self, heads: list[tuple[int, int, int, bool]], hidden: torch.Tensor, tok: torch.Tensor,
-                  lid: np.ndarray, n: int, n_remote: int, parity: int
+                  lid: np.ndarray, order: np.ndarray, n_remote: int, parity: int
                   ) -> tuple[list[int], list[int], list[int], int, int]:
-        """Make the received rows and ids contiguous (own rows last): (rows per source,
-        where each source's rows start, each source's combine offset, total rows, the first
-        row)."""
+        """Make the received rows and ids contiguous (own rows last) and write the combine's
+        row indices: (rows per source, where each source's rows start, each source's combine
+        offset, total rows, the first row)."""
         import torch
 
         me, world, cap, rb = self.rank, self.world, self.capacity, self._row_bytes
         got, at_row, comb_off = [0] * world, [0] * world, [0] * world
         rows_t, heads_np = self._recv_rows, self._recv_np
         ids = self._ids_np  # GPU: the ids staging, free again (_route waited for the GPU)
+        n = order.size
         own = n - n_remote
         if self._split:
             # right-aligned slots, own rows at the start of the last: moved up behind each other
@@ -533,8 +553,20 @@ class ExpertParallel:
         got[me], at_row[me] = own, pos
         if own:
             ids[pos:total] = lid[n_remote:]
+        # the combine reduces each token's top_k rows in one embedding_bag over _all_rows:
+        # for the (token, k) pair that was packed i-th, the row that comes back (i < n_remote:
+        # the combine buffer's row i) or its own output (in the receive buffer or out_buffer)
+        ar, by_recv, by_out = self._arange, *self._bag_np
+        if n_remote:
+            back, at = order[:n_remote], ar[:n_remote] + self._combine_row0
+            by_recv[back] = at
+            by_out[back] = at
+        if own:
+            mine = order[n_remote:]
+            by_recv[mine] = ar[:own] + (row0 + pos)
+            by_out[mine] = ar[:own] + (self._out_row0 + pos)
         if self._gpu:
-            self._recv_ids.copy_(self._stage_ids, non_blocking=True)  # whole (4 bytes a row): no slicing
+            self._i32.copy_(self._stage_i32, non_blocking=True)  # whole (a few bytes a row): no slicing
         return got, at_row, comb_off, total, row0
 
     # -- combine -----------------------------------------------------------------------
@@ -584,37 +616,19 @@ class ExpertParallel:
         if targets:
             self._pending.append(eng.scatter(self._mr[src], targets, imm=self._combine_imm))
         arrived = eng.imms.wait(self._combine_imm, world - 1, timeout=self.timeout) if world > 1 else None
-        order, nr = last["order"], last["n_remote"]
-        if not self._gpu:
-            # host: weighted rows added into their tokens (own rows meanwhile), which on a
-            # CPU costs less than the reordering copy and batched product below
-            tok = last["tok"]
-            w = topk_weights.reshape(-1).to(self.device)[order].to(self.dtype).unsqueeze(1)
-            out = torch.zeros(t, self.hidden, dtype=self.dtype, device=self.device)
-            if got[me]:
-                a = first + at_row[me]
-                out.index_add_(0, tok[nr:], src_rows[a:a + got[me]] * w[nr:])
-            if arrived is not None:
-                await _settled_or_withdrawn(arrived)
-            if nr:
-                out.index_add_(0, tok[:nr], self._combine_rows[:nr] * w[:nr])
-            return out
-        # GPU: rows back into [tokens, top_k] order (own rows meanwhile), then out[t] =
-        # weights[t] @ rows[t] for every token in one bmm (fewer kernels than weighting and
-        # adding); what can be prepared is, before the wait
-        full = self._full
-        assert full is not None
-        if got[me]:
-            a = first + at_row[me]
-            full.index_copy_(0, order[nr:], src_rows[a:a + got[me]])
-        w = topk_weights.to(device=self.device, dtype=self.dtype).reshape(t, 1, k)
-        rows_tk = full[:t * k].view(t, k, self.hidden)
-        back = (order[:nr], self._combine_rows[:nr]) if nr else None
+        # out[t] = sum_k weight[t, k] * row(t, k), the rows read where they are (the combine
+        # buffer for those that came back, this rank's own outputs in place): one embedding_bag
+        # (no reordering copy, no weighted temporaries); its indices were written by dispatch
+        w = topk_weights
+        if w.dtype != self.dtype or w.device != self.device:
+            w = w.to(device=self.device, dtype=self.dtype)
+        idx = self._bag_idx[src == "out"]
         if arrived is not None:
             await _settled_or_withdrawn(arrived)
-        if back is not None:
-            full.index_copy_(0, *back)
-        return torch.bmm(w, rows_tk).squeeze(1)
+        # (weight, indices, offsets, scale_grad_by_freq, mode 0 = sum, sparse, per_sample_weights,
+        # include_last_offset, padding_idx: None, since -1 would mean the last row)
+        return torch.embedding_bag(self._all_rows, idx[:t * k], self._bag_off[:t], False, 0, False, w.reshape(-1),
+                                   False, None)[0]
 
     async def settle(self) -> None:
         """Wait until this rank's own writes of the last dispatch and combine are complete.
@@ -622,8 +636,10 @@ class ExpertParallel:
         A step returns once the writes *to* this rank have landed; its own writes to the
         others are settled by the next ``dispatch``.  After the last step, ``await
         ep.settle()`` before closing the engine (or this object): a close cuts off writes
-        still in flight (they fail EngineClosed) and the peers would wait for them.
-        Raises what any of them failed with."""
+        still in flight (they fail EngineClosed) and the peers would wait for them.  Likewise
+        before blocking the event loop between steps: a write to a peer reached through the
+        staged GPU path (another host, ``cuda_ipc=False``) sends its commit from this loop,
+        and the peer's step waits for it.  Raises what any of them failed with."""
         pending, self._pending = self._pending, []
         if not pending:
             return

@@ -11,7 +11,7 @@ machine hits both alike.  p50/p99 over ``--steps`` steps, rank 0's clock, after
 ``--warmup`` steps.
 
     python benchmarks/bench_moe.py [--ep 2,4] [--provider shm|tcp] [--device cpu|cuda]
-                                   [--polling adaptive|busy|blocking]
+                                   [--polling adaptive|busy|blocking] [--loop-spin-us N]
                                    [--tokens 128 --hidden 2048 --experts 32 --topk 8]
 """
 
@@ -93,7 +93,8 @@ def _rank(rank: int, world: int, a, port: int, conn) -> None:
 
     async def main() -> dict:
         host = "127.0.0.1" if a.provider == "tcp" else None
-        async with aiote.TransferEngine(a.provider, host=host, polling=a.polling) as eng:
+        async with aiote.TransferEngine(a.provider, host=host, polling=a.polling,
+                                        loop_spin_us=a.loop_spin_us) as eng:
             ep = ExpertParallel(eng, rank, world, a.experts, a.hidden, a.tokens, a.topk,
                                 device=dev if gpu else None)
             conn.send(ep.buffers)
@@ -164,6 +165,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="cpu: host tensors, baseline over gloo; cuda: rank r on GPU r, baseline over NCCL")
     ap.add_argument("--polling", choices=("adaptive", "busy", "blocking"), default="adaptive",
                     help="aiote engines' polling mode")
+    ap.add_argument("--loop-spin-us", type=int, default=0,
+                    help="aiote engines' loop_spin_us (the asyncio loop spins this long on aiote's events before "
+                         "it sleeps; NCCL's host waits spin too)")
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--hidden", type=int, default=2048)
     ap.add_argument("--experts", type=int, default=32)
@@ -178,7 +182,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     a = parse_args(argv)
     base = f"{backend(a)} all_to_all_single"
-    print(f"{a.provider} ({a.polling}), {a.device}, {a.tokens} tokens x hidden {a.hidden} fp32, "
+    spin = f", loop_spin_us={a.loop_spin_us}" if a.loop_spin_us else ""
+    print(f"{a.provider} ({a.polling}{spin}), {a.device}, {a.tokens} tokens x hidden {a.hidden} fp32, "
           f"top-{a.topk} of {a.experts} experts, {os.cpu_count()} cores, {time.strftime('%Y-%m-%d %H:%M')}")
     print(f"{'EP':>3} {'system':<24} {'dispatch p50':>13} {'p99':>9} {'combine p50':>12} {'p99':>9} "
           f"{'CPU/step p50':>13}  (us)")

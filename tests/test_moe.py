@@ -82,6 +82,10 @@ def _rank_main(rank, world, provider, conn, gpu=False, split=False, cuda_ipc=Tru
                 assert got.device == x.device
                 errs.append(float((got.cpu() - reference(x.cpu(), ids.cpu(), w.cpu(), mats.cpu())).abs().max()))
 
+            # our own writes of the last step must be complete before the loop blocks on the pipe
+            # below: a write through the staged GPU path (no CUDA IPC) sends its commit from this
+            # event loop, and the peer's step waits for it
+            await ep.settle()
             # a slot of 12 rows: every source routes its 16 tokens to expert 0 (rank 0), so every
             # rank's dispatch is refused before anything is sent; each retries in chunks of 4 tokens
             small = EP(eng, rank, world, EXPERTS, HIDDEN, TOKENS, TOPK, device=device if gpu else None,
@@ -112,19 +116,14 @@ async def test_dispatch_combine_matches_reference(world, split, aiote_provider):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("cuda_ipc", [
-    True,
-    # Not yet seen to finish on a GPU host: on 2×H100 (2026-11-28) it ran past 75 s in one
-    # call and 130 s in another (the IPC case passes in a few seconds); the same layout
-    # passes on host rows (test_dispatch_combine_matches_reference[split]).  Hang or
-    # slowness of the staged rows' path: open in issue #11.
-    pytest.param(False, marks=pytest.mark.xfail(run=False, reason="no-IPC GPU rows unverified: timed out on 2xH100")),
-], ids=["ipc", "no-ipc"])
-async def test_dispatch_combine_on_gpus(aiote_provider, cuda_ipc):
-    """EP = 2 with the rows in GPU memory (rank r on GPU r mod count): over CUDA IPC (one
-    C call of copies then header writes per dispatch and combine), and without it (the
-    engine's GPU paths, the headers written after the rows)."""
-    await _run_ranks(2, aiote_provider, gpu=True, cuda_ipc=cuda_ipc)
+@pytest.mark.parametrize("cuda_ipc", [True, False], ids=["ipc", "no-ipc"])
+@pytest.mark.parametrize("world", [2, 4])
+async def test_dispatch_combine_on_gpus(aiote_provider, cuda_ipc, world):
+    """EP = 2 and 4 with the rows in GPU memory (rank r on GPU r mod count): over CUDA IPC
+    (one C call of copies then header writes per dispatch and combine), and without it
+    (the engine's staged GPU path, as between hosts: the rows written apart, the headers
+    with the imm; a rank's event loop must keep running until its own writes are settled)."""
+    await _run_ranks(world, aiote_provider, gpu=True, cuda_ipc=cuda_ipc)
 
 
 async def _run_ranks(world, aiote_provider, gpu, split=False, cuda_ipc=True):
