@@ -106,6 +106,7 @@
  * An initiator of an older aiote wakes on any non-zero value. */
 #define DT_SLEEP_WAKE 1u
 #define DT_SLEEP_LAZY 2u
+#define DT_LAZY_MIN_BYTES 4096u /* ops smaller than this wake even a lazy target */
 #define DT_ICELL 64u     /* inline ring: entries are whole cells (header cell + payload) */
 #define DT_ICELLS 1024u  /* cells per lane (64 KiB) */
 
@@ -749,7 +750,7 @@ static void acc_add(struct imm_acc *acc, size_t *nacc, size_t cap, uint32_t peer
 
 /* Publish (imm, count) in our ring of the target's table and wake its worker
  * if it sleeps.  0, or -1: no room / no way to wake it (send a message). */
-static int push_imms(struct dpeer *dp, uint32_t imm, uint64_t count)
+static int push_imms(struct dpeer *dp, uint32_t imm, uint64_t count, bool lazy_ok)
 {
     if (dp->efd < 0 || count > UINT32_MAX)
         return -1;
@@ -768,9 +769,11 @@ static int push_imms(struct dpeer *dp, uint32_t imm, uint64_t count)
     /* Dekker with direct_sleep_begin and direct_imm_armed.  A target that sleeps
      * with nobody waiting for imms (DT_SLEEP_LAZY) takes the entry on its next
      * nap's end (shm naps are short) or when a wait is armed: no wake-up per
-     * write; but a ring half full wakes it, so it never fills for that. */
+     * write; but a ring half full wakes it, so it never fills for that.  Only
+     * for ops of DT_LAZY_MIN_BYTES and more (lazy_ok): small ones keep waking
+     * it, so that a stream of them finds it awake and goes inline. */
     uint32_t sl = atomic_load(&h->sleeping);
-    if (sl && (sl != DT_SLEEP_LAZY || head + 1 - atomic_load(&ln->tail) >= DT_RING / 2)) {
+    if (sl && (sl != DT_SLEEP_LAZY || !lazy_ok || head + 1 - atomic_load(&ln->tail) >= DT_RING / 2)) {
         uint64_t one = 1;
         ssize_t r = write(dp->efd, &one, sizeof one);
         (void)r;
@@ -968,11 +971,13 @@ void direct_sleep_end(aiote_engine *e)
  * for the rest.  1 if nothing had to be queued, 0 if an op was, <0 on error. */
 static int queue_imms(aiote_engine *e, uint64_t id, uint32_t imm, const struct imm_acc *acc, size_t nacc);
 
-static int deliver_imms(aiote_engine *e, uint64_t id, uint32_t imm, struct imm_acc *acc, size_t nacc)
+static int deliver_imms(aiote_engine *e, uint64_t id, uint32_t imm, struct imm_acc *acc, size_t nacc,
+                        uint64_t bytes)
 {
     size_t left = 0;
+    bool lazy_ok = bytes >= DT_LAZY_MIN_BYTES; /* the op's bytes, all targets together */
     for (size_t i = 0; i < nacc; i++)
-        if (push_imms(acc[i].dp, imm, acc[i].count) != 0)
+        if (push_imms(acc[i].dp, imm, acc[i].count, lazy_ok) != 0)
             acc[left++] = acc[i];
     if (!left)
         return 1;
@@ -1593,11 +1598,11 @@ static int direct_copy(aiote_engine *e, struct op *op, bool on_thread)
         /* what landed before the failure delivers its imms (as libfabric's
          * writes that completed would); the op itself fails */
         if (nacc)
-            deliver_imms(e, 0, op->imm, acc, nacc);
+            deliver_imms(e, 0, op->imm, acc, nacc, bytes);
         push_op_event(e, op->id, status, fi_err, bad);
         atomic_fetch_add(&e->direct_ops_failed, 1);
     } else if (nacc) {
-        rc = deliver_imms(e, op->id, op->imm, acc, nacc);
+        rc = deliver_imms(e, op->id, op->imm, acc, nacc, bytes);
         if (rc < 0) { /* the bytes are there but the imms can't go: fail the op (typed) */
             push_op_event(e, op->id, -AIOTE_E_PROVIDER, FI_ENOMEM, 0);
             atomic_fetch_add(&e->direct_ops_failed, 1);

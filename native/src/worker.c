@@ -29,13 +29,15 @@
 #define MAX_BLOCKED_OPS 8 /* refused ops to try past before giving up this round */
 #define SHARD_ALIGN 64
 #define WARM_NS (50ull * 1000 * 1000) /* recent traffic keeps naps short */
-/* Adaptive polling's spin window (spin_adapt): a spin that runs its whole window
- * without work halves the next window, down to this; a spin that finds work
- * doubles it, up to spin_us.  Events that come faster than the window keep it
- * at spin_us (the worker stays hot); events further apart than it (a stream of
- * large writes, ~85 us apart for 1 MiB on shm) shrink it, so the worker does
- * not burn most of a core spinning between them (on 2 cores that core is the
- * writer's: issue 2's throughput). */
+/* Adaptive polling's spin window: a spin that runs its whole window without
+ * work halves the next window, down to this; a spin that finds work doubles
+ * it, up to spin_us; a wake-up (an fd) that comes t < spin_us after the worker
+ * went to sleep sets it to 2t (haltpoll's idea: that window would have caught
+ * it).  Events that come faster than spin_us keep the worker spinning (a
+ * stream of small batches, which then go inline); events further apart (a
+ * stream of large writes, ~85 us apart for 1 MiB on shm) shrink the window, so
+ * the worker does not burn most of a core spinning between them (on 2 cores
+ * that core is the writer's: issue 2's throughput). */
 #define SPIN_MIN_NS 2000ull
 
 static uint64_t now_ns(void)
@@ -997,13 +999,15 @@ static void rest_while_loop_drives(aiote_engine *e)
     }
 }
 
-static void idle_sleep(aiote_engine *e, uint64_t *backoff_ns, bool warm)
+/* Returns true if an fd (a wake-up, a completion) ended the sleep, false for a
+ * timeout or no sleep at all. */
+static bool idle_sleep(aiote_engine *e, uint64_t *backoff_ns, bool warm)
 {
     atomic_store(&e->worker_sleeping, true);
     if (!direct_sleep_begin(e) || sub_nonempty(e) || atomic_load(&e->stopping) || e->pending_events.n) {
         direct_sleep_end(e);
         atomic_store(&e->worker_sleeping, false);
-        return;
+        return false;
     }
     struct pollfd fds[1 + AIOTE_MAX_NICS];
     struct fid *cqs[AIOTE_MAX_NICS];
@@ -1033,7 +1037,7 @@ static void idle_sleep(aiote_engine *e, uint64_t *backoff_ns, bool warm)
         if (fi_trywait(e->nics[0].fabric, cqs, ncq) != FI_SUCCESS) {
             direct_sleep_end(e);
             atomic_store(&e->worker_sleeping, false);
-            return; /* completions are ready: don't sleep */
+            return false; /* completions are ready: don't sleep */
         }
         /* manual-progress providers need to be driven now and then */
         ts.tv_nsec = 10 * 1000 * 1000;
@@ -1061,6 +1065,7 @@ static void idle_sleep(aiote_engine *e, uint64_t *backoff_ns, bool warm)
         ssize_t rr = read(e->sub_efd, &v, sizeof v);
         (void)rr;
     }
+    return r > 0;
 }
 
 /* The part of a worker iteration after submissions, watches and CUDA gates:
@@ -1210,6 +1215,8 @@ void *worker_main(void *arg)
     /* adaptive: the spin window adapts between SPIN_MIN_NS and spin_ns (see spin_adapt) */
     uint64_t spin_win = spin_ns;
     bool spun_out = false; /* this idle period's spin ended without work: the worker sleeps */
+    uint64_t slept_at = 0;  /* when it went to sleep */
+    bool woken = false;     /* an fd ended its last sleep (not a nap's timeout) */
     e->stats.spin_window_ns = spin_win;
     direct_worker_begin(e);
     for (;;) {
@@ -1230,13 +1237,22 @@ void *worker_main(void *arg)
         bool own_work = waiting || atomic_load_explicit(&e->narmed, memory_order_relaxed);
         pthread_mutex_unlock(&e->progress_lock);
         if (active || ring) {
-            if (idle_since && !spun_out && spin_win < spin_ns)
-            {
+            if (idle_since && !spun_out && spin_win < spin_ns) {
                 spin_win = spin_win * 2 < spin_ns ? spin_win * 2 : spin_ns; /* the spin caught it */
                 e->stats.spin_window_ns = spin_win;
+            } else if (spun_out && woken && spin_ns) {
+                /* woken soon after it gave up: a window of twice that wait would have caught it
+                 * (the wake-ups of a stream of small batches; naps that find lazy imm entries
+                 * are no evidence: nobody waited for them) */
+                uint64_t block = now_ns() - slept_at;
+                if (block < spin_ns && 2 * block > spin_win) {
+                    spin_win = 2 * block < spin_ns ? 2 * block : spin_ns;
+                    e->stats.spin_window_ns = spin_win;
+                }
             }
             idle_since = 0;
             spun_out = false;
+            woken = false;
             /* short naps again only for work the loop does not do; otherwise each early
              * wake-up preempts a spinning thread on a small machine (issue 2's p99) */
             if (active || !atomic_load_explicit(&e->events.spinning, memory_order_relaxed))
@@ -1275,8 +1291,9 @@ void *worker_main(void *arg)
             spun_out = true; /* a whole window for nothing: the next one is half as long */
             spin_win = spin_win / 2 > SPIN_MIN_NS ? spin_win / 2 : (spin_ns < SPIN_MIN_NS ? spin_ns : SPIN_MIN_NS);
             e->stats.spin_window_ns = spin_win;
+            slept_at = now;
         }
-        idle_sleep(e, &backoff, now - idle_since < WARM_NS);
+        woken = idle_sleep(e, &backoff, now - idle_since < WARM_NS);
     }
     /* ctrl ops that raced with stopping: refuse them */
     pthread_mutex_lock(&e->sub_lock);
