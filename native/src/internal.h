@@ -327,6 +327,7 @@ struct aiote_engine {
     pthread_mutex_t progress_lock;
     atomic_uint_fast64_t progress_seq;
     uint64_t seen_seq;   /* worker: progress_seq at its last look */
+    uint64_t fab_seen_ns; /* worker: when its last pass found libfabric completions */
     pthread_t driver;    /* the thread that turned loop-spin on */
     atomic_bool has_driver;
 
