@@ -83,9 +83,8 @@ class TransferEngine:
         host: address to bind (e.g. ``"127.0.0.1"`` for tcp on loopback).
         domain: libfabric domain (NIC) name(s), comma-separated; cycled over the NICs.
         nics: how many NICs (domain + endpoint each), or a list of domain names.
-        polling: ``"busy"``, ``"adaptive"`` (spin up to ``spin_us``, then sleep; the window
-            halves after a spin that found nothing and doubles after one that found work,
-            between 2 µs and ``spin_us``) or ``"blocking"``.
+        polling: ``"busy"``, ``"adaptive"`` (spin up to ``spin_us``, then sleep; on shm the
+            window adapts between 2 µs and ``spin_us``, docs/concepts.md) or ``"blocking"``.
         routing: ``"round_robin"`` (stripe writes >= ``stripe_threshold`` bytes over
             the NICs, spread batch elements) or ``"pinned"`` (all on ``pinned_nic``).
         msg_size: largest ``send`` payload (bytes).

@@ -29,7 +29,7 @@
 #define MAX_BLOCKED_OPS 8 /* refused ops to try past before giving up this round */
 #define SHARD_ALIGN 64
 #define WARM_NS (50ull * 1000 * 1000) /* recent traffic keeps naps short */
-/* Adaptive polling's spin window: a spin that runs its whole window without
+/* Adaptive polling's spin window (shm engines): a spin that runs its whole window without
  * work halves the next window, down to this; a spin that finds work doubles
  * it, up to spin_us; a wake-up (an fd) that comes t < spin_us after the worker
  * went to sleep sets it to 2t (haltpoll's idea: that window would have caught
@@ -1227,9 +1227,13 @@ void *worker_main(void *arg)
     /* adaptive: the spin window adapts between SPIN_MIN_NS and spin_ns (see spin_adapt) */
     uint64_t spin_win = spin_ns;
     bool spun_out = false; /* this idle period's spin ended without work: the worker sleeps */
-    uint64_t slept_at = 0;  /* when it went to sleep */
     bool woken = false;     /* an fd ended its last sleep (not a nap's timeout) */
     e->stats.spin_window_ns = spin_win;
+    /* only on shm: there the direct path moves the bytes and the worker's spin only
+     * serves imm counting; on tcp (and NICs) the worker drives every write's progress
+     * and a shorter spin cost one-at-a-time 64 B writes over tcp ~30-60 us each
+     * (peers driver, interleaved with the fixed spin) */
+    bool adapt = e->is_shm;
     direct_worker_begin(e);
     for (;;) {
         pthread_mutex_lock(&e->progress_lock);
@@ -1253,12 +1257,12 @@ void *worker_main(void *arg)
                 spin_win = spin_win * 2 < spin_ns ? spin_win * 2 : spin_ns; /* the spin caught it */
                 e->stats.spin_window_ns = spin_win;
             } else if (spun_out && woken && spin_ns) {
-                /* woken soon after it gave up: a window of twice that wait would have caught it
-                 * (the wake-ups of a stream of small batches; naps that find lazy imm entries
-                 * are no evidence: nobody waited for them) */
-                uint64_t block = now_ns() - slept_at;
-                if (block < spin_ns && 2 * block > spin_win) {
-                    spin_win = 2 * block < spin_ns ? 2 * block : spin_ns;
+                /* woken soon after it gave up: a window of twice this idle gap would have
+                 * caught it (one-at-a-time writes over tcp, a stream of small batches; naps
+                 * that find lazy imm entries are no evidence: nobody waited for them) */
+                uint64_t gap = now_ns() - idle_since;
+                if (gap < spin_ns && 2 * gap > spin_win) {
+                    spin_win = 2 * gap < spin_ns ? 2 * gap : spin_ns;
                     e->stats.spin_window_ns = spin_win;
                 }
             }
@@ -1299,11 +1303,10 @@ void *worker_main(void *arg)
         /* while the loop spins it sees direct-path imms itself: no spin here */
         if (e->cfg.polling == AIOTE_POLL_ADAPTIVE && now - idle_since < spin_win && !loop_spins)
             continue;
-        if (e->cfg.polling == AIOTE_POLL_ADAPTIVE && !spun_out && !loop_spins) {
+        if (e->cfg.polling == AIOTE_POLL_ADAPTIVE && !spun_out && !loop_spins && adapt) {
             spun_out = true; /* a whole window for nothing: the next one is half as long */
             spin_win = spin_win / 2 > SPIN_MIN_NS ? spin_win / 2 : (spin_ns < SPIN_MIN_NS ? spin_ns : SPIN_MIN_NS);
             e->stats.spin_window_ns = spin_win;
-            slept_at = now;
         }
         woken = idle_sleep(e, &backoff, now - idle_since < WARM_NS);
     }
