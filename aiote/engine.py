@@ -830,9 +830,12 @@ class TransferEngine:
                                     imm)
 
     def _submit_cuda_to(self, ctx: int, stream: int, wait: tuple[int, int], copies: Sequence[tuple[int, int, int]],
-                        src: MemoryRegion | None, targets: Sequence[tuple[MrDescriptor, int, int, int]],
-                        imm: int | None) -> asyncio.Future[None]:
-        """Like ``_submit_cuda``, the writes to any descriptors: (dst, src_off, dst_off, len)."""
+                        src: MemoryRegion | None, targets: Sequence[tuple[MrDescriptor | int, int, int, int]],
+                        imm: int | None, lanes: tuple[bytes, Any, int, int] | None = None) -> asyncio.Future[None]:
+        """Like ``_submit_cuda``, the writes to any descriptors: (dst, src_off, dst_off, len), dst
+        a descriptor or its rdesc (an int).
+        ``lanes``: (lane of each copy, the (stream, event) pairs, how many, the fork event):
+        the copies on those streams (``aiote_submit_cuda_lanes``)."""
         has_imm, imm_v = self._check_imm(imm)
         h = self._handle()
         mr_id = src._mr_id() if src is not None else self._scratch()._mr_id()
@@ -842,7 +845,8 @@ class TransferEngine:
             buf = bytearray(_WR.size * n)
             try:
                 for i, (d, so, do, ln) in enumerate(targets):
-                    r = self._rdescs.get(d) if type(d) is MrDescriptor else None
+                    # an int: the rdesc already resolved (ipc_batch)
+                    r = d if type(d) is int else self._rdescs.get(d) if type(d) is MrDescriptor else None
                     _WR.pack_into(buf, i * _WR.size, self._rdesc(d) if r is None else r, 0, so, do, ln)
                 wrs = ffi.from_buffer("aiote_wr[]", buf)
             except struct.error:
@@ -850,14 +854,23 @@ class TransferEngine:
                 for i, (d, so, do, ln) in enumerate(targets):
                     self._fill(wrs[i], d, so, do, ln)
         cps: Any = ffi.NULL
-        if copies:
-            cbuf = bytearray(_COPY.size * len(copies))
-            for i, c in enumerate(copies):
-                _COPY.pack_into(cbuf, i * _COPY.size, *c)
-            cps = ffi.from_buffer("aiote_copy[]", cbuf)
         ncopies = len(copies)
+        if copies:  # one pack call for the whole list ((dst, src, len) = aiote_copy)
+            cps = ffi.from_buffer("aiote_copy[]", bytearray(struct.pack(f"={3 * ncopies}Q",
+                                                                        *[x for c in copies for x in c])))
         w, ws = wait
         bad = ffi.new("uint64_t*")
+        if lanes is not None:
+            lane_of, arr, nlanes, fork = lanes
+
+            def submit(op_id: int) -> int:
+                rc = lib.aiote_submit_cuda_lanes(h, op_id, ctx, stream, w, ws, cps, lane_of, ncopies, arr, nlanes,
+                                                 fork, mr_id, wrs, n, has_imm, imm_v, bad)
+                if rc < 0 and rc != -lib.AIOTE_E_AGAIN:
+                    check(rc, index=int(bad[0]))
+                return rc
+
+            return self._submit(submit, (src, wrs, cps, lane_of, arr))
 
         def submit(op_id: int) -> int:
             rc = lib.aiote_submit_cuda(h, op_id, ctx, stream, w, ws, cps, ncopies, mr_id, wrs, n, has_imm, imm_v,

@@ -47,7 +47,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from . import cuda
-from ._core import check, lib
+from ._core import check, ffi, lib
 from .counters import IMM_MAX
 from .descriptor import CudaExt, MrDescriptor
 from .errors import AioteError, InvalidArgument, OutOfBounds
@@ -64,6 +64,7 @@ __all__ = ["GpuPaths", "Element", "chunk_elements"]
 _COMMIT = struct.Struct("<4sQIII")  # magic, token, imm (or NO_IMM), imm count, range count
 _RANGE = struct.Struct("<QQ")
 _MAGIC = b"AGC1"
+_MAX_LANES = 16  # copy lanes (streams) per source device: destination GPUs beyond share
 _NO_IMM = 0xFFFFFFFF
 
 
@@ -151,6 +152,10 @@ def _local_region(token: int) -> MemoryRegion | None:
 class GpuPaths:
     """The GPU side of one engine: registration, routing, copies, commits."""
 
+    #: ``ipc_batch`` puts the copies to each destination GPU on a stream of their own
+    #: (False: all on this engine's stream of the device, one after another)
+    copy_lanes = True
+
     def __init__(self, engine: TransferEngine, mode: str, ipc: bool, chunk_bytes: int, staging_bytes: int,
                  mirror_bytes: int = 0):
         self._engine = engine
@@ -169,12 +174,18 @@ class GpuPaths:
         self._ipc_broken: set[tuple[int, bytes]] = set()  # handles that could not be mapped: NIC path
         # the write fast path, per destination descriptor (by identity: hashing a
         # descriptor costs more than the rest of the call): (descriptor, mapped base, rdesc)
-        self._plans: dict[int, tuple[MrDescriptor, int, int]] = {}
+        self._plans: dict[int, tuple[MrDescriptor, int, int, int]] = {}
         self._dev: dict[int, tuple[int, int]] = {}  # device -> (context, aiote's stream)
+        # ipc_batch's copy lanes: per source device, a stream and an event per destination GPU
+        # (so one batch's copies to several peers overlap on the copy engines), the C array
+        # of (stream, event) pairs, and the fork event recorded on torch's stream
+        self._wr_rd: dict[int, tuple[MrDescriptor, int]] = {}  # ipc_batch's write targets: id -> (desc, rdesc)
+        self._lane_of: dict[tuple[int, bytes], int] = {}
+        self._lanes: dict[int, tuple[Any, list[int], int]] = {}
         self._raw_stream: Any = None  # torch._C._cuda_getCurrentRawStream, once torch is up
         self.mirror_budget = self.mirror_left = mirror_bytes  # staged regions' mirrors, engine-wide
         self.stats = {"staged_in": 0, "staged_out": 0, "ipc_writes": 0, "commits_sent": 0,
-                      "commits_received": 0, "bad_commits": 0, "grants": 0,
+                      "commits_received": 0, "bad_commits": 0, "grants": 0, "lane_batches": 0,
                       # pinned host memory: mirrors + pools = staging_pinned
                       "staging_pinned": 0, "mirror_pinned": 0, "pool_pinned": 0, "mirror_left": mirror_bytes,
                       # staged regions open now, per protocol; staged writes per protocol (one per
@@ -519,18 +530,37 @@ class GpuPaths:
         self.stats["ipc_writes"] += 1
         return eng._track(op_id, src)
 
-    def _plan(self, dst: MrDescriptor, device: int) -> tuple[MrDescriptor, int, int] | None:
+    def _plan(self, dst: MrDescriptor, device: int) -> tuple[MrDescriptor, int, int, int] | None:
         """The fast path's facts about dst (mapped there, remote region resolved), or None
         where dst is not reached over CUDA IPC."""
         if type(dst) is not MrDescriptor or dst.cuda is None or self._route(dst, device) != "ipc":
             return None
         if dst.cuda.pid == self._pid:
             return None  # the pointer may be closed under us: the general path looks it up each time
-        plan = (dst, self._ipc_base(dst, device), self._engine._rdesc(dst))
+        plan = (dst, self._ipc_base(dst, device), self._engine._rdesc(dst), self._lane(device, dst.cuda.device_uuid))
         if len(self._plans) >= 4096:
             self._plans.clear()
         self._plans[id(dst)] = plan
         return plan
+
+    def _lane(self, device: int, uuid: bytes) -> int:
+        """The copy lane of device for copies into the GPU uuid (created on first use)."""
+        k = (device, uuid)
+        lane = self._lane_of.get(k)
+        if lane is not None:
+            return lane
+        arr, used, fork = self._lanes.get(device) or (ffi.new("uint64_t[]", 2 * _MAX_LANES), [0], 0)
+        if not fork:
+            self._drv.use_device(device)
+            fork = self._drv.event()
+        lane = used[0] % _MAX_LANES  # more destination GPUs than lanes: they share
+        if used[0] < _MAX_LANES:
+            self._drv.use_device(device)
+            arr[2 * lane], arr[2 * lane + 1] = self._drv.stream(), self._drv.event()
+            used[0] += 1
+        self._lanes[device] = (arr, used, fork)
+        self._lane_of[k] = lane
+        return lane
 
     def ipc_reachable(self, dst: MrDescriptor, device: int) -> bool:
         """Whether ``ipc_batch`` can copy into dst: a GPU region of another process of this
@@ -549,9 +579,11 @@ class GpuPaths:
         write; ``src`` None for imm-only writes alone), each with ``imm``, posted by the
         worker once every copy is done, so a peer that counts the imm sees the copied bytes
         too.  One C call, one event and one future for the whole batch (many peers)."""
-        cps = []
+        cps: list[tuple[int, int, int]] = []
+        lane_of = bytearray()
+        plans = self._plans
         for i, (d, off, addr, n) in enumerate(copies):
-            plan = self._plans.get(id(d))
+            plan = plans.get(id(d))
             if plan is None or plan[0] is not d:
                 plan = self._plan(d, device)
                 if plan is None:
@@ -560,19 +592,36 @@ class GpuPaths:
                 raise OutOfBounds(f"copy {i}: destination range {off}+{n} exceeds {d.length} bytes", index=i)
             if n:
                 cps.append((plan[1] + off, addr, n))
+                lane_of.append(plan[3])
         src_len = src.nbytes if src is not None else 0
+        rds, eng = self._wr_rd, self._engine
+        tw: list[tuple[int, int, int, int]] = []
         for i, (d, so, do, n) in enumerate(writes):
-            if so + n > src_len or do + n > d.length:
+            if (type(so) is not int or type(do) is not int or type(n) is not int or min(so, do, n) < 0
+                    or so + n > src_len or do + n > d.length):
                 raise OutOfBounds(f"write {i}: {so}+{n} of the source ({src_len} bytes) to {do} of the destination "
                                   f"({d.length} bytes) is out of bounds", index=i)
+            rd = rds.get(id(d))  # by identity: hashing a descriptor costs more than packing the write
+            if rd is None or rd[0] is not d:
+                if len(rds) >= 4096:
+                    rds.clear()
+                rd = rds[id(d)] = (d, eng._rdesc(d))
+            tw.append((rd[1], so, do, n))
+        lanes = None
         if cps:
             self.stats["ipc_writes"] += 1
-        return self._engine._submit_cuda_to(self._ctx(device), self._stream(device), self._torch_stream(device),
-                                            cps, src, writes, imm)
+            if self.copy_lanes and len(cps) > 1 and lane_of.count(lane_of[0]) != len(lane_of):
+                # copies to several GPUs: each destination's on a stream of its own
+                arr, used, fork = self._lanes[device]
+                lanes = (bytes(lane_of), arr, min(used[0], _MAX_LANES), fork)
+                self.stats["lane_batches"] += 1
+        return eng._submit_cuda_to(self._ctx(device), self._stream(device), self._torch_stream(device), cps, src,
+                                   tw, imm, lanes)
 
     def forget_plans(self) -> None:
         """A peer went away: its descriptors resolve afresh."""
         self._plans.clear()
+        self._wr_rd.clear()
 
     def _ipc_base(self, dst: MrDescriptor, device: int) -> int:
         """Where dst's byte 0 is mapped in this process."""
@@ -670,6 +719,17 @@ class GpuPaths:
             except cuda.CudaError:
                 pass
         self._streams.clear()
+        for device, (arr, used, fork) in self._lanes.items():
+            try:
+                self._drv.use_device(device)
+                for k in range(min(used[0], _MAX_LANES)):
+                    self._drv.call("cuStreamDestroy", _vp(arr[2 * k]))
+                    self._drv.destroy_event(arr[2 * k + 1])
+                self._drv.destroy_event(fork)
+            except cuda.CudaError:
+                pass
+        self._lanes.clear()
+        self._lane_of.clear()
 
 
 def _vp(x: int) -> Any:

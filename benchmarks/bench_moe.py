@@ -8,10 +8,11 @@ with a third (combine), same packing code, over gloo (``--device cpu``) or NCCL
 (``--device cuda``: rank r on GPU r, aiote with ``device="cuda:r"`` buffers).  The two
 systems alternate step by step (which goes first flips every step), so load on the
 machine hits both alike.  p50/p99 over ``--steps`` steps, rank 0's clock, after
-``--warmup`` steps.
+``--warmup`` steps.  ``--ab-lanes`` (GPUs) adds a third system in the same rotation:
+aiote with ``GpuPaths.copy_lanes`` off (every IPC copy of a batch on one stream).
 
     python benchmarks/bench_moe.py [--ep 2,4] [--provider shm|tcp] [--device cpu|cuda]
-                                   [--polling adaptive|busy|blocking] [--loop-spin-us N]
+                                   [--polling adaptive|busy|blocking] [--loop-spin-us N] [--ab-lanes]
                                    [--tokens 128 --hidden 2048 --experts 32 --topk 8]
 """
 
@@ -111,16 +112,18 @@ def _rank(rank: int, world: int, a, port: int, conn) -> None:
                 return t1 - t0, t2 - t1
 
             # per step: dispatch, combine (wall, rank 0's clock), CPU time of the rank's process (all threads)
-            res: dict[str, tuple[list[float], ...]] = {"aiote": ([], [], []), "base": ([], [], [])}
+            names = ["aiote", "base"] + (["aiote1"] if a.ab_lanes else [])
+            res: dict[str, tuple[list[float], ...]] = {n: ([], [], []) for n in names}
+            paths = eng._gpu_paths() if gpu else None
             for step in range(a.warmup + a.steps):
                 x, ids, w = inputs(a, rank, step, dev)
-                turns = [("aiote", None), ("base", None)]
-                if step % 2:
-                    turns.reverse()
-                for name, _ in turns:
+                k = step % len(names)  # which goes first rotates every step
+                for name in names[k:] + names[:k]:
                     dist.barrier()
+                    if paths is not None:
+                        paths.copy_lanes = name != "aiote1"
                     cpu0 = time.process_time()
-                    d, c = await aiote_step(x, ids, w) if name == "aiote" else baseline_step(x, ids, w)
+                    d, c = await aiote_step(x, ids, w) if name != "base" else baseline_step(x, ids, w)
                     cpu = time.process_time() - cpu0
                     if step >= a.warmup:
                         res[name][0].append(d * 1e6)
@@ -128,6 +131,8 @@ def _rank(rank: int, world: int, a, port: int, conn) -> None:
                         res[name][2].append(cpu * 1e6)
             await ep.settle()
             dist.barrier()
+            if paths is not None:  # rank 0's batches whose copies went over several streams
+                res["lane_batches"] = ([float(paths.stats["lane_batches"])],)
             return res
 
     res = asyncio.run(main())
@@ -174,6 +179,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--topk", type=int, default=8)
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--ab-lanes", action="store_true",
+                    help="also time aiote with copy lanes off (one stream for a batch's IPC copies), same rotation")
     a = ap.parse_args(argv)
     a.ep_sizes = [int(x) for x in a.ep.split(",")]
     return a
@@ -195,13 +202,22 @@ def main(argv: list[str] | None = None) -> None:
         load0 = os.getloadavg()[0]
         res = run(world, a)
         load1 = os.getloadavg()[0]
-        for key, name in (("aiote", "aiote"), ("base", base)):
+        for key, name in (("aiote", "aiote"), ("aiote1", "aiote, one copy stream"), ("base", base)):
+            if key not in res:
+                continue
             d, c, cpu = res[key]
             print(f"{world:>3} {name:<24} {statistics.median(d):13.0f} {pct(d, 0.99):9.0f} "
                   f"{statistics.median(c):12.0f} {pct(c, 0.99):9.0f} {statistics.median(cpu):13.0f}")
         (ad, ac, _), (gd, gc, _) = res["aiote"], res["base"]
         print(f"{'':>3} {backend(a) + ' / aiote (p50)':<24} {statistics.median(gd) / statistics.median(ad):13.2f} "
               f"{'':>9} {statistics.median(gc) / statistics.median(ac):12.2f}   load {load0:.1f} -> {load1:.1f}")
+        if "aiote1" in res:
+            od, oc, _ = res["aiote1"]
+            print(f"{'':>3} {backend(a) + ' / one-stream (p50)':<24} "
+                  f"{statistics.median(gd) / statistics.median(od):13.2f} {'':>9} "
+                  f"{statistics.median(gc) / statistics.median(oc):12.2f}")
+        if "lane_batches" in res:
+            print(f"{'':>3} rank 0 batches over several copy streams: {int(res['lane_batches'][0][0])}")
 
 
 if __name__ == "__main__":

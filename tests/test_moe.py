@@ -240,7 +240,8 @@ def test_bench_moe_arguments():
                                                                                         512, "gloo")
     assert bench.skip_reason(a, 4) is None
     g = bench.parse_args(["--device", "cuda", "--ep", "2"])
-    assert bench.backend(g) == "nccl"
+    assert bench.backend(g) == "nccl" and not g.ab_lanes
+    assert bench.parse_args(["--device", "cuda", "--ab-lanes"]).ab_lanes
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     assert (bench.skip_reason(g, 2) is None) == (gpus >= 2)
     if not gpus:

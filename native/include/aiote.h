@@ -381,6 +381,19 @@ int aiote_cuda_load(void);
 int aiote_submit_cuda(aiote_engine *e, uint64_t op_id, uint64_t ctx, uint64_t stream, int wait,
                       uint64_t wait_stream, const aiote_copy *copies, size_t ncopies, uint64_t mr_id,
                       const aiote_wr *wrs, size_t n, int has_imm, uint32_t imm, uint64_t *bad_index);
+/* Like aiote_submit_cuda, the copies spread over streams of their own ("lanes",
+ * one per destination GPU, say), so copies to different peers overlap on the
+ * copy engines instead of running one after another on stream.  copy i goes on
+ * lanes[2 * lane_of[i]] (a stream of ctx), lanes[2 * lane_of[i] + 1] being an
+ * event of ctx owned by that lane (reused: recorded after its copies, stream
+ * waits on it); with wait, every lane used first waits on fork_event recorded
+ * on wait_stream.  The op's event is recorded on stream after the lanes'
+ * copies, so later work on stream is ordered after them too. */
+int aiote_submit_cuda_lanes(aiote_engine *e, uint64_t op_id, uint64_t ctx, uint64_t stream, int wait,
+                            uint64_t wait_stream, const aiote_copy *copies, const uint8_t *lane_of,
+                            size_t ncopies, const uint64_t *lanes, size_t nlanes, uint64_t fork_event,
+                            uint64_t mr_id, const aiote_wr *wrs, size_t n, int has_imm, uint32_t imm,
+                            uint64_t *bad_index);
 /* The common case of the above, without arrays: one copy (dst, src, len),
  * then with has_imm one imm-only write to rdesc (a CUDA IPC write). */
 int aiote_submit_cuda_one(aiote_engine *e, uint64_t op_id, uint64_t ctx, uint64_t stream, int wait,

@@ -318,3 +318,107 @@ void cu_release(void *ctx, void *event, bool sync)
     if (prev != ctx)
         cu.ctx_set(prev);
 }
+
+/* Wait (on this thread) for what is queued on stream so far; errors ignored:
+ * the failure paths use it before returning their own error. */
+static void stream_drain(void *stream)
+{
+    void *ev = NULL;
+    if (cu.event_create(&ev, CU_EVENT_DISABLE_TIMING) == 0) {
+        if (cu.event_record(ev, stream) == 0)
+            cu.event_sync(ev);
+        cu.event_destroy(ev);
+    }
+}
+
+/* cu_issue with the copies spread over lanes (stream, event pairs of ctx):
+ * with wait (and work pending on wait_stream), fork_event is recorded there
+ * and every lane used waits on it; each copy goes on its lane's stream; each
+ * lane used records its event and stream waits on it; then the op's event is
+ * recorded on stream.  Copies to different lanes overlap on the copy engines;
+ * copies on one lane stay in order, also across calls. */
+int cu_issue_lanes(void *ctx, void *stream, int wait, void *wait_stream, const aiote_copy *copies, size_t n,
+                   const struct cu_lanes *l, void **event_out)
+{
+    *event_out = NULL;
+    int rc = aiote_cuda_load();
+    if (rc)
+        return rc;
+    if (!ctx || !stream || (n && !copies) || !l || !l->nlanes || l->nlanes > 256) {
+        aiote_set_error("CUDA copy: null context, stream, copy or lane list");
+        return -AIOTE_E_INVAL;
+    }
+    for (size_t i = 0; i < n; i++)
+        if (!copies[i].dst || !copies[i].src || l->lane_of[i] >= l->nlanes) {
+            aiote_set_error("CUDA copy %zu: null address or no such lane", i);
+            return -AIOTE_E_INVAL;
+        }
+    if (atomic_load(&cu_fake))
+        return fake_issue(copies, n, event_out);
+    uint8_t used[256] = {0};
+    for (size_t i = 0; i < n; i++)
+        if (copies[i].len)
+            used[l->lane_of[i]] = 1;
+    void *prev = NULL;
+    cu.ctx_get(&prev);
+    const char *what = "cuCtxSetCurrent";
+    void *ev = NULL;
+    bool queued = false;
+    int cr = prev == ctx ? 0 : cu.ctx_set(ctx);
+    if (cr)
+        goto fail;
+    if (wait && cu.stream_query(wait_stream) != 0) { /* work pending there (idle: nothing to wait for) */
+        what = "cuEventRecord";
+        if ((cr = cu.event_record(l->fork_event, wait_stream)))
+            goto fail;
+        what = "cuStreamWaitEvent";
+        for (size_t k = 0; k < l->nlanes; k++)
+            if (used[k] && (cr = cu.stream_wait_event((void *)(uintptr_t)l->lanes[2 * k], l->fork_event, 0)))
+                goto fail;
+    }
+    what = "cuMemcpyAsync";
+    for (size_t i = 0; i < n; i++) {
+        if (!copies[i].len)
+            continue;
+        if ((cr = cu.memcpy_async(copies[i].dst, copies[i].src, copies[i].len,
+                                  (void *)(uintptr_t)l->lanes[2 * l->lane_of[i]])))
+            goto fail;
+        queued = true;
+    }
+    for (size_t k = 0; k < l->nlanes; k++) {
+        if (!used[k])
+            continue;
+        void *ls = (void *)(uintptr_t)l->lanes[2 * k], *le = (void *)(uintptr_t)l->lanes[2 * k + 1];
+        what = "cuEventRecord";
+        if ((cr = cu.event_record(le, ls)))
+            goto fail;
+        what = "cuStreamWaitEvent";
+        if ((cr = cu.stream_wait_event(stream, le, 0)))
+            goto fail;
+    }
+    what = "cuEventCreate";
+    ev = ev_pool_take(ctx);
+    if (!ev && (cr = cu.event_create(&ev, CU_EVENT_DISABLE_TIMING)))
+        goto fail;
+    what = "cuEventRecord";
+    if ((cr = cu.event_record(ev, stream))) {
+        cu.event_destroy(ev);
+        ev = NULL;
+        goto fail;
+    }
+    if (prev != ctx)
+        cu.ctx_set(prev);
+    *event_out = ev;
+    return 0;
+fail:
+    /* copies queued before the failure may still run: wait for them (their buffers
+     * may be released as soon as we return the error) */
+    aiote_set_error("%s failed: %s (%d)", what, cu_error_name(cr), cr);
+    if (queued)
+        for (size_t k = 0; k < l->nlanes; k++)
+            if (used[k])
+                stream_drain((void *)(uintptr_t)l->lanes[2 * k]);
+    if (prev != ctx)
+        cu.ctx_set(prev);
+    return -AIOTE_E_CUDA;
+}

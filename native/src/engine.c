@@ -766,9 +766,51 @@ static void unref_local(aiote_engine *e, struct op *op)
     pthread_mutex_unlock(&e->mr_lock);
 }
 
+static int submit_cuda(aiote_engine *e, uint64_t op_id, uint64_t ctx, uint64_t stream, int wait,
+                       uint64_t wait_stream, const aiote_copy *copies, size_t ncopies, const struct cu_lanes *lanes,
+                       uint64_t mr_id, const aiote_wr *wrs, size_t n, int has_imm, uint32_t imm,
+                       uint64_t *bad_index);
+
 int aiote_submit_cuda(aiote_engine *e, uint64_t op_id, uint64_t ctx, uint64_t stream, int wait,
                       uint64_t wait_stream, const aiote_copy *copies, size_t ncopies, uint64_t mr_id,
                       const aiote_wr *wrs, size_t n, int has_imm, uint32_t imm, uint64_t *bad_index)
+{
+    return submit_cuda(e, op_id, ctx, stream, wait, wait_stream, copies, ncopies, NULL, mr_id, wrs, n, has_imm,
+                       imm, bad_index);
+}
+
+int aiote_submit_cuda_lanes(aiote_engine *e, uint64_t op_id, uint64_t ctx, uint64_t stream, int wait,
+                            uint64_t wait_stream, const aiote_copy *copies, const uint8_t *lane_of,
+                            size_t ncopies, const uint64_t *lanes, size_t nlanes, uint64_t fork_event,
+                            uint64_t mr_id, const aiote_wr *wrs, size_t n, int has_imm, uint32_t imm,
+                            uint64_t *bad_index)
+{
+    *bad_index = 0;
+    if ((ncopies && !lane_of) || !nlanes || !lanes || (wait && !fork_event)) {
+        aiote_set_error("CUDA write: null lane list or fork event");
+        return -AIOTE_E_INVAL;
+    }
+    for (size_t i = 0; i < nlanes; i++)
+        if (!lanes[2 * i] || !lanes[2 * i + 1]) {
+            aiote_set_error("CUDA write: lane %zu has a null stream or event", i);
+            return -AIOTE_E_INVAL;
+        }
+    for (size_t i = 0; i < ncopies; i++)
+        if (lane_of[i] >= nlanes) {
+            *bad_index = i;
+            aiote_set_error("CUDA copy %zu: lane %u of %zu", i, (unsigned)lane_of[i], nlanes);
+            return -AIOTE_E_INVAL;
+        }
+    struct cu_lanes l = {.lane_of = lane_of, .lanes = lanes, .nlanes = nlanes,
+                         .fork_event = (void *)(uintptr_t)fork_event};
+    return submit_cuda(e, op_id, ctx, stream, wait, wait_stream, copies, ncopies, &l, mr_id, wrs, n, has_imm, imm,
+                       bad_index);
+}
+
+static int submit_cuda(aiote_engine *e, uint64_t op_id, uint64_t ctx, uint64_t stream, int wait,
+                       uint64_t wait_stream, const aiote_copy *copies, size_t ncopies, const struct cu_lanes *lanes,
+                       uint64_t mr_id, const aiote_wr *wrs, size_t n, int has_imm, uint32_t imm,
+                       uint64_t *bad_index)
 {
     *bad_index = 0;
     int rc = aiote_cuda_load();
@@ -804,8 +846,10 @@ int aiote_submit_cuda(aiote_engine *e, uint64_t op_id, uint64_t ctx, uint64_t st
         op_free(op);
         return rc;
     }
-    rc = cu_issue((void *)(uintptr_t)ctx, (void *)(uintptr_t)stream, wait, (void *)(uintptr_t)wait_stream,
-                  copies, ncopies, &op->cu_event);
+    rc = lanes ? cu_issue_lanes((void *)(uintptr_t)ctx, (void *)(uintptr_t)stream, wait,
+                                (void *)(uintptr_t)wait_stream, copies, ncopies, lanes, &op->cu_event)
+               : cu_issue((void *)(uintptr_t)ctx, (void *)(uintptr_t)stream, wait, (void *)(uintptr_t)wait_stream,
+                          copies, ncopies, &op->cu_event);
     if (rc) {
         atomic_fetch_sub(&e->outstanding, units);
         unref_local(e, op);

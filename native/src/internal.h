@@ -392,6 +392,15 @@ struct aiote_engine {
 const char *cu_error_name(int rc);
 int cu_issue(void *ctx, void *stream, int wait, void *wait_stream, const aiote_copy *copies, size_t n,
              void **event_out);
+/* lanes for cu_issue_lanes: copies[i] on lanes[2*lane_of[i]] (stream, event pairs) */
+struct cu_lanes {
+    const uint8_t *lane_of;
+    const uint64_t *lanes;
+    size_t nlanes;
+    void *fork_event;
+};
+int cu_issue_lanes(void *ctx, void *stream, int wait, void *wait_stream, const aiote_copy *copies, size_t n,
+                   const struct cu_lanes *lanes, void **event_out);
 int cu_poll(void *ctx, void *event);
 void cu_release(void *ctx, void *event, bool sync);
 
