@@ -203,3 +203,45 @@ async def test_post_from_a_spinning_loop(aiote_make_engine, peer):
     for i in range(32):
         assert got[8192 - (i + 1) * 256:8192 - i * 256] == bytes(range(256)), i
     prep.close()
+
+
+async def test_a_post_resolves_only_with_every_write_in_place(engine, peer):
+    """32 writes to one region per post (over tcp only the last of them asks for
+    delivery-complete, worker.c dc_needed): once a post resolves, the target's memory holds
+    every write's bytes, read back before any imm is waited for."""
+    rid, desc = await peer.call("register", 32 * 4096, 0)
+    d = aiote.MrDescriptor.from_bytes(desc)
+    buf = bytearray(32 * 4096)
+    src = engine.register(buf)
+    for size in (64, 4096):
+        prep = engine.prepare_scatter(src, [(d, i * size, i * size, size) for i in range(32)], imm=5)
+        for rnd in range(1, 6):
+            buf[:32 * size] = bytes([(rnd * 7 + size) & 0xFF]) * (32 * size)
+            before = engine.stats()
+            await prep.post()
+            assert await peer.call("read", rid, 0, 32 * size) == bytes(buf[:32 * size]), (size, rnd)
+            after = engine.stats()
+            if engine.provider == "tcp;ofi_rxm" and engine.info()["delivery_complete"]:
+                assert after["writes_posted"] - before["writes_posted"] == 32
+                assert after["writes_delivered"] - before["writes_delivered"] == 1
+        prep.close()
+    assert await peer.call("wait_imm", 5, 2 * 5 * 32, 10)
+
+
+async def test_a_run_to_a_closed_region_inside_a_batch_fails_the_post(engine, aiote_make_peer):
+    """A batch whose middle writes go to a region its owner closed (the runs before and after it
+    to an open one): the post fails, typed, though the batch's last write is to a good region."""
+    a = await aiote_make_peer()
+    r_ok, d_ok = await a.call("register", 1 << 16, 0)
+    r_bad, d_bad = await a.call("register", 1 << 16, 0x77)
+    d_ok, d_bad = aiote.MrDescriptor.from_bytes(d_ok), aiote.MrDescriptor.from_bytes(d_bad)
+    src = engine.register(bytearray(b"\x01" * (1 << 16)))
+    await engine.write(src, d_bad, 16, imm=3)  # its key works while the region is open
+    assert await a.call("wait_imm", 3, 1, 10)
+    await a.call("close_region", r_bad)
+    batch = [(d_ok, 0, i * 64, 64) for i in range(8)] + [(d_bad, 0, i * 64, 64) for i in range(8)]
+    batch += [(d_ok, 0, 4096 + i * 64, 64) for i in range(8)]
+    prep = engine.prepare_scatter(src, batch, imm=4)
+    res = await asyncio.wait_for(asyncio.gather(prep.post(), return_exceptions=True), 30)
+    assert isinstance(res[0], aiote.ProviderError), res
+    prep.close()

@@ -184,6 +184,8 @@ typedef struct {
                                   * completed them) */
     uint64_t spin_window_ns;   /* adaptive polling: the worker's current spin window (adapts up to
                                 * spin_us) */
+    uint64_t writes_delivered; /* writes posted asking for delivery-complete (on an ordered
+                                * connection only a batch's last write to a region asks) */
 } aiote_stats;
 
 const char *aiote_last_error(void);

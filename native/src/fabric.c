@@ -258,6 +258,11 @@ int fabric_open(aiote_engine *e)
     e->info.rx_size = fi->rx_attr->size;
     e->info.hmem = (fi->caps & FI_HMEM) != 0;
     e->info.delivery_complete = dc;
+    /* The provider places the data of writes on one connection in submission
+     * order, whatever their size (tcp;ofi_rxm: one TCP stream per peer): a
+     * delivered write means the earlier ones to that peer are in place too. */
+    e->waw_ordered = !e->is_shm && e->nnics == 1 && (fi->tx_attr->msg_order & FI_ORDER_WAW) &&
+                     fi->ep_attr->max_order_waw_size == SIZE_MAX;
     e->info.wait_fd = e->nics[0].cq_fd >= 0;
     e->info.addr_len = (int)e->nics[0].addr_len;
     e->info.nics = (int)e->nnics;

@@ -281,6 +281,10 @@ struct aiote_engine {
     aiote_info info;
     uint64_t peer_timeout_ns;
     bool is_shm;
+    /* writes on one connection are placed in order (FI_ORDER_WAW, unbounded
+     * max_order_waw_size, one NIC): only a batch's last write to a region asks
+     * for delivery-complete (worker.c, dc_needed) */
+    bool waw_ordered;
     uint64_t local_seq; /* shm: when it opened (local_peers.c), 0 if not counted */
     bool defer_teardown; /* shm: same-process peers may still answer into our regions */
 

@@ -195,6 +195,27 @@ static inline void note_conn(struct peer *p, uint32_t nic, uint32_t remote, ssiz
         p->conn[nic][remote] |= CONN_TRIED;
 }
 
+/* Must element i ask for delivery-complete?  On an ordered single-NIC connection
+ * (e->waw_ordered) not when the next element of the same op goes to the same
+ * remote region (same descriptor: same peer, key and connection) and will be
+ * posted: that one, or the last of the run, asks for it, and its completion
+ * means this one's bytes are in place too (the provider places writes on a
+ * connection in order).  The op completes only with all its writes, so its
+ * future still resolves once every byte is in the target's memory; a write the
+ * target refuses (a closed region) fails the run's delivered write to the same
+ * region with it.  A 32-write batch over tcp then costs the target one ack, not 32. */
+static inline bool dc_needed(const aiote_engine *e, const struct op *op, size_t i, const struct peer *p)
+{
+    if (!e->waw_ordered || p->nnics != 1 || i + 1 >= op->n)
+        return true;
+    if (op->kind == OP_PAGED)
+        return op->page_len == 0 && !op->has_imm;
+    if (op->kind != OP_WRITES)
+        return true;
+    const struct welem *nx = &op->wrs[i + 1];
+    return nx->rd != op->wrs[i].rd || (nx->len == 0 && !op->has_imm);
+}
+
 /* 0: posted (or nothing to post), 1: provider said -FI_EAGAIN, 2: no transmit
  * context free (wait for our completions), <0: -fi_errno (*nic_out names the NIC) */
 static int post_shard(aiote_engine *e, struct op *op, size_t i, int *nic_out)
@@ -254,7 +275,7 @@ static int post_shard(aiote_engine *e, struct op *op, size_t i, int *nic_out)
         flags |= FI_REMOTE_CQ_DATA;
     /* shm never completes a 0-byte write asked for delivery-complete
      * (LIBFABRIC-NOTES.md); there is no payload to deliver anyway. */
-    if (e->info.delivery_complete && !(e->is_shm && len == 0))
+    if (e->info.delivery_complete && !(e->is_shm && len == 0) && dc_needed(e, op, i, p))
         flags |= FI_DELIVERY_COMPLETE;
     if (p->ep[n->index])
         watched_post_begin(e, rd->peer);
@@ -274,6 +295,7 @@ static int post_shard(aiote_engine *e, struct op *op, size_t i, int *nic_out)
     c->index = i;
     op->inflight++;
     e->stats.writes_posted++;
+    e->stats.writes_delivered += (flags & FI_DELIVERY_COMPLETE) != 0;
     e->stats.bytes_written += len;
     n->stats.writes_posted++;
     n->stats.bytes_written += len;
