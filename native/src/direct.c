@@ -1070,6 +1070,21 @@ static void serve_own(aiote_engine *e)
     pthread_mutex_unlock(&e->progress_lock);
 }
 
+/* The cell where an entry of nc cells starts at *pos.  Entries never wrap: if it
+ * would, a pad entry fills the ring's end and *pos moves to the ring's start. */
+static struct dt_ient *icell_at(struct dt_iring *r, uint64_t *pos, uint32_t nc)
+{
+    uint32_t at = (uint32_t)(*pos % DT_ICELLS);
+    if (at + nc > DT_ICELLS) {
+        struct dt_ient *pad = (struct dt_ient *)(r->cells + (size_t)at * DT_ICELL);
+        pad->ncells = DT_ICELLS - at;
+        pad->kind = DT_IK_PAD;
+        *pos += DT_ICELLS - at;
+        at = 0;
+    }
+    return (struct dt_ient *)(r->cells + (size_t)at * DT_ICELL);
+}
+
 /* Publish [start, end) of our inline ring and wake the target if it sleeps. */
 static void inline_publish(struct dpeer *dp, struct dt_iring *r, uint64_t end)
 {
@@ -1214,15 +1229,8 @@ static int inline_try(aiote_engine *e, struct op *op)
     for (size_t i = 0; i < op->n; i++) {
         struct welem x;
         elem_at(op, i, &x);
-        uint32_t nc = icells(x.len), at = (uint32_t)(pos % DT_ICELLS);
-        if (at + nc > DT_ICELLS) { /* entries never wrap: pad to the ring's start */
-            struct dt_ient *pad = (struct dt_ient *)(r->cells + (size_t)at * DT_ICELL);
-            pad->ncells = DT_ICELLS - at;
-            pad->kind = DT_IK_PAD;
-            pos += DT_ICELLS - at;
-            at = 0;
-        }
-        struct dt_ient *c = (struct dt_ient *)(r->cells + (size_t)at * DT_ICELL);
+        uint32_t nc = icells(x.len);
+        struct dt_ient *c = icell_at(r, &pos, nc);
         c->ncells = nc;
         c->kind = DT_IK_DATA;
         c->slot = x.rd->dslot;
@@ -1371,20 +1379,13 @@ int aiote_direct_inline_raw(aiote_engine *e, uint32_t rdesc, uint32_t slot, uint
     }
     struct dt_iring *r = &dp->t.irings[dp->lane];
     uint64_t pos = atomic_load(&r->head);
-    uint32_t nc = icells(payload_len), at = (uint32_t)(pos % DT_ICELLS);
+    uint32_t nc = icells(payload_len);
     if (pos - atomic_load(&r->done) + 2 * nc > DT_ICELLS) {
         atomic_store(&dp->ibusy, false);
         aiote_set_error("the inline ring to that peer is full");
         return -AIOTE_E_BUSY;
     }
-    if (at + nc > DT_ICELLS) {
-        struct dt_ient *pad = (struct dt_ient *)(r->cells + (size_t)at * DT_ICELL);
-        pad->ncells = DT_ICELLS - at;
-        pad->kind = DT_IK_PAD;
-        pos += DT_ICELLS - at;
-        at = 0;
-    }
-    struct dt_ient *c = (struct dt_ient *)(r->cells + (size_t)at * DT_ICELL);
+    struct dt_ient *c = icell_at(r, &pos, nc);
     *c = (struct dt_ient){.ncells = nc, .kind = DT_IK_DATA, .slot = slot, .len = len, .state = state,
                           .key = key, .off = off, .imm = imm, .has_imm = has_imm ? 1 : 0,
                           .status = DT_IST_PENDING};
