@@ -140,6 +140,14 @@ class TransferEngine:
             instead of one ``process_vm_writev``; the future still resolves only once the
             bytes are in the target's memory (docs/concepts.md).  0: off.  ``None``:
             ``AIOTE_DIRECT_INLINE`` from the environment, else 256.  At most 4096.
+        direct_assist: copy assistants: threads of the engine that help copy one large
+            direct run (a write, or the consecutive elements of a batch into one target
+            region, of at least 512 KiB): the run is cut into chunks of 256 KiB or more,
+            the copying thread takes them from the front and idle assistants from the back
+            (one thread's ``process_vm_writev`` tops out well below memory bandwidth).  An
+            assistant stays awake 200 µs after its last chunk, then sleeps; they start with
+            the first large direct write.  0: none.  ``None``: ``AIOTE_DIRECT_ASSIST``
+            from the environment, else 1.  At most 15.
         loop_spin_us: latency mode (0, the default: off).  The asyncio loop's thread spins
             up to this many µs on the engine's events before it sleeps in epoll, driving the
             engine's progress itself meanwhile (the worker rests while it does), and resolves
@@ -183,6 +191,7 @@ class TransferEngine:
         direct_workers: int | None = None,
         loop_spin_us: int = 0,
         direct_inline: int | None = None,
+        direct_assist: int | None = None,
     ):
         if isinstance(nics, int):
             if not 1 <= nics <= lib.AIOTE_MAX_NICS:
@@ -238,6 +247,13 @@ class TransferEngine:
                 raise InvalidArgument("AIOTE_DIRECT_INLINE must be an int") from None
         if type(direct_inline) is not int or not 0 <= direct_inline <= 4096:
             raise InvalidArgument(f"direct_inline must be an int 0..4096, got {direct_inline!r}")
+        if direct_assist is None:
+            try:
+                direct_assist = int(os.environ.get("AIOTE_DIRECT_ASSIST", 1))
+            except ValueError:
+                raise InvalidArgument("AIOTE_DIRECT_ASSIST must be an int") from None
+        if type(direct_assist) is not int or not 0 <= direct_assist <= 15:
+            raise InvalidArgument(f"direct_assist must be an int 0..15, got {direct_assist!r}")
         if type(loop_spin_us) is not int or not 0 <= loop_spin_us <= 10_000_000:
             raise InvalidArgument(f"loop_spin_us must be an int in 0..10000000 (µs), got {loop_spin_us!r}")
         self._loop_spin_ns = loop_spin_us * 1000
@@ -253,7 +269,8 @@ class TransferEngine:
                               recv_slots=recv_slots, send_slots=send_slots, max_queued=max_queued,
                               delivery_complete=delivery_complete, peer_timeout=peer_timeout,
                               max_inflight=max_inflight, direct_shm=bool(direct_shm), direct_max=direct_max,
-                              direct_workers=direct_workers, direct_inline=direct_inline)
+                              direct_workers=direct_workers, direct_inline=direct_inline,
+                              direct_assist=direct_assist)
         self.id = next(_engine_ids)
         self._h: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -324,6 +341,7 @@ class TransferEngine:
         cfg.direct_max = a["direct_max"]
         cfg.direct_workers = a["direct_workers"] if a["direct_workers"] > 0 else -1
         cfg.direct_inline = a["direct_inline"] if a["direct_inline"] > 0 else -1
+        cfg.direct_assist = a["direct_assist"] if a["direct_assist"] > 0 else -1
         out = ffi.new("aiote_engine**")
         _sweep_own_shm_names()
         rc = lib.aiote_engine_open(cfg, out)

@@ -100,6 +100,8 @@ typedef struct {
     int32_t direct_inline;    /* direct writes of at most this many bytes each go inline: copied into
                                * the target's shared-memory ring, applied by the target (0: default
                                * 256, < 0: off) */
+    int32_t direct_assist;    /* threads that help copy one large direct run (>= 512 KiB): the
+                               * copying thread and they split it; 0 = 1, < 0 = none */
 } aiote_config;
 
 typedef struct {
@@ -186,6 +188,9 @@ typedef struct {
                                 * spin_us) */
     uint64_t writes_delivered; /* writes posted asking for delivery-complete (on an ordered
                                 * connection only a batch's last write to a region asks) */
+    uint64_t direct_assisted;  /* chunks of large direct runs copied by the copy assistants */
+    uint64_t direct_assist_late; /* runs whose copier waited long for an assistant (not on a CPU:
+                                  * the next runs are copied alone for a while) */
 } aiote_stats;
 
 const char *aiote_last_error(void);
@@ -283,6 +288,12 @@ int aiote_direct_inline_raw(aiote_engine *e, uint32_t rdesc, uint32_t slot, uint
 int aiote_direct_pause(aiote_engine *e, int on);
 /* Tests only: wait up to timeout_ms until a copy thread is held there: 1, or 0. */
 int aiote_direct_wait_paused(aiote_engine *e, uint32_t timeout_ms);
+/* Tests only (process-wide): only_assistants = 1: a large direct run's copier
+ * leaves every chunk to the copy assistants (it waits for them); hold = 1:
+ * assistants stop after each chunk until it is 0 again or the engine closes. */
+int aiote_direct_assist_test(aiote_engine *e, int only_assistants, int hold);
+/* Tests only: wait up to timeout_ms until an assistant is held: 1, or 0. */
+int aiote_direct_assist_wait_held(aiote_engine *e, uint32_t timeout_ms);
 
 /* Take up to max events; re-arms the eventfd when the queue is emptied. */
 int aiote_poll_events(aiote_engine *e, aiote_event *out, size_t max);

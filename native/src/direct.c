@@ -1019,24 +1019,6 @@ static int queue_imms(aiote_engine *e, uint64_t id, uint32_t imm, const struct i
     return enqueue_op(e, op);
 }
 
-/* Advance an iovec array by adv bytes (from *idx on). */
-static void iov_advance(struct iovec *v, size_t n, size_t *idx, uint64_t adv)
-{
-    while (adv && *idx < n) {
-        if (adv >= v[*idx].iov_len) {
-            adv -= v[*idx].iov_len;
-            v[*idx].iov_len = 0;
-            (*idx)++;
-        } else {
-            v[*idx].iov_base = (uint8_t *)v[*idx].iov_base + adv;
-            v[*idx].iov_len -= adv;
-            adv = 0;
-        }
-    }
-    while (*idx < n && v[*idx].iov_len == 0)
-        (*idx)++;
-}
-
 /* Between two chunks of a copy thread's op: held here by the test gate
  * (aiote_direct_pause); then is the op to stop (cancelled, engine closing)? */
 static bool async_checkpoint(aiote_engine *e, struct op *op);
@@ -1516,54 +1498,43 @@ static int direct_copy(aiote_engine *e, struct op *op, bool on_thread)
             if (i == op->n)
                 break;
         }
-        /* process_vm_writev may stop short (it copies iovec by iovec): go on from there */
-        size_t li = 0, ri = 0;
-        uint64_t left = run_bytes;
-        while (left) {
-            ssize_t r = process_vm_writev(dp->pid, liov + li, (unsigned long)(nl - li), riov + ri,
-                                          (unsigned long)(nr - ri), 0);
-            __atomic_fetch_add(&e->stats.direct_syscalls, 1, __ATOMIC_RELAXED);
-            if (r <= 0) {
-                int err = r < 0 ? errno : EFAULT;
-                if (err == EINTR)
-                    continue;
-                if (err == EPERM && bytes == 0 && left == run_bytes) {
-                    atomic_store(&dp->off, true); /* CMA not allowed: libfabric from now on */
-                    fallback = true;
-                } else if (err == ESRCH) {
-                    atomic_store(&dp->off, true);
-                    atomic_store(&dp->dead, true);
-                    status = -AIOTE_E_PROVIDER;
-                    fi_err = FI_ECONNRESET;
-                } else {
-                    status = -AIOTE_E_PROVIDER;
-                    fi_err = err == EFAULT ? FI_EFAULT : FI_EIO;
-                }
-                bad = first;
-                /* the elements of this run that landed whole deliver their imms */
-                uint64_t done = run_bytes - left, cum = 0;
-                size_t whole = 0;
-                for (size_t j = first; j < i; j++) {
-                    struct welem y;
-                    elem_at(op, j, &y);
-                    if (cum + y.len > done || (y.len == 0 && cum == done && done < run_bytes))
-                        break;
-                    cum += y.len;
-                    whole++;
-                }
-                if (!fallback && whole) {
-                    copied_elems += whole;
-                    if (op->has_imm)
-                        acc_add(acc, &nacc, acc_cap, rd->peer, dp, whole);
-                }
-                if (!fallback && whole < i - first)
-                    bad = first + whole;
-                break;
+        /* process_vm_writev may stop short (it copies iovec by iovec): assist_copy goes on
+         * from there; a large run is shared with the engine's copy assistants */
+        int err = 0;
+        uint64_t landed = assist_copy(e, dp->pid, liov, nl, riov, nr, run_bytes, &err);
+        bytes += landed;
+        if (landed < run_bytes) {
+            if (err == EPERM && bytes == 0) {
+                atomic_store(&dp->off, true); /* CMA not allowed: libfabric from now on */
+                fallback = true;
+            } else if (err == ESRCH) {
+                atomic_store(&dp->off, true);
+                atomic_store(&dp->dead, true);
+                status = -AIOTE_E_PROVIDER;
+                fi_err = FI_ECONNRESET;
+            } else {
+                status = -AIOTE_E_PROVIDER;
+                fi_err = err == EFAULT ? FI_EFAULT : FI_EIO;
             }
-            left -= (uint64_t)r;
-            bytes += (uint64_t)r;
-            iov_advance(liov, nl, &li, (uint64_t)r);
-            iov_advance(riov, nr, &ri, (uint64_t)r);
+            bad = first;
+            /* the elements of this run that landed whole deliver their imms */
+            uint64_t cum = 0;
+            size_t whole = 0;
+            for (size_t j = first; j < i; j++) {
+                struct welem y;
+                elem_at(op, j, &y);
+                if (cum + y.len > landed || (y.len == 0 && cum == landed && landed < run_bytes))
+                    break;
+                cum += y.len;
+                whole++;
+            }
+            if (!fallback && whole) {
+                copied_elems += whole;
+                if (op->has_imm)
+                    acc_add(acc, &nacc, acc_cap, rd->peer, dp, whole);
+            }
+            if (!fallback && whole < i - first)
+                bad = first + whole;
         }
         release_slot(dp, k);
         if (!status && !fallback && (on_thread || run_bytes >= (1u << 20))) {

@@ -47,6 +47,7 @@ static void engine_release(aiote_engine *e)
     free(e->pending_events.ev);
     free(e->mrs);
     direct_async_free(e);
+    assist_free(e);
     pthread_mutex_destroy(&e->dcp_lock);
     pthread_mutex_destroy(&e->ipend_lock);
     direct_peers_free(e);
@@ -172,6 +173,7 @@ int aiote_engine_shutdown(aiote_engine *e)
     ssize_t r = write(e->sub_efd, &one, sizeof one);
     (void)r;
     direct_async_stop(e); /* copy threads: the chunk in progress ends, the rest fails as closed */
+    assist_stop(e);       /* after the copy threads, which share runs with them */
     if (e->watchdog_started) {
         pthread_mutex_lock(&e->wd_lock);
         pthread_cond_signal(&e->wd_cond);

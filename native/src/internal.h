@@ -2,6 +2,7 @@
 #ifndef AIOTE_INTERNAL_H
 #define AIOTE_INTERNAL_H
 
+#include <sys/uio.h>
 #include <pthread.h>
 #include <semaphore.h>
 #include <stdatomic.h>
@@ -386,6 +387,8 @@ struct aiote_engine {
     atomic_uint ipend_n;
     atomic_uint_fast64_t direct_ops_ok, direct_ops_failed; /* finished on callers' or copy threads */
     struct dcopier *dcp; /* the copy threads for direct ops above direct_max (NULL: none started) */
+    struct assist *assist; /* copy assistants (copy_assist.c; NULL: none started) */
+    bool assist_off;       /* none to be started (stopping, or they could not start) */
     pthread_mutex_t dcp_lock;
 
     /* statistics: written by the worker, read racily (monotonic counters) */
@@ -503,6 +506,15 @@ int direct_run(aiote_engine *e, struct op *op);
 int direct_async(aiote_engine *e, struct op *op);
 void direct_async_cancel(aiote_engine *e, uint64_t op_id);
 void direct_async_stop(aiote_engine *e);
+/* copy_assist.c: copy a run of iovecs into process pid (the arrays may be
+ * modified); one of at least AIOTE_ASSIST_MIN bytes is shared with the
+ * engine's copy assistants.  Returns the contiguous prefix that landed; *err:
+ * 0 or the errno that ended it. */
+#define AIOTE_ASSIST_MIN (512u << 10)
+uint64_t assist_copy(aiote_engine *e, int pid, struct iovec *liov, size_t nl, struct iovec *riov, size_t nr,
+                     uint64_t total, int *err);
+void assist_stop(aiote_engine *e);
+void assist_free(aiote_engine *e);
 void direct_async_free(aiote_engine *e);
 /* engine.c: hand a reserved, region-referencing op to the worker (libfabric); on failure it is freed */
 int engine_handoff(aiote_engine *e, struct op *op);
