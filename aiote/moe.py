@@ -55,12 +55,14 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ._core import ffi, lib
 from .descriptor import MrDescriptor
 from .errors import AioteError, InvalidArgument
 from .memory import host_buffer
@@ -106,10 +108,13 @@ class MoeBuffers:
 
 
 
-async def _settled_or_withdrawn(wait: asyncio.Future[None]) -> None:
-    """Await an imm wait; on any failure (timeout, cancellation) withdraw it, so a wait
-    left armed can't eat the next step's imms."""
+async def _settled_or_withdrawn(wait: asyncio.Future[None],
+                                spin: Callable[[asyncio.Future[None]], None] | None = None) -> None:
+    """Await an imm wait (``spin(wait)`` first, unless it is done); on any failure (timeout,
+    cancellation) withdraw it, so a wait left armed can't eat the next step's imms."""
     try:
+        if spin is not None and not wait.done():
+            spin(wait)
         await wait
     except BaseException:
         wait.cancel()
@@ -130,6 +135,13 @@ class ExpertParallel:
     rank that died or stalled); ``None`` waits forever.  After a timeout the ranks are
     out of step: build a new ExpertParallel (with another ``imm_base``) rather than
     going on with this one.
+
+    ``wait_spin_us``: how long a dispatch or combine spins on the engine's events (in C,
+    the GIL released, this thread draining them) before it awaits the other ranks' writes
+    through the event loop; the spin skips the worker → eventfd → loop wake-up, as a
+    spinning host wait of NCCL's does.  Default: ``GPU_WAIT_SPIN_US`` for rows on a GPU
+    (a step there is latency-bound), 0 (no spin) for host rows.  An attribute of the same
+    name changes it later.
     """
 
     DISPATCH_IMM = 0x0E0000  # imm_base: dispatch (even steps); +1 combine; +2 dispatch (odd steps)
@@ -137,10 +149,13 @@ class ExpertParallel:
     #: headers and ids in a host region of their own, the rows apart (always on GPUs; a
     #: subclass may set it for host rows too, which tests the GPU layout without a GPU)
     _SPLIT_META = False
+    #: ``wait_spin_us``'s default for rows on a GPU
+    GPU_WAIT_SPIN_US = 300
 
     def __init__(self, engine: TransferEngine, rank: int, world: int, num_experts: int, hidden: int,
                  max_tokens: int, top_k: int, dtype: Any = None, imm_base: int | None = None,
-                 device: Any = None, capacity: int | None = None, timeout: float | None = None):
+                 device: Any = None, capacity: int | None = None, timeout: float | None = None,
+                 wait_spin_us: int | None = None):
         import torch
 
         if not 0 <= rank < world < _APART or num_experts % world or top_k < 1 or max_tokens < 1 or hidden < 1:
@@ -159,6 +174,8 @@ class ExpertParallel:
                                     or not timeout > 0):
             raise InvalidArgument(f"timeout must be a positive number of seconds or None, got {timeout!r}")
         self.timeout = timeout
+        if wait_spin_us is not None and (type(wait_spin_us) is not int or not 0 <= wait_spin_us <= 1_000_000):
+            raise InvalidArgument(f"wait_spin_us must be an int in 0..1000000 (µs) or None, got {wait_spin_us!r}")
         self.dtype = dtype or torch.float32
         base = self.DISPATCH_IMM if imm_base is None else imm_base
         self._dispatch_imms = (base, base + 2)
@@ -168,6 +185,8 @@ class ExpertParallel:
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         gpu = self._gpu = self.device.type == "cuda"
+        self.wait_spin_us = (self.GPU_WAIT_SPIN_US if gpu else 0) if wait_spin_us is None else wait_spin_us
+        self._spin_h: Any = None  # the engine's handle as the array aiote_spin takes
         split = self._split = gpu or self._SPLIT_META
         esize = torch.empty(0, dtype=self.dtype).element_size()
         rb = self._row_bytes = hidden * esize
@@ -179,6 +198,10 @@ class ExpertParallel:
         else:  # a slot: [pad | ids (int32 x capacity) | header] ending on a row boundary, then the rows
             self._slot_hdr = -(-(_HDR + 4 * cap) // align) * align
         self._slot = self._slot_hdr + cap * rb
+        # a parity's half of the receive buffer: world slots; split: then max_rows rows, where
+        # dispatch gathers this rank's rows (own ones first, at the start of its own slot, the
+        # rows for the other ranks behind them: one index_select for all, no send buffer)
+        self._pstride = world * self._slot + (self.max_rows * rb if split else 0)
 
         def buf(nbytes: int, host: bool = False) -> torch.Tensor:
             if gpu and not host:
@@ -186,21 +209,20 @@ class ExpertParallel:
             # huge-page host memory: shm's single-copy transfers run ~2x faster on it
             return torch.frombuffer(host_buffer(nbytes), dtype=torch.uint8)
 
-        if split:  # send: the rows for every other rank, back to back; their ids and headers apart
-            self._send = buf(self.max_rows * rb)
-        else:  # send: one [pad | ids | header | rows] segment per other rank, packed back to back
+        if not split:  # send: one [pad | ids | header | rows] segment per other rank, packed back to back
             self._send = buf(world * (self._slot_hdr + align) + self.max_rows * rb)
         # receive, out and combine buffers are one allocation (each a whole number of rows,
         # registered apart): the combine's reduction reads the rows that came back and this
         # rank's own outputs through one [rows, hidden] view of it (_all_rows)
-        nrecv, nout = 2 * world * self._slot, world * cap * rb
+        nrecv, nout = 2 * self._pstride, world * cap * rb
         self._rows = buf(nrecv + nout + self.max_rows * rb)
         self._recv = self._rows[:nrecv]
         self._out = self._rows[nrecv:nrecv + nout]          # expert outputs to send back, in receive order
         self._combine = self._rows[nrecv + nout:]           # outputs coming back, in this rank's packing order
         self._out_row0, self._combine_row0 = nrecv // rb, (nrecv + nout) // rb
         self._all_rows = self._rows.view(self.dtype).view(-1, hidden)
-        self._send_rows, self._send_i32 = self._send.view(self.dtype).view(-1, hidden), self._send.view(torch.int32)
+        if not split:
+            self._send_rows, self._send_i32 = self._send.view(self.dtype).view(-1, hidden), self._send.view(torch.int32)
         self._recv_rows, self._recv_i32 = self._recv.view(self.dtype).view(-1, hidden), self._recv.view(torch.int32)
         self._out_rows = self._out.view(self.dtype).view(-1, hidden)
         self._combine_rows = self._combine.view(self.dtype).view(-1, hidden)
@@ -213,6 +235,7 @@ class ExpertParallel:
         self._recv_ids = self._i32[:world * cap]
         self._bag_idx = (self._i32[world * cap:world * cap + m], self._i32[world * cap + m:world * cap + 2 * m])
         self._bag_off = self._i32[world * cap + 2 * m:]
+        self._bag_views: dict[tuple[int, bool], tuple[torch.Tensor, torch.Tensor]] = {}  # per (tokens, src)
         # ids and headers are a few words: numpy views write and read them without torch's per-op cost
         if split:
             self._meta_send = buf(world * self._mslot, host=True)
@@ -229,6 +252,7 @@ class ExpertParallel:
             self._stage_i32 = torch.empty(ni, dtype=torch.int32, pin_memory=True)
             self._idx_dev = torch.empty(self.max_rows, dtype=torch.int64, device=self.device)
             self._stage_idx_np = self._stage_idx.numpy()
+            self._idx_views: dict[int, torch.Tensor] = {}  # _idx_dev[:n], made once per n
         i32 = (self._stage_i32 if gpu else self._i32).numpy()  # where the ids and indices are written
         self._ids_np = i32[:world * cap]
         self._bag_np = (i32[world * cap:world * cap + m], i32[world * cap + m:world * cap + 2 * m])
@@ -241,11 +265,13 @@ class ExpertParallel:
         e = np.arange(num_experts)
         self._dest_lut = ((e // self.experts_per_rank - (rank + 1)) % world).astype(np.int16)
         self._lid_lut = (e % self.experts_per_rank).astype(np.int32)
-        self._send_ptr = self._send.data_ptr()
+        self._recv_ptr = self._recv.data_ptr()
         r = engine.register
-        mine = [("send", self._send), ("recv", self._recv), ("out", self._out), ("combine", self._combine)]
+        mine = [("recv", self._recv), ("out", self._out), ("combine", self._combine)]
         if split:
             mine += [("meta_send", self._meta_send), ("meta_recv", self._meta_recv)]
+        else:
+            mine.append(("send", self._send))
         self._mr = {name: r(t) for name, t in mine}
         self._peers: list[MoeBuffers] = []
         self._ipc: list[bool] = []  # per rank: reached over CUDA IPC (copies batched in one C call)
@@ -273,7 +299,7 @@ class ExpertParallel:
         if any((p.meta is not None) != self._split for p in peers):
             raise InvalidArgument("the ranks' buffers have different layouts: all ranks' rows on GPUs, or all "
                                   "in host memory")
-        need, mneed = 2 * self.world * self._slot, 2 * self.world * self._mslot
+        need, mneed = 2 * self._pstride, 2 * self.world * self._mslot
         if any(p.recv.length < need or (p.meta is not None and p.meta.length < mneed) for p in peers):
             raise InvalidArgument("a peer's receive buffer is smaller than this rank's: every rank needs the "
                                   "same world, hidden, dtype and capacity")
@@ -296,17 +322,17 @@ class ExpertParallel:
         ``source_order`` from this rank's view (the next rank first, its own last), the
         token and local expert id of each, and the count per group.  Computed on the host
         with numpy: GPU ids are read back once (the step's one wait for the GPU)."""
-        flat = topk_ids.reshape(-1)
         if self._gpu:
             # waiting for the GPU here (reading the ids back does) also means the last step's
             # GPU work is done: its copies out of the staging buffers, and its reads of the
             # combine buffer, which the peers write again once this step's rows reached them
-            if flat.device != self.device:
+            if topk_ids.device != self.device:
                 import torch
 
                 torch.cuda.current_stream(self.device).synchronize()
-            flat = flat.cpu()
-        f = flat.numpy()
+            f = topk_ids.cpu().numpy().reshape(-1)  # flattened by numpy: one torch call fewer
+        else:
+            f = topk_ids.reshape(-1).numpy()
         if f.dtype.kind != "u":  # unsigned: a negative id is out of the tables' range as well
             f = f.view(f"u{f.itemsize}") if f.dtype.kind == "i" else f.astype(np.int64).view(np.uint64)
         me, world, cap = self.rank, self.world, self.capacity
@@ -323,16 +349,27 @@ class ExpertParallel:
                                        dest, c, cap)
         return order, order // self.top_k, self._lid_lut[f[order]], counts
 
-    def _index_tensor(self, tok: np.ndarray) -> torch.Tensor:
-        """tok as a tensor on this rank's device (GPU: one pinned copy)."""
+    def _index_tensor(self, tok: np.ndarray, own_first: int | None = None) -> torch.Tensor:
+        """tok as a tensor on this rank's device (GPU: one pinned copy).  ``own_first``: the
+        number of remote pairs, which go behind the own ones (tok[own_first:] first)."""
         import torch
 
-        if not self._gpu:
-            return torch.from_numpy(tok)
         n = tok.size
-        self._stage_idx_np[:n] = tok  # free again: _route waited for the GPU
+        if not self._gpu:
+            if own_first is not None:
+                tok = np.concatenate((tok[own_first:], tok[:own_first]))
+            return torch.from_numpy(tok)
+        st = self._stage_idx_np  # free again: _route waited for the GPU
+        if own_first is None:
+            st[:n] = tok
+        else:
+            st[:n - own_first] = tok[own_first:]
+            st[n - own_first:n] = tok[:own_first]
         self._idx_dev.copy_(self._stage_idx, non_blocking=True)  # whole (8 bytes a row): no slicing
-        return self._idx_dev[:n]
+        v = self._idx_views.get(n)
+        if v is None:
+            v = self._idx_views[n] = self._idx_dev[:n]
+        return v
 
     # -- posting (in-slot headers: host rows) --------------------------------------------
 
@@ -359,23 +396,28 @@ class ExpertParallel:
 
     # -- posting (split: rows apart from their ids and headers) --------------------------
 
-    def _post_split(self, hidden: torch.Tensor, tok: torch.Tensor, lid: np.ndarray, counts: list[int], tag: int,
-                    parity: int, imm: int, sent: list) -> int:
-        """Gather the rows for every other rank into the send buffer (one index_select),
-        write their ids and headers into the host meta buffer, and post them.  Ranks
-        reached over CUDA IPC: one C call copies every such segment's rows into its
-        receiver's GPU and then writes each receiver's [ids | header] with the imm.  The
-        others: the rows go as writes of their own carrying the other parity's dispatch
-        imm (the header says so: the receiver waits for those too), the headers with the
-        imm.  A segment's rows end where its slot ends; this rank's own rows are gathered
-        into its own slot (the last) meanwhile: the last remote group and the own rows are
-        contiguous without a copy.  Returns the number of rows sent."""
+    def _post_split(self, hidden: torch.Tensor, tok: torch.Tensor, n: int, lid: np.ndarray, counts: list[int],
+                    n_remote: int, tag: int, parity: int, imm: int, sent: list) -> None:
+        """Gather this rank's rows (one index_select: ``tok`` has the own pairs first) to the
+        start of its own slot, the rows for the other ranks behind them; write their ids and
+        headers into the host meta buffer, and post them.  Ranks reached over CUDA IPC: one
+        C call copies every such segment's rows into its receiver's GPU and then writes each
+        receiver's [ids | header] with the imm.  The others: the rows go as writes of their
+        own carrying the other parity's dispatch imm (the header says so: the receiver waits
+        for those too), the headers with the imm.
+
+        Where the rows land in the receiver's slot for this rank (slot j in its
+        ``source_order``, d = world - 2 - j slots before its own): at the slot's end for even
+        d, at its start for odd d, so the rows of slots d = 2i+2 and 2i+1 are contiguous, and
+        those of d = 0 end where the receiver's own rows start: the receiver moves
+        ``(world - 2) // 2`` runs of rows instead of ``world - 2`` (one at EP 4, none at EP 2)."""
         import torch
 
-        me, world, rb, ms = self.rank, self.world, self._row_bytes, self._mslot
-        n_remote = sum(counts[:world - 1])
-        if n_remote:
-            torch.index_select(hidden, 0, tok[:n_remote], out=self._send_rows[:n_remote])
+        me, world, rb, ms, cap = self.rank, self.world, self._row_bytes, self._mslot, self.capacity
+        own_at = parity * self._pstride // rb + (world - 1) * cap  # rows: this rank's own slot
+        if n:
+            torch.index_select(hidden, 0, tok, out=self._recv_rows[own_at:own_at + n])
+        sent_at = (own_at + n - n_remote) * rb  # bytes: the rows for the others, behind the own ones
         mn, ipc = self._send_np, self._ipc
         copies, ipc_metas, rows, metas = [], [], [], []
         start = 0
@@ -386,30 +428,28 @@ class ExpertParallel:
                 mn[hw - c:hw] = lid[start:start + c]
             apart = _APART if c and not ipc[r] else 0
             mn[hw:hw + 4] = (tag, c, start, _MAGIC | apart | me)
-            rslot = parity * world + (me - r - 1) % world  # the receiver's slot for this rank
+            jr = (me - r - 1) % world  # the receiver's slot for this rank
+            rslot = parity * world + jr
             seg = _HDR + 4 * c
             meta = (self._peers[r].meta, (j + 1) * ms - seg, (rslot + 1) * ms - seg, seg)
-            at = (rslot + 1) * self._slot - c * rb  # the rows end where the slot ends
+            at = parity * self._pstride + jr * self._slot  # the slot's start; even d: its end
+            if not (world - 2 - jr) % 2:
+                at += (cap - c) * rb
             if ipc[r]:
-                copies.append((self._peers[r].recv, at, self._send_ptr + start * rb, c * rb))
+                copies.append((self._peers[r].recv, at, self._recv_ptr + sent_at + start * rb, c * rb))
                 ipc_metas.append(meta)
             else:
                 if c:
-                    rows.append((self._peers[r].recv, start * rb, at, c * rb))
+                    rows.append((self._peers[r].recv, sent_at + start * rb, at, c * rb))
                 metas.append(meta)
             start += c
         eng = self.engine
         if rows:
-            sent.append(eng.scatter(self._mr["send"], rows, imm=self._dispatch_imms[1 - parity]))
+            sent.append(eng.scatter(self._mr["recv"], rows, imm=self._dispatch_imms[1 - parity]))
         if copies:
             sent.append(eng._gpu_paths().ipc_batch(self.device.index, copies, self._mr["meta_send"], ipc_metas, imm))
         if metas:
             sent.append(eng.scatter(self._mr["meta_send"], metas, imm=imm))
-        own = tok.numel() - n_remote
-        if own:  # off the critical path: the peers' writes are in flight
-            o = (parity * world + world - 1) * self.capacity
-            torch.index_select(hidden, 0, tok[n_remote:], out=self._recv_rows[o:o + own])
-        return n_remote
 
     # -- dispatch ----------------------------------------------------------------------
 
@@ -434,10 +474,12 @@ class ExpertParallel:
         me, world, eng = self.rank, self.world, self.engine
         order_np, tok_np, lid, counts = self._route(topk_ids)  # CapacityExceeded: nothing sent
         await self.settle()  # the last step's writes out of the send and out buffers
-        tok = self._index_tensor(tok_np)
+        n_remote = sum(counts[:world - 1])
+        # split: own rows first in the gather (see _post_split)
+        tok = self._index_tensor(tok_np, n_remote if self._split else None)
         step, self._step = self._step, self._step + 1
         tag, parity = step & _TAG_MASK, step % 2
-        base = parity * world * self._slot
+        base = parity * self._pstride
 
         # 1. one segment per other rank (rows, ids, header) with the dispatch imm
         imm = self._dispatch_imms[parity]
@@ -447,7 +489,7 @@ class ExpertParallel:
         sent: list = []
         try:
             if self._split:
-                n_remote = self._post_split(hidden, tok, lid, counts, tag, parity, imm, sent)
+                self._post_split(hidden, tok, tok_np.size, lid, counts, n_remote, tag, parity, imm, sent)
             else:  # each posted as soon as it is packed (the transfer of one overlaps the next's packing)
                 off = n_remote = 0
                 for j in range(world - 1):
@@ -456,7 +498,7 @@ class ExpertParallel:
             self._pending = sent
             if world > 1:  # armed after posting (counts are kept): the posts go out first
                 arrived = eng.imms.wait(imm, world - 1, timeout=self.timeout)
-                await arrived
+                await _settled_or_withdrawn(arrived, self._spin)
         except BaseException:
             for w in [arrived, *sent]:  # a wait left armed would eat the next step's imms
                 if w is not None:
@@ -510,25 +552,38 @@ class ExpertParallel:
         n = order.size
         own = n - n_remote
         if self._split:
-            # right-aligned slots, own rows at the start of the last: moved up behind each other
+            # own rows at the start of the last slot; the others' rows at their slot's end or
+            # start (see _post_split): runs of them moved up behind each other, in front of them
             h0, hstride = (parity * world + 1) * self._mslot // 4 - 4, self._mslot // 4
-            own_at = (parity * world + world - 1) * cap
-            total = own + sum(c for _, c, _, _ in heads)
+            pbase = parity * self._pstride // rb
+            own_at = pbase + (world - 1) * cap
+            cs = [c for _, c, _, _ in heads]
+            total = own + sum(cs)
             row0 = own_at - (total - own)
-            end = own_at
-            for j in range(world - 2, -1, -1):
-                s, c, off, _ = heads[j]
-                end -= c
-                got[s], at_row[s], comb_off[s] = c, end - row0, off
+            pos = 0
+            for j, (s, c, off, _) in enumerate(heads):
+                got[s], at_row[s], comb_off[s] = c, pos, off
                 if c:
                     hw = h0 + j * hstride
-                    ids[end - row0:end - row0 + c] = heads_np[hw - c:hw]
-                    u = (parity * world + j + 1) * cap - c  # where slot j's rows landed
-                    if u != end:
-                        src = rows_t[u:u + c]
-                        if end < u + c:  # overlapping move
+                    ids[pos:pos + c] = heads_np[hw - c:hw]
+                pos += c
+            if world > 2:
+                end = own_at - cs[world - 2]  # slot d = 0 ends where the own rows start: in place
+                j = world - 3
+                while j >= 0:
+                    if j:  # slots j - 1 (rows at its end) and j (at its start): one run
+                        u, n_run = pbase + j * cap - cs[j - 1], cs[j - 1] + cs[j]
+                        j -= 2
+                    else:  # slot 0 alone, rows at its start
+                        u, n_run = pbase, cs[0]
+                        j = -1
+                    end -= n_run
+                    if n_run and u != end:
+                        src = rows_t[u:u + n_run]
+                        if end < u + n_run:  # overlapping move
                             src = src.clone()
-                        rows_t[end:end + c] = src
+                        rows_t[end:end + n_run] = src
+                assert end == row0
             pos = total - own
         else:
             slot_rows = self._slot // rb
@@ -622,13 +677,41 @@ class ExpertParallel:
         w = topk_weights
         if w.dtype != self.dtype or w.device != self.device:
             w = w.to(device=self.device, dtype=self.dtype)
-        idx = self._bag_idx[src == "out"]
+        # its arguments made before the wait: after it, one torch call
+        key = (t, src == "out")
+        bag = self._bag_views.get(key)
+        if bag is None:
+            bag = self._bag_views[key] = (self._bag_idx[key[1]][:t * k], self._bag_off[:t])
+        w = w.reshape(-1)
         if arrived is not None:
-            await _settled_or_withdrawn(arrived)
+            await _settled_or_withdrawn(arrived, self._spin)
         # (weight, indices, offsets, scale_grad_by_freq, mode 0 = sum, sparse, per_sample_weights,
         # include_last_offset, padding_idx: None, since -1 would mean the last row)
-        return torch.embedding_bag(self._all_rows, idx[:t * k], self._bag_off[:t], False, 0, False, w.reshape(-1),
-                                   False, None)[0]
+        return torch.embedding_bag(self._all_rows, bag[0], bag[1], False, 0, False, w, False, None)[0]
+
+    def _spin(self, fut: asyncio.Future[None]) -> None:
+        """Spin up to ``wait_spin_us`` on the engine's events, draining them here, until fut
+        is done (the caller then awaits it: at once if it is done)."""
+        budget = self.wait_spin_us * 1000
+        if not budget:
+            return
+        eng = self.engine
+        if eng._h is None or eng._closed:
+            return
+        if self._spin_h is None or self._spin_h[0] != eng._h:
+            self._spin_h = ffi.new("aiote_engine*[]", [eng._h])
+        h, now = self._spin_h, time.perf_counter_ns
+        end = now() + budget
+        while True:
+            left = end - now()
+            if left <= 0:
+                return
+            if lib.aiote_spin(h, 1, min(left, 50_000)):
+                eng._drain()
+                if eng._deferred:
+                    eng._flush_deferred()
+                if fut.done():
+                    return
 
     async def settle(self) -> None:
         """Wait until this rank's own writes of the last dispatch and combine are complete.
@@ -643,6 +726,9 @@ class ExpertParallel:
         pending, self._pending = self._pending, []
         if not pending:
             return
+        eng = self.engine
+        if not all(f.done() for f in pending) and eng._h is not None and not eng._closed:
+            eng._drain()  # completions the loop hasn't read yet: no trip through it
         if all(f.done() for f in pending):  # the usual case: no trip through the event loop
             err: BaseException | None = None
             for f in pending:  # every outcome read (none left "never retrieved"), the first raised

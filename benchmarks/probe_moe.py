@@ -45,10 +45,10 @@ def _rank(rank: int, a, conn) -> None:
 
     settled = moe._settled_or_withdrawn
 
-    async def timed_wait(w):
+    async def timed_wait(w, *args):
         ev.append(("wait_in", now()))
         try:
-            await settled(w)
+            await settled(w, *args)
         finally:
             ev.append(("wait_out", now()))
 

@@ -12,22 +12,28 @@ from aiote.moe import CapacityExceeded, ExpertParallel, StepMismatch  # noqa: E4
 HIDDEN, EXPERTS, TOPK, TOKENS, STEPS = 64, 8, 2, 16, 3
 
 
+def n_experts(world):
+    """EXPERTS, or two per rank where world doesn't divide it (odd EP sizes)."""
+    return EXPERTS if EXPERTS % world == 0 else 2 * world
+
+
 def make_inputs(rank, step, world):
+    ne = n_experts(world)
     g = torch.Generator().manual_seed(1000 * step + rank)
     x = torch.randn(TOKENS, HIDDEN, generator=g)
-    logits = torch.randn(TOKENS, EXPERTS, generator=g)
+    logits = torch.randn(TOKENS, ne, generator=g)
     if step == 1:
         # nobody routes to the last rank's experts: it receives no tokens
-        logits[:, EXPERTS - EXPERTS // world:] = -1e9
+        logits[:, ne - ne // world:] = -1e9
     if step >= 2:
         logits[:, 0] = 1e9  # expert 0 is chosen by every token
     w, ids = torch.topk(torch.softmax(logits, dim=1), TOPK, dim=1)
     return x, ids, w
 
 
-def expert_weights():
+def expert_weights(ne=EXPERTS):
     g = torch.Generator().manual_seed(7)
-    return torch.randn(EXPERTS, HIDDEN, HIDDEN, generator=g) / HIDDEN ** 0.5
+    return torch.randn(ne, HIDDEN, HIDDEN, generator=g) / HIDDEN ** 0.5
 
 
 def reference(x, ids, w, mats):
@@ -55,13 +61,14 @@ def _rank_main(rank, world, provider, conn, gpu=False, split=False, cuda_ipc=Tru
     async def main():
         host = "127.0.0.1" if provider == "tcp" else None
         async with aiote.TransferEngine(provider, host=host, cuda_ipc=cuda_ipc) as eng:
-            ep = EP(eng, rank, world, EXPERTS, HIDDEN, TOKENS, TOPK, device=device if gpu else None)
+            ne = n_experts(world)
+            ep = EP(eng, rank, world, ne, HIDDEN, TOKENS, TOPK, device=device if gpu else None)
             conn.send(ep.buffers)
             ep.connect(conn.recv())
             if gpu:  # every peer in another process of this host: one C call per dispatch/combine
                 assert ep._ipc == [r != rank and cuda_ipc for r in range(world)]
-            mats = expert_weights().to(device)
-            per = EXPERTS // world
+            mats = expert_weights(ne).to(device)
+            per = ne // world
             mine = mats[rank * per:(rank + 1) * per]
 
             def experts(rows, local_ids, where):
@@ -88,7 +95,7 @@ def _rank_main(rank, world, provider, conn, gpu=False, split=False, cuda_ipc=Tru
             await ep.settle()
             # a slot of 12 rows: every source routes its 16 tokens to expert 0 (rank 0), so every
             # rank's dispatch is refused before anything is sent; each retries in chunks of 4 tokens
-            small = EP(eng, rank, world, EXPERTS, HIDDEN, TOKENS, TOPK, device=device if gpu else None,
+            small = EP(eng, rank, world, ne, HIDDEN, TOKENS, TOPK, device=device if gpu else None,
                        capacity=12, imm_base=0x0F0000)
             conn.send(small.buffers)
             small.connect(conn.recv())
@@ -112,6 +119,12 @@ def _rank_main(rank, world, provider, conn, gpu=False, split=False, cuda_ipc=Tru
 async def test_dispatch_combine_matches_reference(world, split, aiote_provider):
     """split: the GPU layout (rows apart from their ids and headers) on host rows."""
     await _run_ranks(world, aiote_provider, gpu=False, split=split)
+
+
+async def test_split_layout_at_odd_world(aiote_provider):
+    """EP 3 (6 experts), split layout: the first source's rows land alone at the start of
+    their slot (no neighbour to pair with) and move up behind the others'."""
+    await _run_ranks(3, aiote_provider, gpu=False, split=True)
 
 
 @pytest.mark.cuda
