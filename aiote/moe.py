@@ -62,7 +62,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ._core import ffi, lib
+from ._core import check, ffi, lib
 from .descriptor import MrDescriptor
 from .errors import AioteError, InvalidArgument
 from .memory import host_buffer
@@ -259,7 +259,25 @@ class ExpertParallel:
         i32[world * cap + 2 * m:] = np.arange(0, m * top_k, top_k, dtype=np.int32)[:m]
         if gpu:
             self._i32.copy_(self._stage_i32)
+            # the step's small device-side copies (index uploads, the dispatch's move) go on
+            # torch's current stream through one C call each (aiote_cuda_copy), not torch's copy_
+            dev_i = self.device.index
+            self._cu_ctx = engine._gpu_paths()._ctx(dev_i)
+            raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+            self._cur_stream: Callable[[], int] = ((lambda: raw(dev_i)) if raw is not None
+                                                   else (lambda: torch.cuda.current_stream(dev_i).cuda_stream))
+            self._cps = ffi.new("aiote_copy[1]")
+            self._idx_ptrs = (self._idx_dev.data_ptr(), self._stage_idx.data_ptr())
+            self._i32_ptrs = (self._i32.data_ptr(), self._stage_i32.data_ptr(), self._i32.numel() * 4)
         self._arange = np.arange(m, dtype=np.int32)
+        # where each other source's header sits in the receive meta words, per parity (read in one go)
+        if split:
+            h0s = [(p * world + 1) * self._mslot // 4 - 4 for p in (0, 1)]
+            hstride = self._mslot // 4
+        else:
+            h0s = [(p * world * self._slot + self._slot_hdr) // 4 - 4 for p in (0, 1)]
+            hstride = self._slot // 4
+        self._hdr_idx = [(h0 + hstride * np.arange(world - 1)[:, None] + np.arange(4)).reshape(-1) for h0 in h0s]
         # routing tables by expert id: its destination (rotated: the next rank 0, this rank
         # world-1) and its local id
         e = np.arange(num_experts)
@@ -365,11 +383,17 @@ class ExpertParallel:
         else:
             st[:n - own_first] = tok[own_first:]
             st[n - own_first:n] = tok[:own_first]
-        self._idx_dev.copy_(self._stage_idx, non_blocking=True)  # whole (8 bytes a row): no slicing
+        self._dcopy(self._idx_ptrs[0], self._idx_ptrs[1], 8 * n)
         v = self._idx_views.get(n)
         if v is None:
             v = self._idx_views[n] = self._idx_dev[:n]
         return v
+
+    def _dcopy(self, dst: int, src: int, n: int) -> None:
+        """One copy of n bytes on torch's current stream (device or pinned addresses)."""
+        c = self._cps[0]
+        c.dst, c.src, c.len = dst, src, n
+        check(lib.aiote_cuda_copy(self._cu_ctx, self._cur_stream(), self._cps, 1), "copy")
 
     # -- posting (in-slot headers: host rows) --------------------------------------------
 
@@ -496,6 +520,8 @@ class ExpertParallel:
                     off, n_remote = self._post_segment(hidden, tok, lid, counts[j], (me + 1 + j) % world, off,
                                                        n_remote, tag, base, imm, sent)
             self._pending = sent
+            if self._split:
+                self._bag_before(order_np, n_remote, parity)
             if world > 1:  # armed after posting (counts are kept): the posts go out first
                 arrived = eng.imms.wait(imm, world - 1, timeout=self.timeout)
                 await _settled_or_withdrawn(arrived, self._spin)
@@ -522,20 +548,30 @@ class ExpertParallel:
         """Each other source's header (host memory), checked: (source, rows, its combine
         offset, rows written apart), in ``source_order``."""
         me, world = self.rank, self.world
-        if self._split:
-            h0, hstride = (parity * world + 1) * self._mslot // 4 - 4, self._mslot // 4
-        else:
-            h0, hstride = (parity * world * self._slot + self._slot_hdr) // 4 - 4, self._slot // 4
+        words = self._recv_np[self._hdr_idx[parity]].tolist()
         heads = []
         for j in range(world - 1):
             s = (me + 1 + j) % world
-            hw = h0 + j * hstride
-            h_tag, c, off, h_src = self._recv_np[hw:hw + 4].tolist()
+            h_tag, c, off, h_src = words[4 * j:4 * j + 4]
             if h_tag != tag or h_src & ~_APART != _MAGIC | s or not 0 <= c <= self.capacity:
                 raise StepMismatch(f"dispatch header from slot {j} says step {h_tag}, source {h_src}, {c} rows; "
                                    f"expected step {tag} from rank {s} (source {_MAGIC | s:#x})")
             heads.append((s, c, off, bool(h_src & _APART)))
         return heads
+
+    def _bag_before(self, order: np.ndarray, n_remote: int, parity: int) -> None:
+        """Split layout: the combine's row indices that don't depend on what the others send
+        (every row that comes back; this rank's own outputs in the receive buffer, which
+        start where its own slot does), written while their rows are in flight."""
+        ar, by_recv, by_out = self._arange, *self._bag_np
+        if n_remote:
+            back, at = order[:n_remote], ar[:n_remote] + self._combine_row0
+            by_recv[back] = at
+            by_out[back] = at
+        own = order.size - n_remote
+        if own:
+            by_recv[order[n_remote:]] = ar[:own] + (parity * self._pstride // self._row_bytes
+                                                    + (self.world - 1) * self.capacity)
 
     def _assemble(self, heads: list[tuple[int, int, int, bool]], hidden: torch.Tensor, tok: torch.Tensor,
                   lid: np.ndarray, order: np.ndarray, n_remote: int, parity: int
@@ -579,6 +615,9 @@ class ExpertParallel:
                         j = -1
                     end -= n_run
                     if n_run and u != end:
+                        if end >= u + n_run and self._gpu:  # apart: one copy on torch's stream
+                            self._dcopy(self._recv_ptr + end * rb, self._recv_ptr + u * rb, n_run * rb)
+                            continue
                         src = rows_t[u:u + n_run]
                         if end < u + n_run:  # overlapping move
                             src = src.clone()
@@ -611,17 +650,19 @@ class ExpertParallel:
         # the combine reduces each token's top_k rows in one embedding_bag over _all_rows:
         # for the (token, k) pair that was packed i-th, the row that comes back (i < n_remote:
         # the combine buffer's row i) or its own output (in the receive buffer or out_buffer)
+        # (split: written by _bag_before but for by_out's own rows, whose place depends on the counts)
         ar, by_recv, by_out = self._arange, *self._bag_np
-        if n_remote:
+        if n_remote and not self._split:
             back, at = order[:n_remote], ar[:n_remote] + self._combine_row0
             by_recv[back] = at
             by_out[back] = at
         if own:
             mine = order[n_remote:]
-            by_recv[mine] = ar[:own] + (row0 + pos)
+            if not self._split:
+                by_recv[mine] = ar[:own] + (row0 + pos)
             by_out[mine] = ar[:own] + (self._out_row0 + pos)
-        if self._gpu:
-            self._i32.copy_(self._stage_i32, non_blocking=True)  # whole (a few bytes a row): no slicing
+        if self._gpu:  # whole (a few bytes a row): no slicing
+            self._dcopy(*self._i32_ptrs)
         return got, at_row, comb_off, total, row0
 
     # -- combine -----------------------------------------------------------------------

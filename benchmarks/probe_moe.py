@@ -28,7 +28,7 @@ import time
 import torch
 
 
-def _rank(rank: int, a, conn) -> None:
+def _rank(rank: int, a, conn, bar=None) -> None:
     import aiote
     import aiote.moe as moe
     from aiote.gpu import GpuPaths
@@ -78,6 +78,30 @@ def _rank(rank: int, a, conn) -> None:
 
     for name in ("_route", "_post_split", "_headers", "_assemble"):  # dispatch's phases
         timed_method(moe.ExpertParallel, name)
+
+    import aiote.engine as engine_mod
+
+    real_lib = engine_mod.lib
+
+    class TimedLib:  # the batch's C call, apart from its Python
+        def __getattr__(self, name):
+            return getattr(real_lib, name)
+
+        def aiote_submit_cuda_lanes(self, *args):
+            ev.append(("c_in", now()))
+            try:
+                return real_lib.aiote_submit_cuda_lanes(*args)
+            finally:
+                ev.append(("c_out", now()))
+
+        def aiote_submit_cuda(self, *args):
+            ev.append(("c_in", now()))
+            try:
+                return real_lib.aiote_submit_cuda(*args)
+            finally:
+                ev.append(("c_out", now()))
+
+    engine_mod.lib = TimedLib()
     sync = torch.cuda.synchronize if gpu else (lambda: None)
 
     async def main() -> dict:
@@ -128,6 +152,8 @@ def _rank(rank: int, a, conn) -> None:
                 w, ids = torch.topk(torch.rand(a.tokens, a.experts, generator=g), a.topk, dim=1)
                 x, ids, w = x.to(dev), ids.to(dev), w.to(dev)
                 sync()
+                if bar is not None:  # the ranks start each step together (as bench_moe's barrier)
+                    bar.wait()
                 ev.clear()
                 t0 = now()
                 rows, _, per = await call(ep.dispatch(x, ids), f"dispatch of step {step}")
@@ -183,6 +209,9 @@ def summary(res: list[dict]) -> dict:
         add("dispatch: settle, index upload", gap(ph["_route_out"], ph["_post_split_in"]))
         add("dispatch: index_select, copy list", gap(ph["_post_split_in"], ph["batch_in"]))
         add("dispatch: batch call", gap(ph["batch_in"], ph["batch_out"]))
+        c_in, c_out = _phase(s0, "c_in", t0), _phase(s0, "c_out", t0)
+        add("dispatch: batch call: Python before the C call", gap(ph["batch_in"], c_in))
+        add("dispatch: batch call: the C call", gap(c_in, c_out))
         add("dispatch: batch -> wait (own rows)", gap(ph["batch_out"], ph["imm_wait"]))
         add("dispatch: waiting (to resumed)", gap(ph["imm_wait"], ph["_headers_in"]))
         add("dispatch: headers, assembly", gap(ph["_headers_in"], ph["_assemble_out"]))
@@ -197,6 +226,9 @@ def summary(res: list[dict]) -> dict:
         add("combine (to synced)", s0["t3"] - c)
         add("combine: python before the batch", gap(c, b_in))
         add("combine: batch call", gap(b_in, b_out))
+        c_in, c_out = _phase(s0, "c_in", c), _phase(s0, "c_out", c)
+        add("combine: batch call: Python before the C call", gap(b_in, c_in))
+        add("combine: batch call: the C call", gap(c_in, c_out))
         add("combine: batch -> wait", gap(b_out, w_in))
         add("combine: waiting", gap(w_in, w_out))
         add("combine: after the wait (launches)", gap(w_out, s0["t2"]))
@@ -233,7 +265,8 @@ def main(argv=None) -> None:
     a = parse_args(argv)
     ctx = mp.get_context("spawn")
     pipes = [ctx.Pipe() for _ in range(a.world)]
-    procs = [ctx.Process(target=_rank, args=(r, a, pipes[r][1]), daemon=True) for r in range(a.world)]
+    bar = ctx.Barrier(a.world)
+    procs = [ctx.Process(target=_rank, args=(r, a, pipes[r][1], bar), daemon=True) for r in range(a.world)]
     for p in procs:
         p.start()
     for _, c in pipes:

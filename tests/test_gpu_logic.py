@@ -266,3 +266,32 @@ async def test_lanes_batch_copies_then_writes_with_fake_cuda(aiote_engine):
         smr.close()
     finally:
         fake_cuda.disable()
+
+
+def test_cuda_copy_entry_point_with_fake_cuda():
+    """aiote_cuda_copy (copies on a caller's stream, no op): on the fake driver every copy
+    lands; null addresses and overlapping ranges are refused, nothing copied."""
+    import ctypes
+
+    from aiote._core import ffi, lib
+    from aiote.testing import fake_cuda
+
+    fake_cuda.enable()
+    try:
+        buf = bytearray(b"0123456789abcdef" + bytes(48))
+        base = ctypes.addressof((ctypes.c_char * 64).from_buffer(buf))
+        cps = ffi.new("aiote_copy[2]")
+        cps[0].dst, cps[0].src, cps[0].len = base + 16, base, 8
+        cps[1].dst, cps[1].src, cps[1].len = base + 32, base + 8, 8
+        assert lib.aiote_cuda_copy(1, 0, cps, 2) == 0
+        assert bytes(buf[16:24]) == b"01234567" and bytes(buf[32:40]) == b"89abcdef"
+        before = bytes(buf)
+        cps[1].dst, cps[1].src = base + 4, base  # overlaps its source
+        assert lib.aiote_cuda_copy(1, 0, cps, 2) == -lib.AIOTE_E_INVAL
+        assert b"overlap" in ffi.string(lib.aiote_last_error())
+        cps[1].dst = 0
+        assert lib.aiote_cuda_copy(1, 0, cps, 2) == -lib.AIOTE_E_INVAL
+        assert lib.aiote_cuda_copy(0, 0, cps, 1) == -lib.AIOTE_E_INVAL
+        assert bytes(buf) == before
+    finally:
+        fake_cuda.disable()

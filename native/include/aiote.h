@@ -407,6 +407,13 @@ int aiote_submit_cuda_one(aiote_engine *e, uint64_t op_id, uint64_t ctx, uint64_
 int aiote_cuda_arrive(aiote_engine *e, uint64_t ctx, uint64_t stream, const aiote_copy *copies,
                       size_t ncopies, uint32_t imm, uint64_t count);
 
+/* Copies on stream (a stream of ctx, 0 its legacy default stream: an
+ * application's current stream, say) and nothing else: no event, no op, no
+ * engine; later work on that stream runs after them.  For the small
+ * device-side moves of an application's step (MoE dispatch) without a
+ * framework call each.  Overlapping source and destination are refused. */
+int aiote_cuda_copy(uint64_t ctx, uint64_t stream, const aiote_copy *copies, size_t n);
+
 /* Tests only: on = 1 makes every CUDA copy of the C core a memcpy between
  * host addresses (done when queued) and needs no driver; the staging protocol
  * then runs on machines without a GPU (aiote.testing.fake_cuda).  0 turns it
