@@ -283,6 +283,14 @@ class ExpertParallel:
         e = np.arange(num_experts)
         self._dest_lut = ((e // self.experts_per_rank - (rank + 1)) % world).astype(np.int16)
         self._lid_lut = (e % self.experts_per_rank).astype(np.int32)
+        # _route's outputs (its tokens: on GPUs the pinned staging of the index upload)
+        self._order_np, self._lidout_np = np.empty(m, np.int64), np.empty(m, np.int32)
+        self._counts_np = np.empty(world, np.int64)
+        self._tok_np = self._stage_idx_np if gpu else np.empty(m, np.int64)
+        self._route_c = tuple(ffi.from_buffer(t, a) for t, a in (
+            ("int16_t[]", self._dest_lut), ("int32_t[]", self._lid_lut), ("int64_t[]", self._counts_np),
+            ("int64_t[]", self._order_np), ("int32_t[]", self._lidout_np), ("int64_t[]", self._tok_np))
+        ) + (ffi.new("uint64_t*"),)
         self._recv_ptr = self._recv.data_ptr()
         r = engine.register
         mine = [("recv", self._recv), ("out", self._out), ("combine", self._combine)]
@@ -351,38 +359,39 @@ class ExpertParallel:
             f = topk_ids.cpu().numpy().reshape(-1)  # flattened by numpy: one torch call fewer
         else:
             f = topk_ids.reshape(-1).numpy()
-        if f.dtype.kind != "u":  # unsigned: a negative id is out of the tables' range as well
-            f = f.view(f"u{f.itemsize}") if f.dtype.kind == "i" else f.astype(np.int64).view(np.uint64)
-        me, world, cap = self.rank, self.world, self.capacity
-        try:
-            rot = self._dest_lut[f]  # destination rotated: the next rank 0, this rank world-1
-        except IndexError:
-            raise InvalidArgument("expert ids out of range") from None
-        order = np.argsort(rot, kind="stable")
-        counts = np.bincount(rot, minlength=world).tolist()  # counts[j]: to rank (me + 1 + j) % world
-        for dest in range(world):
-            c = counts[(dest - me - 1) % world]
-            if c > cap:
-                raise CapacityExceeded(f"{c} rows for rank {dest} exceed its slot for this rank (capacity {cap})",
-                                       dest, c, cap)
-        return order, order // self.top_k, self._lid_lut[f[order]], counts
+        if f.dtype != np.int64:  # (C reads int64; a negative or too large id is out of range there)
+            f = f.astype(np.int64)
+        elif not f.flags.c_contiguous:
+            f = np.ascontiguousarray(f)
+        n, world, cap = f.size, self.world, self.capacity
+        # one C pass (aiote_moe_route): the counts, the pairs grouped by rotated destination
+        # (the next rank 0, this rank world-1), their local ids, and their tokens in the
+        # order the rows are gathered (split: own first; on GPUs straight into the pinned
+        # staging of the index upload, free again: the wait above)
+        dest_c, lid_c, counts_c, order_c, lidout_c, tok_c, bad = self._route_c
+        rc = lib.aiote_moe_route(ffi.from_buffer("int64_t[]", f), n, self.top_k, dest_c, lid_c, self.num_experts,
+                                 world, world - 1 if self._split else 0, counts_c, order_c, lidout_c, tok_c, bad)
+        if rc == -lib.AIOTE_E_INVAL:
+            raise InvalidArgument(f"expert ids out of range (pair {int(bad[0])})")
+        check(rc, "MoE routing")
+        counts = self._counts_np.tolist()  # counts[j]: to rank (me + 1 + j) % world
+        if max(counts) > cap:
+            me = self.rank
+            for dest in range(world):
+                c = counts[(dest - me - 1) % world]
+                if c > cap:
+                    raise CapacityExceeded(f"{c} rows for rank {dest} exceed its slot for this rank "
+                                           f"(capacity {cap})", dest, c, cap)
+        return self._order_np[:n], self._tok_np[:n], self._lidout_np[:n], counts
 
-    def _index_tensor(self, tok: np.ndarray, own_first: int | None = None) -> torch.Tensor:
-        """tok as a tensor on this rank's device (GPU: one pinned copy).  ``own_first``: the
-        number of remote pairs, which go behind the own ones (tok[own_first:] first)."""
+    def _index_tensor(self, tok: np.ndarray) -> torch.Tensor:
+        """tok (written by _route, in the order the rows are gathered) as a tensor on this
+        rank's device (GPU: one copy from the pinned staging)."""
         import torch
 
-        n = tok.size
         if not self._gpu:
-            if own_first is not None:
-                tok = np.concatenate((tok[own_first:], tok[:own_first]))
             return torch.from_numpy(tok)
-        st = self._stage_idx_np  # free again: _route waited for the GPU
-        if own_first is None:
-            st[:n] = tok
-        else:
-            st[:n - own_first] = tok[own_first:]
-            st[n - own_first:n] = tok[:own_first]
+        n = tok.size
         self._dcopy(self._idx_ptrs[0], self._idx_ptrs[1], 8 * n)
         v = self._idx_views.get(n)
         if v is None:
@@ -499,8 +508,7 @@ class ExpertParallel:
         order_np, tok_np, lid, counts = self._route(topk_ids)  # CapacityExceeded: nothing sent
         await self.settle()  # the last step's writes out of the send and out buffers
         n_remote = sum(counts[:world - 1])
-        # split: own rows first in the gather (see _post_split)
-        tok = self._index_tensor(tok_np, n_remote if self._split else None)
+        tok = self._index_tensor(tok_np)
         step, self._step = self._step, self._step + 1
         tag, parity = step & _TAG_MASK, step % 2
         base = parity * self._pstride

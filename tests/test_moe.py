@@ -190,6 +190,8 @@ async def test_bad_calls_are_refused_typed(aiote_provider, aiote_host):
             await ep.combine(x, [4], w)
         with pytest.raises(aiote.InvalidArgument, match="out of range"):
             await ep.dispatch(x, ids + 9)
+        with pytest.raises(aiote.InvalidArgument, match="out of range"):
+            await ep.dispatch(x, ids - 1)
         rows, _, per_src = await ep.dispatch(x, ids)
         assert per_src == [8] and rows.shape == (8, 8)
         with pytest.raises(aiote.InvalidArgument, match="rows_per_source"):
@@ -362,3 +364,47 @@ async def test_ipc_batch_path_on_host_memory(world, aiote_provider, aiote_host, 
             await ep.settle()
     assert max(max(e) for e in errs) < 1e-5, errs
     assert all(f.calls == 12 for f in fakes)  # a dispatch and a combine per step: one batch each
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_native_routing_matches_numpy(seed):
+    """aiote_moe_route (dispatch's routing, one C pass) against numpy: counts, the stable
+    grouping by destination, local ids, and the tokens with the groups from first_group on
+    first; an id out of range is refused with the first such pair's index."""
+    import numpy as np
+
+    from aiote._core import ffi, lib
+
+    rng = np.random.default_rng(seed)
+    world, top_k, tokens = int(rng.integers(1, 9)), int(rng.integers(1, 5)), int(rng.integers(0, 40))
+    experts = world * int(rng.integers(1, 5))
+    dest = rng.permutation(np.arange(experts) % world).astype(np.int16)
+    lid = rng.integers(0, 100, experts).astype(np.int32)
+    ids = rng.integers(0, experts, tokens * top_k).astype(np.int64)
+    first = int(rng.integers(0, world))
+    n = ids.size
+    counts, order, lid_out, tok = (np.full(world, -1, np.int64), np.full(n, -1, np.int64), np.full(n, -1, np.int32),
+                                   np.full(n, -1, np.int64))
+    bad = ffi.new("uint64_t*")
+
+    def call(ids):
+        return lib.aiote_moe_route(ffi.from_buffer("int64_t[]", ids), n, top_k, ffi.from_buffer("int16_t[]", dest),
+                                   ffi.from_buffer("int32_t[]", lid), experts, world, first,
+                                   ffi.from_buffer("int64_t[]", counts), ffi.from_buffer("int64_t[]", order),
+                                   ffi.from_buffer("int32_t[]", lid_out), ffi.from_buffer("int64_t[]", tok), bad)
+
+    assert call(ids) == 0
+    rot = dest[ids]
+    ref = np.argsort(rot, kind="stable")
+    ref_counts = np.bincount(rot, minlength=world)
+    assert counts.tolist() == ref_counts.tolist()
+    assert order.tolist() == ref.tolist() and lid_out.tolist() == lid[ids[ref]].tolist()
+    starts = np.concatenate(([0], np.cumsum(ref_counts)))
+    groups = [ref[starts[g]:starts[g + 1]] // top_k for g in [*range(first, world), *range(first)]]
+    assert tok.tolist() == (np.concatenate(groups).tolist() if n else [])
+    if n:
+        wrong = ids.copy()
+        at = int(rng.integers(0, n))
+        wrong[at:] = -1 if seed % 2 else experts  # a negative id, or one past the last expert
+        assert call(wrong) == -lib.AIOTE_E_INVAL and bad[0] == at
+        assert b"expert id" in ffi.string(lib.aiote_last_error())
