@@ -335,6 +335,15 @@ class ExpertParallel:
             gp, dev = self.engine._gpu_paths(), self.device.index
             self._ipc = [r != self.rank and gp.ipc_reachable(p.recv, dev) and gp.ipc_reachable(p.combine, dev)
                          for r, p in enumerate(peers)]
+            # the IPC peers' batches, resolved once (in source order: rank + 1, rank + 2, ...)
+            ipc_peers = [peers[r] for r in self.source_order()[:-1] if self._ipc[r]]
+            self._dplan = self._cplan = None
+            if ipc_peers:
+                self._dplan = gp.batch_plan(dev, [p.recv for p in ipc_peers], self._mr["meta_send"],
+                                            [p.meta for p in ipc_peers])
+                self._cplan = gp.batch_plan(dev, [p.combine for p in ipc_peers], None,
+                                            [p.combine for p in ipc_peers])
+                self._imm_only = [(0, 0, 0)] * len(ipc_peers)
 
     def source_order(self) -> list[int]:
         """The order of the source groups in ``dispatch``'s rows: the next rank first,
@@ -464,23 +473,22 @@ class ExpertParallel:
             jr = (me - r - 1) % world  # the receiver's slot for this rank
             rslot = parity * world + jr
             seg = _HDR + 4 * c
-            meta = (self._peers[r].meta, (j + 1) * ms - seg, (rslot + 1) * ms - seg, seg)
             at = parity * self._pstride + jr * self._slot  # the slot's start; even d: its end
             if not (world - 2 - jr) % 2:
                 at += (cap - c) * rb
-            if ipc[r]:
-                copies.append((self._peers[r].recv, at, self._recv_ptr + sent_at + start * rb, c * rb))
-                ipc_metas.append(meta)
+            if ipc[r]:  # in the order of the batch plan's destinations (source order)
+                copies.append((at, self._recv_ptr + sent_at + start * rb, c * rb))
+                ipc_metas.append(((j + 1) * ms - seg, (rslot + 1) * ms - seg, seg))
             else:
                 if c:
                     rows.append((self._peers[r].recv, sent_at + start * rb, at, c * rb))
-                metas.append(meta)
+                metas.append((self._peers[r].meta, (j + 1) * ms - seg, (rslot + 1) * ms - seg, seg))
             start += c
         eng = self.engine
         if rows:
             sent.append(eng.scatter(self._mr["recv"], rows, imm=self._dispatch_imms[1 - parity]))
-        if copies:
-            sent.append(eng._gpu_paths().ipc_batch(self.device.index, copies, self._mr["meta_send"], ipc_metas, imm))
+        if ipc_metas:  # every IPC peer hears from us, with rows or without
+            sent.append(self._dplan.submit(copies, ipc_metas, imm))
         if metas:
             sent.append(eng.scatter(self._mr["meta_send"], metas, imm=imm))
 
@@ -709,14 +717,12 @@ class ExpertParallel:
         for j in range(world - 1):  # imm-only when empty: every source hears from every rank
             s = (me + 1 + j) % world
             d, so, do, nb = self._peers[s].combine, (first + at_row[s]) * rb, last["comb_off"][s] * rb, got[s] * rb
-            if self._ipc[s]:
-                copies.append((d, do, base + so, nb))
+            if self._ipc[s]:  # in the order of the batch plan's destinations (source order)
+                copies.append((do, base + so, nb))
             else:
                 targets.append((d, so, do, nb))
         if copies:  # one C call: every copy, then an imm-only write to each of those sources
-            self._pending.append(eng._gpu_paths().ipc_batch(self.device.index, copies, None,
-                                                            [(d, 0, 0, 0) for d, _, _, _ in copies],
-                                                            self._combine_imm))
+            self._pending.append(self._cplan.submit(copies, self._imm_only, self._combine_imm))
         if targets:
             self._pending.append(eng.scatter(self._mr[src], targets, imm=self._combine_imm))
         arrived = eng.imms.wait(self._combine_imm, world - 1, timeout=self.timeout) if world > 1 else None

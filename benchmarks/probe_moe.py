@@ -63,6 +63,18 @@ def _rank(rank: int, a, conn, bar=None) -> None:
             ev.append(("batch_out", now()))
 
     GpuPaths.ipc_batch = timed_batch
+    from aiote.gpu import IpcBatchPlan
+
+    plan_submit = IpcBatchPlan.submit
+
+    def timed_plan(self, *args, **kw):  # what ExpertParallel calls
+        ev.append(("batch_in", now()))
+        try:
+            return plan_submit(self, *args, **kw)
+        finally:
+            ev.append(("batch_out", now()))
+
+    IpcBatchPlan.submit = timed_plan
 
     def timed_method(cls, name):
         orig = getattr(cls, name)

@@ -298,7 +298,7 @@ async def test_layouts_that_differ_are_refused(aiote_provider, aiote_host):
 
 
 class _HostIpc:
-    """Stands in for the engine's GPU paths: ``ipc_batch``'s copies are done with memmove
+    """Stands in for the engine's GPU paths: a batch plan's copies are done with memmove
     (every rank is in this process: ``where`` maps a descriptor to its buffer's address),
     then its writes are posted as a scatter with the imm, as the C core does after the
     copies."""
@@ -309,14 +309,28 @@ class _HostIpc:
     def ipc_reachable(self, desc, device):
         return True
 
-    def ipc_batch(self, device, copies, src, writes, imm):
+    def batch_plan(self, device, copy_dsts, src, write_dsts):
+        return _HostIpcPlan(self, copy_dsts, src, write_dsts)
+
+
+class _HostIpcPlan:
+    """GpuPaths.batch_plan's plan, emulated: copies i into copy_dsts[i], then writes i into
+    write_dsts[i] as one scatter with the imm."""
+
+    def __init__(self, fake, copy_dsts, src, write_dsts):
+        self.fake, self.copy_dsts, self.src, self.write_dsts = fake, copy_dsts, src, write_dsts
+
+    def submit(self, copies, writes, imm):
         import ctypes
 
-        self.calls += 1
-        for d, off, addr, n in copies:
+        f = self.fake
+        f.calls += 1
+        assert len(copies) == len(self.copy_dsts) and len(writes) == len(self.write_dsts)
+        for d, (off, addr, n) in zip(self.copy_dsts, copies):
             assert 0 <= off and off + n <= d.length
-            ctypes.memmove(self.where[d] + off, addr, n)
-        return self.eng.scatter(src if src is not None else self.eng._scratch(), writes, imm=imm)
+            ctypes.memmove(f.where[d] + off, addr, n)
+        src = self.src if self.src is not None else f.eng._scratch()
+        return f.eng.scatter(src, [(d, so, do, n) for d, (so, do, n) in zip(self.write_dsts, writes)], imm=imm)
 
 
 @pytest.mark.parametrize("world", [2, 4])
