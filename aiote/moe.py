@@ -3,7 +3,7 @@
 Every rank owns ``num_experts / world`` experts.  Each step:
 
 1. **dispatch** — a rank groups its (token, k) pairs by the rank that owns the chosen
-   expert (numpy on the host: a table lookup, a stable argsort, a bincount; no per-token
+   expert (on the host, one C pass: ``aiote_moe_route``, a counting sort; no per-token
    Python; GPU ids are read back once, the step's one wait for the GPU) and packs, for
    every other rank, one
    contiguous segment: the rows' local expert ids, a 16-byte header (step tag, row
@@ -18,15 +18,19 @@ Every rank owns ``num_experts / world`` experts.  Each step:
    straight from its input behind them.
 
    **GPU rows** keep their ids and headers in host memory of their own (``meta``), so
-   receivers read the counts without a GPU sync.  The rows for every other rank are
-   gathered by one ``index_select``; for the ranks reached over CUDA IPC one C call
-   (``GpuPaths.ipc_batch``) copies every segment's rows into the end of its receiver's
-   slot and, once the copies are done, writes each receiver's ids and header with the
-   dispatch imm.  Rows for a rank not reached over IPC go as a write of their own with
-   the *other* parity's dispatch imm (flagged in the header; the receiver waits for
-   those too: a staged write's imm counts only once its bytes are in GPU memory).  Own
-   rows are gathered into the last slot while the peers' writes are in flight; the
-   remote groups move up behind each other in front of them (no copy at EP 2).
+   receivers read the counts without a GPU sync.  All of a rank's rows are gathered by
+   one ``index_select`` into its receive buffer: its own rows at the start of its own
+   slot, the rows for the others behind them (no send buffer).  For the ranks reached
+   over CUDA IPC one C call (an ``IpcBatchPlan``, resolved at ``connect``) copies every
+   segment's rows into its receiver's slot and, once the copies are done, writes each
+   receiver's ids and header with the dispatch imm.  Rows for a rank not reached over
+   IPC go as a write of their own with the *other* parity's dispatch imm (flagged in
+   the header; the receiver waits for those too: a staged write's imm counts only once
+   its bytes are in GPU memory).  A segment lands at its slot's end or start (the slot
+   ``d`` slots before the receiver's own: end for even ``d``, start for odd), so the
+   rows of the last remote slot end where the own rows start and those of the slots
+   before it come in runs of two, each moved up in one copy (none at EP 2, one at EP 4;
+   ``aiote_cuda_copy`` on torch's stream, as are the index uploads).
 2. the receiver runs its experts on them (``expert_fn``);
 3. **combine** — it writes each source's output rows straight back into the order
    that source packed them (the header said where; one write per source, imm-only when
@@ -36,6 +40,9 @@ Every rank owns ``num_experts / world`` experts.  Each step:
    per token) that reads each row where it is: the receive, out and combine buffers are
    one allocation, seen as one [rows, hidden] tensor, and ``dispatch`` wrote the bag
    indices (no reordering copy, no weighted temporaries, one torch call after the wait).
+
+A dispatch or combine spins on the engine's events (``wait_spin_us``, on GPUs by
+default) before it awaits the others' writes through the event loop.
 
 Buffers are registered once and reused.  The receive slots are double-buffered by step
 parity, and the dispatch imm carries the parity: a source starts step N+1 only after
