@@ -363,7 +363,8 @@ class ExpertParallel:
         """(order, tok, lid, counts): the (token, k) pairs grouped by destination in
         ``source_order`` from this rank's view (the next rank first, its own last), the
         token and local expert id of each, and the count per group.  Computed on the host
-        with numpy: GPU ids are read back once (the step's one wait for the GPU)."""
+        in one C pass: GPU ids are read back once (the step's one wait for the GPU).  The
+        arrays are this object's buffers, valid until the next dispatch."""
         if self._gpu:
             # waiting for the GPU here (reading the ids back does) also means the last step's
             # GPU work is done: its copies out of the staging buffers, and its reads of the
