@@ -3,7 +3,7 @@
 Every rank owns ``num_experts / world`` experts.  Each step:
 
 1. **dispatch** — a rank groups its (token, k) pairs by the rank that owns the chosen
-   expert (numpy on the host: a table lookup, a stable argsort, a bincount; no per-token
+   expert (on the host, one C pass: ``aiote_moe_route``, a counting sort; no per-token
    Python; GPU ids are read back once, the step's one wait for the GPU) and packs, for
    every other rank, one
    contiguous segment: the rows' local expert ids, a 16-byte header (step tag, row
@@ -18,15 +18,19 @@ Every rank owns ``num_experts / world`` experts.  Each step:
    straight from its input behind them.
 
    **GPU rows** keep their ids and headers in host memory of their own (``meta``), so
-   receivers read the counts without a GPU sync.  The rows for every other rank are
-   gathered by one ``index_select``; for the ranks reached over CUDA IPC one C call
-   (``GpuPaths.ipc_batch``) copies every segment's rows into the end of its receiver's
-   slot and, once the copies are done, writes each receiver's ids and header with the
-   dispatch imm.  Rows for a rank not reached over IPC go as a write of their own with
-   the *other* parity's dispatch imm (flagged in the header; the receiver waits for
-   those too: a staged write's imm counts only once its bytes are in GPU memory).  Own
-   rows are gathered into the last slot while the peers' writes are in flight; the
-   remote groups move up behind each other in front of them (no copy at EP 2).
+   receivers read the counts without a GPU sync.  All of a rank's rows are gathered by
+   one ``index_select`` into its receive buffer: its own rows at the start of its own
+   slot, the rows for the others behind them (no send buffer).  For the ranks reached
+   over CUDA IPC one C call (an ``IpcBatchPlan``, resolved at ``connect``) copies every
+   segment's rows into its receiver's slot and, once the copies are done, writes each
+   receiver's ids and header with the dispatch imm.  Rows for a rank not reached over
+   IPC go as a write of their own with the *other* parity's dispatch imm (flagged in
+   the header; the receiver waits for those too: a staged write's imm counts only once
+   its bytes are in GPU memory).  A segment lands at its slot's end or start (the slot
+   ``d`` slots before the receiver's own: end for even ``d``, start for odd), so the
+   rows of the last remote slot end where the own rows start and those of the slots
+   before it come in runs of two, each moved up in one copy (none at EP 2, one at EP 4;
+   ``aiote_cuda_copy`` on torch's stream, as are the index uploads).
 2. the receiver runs its experts on them (``expert_fn``);
 3. **combine** — it writes each source's output rows straight back into the order
    that source packed them (the header said where; one write per source, imm-only when
@@ -36,6 +40,9 @@ Every rank owns ``num_experts / world`` experts.  Each step:
    per token) that reads each row where it is: the receive, out and combine buffers are
    one allocation, seen as one [rows, hidden] tensor, and ``dispatch`` wrote the bag
    indices (no reordering copy, no weighted temporaries, one torch call after the wait).
+
+A dispatch or combine spins on the engine's events (``wait_spin_us``, on GPUs by
+default) before it awaits the others' writes through the event loop.
 
 Buffers are registered once and reused.  The receive slots are double-buffered by step
 parity, and the dispatch imm carries the parity: a source starts step N+1 only after
@@ -55,12 +62,14 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ._core import check, ffi, lib
 from .descriptor import MrDescriptor
 from .errors import AioteError, InvalidArgument
 from .memory import host_buffer
@@ -106,10 +115,13 @@ class MoeBuffers:
 
 
 
-async def _settled_or_withdrawn(wait: asyncio.Future[None]) -> None:
-    """Await an imm wait; on any failure (timeout, cancellation) withdraw it, so a wait
-    left armed can't eat the next step's imms."""
+async def _settled_or_withdrawn(wait: asyncio.Future[None],
+                                spin: Callable[[asyncio.Future[None]], None] | None = None) -> None:
+    """Await an imm wait (``spin(wait)`` first, unless it is done); on any failure (timeout,
+    cancellation) withdraw it, so a wait left armed can't eat the next step's imms."""
     try:
+        if spin is not None and not wait.done():
+            spin(wait)
         await wait
     except BaseException:
         wait.cancel()
@@ -130,6 +142,13 @@ class ExpertParallel:
     rank that died or stalled); ``None`` waits forever.  After a timeout the ranks are
     out of step: build a new ExpertParallel (with another ``imm_base``) rather than
     going on with this one.
+
+    ``wait_spin_us``: how long a dispatch or combine spins on the engine's events (in C,
+    the GIL released, this thread draining them) before it awaits the other ranks' writes
+    through the event loop; the spin skips the worker → eventfd → loop wake-up, as a
+    spinning host wait of NCCL's does.  Default: ``GPU_WAIT_SPIN_US`` for rows on a GPU
+    (a step there is latency-bound), 0 (no spin) for host rows.  An attribute of the same
+    name changes it later.
     """
 
     DISPATCH_IMM = 0x0E0000  # imm_base: dispatch (even steps); +1 combine; +2 dispatch (odd steps)
@@ -137,10 +156,13 @@ class ExpertParallel:
     #: headers and ids in a host region of their own, the rows apart (always on GPUs; a
     #: subclass may set it for host rows too, which tests the GPU layout without a GPU)
     _SPLIT_META = False
+    #: ``wait_spin_us``'s default for rows on a GPU
+    GPU_WAIT_SPIN_US = 300
 
     def __init__(self, engine: TransferEngine, rank: int, world: int, num_experts: int, hidden: int,
                  max_tokens: int, top_k: int, dtype: Any = None, imm_base: int | None = None,
-                 device: Any = None, capacity: int | None = None, timeout: float | None = None):
+                 device: Any = None, capacity: int | None = None, timeout: float | None = None,
+                 wait_spin_us: int | None = None):
         import torch
 
         if not 0 <= rank < world < _APART or num_experts % world or top_k < 1 or max_tokens < 1 or hidden < 1:
@@ -159,6 +181,8 @@ class ExpertParallel:
                                     or not timeout > 0):
             raise InvalidArgument(f"timeout must be a positive number of seconds or None, got {timeout!r}")
         self.timeout = timeout
+        if wait_spin_us is not None and (type(wait_spin_us) is not int or not 0 <= wait_spin_us <= 1_000_000):
+            raise InvalidArgument(f"wait_spin_us must be an int in 0..1000000 (µs) or None, got {wait_spin_us!r}")
         self.dtype = dtype or torch.float32
         base = self.DISPATCH_IMM if imm_base is None else imm_base
         self._dispatch_imms = (base, base + 2)
@@ -168,6 +192,8 @@ class ExpertParallel:
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         gpu = self._gpu = self.device.type == "cuda"
+        self.wait_spin_us = (self.GPU_WAIT_SPIN_US if gpu else 0) if wait_spin_us is None else wait_spin_us
+        self._spin_h: Any = None  # the engine's handle as the array aiote_spin takes
         split = self._split = gpu or self._SPLIT_META
         esize = torch.empty(0, dtype=self.dtype).element_size()
         rb = self._row_bytes = hidden * esize
@@ -179,6 +205,10 @@ class ExpertParallel:
         else:  # a slot: [pad | ids (int32 x capacity) | header] ending on a row boundary, then the rows
             self._slot_hdr = -(-(_HDR + 4 * cap) // align) * align
         self._slot = self._slot_hdr + cap * rb
+        # a parity's half of the receive buffer: world slots; split: then max_rows rows, where
+        # dispatch gathers this rank's rows (own ones first, at the start of its own slot, the
+        # rows for the other ranks behind them: one index_select for all, no send buffer)
+        self._pstride = world * self._slot + (self.max_rows * rb if split else 0)
 
         def buf(nbytes: int, host: bool = False) -> torch.Tensor:
             if gpu and not host:
@@ -186,21 +216,20 @@ class ExpertParallel:
             # huge-page host memory: shm's single-copy transfers run ~2x faster on it
             return torch.frombuffer(host_buffer(nbytes), dtype=torch.uint8)
 
-        if split:  # send: the rows for every other rank, back to back; their ids and headers apart
-            self._send = buf(self.max_rows * rb)
-        else:  # send: one [pad | ids | header | rows] segment per other rank, packed back to back
+        if not split:  # send: one [pad | ids | header | rows] segment per other rank, packed back to back
             self._send = buf(world * (self._slot_hdr + align) + self.max_rows * rb)
         # receive, out and combine buffers are one allocation (each a whole number of rows,
         # registered apart): the combine's reduction reads the rows that came back and this
         # rank's own outputs through one [rows, hidden] view of it (_all_rows)
-        nrecv, nout = 2 * world * self._slot, world * cap * rb
+        nrecv, nout = 2 * self._pstride, world * cap * rb
         self._rows = buf(nrecv + nout + self.max_rows * rb)
         self._recv = self._rows[:nrecv]
         self._out = self._rows[nrecv:nrecv + nout]          # expert outputs to send back, in receive order
         self._combine = self._rows[nrecv + nout:]           # outputs coming back, in this rank's packing order
         self._out_row0, self._combine_row0 = nrecv // rb, (nrecv + nout) // rb
         self._all_rows = self._rows.view(self.dtype).view(-1, hidden)
-        self._send_rows, self._send_i32 = self._send.view(self.dtype).view(-1, hidden), self._send.view(torch.int32)
+        if not split:
+            self._send_rows, self._send_i32 = self._send.view(self.dtype).view(-1, hidden), self._send.view(torch.int32)
         self._recv_rows, self._recv_i32 = self._recv.view(self.dtype).view(-1, hidden), self._recv.view(torch.int32)
         self._out_rows = self._out.view(self.dtype).view(-1, hidden)
         self._combine_rows = self._combine.view(self.dtype).view(-1, hidden)
@@ -213,6 +242,7 @@ class ExpertParallel:
         self._recv_ids = self._i32[:world * cap]
         self._bag_idx = (self._i32[world * cap:world * cap + m], self._i32[world * cap + m:world * cap + 2 * m])
         self._bag_off = self._i32[world * cap + 2 * m:]
+        self._bag_views: dict[tuple[int, bool], tuple[torch.Tensor, torch.Tensor]] = {}  # per (tokens, src)
         # ids and headers are a few words: numpy views write and read them without torch's per-op cost
         if split:
             self._meta_send = buf(world * self._mslot, host=True)
@@ -229,23 +259,52 @@ class ExpertParallel:
             self._stage_i32 = torch.empty(ni, dtype=torch.int32, pin_memory=True)
             self._idx_dev = torch.empty(self.max_rows, dtype=torch.int64, device=self.device)
             self._stage_idx_np = self._stage_idx.numpy()
+            self._idx_views: dict[int, torch.Tensor] = {}  # _idx_dev[:n], made once per n
         i32 = (self._stage_i32 if gpu else self._i32).numpy()  # where the ids and indices are written
         self._ids_np = i32[:world * cap]
         self._bag_np = (i32[world * cap:world * cap + m], i32[world * cap + m:world * cap + 2 * m])
         i32[world * cap + 2 * m:] = np.arange(0, m * top_k, top_k, dtype=np.int32)[:m]
         if gpu:
             self._i32.copy_(self._stage_i32)
+            # the step's small device-side copies (index uploads, the dispatch's move) go on
+            # torch's current stream through one C call each (aiote_cuda_copy), not torch's copy_
+            dev_i = self.device.index
+            self._cu_ctx = engine._gpu_paths()._ctx(dev_i)
+            raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+            self._cur_stream: Callable[[], int] = ((lambda: raw(dev_i)) if raw is not None
+                                                   else (lambda: torch.cuda.current_stream(dev_i).cuda_stream))
+            self._cps = ffi.new("aiote_copy[1]")
+            self._idx_ptrs = (self._idx_dev.data_ptr(), self._stage_idx.data_ptr())
+            self._i32_ptrs = (self._i32.data_ptr(), self._stage_i32.data_ptr(), self._i32.numel() * 4)
         self._arange = np.arange(m, dtype=np.int32)
+        # where each other source's header sits in the receive meta words, per parity (read in one go)
+        if split:
+            h0s = [(p * world + 1) * self._mslot // 4 - 4 for p in (0, 1)]
+            hstride = self._mslot // 4
+        else:
+            h0s = [(p * world * self._slot + self._slot_hdr) // 4 - 4 for p in (0, 1)]
+            hstride = self._slot // 4
+        self._hdr_idx = [(h0 + hstride * np.arange(world - 1)[:, None] + np.arange(4)).reshape(-1) for h0 in h0s]
         # routing tables by expert id: its destination (rotated: the next rank 0, this rank
         # world-1) and its local id
         e = np.arange(num_experts)
         self._dest_lut = ((e // self.experts_per_rank - (rank + 1)) % world).astype(np.int16)
         self._lid_lut = (e % self.experts_per_rank).astype(np.int32)
-        self._send_ptr = self._send.data_ptr()
+        # _route's outputs (its tokens: on GPUs the pinned staging of the index upload)
+        self._order_np, self._lidout_np = np.empty(m, np.int64), np.empty(m, np.int32)
+        self._counts_np = np.empty(world, np.int64)
+        self._tok_np = self._stage_idx_np if gpu else np.empty(m, np.int64)
+        self._route_c = tuple(ffi.from_buffer(t, a) for t, a in (
+            ("int16_t[]", self._dest_lut), ("int32_t[]", self._lid_lut), ("int64_t[]", self._counts_np),
+            ("int64_t[]", self._order_np), ("int32_t[]", self._lidout_np), ("int64_t[]", self._tok_np))
+        ) + (ffi.new("uint64_t*"),)
+        self._recv_ptr = self._recv.data_ptr()
         r = engine.register
-        mine = [("send", self._send), ("recv", self._recv), ("out", self._out), ("combine", self._combine)]
+        mine = [("recv", self._recv), ("out", self._out), ("combine", self._combine)]
         if split:
             mine += [("meta_send", self._meta_send), ("meta_recv", self._meta_recv)]
+        else:
+            mine.append(("send", self._send))
         self._mr = {name: r(t) for name, t in mine}
         self._peers: list[MoeBuffers] = []
         self._ipc: list[bool] = []  # per rank: reached over CUDA IPC (copies batched in one C call)
@@ -273,7 +332,7 @@ class ExpertParallel:
         if any((p.meta is not None) != self._split for p in peers):
             raise InvalidArgument("the ranks' buffers have different layouts: all ranks' rows on GPUs, or all "
                                   "in host memory")
-        need, mneed = 2 * self.world * self._slot, 2 * self.world * self._mslot
+        need, mneed = 2 * self._pstride, 2 * self.world * self._mslot
         if any(p.recv.length < need or (p.meta is not None and p.meta.length < mneed) for p in peers):
             raise InvalidArgument("a peer's receive buffer is smaller than this rank's: every rank needs the "
                                   "same world, hidden, dtype and capacity")
@@ -283,6 +342,15 @@ class ExpertParallel:
             gp, dev = self.engine._gpu_paths(), self.device.index
             self._ipc = [r != self.rank and gp.ipc_reachable(p.recv, dev) and gp.ipc_reachable(p.combine, dev)
                          for r, p in enumerate(peers)]
+            # the IPC peers' batches, resolved once (in source order: rank + 1, rank + 2, ...)
+            ipc_peers = [peers[r] for r in self.source_order()[:-1] if self._ipc[r]]
+            self._dplan = self._cplan = None
+            if ipc_peers:
+                self._dplan = gp.batch_plan(dev, [p.recv for p in ipc_peers], self._mr["meta_send"],
+                                            [p.meta for p in ipc_peers])
+                self._cplan = gp.batch_plan(dev, [p.combine for p in ipc_peers], None,
+                                            [p.combine for p in ipc_peers])
+                self._imm_only = [(0, 0, 0)] * len(ipc_peers)
 
     def source_order(self) -> list[int]:
         """The order of the source groups in ``dispatch``'s rows: the next rank first,
@@ -295,44 +363,63 @@ class ExpertParallel:
         """(order, tok, lid, counts): the (token, k) pairs grouped by destination in
         ``source_order`` from this rank's view (the next rank first, its own last), the
         token and local expert id of each, and the count per group.  Computed on the host
-        with numpy: GPU ids are read back once (the step's one wait for the GPU)."""
-        flat = topk_ids.reshape(-1)
+        in one C pass: GPU ids are read back once (the step's one wait for the GPU).  The
+        arrays are this object's buffers, valid until the next dispatch."""
         if self._gpu:
             # waiting for the GPU here (reading the ids back does) also means the last step's
             # GPU work is done: its copies out of the staging buffers, and its reads of the
             # combine buffer, which the peers write again once this step's rows reached them
-            if flat.device != self.device:
+            if topk_ids.device != self.device:
                 import torch
 
                 torch.cuda.current_stream(self.device).synchronize()
-            flat = flat.cpu()
-        f = flat.numpy()
-        if f.dtype.kind != "u":  # unsigned: a negative id is out of the tables' range as well
-            f = f.view(f"u{f.itemsize}") if f.dtype.kind == "i" else f.astype(np.int64).view(np.uint64)
-        me, world, cap = self.rank, self.world, self.capacity
-        try:
-            rot = self._dest_lut[f]  # destination rotated: the next rank 0, this rank world-1
-        except IndexError:
-            raise InvalidArgument("expert ids out of range") from None
-        order = np.argsort(rot, kind="stable")
-        counts = np.bincount(rot, minlength=world).tolist()  # counts[j]: to rank (me + 1 + j) % world
-        for dest in range(world):
-            c = counts[(dest - me - 1) % world]
-            if c > cap:
-                raise CapacityExceeded(f"{c} rows for rank {dest} exceed its slot for this rank (capacity {cap})",
-                                       dest, c, cap)
-        return order, order // self.top_k, self._lid_lut[f[order]], counts
+            f = topk_ids.cpu().numpy().reshape(-1)  # flattened by numpy: one torch call fewer
+        else:
+            f = topk_ids.reshape(-1).numpy()
+        if f.dtype != np.int64:  # (C reads int64; a negative or too large id is out of range there)
+            f = f.astype(np.int64)
+        elif not f.flags.c_contiguous:
+            f = np.ascontiguousarray(f)
+        n, world, cap = f.size, self.world, self.capacity
+        # one C pass (aiote_moe_route): the counts, the pairs grouped by rotated destination
+        # (the next rank 0, this rank world-1), their local ids, and their tokens in the
+        # order the rows are gathered (split: own first; on GPUs straight into the pinned
+        # staging of the index upload, free again: the wait above)
+        dest_c, lid_c, counts_c, order_c, lidout_c, tok_c, bad = self._route_c
+        rc = lib.aiote_moe_route(ffi.from_buffer("int64_t[]", f), n, self.top_k, dest_c, lid_c, self.num_experts,
+                                 world, world - 1 if self._split else 0, counts_c, order_c, lidout_c, tok_c, bad)
+        if rc == -lib.AIOTE_E_INVAL:
+            raise InvalidArgument(f"expert ids out of range (pair {int(bad[0])})")
+        check(rc, "MoE routing")
+        counts = self._counts_np.tolist()  # counts[j]: to rank (me + 1 + j) % world
+        if max(counts) > cap:
+            me = self.rank
+            for dest in range(world):
+                c = counts[(dest - me - 1) % world]
+                if c > cap:
+                    raise CapacityExceeded(f"{c} rows for rank {dest} exceed its slot for this rank "
+                                           f"(capacity {cap})", dest, c, cap)
+        return self._order_np[:n], self._tok_np[:n], self._lidout_np[:n], counts
 
     def _index_tensor(self, tok: np.ndarray) -> torch.Tensor:
-        """tok as a tensor on this rank's device (GPU: one pinned copy)."""
+        """tok (written by _route, in the order the rows are gathered) as a tensor on this
+        rank's device (GPU: one copy from the pinned staging)."""
         import torch
 
         if not self._gpu:
             return torch.from_numpy(tok)
         n = tok.size
-        self._stage_idx_np[:n] = tok  # free again: _route waited for the GPU
-        self._idx_dev.copy_(self._stage_idx, non_blocking=True)  # whole (8 bytes a row): no slicing
-        return self._idx_dev[:n]
+        self._dcopy(self._idx_ptrs[0], self._idx_ptrs[1], 8 * n)
+        v = self._idx_views.get(n)
+        if v is None:
+            v = self._idx_views[n] = self._idx_dev[:n]
+        return v
+
+    def _dcopy(self, dst: int, src: int, n: int) -> None:
+        """One copy of n bytes on torch's current stream (device or pinned addresses)."""
+        c = self._cps[0]
+        c.dst, c.src, c.len = dst, src, n
+        check(lib.aiote_cuda_copy(self._cu_ctx, self._cur_stream(), self._cps, 1), "copy")
 
     # -- posting (in-slot headers: host rows) --------------------------------------------
 
@@ -359,23 +446,28 @@ class ExpertParallel:
 
     # -- posting (split: rows apart from their ids and headers) --------------------------
 
-    def _post_split(self, hidden: torch.Tensor, tok: torch.Tensor, lid: np.ndarray, counts: list[int], tag: int,
-                    parity: int, imm: int, sent: list) -> int:
-        """Gather the rows for every other rank into the send buffer (one index_select),
-        write their ids and headers into the host meta buffer, and post them.  Ranks
-        reached over CUDA IPC: one C call copies every such segment's rows into its
-        receiver's GPU and then writes each receiver's [ids | header] with the imm.  The
-        others: the rows go as writes of their own carrying the other parity's dispatch
-        imm (the header says so: the receiver waits for those too), the headers with the
-        imm.  A segment's rows end where its slot ends; this rank's own rows are gathered
-        into its own slot (the last) meanwhile: the last remote group and the own rows are
-        contiguous without a copy.  Returns the number of rows sent."""
+    def _post_split(self, hidden: torch.Tensor, tok: torch.Tensor, n: int, lid: np.ndarray, counts: list[int],
+                    n_remote: int, tag: int, parity: int, imm: int, sent: list) -> None:
+        """Gather this rank's rows (one index_select: ``tok`` has the own pairs first) to the
+        start of its own slot, the rows for the other ranks behind them; write their ids and
+        headers into the host meta buffer, and post them.  Ranks reached over CUDA IPC: one
+        C call copies every such segment's rows into its receiver's GPU and then writes each
+        receiver's [ids | header] with the imm.  The others: the rows go as writes of their
+        own carrying the other parity's dispatch imm (the header says so: the receiver waits
+        for those too), the headers with the imm.
+
+        Where the rows land in the receiver's slot for this rank (slot j in its
+        ``source_order``, d = world - 2 - j slots before its own): at the slot's end for even
+        d, at its start for odd d, so the rows of slots d = 2i+2 and 2i+1 are contiguous, and
+        those of d = 0 end where the receiver's own rows start: the receiver moves
+        ``(world - 2) // 2`` runs of rows instead of ``world - 2`` (one at EP 4, none at EP 2)."""
         import torch
 
-        me, world, rb, ms = self.rank, self.world, self._row_bytes, self._mslot
-        n_remote = sum(counts[:world - 1])
-        if n_remote:
-            torch.index_select(hidden, 0, tok[:n_remote], out=self._send_rows[:n_remote])
+        me, world, rb, ms, cap = self.rank, self.world, self._row_bytes, self._mslot, self.capacity
+        own_at = parity * self._pstride // rb + (world - 1) * cap  # rows: this rank's own slot
+        if n:
+            torch.index_select(hidden, 0, tok, out=self._recv_rows[own_at:own_at + n])
+        sent_at = (own_at + n - n_remote) * rb  # bytes: the rows for the others, behind the own ones
         mn, ipc = self._send_np, self._ipc
         copies, ipc_metas, rows, metas = [], [], [], []
         start = 0
@@ -386,30 +478,27 @@ class ExpertParallel:
                 mn[hw - c:hw] = lid[start:start + c]
             apart = _APART if c and not ipc[r] else 0
             mn[hw:hw + 4] = (tag, c, start, _MAGIC | apart | me)
-            rslot = parity * world + (me - r - 1) % world  # the receiver's slot for this rank
+            jr = (me - r - 1) % world  # the receiver's slot for this rank
+            rslot = parity * world + jr
             seg = _HDR + 4 * c
-            meta = (self._peers[r].meta, (j + 1) * ms - seg, (rslot + 1) * ms - seg, seg)
-            at = (rslot + 1) * self._slot - c * rb  # the rows end where the slot ends
-            if ipc[r]:
-                copies.append((self._peers[r].recv, at, self._send_ptr + start * rb, c * rb))
-                ipc_metas.append(meta)
+            at = parity * self._pstride + jr * self._slot  # the slot's start; even d: its end
+            if not (world - 2 - jr) % 2:
+                at += (cap - c) * rb
+            if ipc[r]:  # in the order of the batch plan's destinations (source order)
+                copies.append((at, self._recv_ptr + sent_at + start * rb, c * rb))
+                ipc_metas.append(((j + 1) * ms - seg, (rslot + 1) * ms - seg, seg))
             else:
                 if c:
-                    rows.append((self._peers[r].recv, start * rb, at, c * rb))
-                metas.append(meta)
+                    rows.append((self._peers[r].recv, sent_at + start * rb, at, c * rb))
+                metas.append((self._peers[r].meta, (j + 1) * ms - seg, (rslot + 1) * ms - seg, seg))
             start += c
         eng = self.engine
         if rows:
-            sent.append(eng.scatter(self._mr["send"], rows, imm=self._dispatch_imms[1 - parity]))
-        if copies:
-            sent.append(eng._gpu_paths().ipc_batch(self.device.index, copies, self._mr["meta_send"], ipc_metas, imm))
+            sent.append(eng.scatter(self._mr["recv"], rows, imm=self._dispatch_imms[1 - parity]))
+        if ipc_metas:  # every IPC peer hears from us, with rows or without
+            sent.append(self._dplan.submit(copies, ipc_metas, imm))
         if metas:
             sent.append(eng.scatter(self._mr["meta_send"], metas, imm=imm))
-        own = tok.numel() - n_remote
-        if own:  # off the critical path: the peers' writes are in flight
-            o = (parity * world + world - 1) * self.capacity
-            torch.index_select(hidden, 0, tok[n_remote:], out=self._recv_rows[o:o + own])
-        return n_remote
 
     # -- dispatch ----------------------------------------------------------------------
 
@@ -434,10 +523,11 @@ class ExpertParallel:
         me, world, eng = self.rank, self.world, self.engine
         order_np, tok_np, lid, counts = self._route(topk_ids)  # CapacityExceeded: nothing sent
         await self.settle()  # the last step's writes out of the send and out buffers
+        n_remote = sum(counts[:world - 1])
         tok = self._index_tensor(tok_np)
         step, self._step = self._step, self._step + 1
         tag, parity = step & _TAG_MASK, step % 2
-        base = parity * world * self._slot
+        base = parity * self._pstride
 
         # 1. one segment per other rank (rows, ids, header) with the dispatch imm
         imm = self._dispatch_imms[parity]
@@ -447,16 +537,18 @@ class ExpertParallel:
         sent: list = []
         try:
             if self._split:
-                n_remote = self._post_split(hidden, tok, lid, counts, tag, parity, imm, sent)
+                self._post_split(hidden, tok, tok_np.size, lid, counts, n_remote, tag, parity, imm, sent)
             else:  # each posted as soon as it is packed (the transfer of one overlaps the next's packing)
                 off = n_remote = 0
                 for j in range(world - 1):
                     off, n_remote = self._post_segment(hidden, tok, lid, counts[j], (me + 1 + j) % world, off,
                                                        n_remote, tag, base, imm, sent)
             self._pending = sent
+            if self._split:
+                self._bag_before(order_np, n_remote, parity)
             if world > 1:  # armed after posting (counts are kept): the posts go out first
                 arrived = eng.imms.wait(imm, world - 1, timeout=self.timeout)
-                await arrived
+                await _settled_or_withdrawn(arrived, self._spin)
         except BaseException:
             for w in [arrived, *sent]:  # a wait left armed would eat the next step's imms
                 if w is not None:
@@ -480,20 +572,30 @@ class ExpertParallel:
         """Each other source's header (host memory), checked: (source, rows, its combine
         offset, rows written apart), in ``source_order``."""
         me, world = self.rank, self.world
-        if self._split:
-            h0, hstride = (parity * world + 1) * self._mslot // 4 - 4, self._mslot // 4
-        else:
-            h0, hstride = (parity * world * self._slot + self._slot_hdr) // 4 - 4, self._slot // 4
+        words = self._recv_np[self._hdr_idx[parity]].tolist()
         heads = []
         for j in range(world - 1):
             s = (me + 1 + j) % world
-            hw = h0 + j * hstride
-            h_tag, c, off, h_src = self._recv_np[hw:hw + 4].tolist()
+            h_tag, c, off, h_src = words[4 * j:4 * j + 4]
             if h_tag != tag or h_src & ~_APART != _MAGIC | s or not 0 <= c <= self.capacity:
                 raise StepMismatch(f"dispatch header from slot {j} says step {h_tag}, source {h_src}, {c} rows; "
                                    f"expected step {tag} from rank {s} (source {_MAGIC | s:#x})")
             heads.append((s, c, off, bool(h_src & _APART)))
         return heads
+
+    def _bag_before(self, order: np.ndarray, n_remote: int, parity: int) -> None:
+        """Split layout: the combine's row indices that don't depend on what the others send
+        (every row that comes back; this rank's own outputs in the receive buffer, which
+        start where its own slot does), written while their rows are in flight."""
+        ar, by_recv, by_out = self._arange, *self._bag_np
+        if n_remote:
+            back, at = order[:n_remote], ar[:n_remote] + self._combine_row0
+            by_recv[back] = at
+            by_out[back] = at
+        own = order.size - n_remote
+        if own:
+            by_recv[order[n_remote:]] = ar[:own] + (parity * self._pstride // self._row_bytes
+                                                    + (self.world - 1) * self.capacity)
 
     def _assemble(self, heads: list[tuple[int, int, int, bool]], hidden: torch.Tensor, tok: torch.Tensor,
                   lid: np.ndarray, order: np.ndarray, n_remote: int, parity: int
@@ -510,25 +612,41 @@ class ExpertParallel:
         n = order.size
         own = n - n_remote
         if self._split:
-            # right-aligned slots, own rows at the start of the last: moved up behind each other
+            # own rows at the start of the last slot; the others' rows at their slot's end or
+            # start (see _post_split): runs of them moved up behind each other, in front of them
             h0, hstride = (parity * world + 1) * self._mslot // 4 - 4, self._mslot // 4
-            own_at = (parity * world + world - 1) * cap
-            total = own + sum(c for _, c, _, _ in heads)
+            pbase = parity * self._pstride // rb
+            own_at = pbase + (world - 1) * cap
+            cs = [c for _, c, _, _ in heads]
+            total = own + sum(cs)
             row0 = own_at - (total - own)
-            end = own_at
-            for j in range(world - 2, -1, -1):
-                s, c, off, _ = heads[j]
-                end -= c
-                got[s], at_row[s], comb_off[s] = c, end - row0, off
+            pos = 0
+            for j, (s, c, off, _) in enumerate(heads):
+                got[s], at_row[s], comb_off[s] = c, pos, off
                 if c:
                     hw = h0 + j * hstride
-                    ids[end - row0:end - row0 + c] = heads_np[hw - c:hw]
-                    u = (parity * world + j + 1) * cap - c  # where slot j's rows landed
-                    if u != end:
-                        src = rows_t[u:u + c]
-                        if end < u + c:  # overlapping move
+                    ids[pos:pos + c] = heads_np[hw - c:hw]
+                pos += c
+            if world > 2:
+                end = own_at - cs[world - 2]  # slot d = 0 ends where the own rows start: in place
+                j = world - 3
+                while j >= 0:
+                    if j:  # slots j - 1 (rows at its end) and j (at its start): one run
+                        u, n_run = pbase + j * cap - cs[j - 1], cs[j - 1] + cs[j]
+                        j -= 2
+                    else:  # slot 0 alone, rows at its start
+                        u, n_run = pbase, cs[0]
+                        j = -1
+                    end -= n_run
+                    if n_run and u != end:
+                        if end >= u + n_run and self._gpu:  # apart: one copy on torch's stream
+                            self._dcopy(self._recv_ptr + end * rb, self._recv_ptr + u * rb, n_run * rb)
+                            continue
+                        src = rows_t[u:u + n_run]
+                        if end < u + n_run:  # overlapping move
                             src = src.clone()
-                        rows_t[end:end + c] = src
+                        rows_t[end:end + n_run] = src
+                assert end == row0
             pos = total - own
         else:
             slot_rows = self._slot // rb
@@ -556,17 +674,19 @@ class ExpertParallel:
         # the combine reduces each token's top_k rows in one embedding_bag over _all_rows:
         # for the (token, k) pair that was packed i-th, the row that comes back (i < n_remote:
         # the combine buffer's row i) or its own output (in the receive buffer or out_buffer)
+        # (split: written by _bag_before but for by_out's own rows, whose place depends on the counts)
         ar, by_recv, by_out = self._arange, *self._bag_np
-        if n_remote:
+        if n_remote and not self._split:
             back, at = order[:n_remote], ar[:n_remote] + self._combine_row0
             by_recv[back] = at
             by_out[back] = at
         if own:
             mine = order[n_remote:]
-            by_recv[mine] = ar[:own] + (row0 + pos)
+            if not self._split:
+                by_recv[mine] = ar[:own] + (row0 + pos)
             by_out[mine] = ar[:own] + (self._out_row0 + pos)
-        if self._gpu:
-            self._i32.copy_(self._stage_i32, non_blocking=True)  # whole (a few bytes a row): no slicing
+        if self._gpu:  # whole (a few bytes a row): no slicing
+            self._dcopy(*self._i32_ptrs)
         return got, at_row, comb_off, total, row0
 
     # -- combine -----------------------------------------------------------------------
@@ -605,14 +725,12 @@ class ExpertParallel:
         for j in range(world - 1):  # imm-only when empty: every source hears from every rank
             s = (me + 1 + j) % world
             d, so, do, nb = self._peers[s].combine, (first + at_row[s]) * rb, last["comb_off"][s] * rb, got[s] * rb
-            if self._ipc[s]:
-                copies.append((d, do, base + so, nb))
+            if self._ipc[s]:  # in the order of the batch plan's destinations (source order)
+                copies.append((do, base + so, nb))
             else:
                 targets.append((d, so, do, nb))
         if copies:  # one C call: every copy, then an imm-only write to each of those sources
-            self._pending.append(eng._gpu_paths().ipc_batch(self.device.index, copies, None,
-                                                            [(d, 0, 0, 0) for d, _, _, _ in copies],
-                                                            self._combine_imm))
+            self._pending.append(self._cplan.submit(copies, self._imm_only, self._combine_imm))
         if targets:
             self._pending.append(eng.scatter(self._mr[src], targets, imm=self._combine_imm))
         arrived = eng.imms.wait(self._combine_imm, world - 1, timeout=self.timeout) if world > 1 else None
@@ -622,13 +740,41 @@ class ExpertParallel:
         w = topk_weights
         if w.dtype != self.dtype or w.device != self.device:
             w = w.to(device=self.device, dtype=self.dtype)
-        idx = self._bag_idx[src == "out"]
+        # its arguments made before the wait: after it, one torch call
+        key = (t, src == "out")
+        bag = self._bag_views.get(key)
+        if bag is None:
+            bag = self._bag_views[key] = (self._bag_idx[key[1]][:t * k], self._bag_off[:t])
+        w = w.reshape(-1)
         if arrived is not None:
-            await _settled_or_withdrawn(arrived)
+            await _settled_or_withdrawn(arrived, self._spin)
         # (weight, indices, offsets, scale_grad_by_freq, mode 0 = sum, sparse, per_sample_weights,
         # include_last_offset, padding_idx: None, since -1 would mean the last row)
-        return torch.embedding_bag(self._all_rows, idx[:t * k], self._bag_off[:t], False, 0, False, w.reshape(-1),
-                                   False, None)[0]
+        return torch.embedding_bag(self._all_rows, bag[0], bag[1], False, 0, False, w, False, None)[0]
+
+    def _spin(self, fut: asyncio.Future[None]) -> None:
+        """Spin up to ``wait_spin_us`` on the engine's events, draining them here, until fut
+        is done (the caller then awaits it: at once if it is done)."""
+        budget = self.wait_spin_us * 1000
+        if not budget:
+            return
+        eng = self.engine
+        if eng._h is None or eng._closed:
+            return
+        if self._spin_h is None or self._spin_h[0] != eng._h:
+            self._spin_h = ffi.new("aiote_engine*[]", [eng._h])
+        h, now = self._spin_h, time.perf_counter_ns
+        end = now() + budget
+        while True:
+            left = end - now()
+            if left <= 0:
+                return
+            if lib.aiote_spin(h, 1, min(left, 50_000)):
+                eng._drain()
+                if eng._deferred:
+                    eng._flush_deferred()
+                if fut.done():
+                    return
 
     async def settle(self) -> None:
         """Wait until this rank's own writes of the last dispatch and combine are complete.
@@ -643,6 +789,9 @@ class ExpertParallel:
         pending, self._pending = self._pending, []
         if not pending:
             return
+        eng = self.engine
+        if not all(f.done() for f in pending) and eng._h is not None and not eng._closed:
+            eng._drain()  # completions the loop hasn't read yet: no trip through it
         if all(f.done() for f in pending):  # the usual case: no trip through the event loop
             err: BaseException | None = None
             for f in pending:  # every outcome read (none left "never retrieved"), the first raised

@@ -10,9 +10,13 @@ systems alternate step by step (which goes first flips every step), so load on t
 machine hits both alike.  p50/p99 over ``--steps`` steps, rank 0's clock, after
 ``--warmup`` steps.  ``--ab-lanes`` (GPUs) adds a third system in the same rotation:
 aiote with ``GpuPaths.copy_lanes`` off (every IPC copy of a batch on one stream).
+``--ab-base FILE`` adds another version of ``aiote/moe.py`` (e.g. main's, saved with
+``git show main:aiote/moe.py``) as one more system in the rotation, on the same engine;
+``--ab-wait-spin N`` one more: aiote with ``ExpertParallel.wait_spin_us = N``.
 
     python benchmarks/bench_moe.py [--ep 2,4] [--provider shm|tcp] [--device cpu|cuda]
-                                   [--polling adaptive|busy|blocking] [--loop-spin-us N] [--ab-lanes]
+                                   [--polling adaptive|busy|blocking] [--loop-spin-us N] [--ab-lanes] [--ab-base FILE]
+                                   [--ab-wait-spin N]
                                    [--tokens 128 --hidden 2048 --experts 32 --topk 8]
 """
 
@@ -98,10 +102,22 @@ def _rank(rank: int, world: int, a, port: int, conn) -> None:
                                         loop_spin_us=a.loop_spin_us) as eng:
             ep = ExpertParallel(eng, rank, world, a.experts, a.hidden, a.tokens, a.topk,
                                 device=dev if gpu else None)
-            conn.send(ep.buffers)
-            ep.connect(conn.recv())
+            eps = {"aiote": ep, "aiote1": ep, "aiote2": ep}
+            spin0 = ep.wait_spin_us
+            if a.ab_base:  # another version of aiote/moe.py, same engine, imms of its own
+                eps["aiote0"] = load_base(a.ab_base).ExpertParallel(
+                    eng, rank, world, a.experts, a.hidden, a.tokens, a.topk, device=dev if gpu else None,
+                    imm_base=ExpertParallel.DISPATCH_IMM + 0x10)
+            names = (["aiote", "base"] + (["aiote1"] if a.ab_lanes else []) + (["aiote0"] if a.ab_base else [])
+                     + (["aiote2"] if a.ab_wait_spin >= 0 else []))
+            mine = [e for n, e in eps.items() if n in names and n not in ("aiote1", "aiote2")]
+            # plain tuples: the parent can't unpickle aiote.moe_base's MoeBuffers
+            conn.send([(e.buffers.recv, e.buffers.combine, e.buffers.meta) for e in mine])
+            got = conn.recv()
+            for i, e in enumerate(mine):
+                e.connect([type(e.buffers)(*b[i]) for b in got])
 
-            async def aiote_step(x, ids, w) -> tuple[float, float]:
+            async def aiote_step(x, ids, w, ep=ep) -> tuple[float, float]:
                 t0 = time.perf_counter()
                 rows, _, per_src = await ep.dispatch(x, ids)
                 sync()
@@ -112,7 +128,6 @@ def _rank(rank: int, world: int, a, port: int, conn) -> None:
                 return t1 - t0, t2 - t1
 
             # per step: dispatch, combine (wall, rank 0's clock), CPU time of the rank's process (all threads)
-            names = ["aiote", "base"] + (["aiote1"] if a.ab_lanes else [])
             res: dict[str, tuple[list[float], ...]] = {n: ([], [], []) for n in names}
             paths = eng._gpu_paths() if gpu else None
             for step in range(a.warmup + a.steps):
@@ -122,14 +137,16 @@ def _rank(rank: int, world: int, a, port: int, conn) -> None:
                     dist.barrier()
                     if paths is not None:
                         paths.copy_lanes = name != "aiote1"
+                    ep.wait_spin_us = a.ab_wait_spin if name == "aiote2" else spin0
                     cpu0 = time.process_time()
-                    d, c = await aiote_step(x, ids, w) if name != "base" else baseline_step(x, ids, w)
+                    d, c = await aiote_step(x, ids, w, eps[name]) if name != "base" else baseline_step(x, ids, w)
                     cpu = time.process_time() - cpu0
                     if step >= a.warmup:
                         res[name][0].append(d * 1e6)
                         res[name][1].append(c * 1e6)
                         res[name][2].append(cpu * 1e6)
-            await ep.settle()
+            for e in mine:
+                await e.settle()
             dist.barrier()
             if paths is not None:  # rank 0's batches whose copies went over several streams
                 res["lane_batches"] = ([float(paths.stats["lane_batches"])],)
@@ -139,6 +156,19 @@ def _rank(rank: int, world: int, a, port: int, conn) -> None:
     if rank == 0:
         conn.send(res)
     dist.destroy_process_group()
+
+
+def load_base(path: str):
+    """aiote/moe.py of another version (a file), as the module aiote.moe_base (its relative
+    imports resolve in this aiote)."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location("aiote.moe_base", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["aiote.moe_base"] = mod
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def run(world: int, a) -> dict:
@@ -181,6 +211,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--ab-lanes", action="store_true",
                     help="also time aiote with copy lanes off (one stream for a batch's IPC copies), same rotation")
+    ap.add_argument("--ab-base", default="",
+                    help="also time another version of aiote/moe.py (a file path), same engine and rotation")
+    ap.add_argument("--ab-wait-spin", type=int, default=-1,
+                    help="also time aiote with ExpertParallel.wait_spin_us = N (µs), same rotation")
     a = ap.parse_args(argv)
     a.ep_sizes = [int(x) for x in a.ep.split(",")]
     return a
@@ -202,7 +236,9 @@ def main(argv: list[str] | None = None) -> None:
         load0 = os.getloadavg()[0]
         res = run(world, a)
         load1 = os.getloadavg()[0]
-        for key, name in (("aiote", "aiote"), ("aiote1", "aiote, one copy stream"), ("base", base)):
+        for key, name in (("aiote", "aiote"), ("aiote1", "aiote, one copy stream"), ("aiote0", "aiote, --ab-base"),
+                          ("aiote2", f"aiote, wait spin {a.ab_wait_spin}"),
+                          ("base", base)):
             if key not in res:
                 continue
             d, c, cpu = res[key]
@@ -216,6 +252,12 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{'':>3} {backend(a) + ' / one-stream (p50)':<24} "
                   f"{statistics.median(gd) / statistics.median(od):13.2f} {'':>9} "
                   f"{statistics.median(gc) / statistics.median(oc):12.2f}")
+        for key, label in (("aiote0", "--ab-base"), ("aiote2", "--ab-wait-spin")):
+            if key in res:
+                od, oc, _ = res[key]
+                print(f"{'':>3} {backend(a) + ' / ' + label + ' (p50)':<24} "
+                      f"{statistics.median(gd) / statistics.median(od):13.2f} {'':>9} "
+                      f"{statistics.median(gc) / statistics.median(oc):12.2f}")
         if "lane_batches" in res:
             print(f"{'':>3} rank 0 batches over several copy streams: {int(res['lane_batches'][0][0])}")
 

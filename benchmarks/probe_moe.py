@@ -28,7 +28,7 @@ import time
 import torch
 
 
-def _rank(rank: int, a, conn) -> None:
+def _rank(rank: int, a, conn, bar=None) -> None:
     import aiote
     import aiote.moe as moe
     from aiote.gpu import GpuPaths
@@ -45,10 +45,10 @@ def _rank(rank: int, a, conn) -> None:
 
     settled = moe._settled_or_withdrawn
 
-    async def timed_wait(w):
+    async def timed_wait(w, *args):
         ev.append(("wait_in", now()))
         try:
-            await settled(w)
+            await settled(w, *args)
         finally:
             ev.append(("wait_out", now()))
 
@@ -63,6 +63,57 @@ def _rank(rank: int, a, conn) -> None:
             ev.append(("batch_out", now()))
 
     GpuPaths.ipc_batch = timed_batch
+    from aiote.gpu import IpcBatchPlan
+
+    plan_submit = IpcBatchPlan.submit
+
+    def timed_plan(self, *args, **kw):  # what ExpertParallel calls
+        ev.append(("batch_in", now()))
+        try:
+            return plan_submit(self, *args, **kw)
+        finally:
+            ev.append(("batch_out", now()))
+
+    IpcBatchPlan.submit = timed_plan
+
+    def timed_method(cls, name):
+        orig = getattr(cls, name)
+
+        def wrapper(self, *args, **kw):
+            ev.append((name + "_in", now()))
+            try:
+                return orig(self, *args, **kw)
+            finally:
+                ev.append((name + "_out", now()))
+
+        setattr(cls, name, wrapper)
+
+    for name in ("_route", "_post_split", "_headers", "_assemble"):  # dispatch's phases
+        timed_method(moe.ExpertParallel, name)
+
+    import aiote.engine as engine_mod
+
+    real_lib = engine_mod.lib
+
+    class TimedLib:  # the batch's C call, apart from its Python
+        def __getattr__(self, name):
+            return getattr(real_lib, name)
+
+        def aiote_submit_cuda_lanes(self, *args):
+            ev.append(("c_in", now()))
+            try:
+                return real_lib.aiote_submit_cuda_lanes(*args)
+            finally:
+                ev.append(("c_out", now()))
+
+        def aiote_submit_cuda(self, *args):
+            ev.append(("c_in", now()))
+            try:
+                return real_lib.aiote_submit_cuda(*args)
+            finally:
+                ev.append(("c_out", now()))
+
+    engine_mod.lib = TimedLib()
     sync = torch.cuda.synchronize if gpu else (lambda: None)
 
     async def main() -> dict:
@@ -83,6 +134,13 @@ def _rank(rank: int, a, conn) -> None:
                     ev.append(("scatter_out", now()))
 
             eng.scatter = timed_scatter
+            orig_wait = eng.imms.wait
+
+            def timed_imm_wait(*args, **kw):  # armed (dispatch awaits it at once)
+                ev.append(("imm_wait", now()))
+                return orig_wait(*args, **kw)
+
+            eng.imms.wait = timed_imm_wait
 
             def state(what: str) -> str:
                 imms = {hex(i): eng.imms.pending(i) for i in (*ep._dispatch_imms, ep._combine_imm)}
@@ -106,6 +164,8 @@ def _rank(rank: int, a, conn) -> None:
                 w, ids = torch.topk(torch.rand(a.tokens, a.experts, generator=g), a.topk, dim=1)
                 x, ids, w = x.to(dev), ids.to(dev), w.to(dev)
                 sync()
+                if bar is not None:  # the ranks start each step together (as bench_moe's barrier)
+                    bar.wait()
                 ev.clear()
                 t0 = now()
                 rows, _, per = await call(ep.dispatch(x, ids), f"dispatch of step {step}")
@@ -137,29 +197,58 @@ def _phase(step: dict, name: str, after: float, last: bool = False) -> float | N
 
 
 def summary(res: list[dict]) -> dict:
-    """Medians (us) of rank 0's combine phases and the peer's hand-over -> rank 0's wake-up."""
-    r0, r1 = res[0]["steps"], res[1]["steps"]
+    """Medians (us) of rank 0's dispatch and combine phases, and the last peer's
+    hand-over -> rank 0's wake-up (any world: the peer whose batch returned last)."""
+    r0, peers = res[0]["steps"], [r["steps"] for r in res[1:]]
     rows: dict[str, list[float]] = {}
 
     def add(k, v):
         if v is not None:
             rows.setdefault(k, []).append(v * 1e6)
 
-    for s0, s1 in zip(r0, r1):
-        add("dispatch", s0["t1"] - s0["t0"])
-        add("combine (to synced)", s0["t3"] - s0["t1"])
-        c = s0["t1"]
+    def gap(a, b):
+        return b - a if a is not None and b is not None else None
+
+    for i, s0 in enumerate(r0):
+        ps = [p[i] for p in peers if i < len(p)]
+        t0, c = s0["t0"], s0["t1"]
+        ph = {n: _phase(s0, n, t0) for n in ("_route_in", "_route_out", "_post_split_in", "batch_in", "batch_out",
+                                              "_post_split_out", "imm_wait", "_headers_in",
+                                              "_assemble_out")}
+        add("dispatch (to synced)", c - t0)
+        add("dispatch: checks before routing", gap(t0, ph["_route_in"]))
+        add("dispatch: routing (ids .cpu(), numpy)", gap(ph["_route_in"], ph["_route_out"]))
+        add("dispatch: settle, index upload", gap(ph["_route_out"], ph["_post_split_in"]))
+        add("dispatch: index_select, copy list", gap(ph["_post_split_in"], ph["batch_in"]))
+        add("dispatch: batch call", gap(ph["batch_in"], ph["batch_out"]))
+        c_in, c_out = _phase(s0, "c_in", t0), _phase(s0, "c_out", t0)
+        add("dispatch: batch call: Python before the C call", gap(ph["batch_in"], c_in))
+        add("dispatch: batch call: the C call", gap(c_in, c_out))
+        add("dispatch: batch -> wait (own rows)", gap(ph["batch_out"], ph["imm_wait"]))
+        add("dispatch: waiting (to resumed)", gap(ph["imm_wait"], ph["_headers_in"]))
+        add("dispatch: headers, assembly", gap(ph["_headers_in"], ph["_assemble_out"]))
+        add("dispatch: return -> GPU synced", gap(ph["_assemble_out"], c))
+        p_out = [_phase(p, "batch_out", p["t0"]) for p in ps]
+        if ph["_headers_in"] is not None and p_out and None not in p_out:
+            add("dispatch: last peer's batch -> rank 0 wakes", ph["_headers_in"] - max(p_out))
+            add("dispatch: rank 0's batch - last peer's", ph["batch_out"] and max(p_out) - ph["batch_out"])
+        add("dispatch: step start spread (last peer - rank 0)", max((p["t0"] for p in ps), default=t0) - t0)
         b_in, b_out = _phase(s0, "batch_in", c), _phase(s0, "batch_out", c)
         w_in, w_out = _phase(s0, "wait_in", c), _phase(s0, "wait_out", c)
-        add("combine: python before the batch", b_in and b_in - c)
-        add("combine: batch call", b_out and b_in and b_out - b_in)
-        add("combine: batch -> wait", w_in and b_out and w_in - b_out)
-        add("combine: waiting", w_out and w_in and w_out - w_in)
-        add("combine: after the wait (launches)", w_out and s0["t2"] - w_out)
+        add("combine (to synced)", s0["t3"] - c)
+        add("combine: python before the batch", gap(c, b_in))
+        add("combine: batch call", gap(b_in, b_out))
+        c_in, c_out = _phase(s0, "c_in", c), _phase(s0, "c_out", c)
+        add("combine: batch call: Python before the C call", gap(b_in, c_in))
+        add("combine: batch call: the C call", gap(c_in, c_out))
+        add("combine: batch -> wait", gap(b_out, w_in))
+        add("combine: waiting", gap(w_in, w_out))
+        add("combine: after the wait (launches)", gap(w_out, s0["t2"]))
         add("combine: GPU sync", s0["t3"] - s0["t2"])
-        p_out = _phase(s1, "batch_out", s1["t1"]) or _phase(s1, "scatter_out", s1["t1"], last=True)
-        add("combine: peer's hand-over -> rank 0 wakes", w_out and p_out and w_out - p_out)
-        add("combine: peer starts combine - rank 0 starts", s1["t1"] - c)
+        p_out = [_phase(p, "batch_out", p["t1"]) or _phase(p, "scatter_out", p["t1"], last=True) for p in ps]
+        if w_out is not None and p_out and None not in p_out:
+            add("combine: last peer's hand-over -> rank 0 wakes", w_out - max(p_out))
+        add("combine: last peer starts combine - rank 0 starts", max((p["t1"] for p in ps), default=c) - c)
     return {k: round(statistics.median(v), 1) for k, v in rows.items()}
 
 
@@ -188,7 +277,8 @@ def main(argv=None) -> None:
     a = parse_args(argv)
     ctx = mp.get_context("spawn")
     pipes = [ctx.Pipe() for _ in range(a.world)]
-    procs = [ctx.Process(target=_rank, args=(r, a, pipes[r][1]), daemon=True) for r in range(a.world)]
+    bar = ctx.Barrier(a.world)
+    procs = [ctx.Process(target=_rank, args=(r, a, pipes[r][1], bar), daemon=True) for r in range(a.world)]
     for p in procs:
         p.start()
     for _, c in pipes:

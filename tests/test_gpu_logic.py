@@ -266,3 +266,82 @@ async def test_lanes_batch_copies_then_writes_with_fake_cuda(aiote_engine):
         smr.close()
     finally:
         fake_cuda.disable()
+
+
+def test_cuda_copy_entry_point_with_fake_cuda():
+    """aiote_cuda_copy (copies on a caller's stream, no op): on the fake driver every copy
+    lands; null addresses and overlapping ranges are refused, nothing copied."""
+    import ctypes
+
+    from aiote._core import ffi, lib
+    from aiote.testing import fake_cuda
+
+    fake_cuda.enable()
+    try:
+        buf = bytearray(b"0123456789abcdef" + bytes(48))
+        base = ctypes.addressof((ctypes.c_char * 64).from_buffer(buf))
+        cps = ffi.new("aiote_copy[2]")
+        cps[0].dst, cps[0].src, cps[0].len = base + 16, base, 8
+        cps[1].dst, cps[1].src, cps[1].len = base + 32, base + 8, 8
+        assert lib.aiote_cuda_copy(1, 0, cps, 2) == 0
+        assert bytes(buf[16:24]) == b"01234567" and bytes(buf[32:40]) == b"89abcdef"
+        before = bytes(buf)
+        cps[1].dst, cps[1].src = base + 4, base  # overlaps its source
+        assert lib.aiote_cuda_copy(1, 0, cps, 2) == -lib.AIOTE_E_INVAL
+        assert b"overlap" in ffi.string(lib.aiote_last_error())
+        cps[1].dst = 0
+        assert lib.aiote_cuda_copy(1, 0, cps, 2) == -lib.AIOTE_E_INVAL
+        assert lib.aiote_cuda_copy(0, 0, cps, 1) == -lib.AIOTE_E_INVAL
+        assert bytes(buf) == before
+    finally:
+        fake_cuda.disable()
+
+
+async def test_batch_plan_submit_with_fake_cuda(aiote_engine):
+    """IpcBatchPlan.submit (ipc_batch with its destinations resolved ahead) on the fake driver,
+    its plan filled in by hand (no GPU to map): copies to two "GPUs" go over two lanes, an
+    empty copy is skipped, the writes with the imm follow; out-of-bounds offsets are refused
+    typed before anything is queued."""
+    import ctypes
+
+    from aiote._core import ffi
+    from aiote.errors import OutOfBounds
+    from aiote.gpu import IpcBatchPlan
+    from aiote.testing import fake_cuda
+
+    class Paths:  # what submit reads of GpuPaths
+        copy_lanes = True
+        stats = {"ipc_writes": 0, "lane_batches": 0}
+        _lanes = {0: (ffi.new("uint64_t[4]", [101, 102, 103, 104]), [2], 99)}
+
+        def _torch_stream(self, device):
+            return 0, 0
+
+    fake_cuda.enable()
+    try:
+        src = bytearray(b"abcdefgh" * 8)
+        dst = bytearray(64)
+        s_addr = ctypes.addressof((ctypes.c_char * 64).from_buffer(src))
+        d_addr = ctypes.addressof((ctypes.c_char * 64).from_buffer(dst))
+        target, meta = bytearray(32), bytearray(b"M" * 32)
+        tmr, smr = aiote_engine.register(target), aiote_engine.register(meta)
+        plan = object.__new__(IpcBatchPlan)
+        plan._paths, plan._eng, plan._device, plan._src = Paths(), aiote_engine, 0, smr
+        plan._bases, plan._lens, plan._lane_ids = [d_addr, d_addr + 32, d_addr + 48], [32, 16, 16], [0, 1, 1]
+        plan._rds, plan._wlens, plan._src_len = [aiote_engine._rdesc(tmr.descriptor)] * 2, [32, 32], 32
+        plan._ctx, plan._stream, plan._wfmt, plan._bad = 1, 7, {}, ffi.new("uint64_t*")
+        with pytest.raises(OutOfBounds):
+            plan.submit([(30, s_addr, 8), (0, s_addr, 0), (0, s_addr, 0)], [(0, 0, 4), (0, 4, 4)], 33)
+        with pytest.raises(OutOfBounds):
+            plan.submit([(0, s_addr, 8), (0, s_addr, 0), (0, s_addr, 0)], [(0, 0, 4), (30, 4, 4)], 33)
+        assert aiote_engine.stats()["ops_submitted"] == 0
+        fut = plan.submit([(0, s_addr, 8), (0, s_addr + 8, 8), (8, s_addr + 16, 0)], [(0, 0, 4), (4, 8, 4)], 33)
+        await asyncio.wait_for(fut, 30)
+        await asyncio.wait_for(aiote_engine.imms.wait(33, 2), 30)
+        assert bytes(dst[:8]) == b"abcdefgh" and bytes(dst[32:40]) == b"abcdefgh" and not any(dst[56:64])
+        assert bytes(target[:4]) == b"MMMM" and bytes(target[8:12]) == b"MMMM"
+        assert Paths.stats == {"ipc_writes": 1, "lane_batches": 1}
+        tmr.close()
+        smr.close()
+    finally:
+        fake_cuda.disable()

@@ -12,22 +12,28 @@ from aiote.moe import CapacityExceeded, ExpertParallel, StepMismatch  # noqa: E4
 HIDDEN, EXPERTS, TOPK, TOKENS, STEPS = 64, 8, 2, 16, 3
 
 
+def n_experts(world):
+    """EXPERTS, or two per rank where world doesn't divide it (odd EP sizes)."""
+    return EXPERTS if EXPERTS % world == 0 else 2 * world
+
+
 def make_inputs(rank, step, world):
+    ne = n_experts(world)
     g = torch.Generator().manual_seed(1000 * step + rank)
     x = torch.randn(TOKENS, HIDDEN, generator=g)
-    logits = torch.randn(TOKENS, EXPERTS, generator=g)
+    logits = torch.randn(TOKENS, ne, generator=g)
     if step == 1:
         # nobody routes to the last rank's experts: it receives no tokens
-        logits[:, EXPERTS - EXPERTS // world:] = -1e9
+        logits[:, ne - ne // world:] = -1e9
     if step >= 2:
         logits[:, 0] = 1e9  # expert 0 is chosen by every token
     w, ids = torch.topk(torch.softmax(logits, dim=1), TOPK, dim=1)
     return x, ids, w
 
 
-def expert_weights():
+def expert_weights(ne=EXPERTS):
     g = torch.Generator().manual_seed(7)
-    return torch.randn(EXPERTS, HIDDEN, HIDDEN, generator=g) / HIDDEN ** 0.5
+    return torch.randn(ne, HIDDEN, HIDDEN, generator=g) / HIDDEN ** 0.5
 
 
 def reference(x, ids, w, mats):
@@ -55,13 +61,14 @@ def _rank_main(rank, world, provider, conn, gpu=False, split=False, cuda_ipc=Tru
     async def main():
         host = "127.0.0.1" if provider == "tcp" else None
         async with aiote.TransferEngine(provider, host=host, cuda_ipc=cuda_ipc) as eng:
-            ep = EP(eng, rank, world, EXPERTS, HIDDEN, TOKENS, TOPK, device=device if gpu else None)
+            ne = n_experts(world)
+            ep = EP(eng, rank, world, ne, HIDDEN, TOKENS, TOPK, device=device if gpu else None)
             conn.send(ep.buffers)
             ep.connect(conn.recv())
             if gpu:  # every peer in another process of this host: one C call per dispatch/combine
                 assert ep._ipc == [r != rank and cuda_ipc for r in range(world)]
-            mats = expert_weights().to(device)
-            per = EXPERTS // world
+            mats = expert_weights(ne).to(device)
+            per = ne // world
             mine = mats[rank * per:(rank + 1) * per]
 
             def experts(rows, local_ids, where):
@@ -88,7 +95,7 @@ def _rank_main(rank, world, provider, conn, gpu=False, split=False, cuda_ipc=Tru
             await ep.settle()
             # a slot of 12 rows: every source routes its 16 tokens to expert 0 (rank 0), so every
             # rank's dispatch is refused before anything is sent; each retries in chunks of 4 tokens
-            small = EP(eng, rank, world, EXPERTS, HIDDEN, TOKENS, TOPK, device=device if gpu else None,
+            small = EP(eng, rank, world, ne, HIDDEN, TOKENS, TOPK, device=device if gpu else None,
                        capacity=12, imm_base=0x0F0000)
             conn.send(small.buffers)
             small.connect(conn.recv())
@@ -112,6 +119,12 @@ def _rank_main(rank, world, provider, conn, gpu=False, split=False, cuda_ipc=Tru
 async def test_dispatch_combine_matches_reference(world, split, aiote_provider):
     """split: the GPU layout (rows apart from their ids and headers) on host rows."""
     await _run_ranks(world, aiote_provider, gpu=False, split=split)
+
+
+async def test_split_layout_at_odd_world(aiote_provider):
+    """EP 3 (6 experts), split layout: the first source's rows land alone at the start of
+    their slot (no neighbour to pair with) and move up behind the others'."""
+    await _run_ranks(3, aiote_provider, gpu=False, split=True)
 
 
 @pytest.mark.cuda
@@ -177,6 +190,8 @@ async def test_bad_calls_are_refused_typed(aiote_provider, aiote_host):
             await ep.combine(x, [4], w)
         with pytest.raises(aiote.InvalidArgument, match="out of range"):
             await ep.dispatch(x, ids + 9)
+        with pytest.raises(aiote.InvalidArgument, match="out of range"):
+            await ep.dispatch(x, ids - 1)
         rows, _, per_src = await ep.dispatch(x, ids)
         assert per_src == [8] and rows.shape == (8, 8)
         with pytest.raises(aiote.InvalidArgument, match="rows_per_source"):
@@ -283,7 +298,7 @@ async def test_layouts_that_differ_are_refused(aiote_provider, aiote_host):
 
 
 class _HostIpc:
-    """Stands in for the engine's GPU paths: ``ipc_batch``'s copies are done with memmove
+    """Stands in for the engine's GPU paths: a batch plan's copies are done with memmove
     (every rank is in this process: ``where`` maps a descriptor to its buffer's address),
     then its writes are posted as a scatter with the imm, as the C core does after the
     copies."""
@@ -294,14 +309,28 @@ class _HostIpc:
     def ipc_reachable(self, desc, device):
         return True
 
-    def ipc_batch(self, device, copies, src, writes, imm):
+    def batch_plan(self, device, copy_dsts, src, write_dsts):
+        return _HostIpcPlan(self, copy_dsts, src, write_dsts)
+
+
+class _HostIpcPlan:
+    """GpuPaths.batch_plan's plan, emulated: copies i into copy_dsts[i], then writes i into
+    write_dsts[i] as one scatter with the imm."""
+
+    def __init__(self, fake, copy_dsts, src, write_dsts):
+        self.fake, self.copy_dsts, self.src, self.write_dsts = fake, copy_dsts, src, write_dsts
+
+    def submit(self, copies, writes, imm):
         import ctypes
 
-        self.calls += 1
-        for d, off, addr, n in copies:
+        f = self.fake
+        f.calls += 1
+        assert len(copies) == len(self.copy_dsts) and len(writes) == len(self.write_dsts)
+        for d, (off, addr, n) in zip(self.copy_dsts, copies):
             assert 0 <= off and off + n <= d.length
-            ctypes.memmove(self.where[d] + off, addr, n)
-        return self.eng.scatter(src if src is not None else self.eng._scratch(), writes, imm=imm)
+            ctypes.memmove(f.where[d] + off, addr, n)
+        src = self.src if self.src is not None else f.eng._scratch()
+        return f.eng.scatter(src, [(d, so, do, n) for d, (so, do, n) in zip(self.write_dsts, writes)], imm=imm)
 
 
 @pytest.mark.parametrize("world", [2, 4])
@@ -349,3 +378,47 @@ async def test_ipc_batch_path_on_host_memory(world, aiote_provider, aiote_host, 
             await ep.settle()
     assert max(max(e) for e in errs) < 1e-5, errs
     assert all(f.calls == 12 for f in fakes)  # a dispatch and a combine per step: one batch each
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_native_routing_matches_numpy(seed):
+    """aiote_moe_route (dispatch's routing, one C pass) against numpy: counts, the stable
+    grouping by destination, local ids, and the tokens with the groups from first_group on
+    first; an id out of range is refused with the first such pair's index."""
+    import numpy as np
+
+    from aiote._core import ffi, lib
+
+    rng = np.random.default_rng(seed)
+    world, top_k, tokens = int(rng.integers(1, 9)), int(rng.integers(1, 5)), int(rng.integers(0, 40))
+    experts = world * int(rng.integers(1, 5))
+    dest = rng.permutation(np.arange(experts) % world).astype(np.int16)
+    lid = rng.integers(0, 100, experts).astype(np.int32)
+    ids = rng.integers(0, experts, tokens * top_k).astype(np.int64)
+    first = int(rng.integers(0, world))
+    n = ids.size
+    counts, order, lid_out, tok = (np.full(world, -1, np.int64), np.full(n, -1, np.int64), np.full(n, -1, np.int32),
+                                   np.full(n, -1, np.int64))
+    bad = ffi.new("uint64_t*")
+
+    def call(ids):
+        return lib.aiote_moe_route(ffi.from_buffer("int64_t[]", ids), n, top_k, ffi.from_buffer("int16_t[]", dest),
+                                   ffi.from_buffer("int32_t[]", lid), experts, world, first,
+                                   ffi.from_buffer("int64_t[]", counts), ffi.from_buffer("int64_t[]", order),
+                                   ffi.from_buffer("int32_t[]", lid_out), ffi.from_buffer("int64_t[]", tok), bad)
+
+    assert call(ids) == 0
+    rot = dest[ids]
+    ref = np.argsort(rot, kind="stable")
+    ref_counts = np.bincount(rot, minlength=world)
+    assert counts.tolist() == ref_counts.tolist()
+    assert order.tolist() == ref.tolist() and lid_out.tolist() == lid[ids[ref]].tolist()
+    starts = np.concatenate(([0], np.cumsum(ref_counts)))
+    groups = [ref[starts[g]:starts[g + 1]] // top_k for g in [*range(first, world), *range(first)]]
+    assert tok.tolist() == (np.concatenate(groups).tolist() if n else [])
+    if n:
+        wrong = ids.copy()
+        at = int(rng.integers(0, n))
+        wrong[at:] = -1 if seed % 2 else experts  # a negative id, or one past the last expert
+        assert call(wrong) == -lib.AIOTE_E_INVAL and bad[0] == at
+        assert b"expert id" in ffi.string(lib.aiote_last_error())

@@ -418,6 +418,27 @@ int aiote_submit_cuda_one(aiote_engine *e, uint64_t op_id, uint64_t ctx, uint64_
 int aiote_cuda_arrive(aiote_engine *e, uint64_t ctx, uint64_t stream, const aiote_copy *copies,
                       size_t ncopies, uint32_t imm, uint64_t count);
 
+/* Copies on stream (a stream of ctx, 0 its legacy default stream: an
+ * application's current stream, say) and nothing else: no event, no op, no
+ * engine; later work on that stream runs after them.  For the small
+ * device-side moves of an application's step (MoE dispatch) without a
+ * framework call each.  Overlapping source and destination are refused. */
+int aiote_cuda_copy(uint64_t ctx, uint64_t stream, const aiote_copy *copies, size_t n);
+
+/* MoE routing on the host (aiote.moe): a stable counting sort of n (token, k)
+ * pairs by destination.  ids[i]: pair i's expert id (pair i belongs to token
+ * i / top_k); dest[e] (0..world-1) and lid[e]: expert e's destination, as the
+ * caller numbers them, and its local id there.  Out: counts[world], pairs per
+ * destination; order[n], the pairs grouped by destination 0, 1, ... (pair
+ * order within a group); lid_out[n], the local id of each of those; tok[n],
+ * their tokens, with the groups from first_group on first and the ones before
+ * it behind (first_group 0: the same order).  Returns 0, or -AIOTE_E_INVAL
+ * with *bad the first pair whose id is out of range (the outputs are then
+ * not to be used). */
+int aiote_moe_route(const int64_t *ids, size_t n, uint32_t top_k, const int16_t *dest, const int32_t *lid,
+                    uint64_t num_experts, uint32_t world, uint32_t first_group, int64_t *counts, int64_t *order,
+                    int32_t *lid_out, int64_t *tok, uint64_t *bad);
+
 /* Tests only: on = 1 makes every CUDA copy of the C core a memcpy between
  * host addresses (done when queued) and needs no driver; the staging protocol
  * then runs on machines without a GPU (aiote.testing.fake_cuda).  0 turns it

@@ -274,6 +274,48 @@ fail:
     return -AIOTE_E_CUDA;
 }
 
+int aiote_cuda_copy(uint64_t ctx, uint64_t stream, const aiote_copy *copies, size_t n)
+{
+    int rc = aiote_cuda_load();
+    if (rc)
+        return rc;
+    if (!ctx || (n && !copies)) {
+        aiote_set_error("CUDA copy: null context or copy list");
+        return -AIOTE_E_INVAL;
+    }
+    for (size_t i = 0; i < n; i++) {
+        const aiote_copy *c = &copies[i];
+        if (!c->dst || !c->src) {
+            aiote_set_error("CUDA copy %zu: null address", i);
+            return -AIOTE_E_INVAL;
+        }
+        if (c->len && c->dst < c->src + c->len && c->src < c->dst + c->len) {
+            aiote_set_error("CUDA copy %zu: source and destination overlap", i);
+            return -AIOTE_E_INVAL;
+        }
+    }
+    if (atomic_load(&cu_fake)) {
+        for (size_t i = 0; i < n; i++)
+            if (copies[i].len)
+                memcpy((void *)(uintptr_t)copies[i].dst, (const void *)(uintptr_t)copies[i].src, copies[i].len);
+        return 0;
+    }
+    void *prev = NULL;
+    cu.ctx_get(&prev);
+    int cr = prev == (void *)(uintptr_t)ctx ? 0 : cu.ctx_set((void *)(uintptr_t)ctx);
+    const char *what = cr ? "cuCtxSetCurrent" : "cuMemcpyAsync";
+    for (size_t i = 0; i < n && !cr; i++)
+        if (copies[i].len)
+            cr = cu.memcpy_async(copies[i].dst, copies[i].src, copies[i].len, (void *)(uintptr_t)stream);
+    if (prev != (void *)(uintptr_t)ctx)
+        cu.ctx_set(prev);
+    if (cr) {
+        aiote_set_error("%s failed: %s (%d)", what, cu_error_name(cr), cr);
+        return -AIOTE_E_CUDA;
+    }
+    return 0;
+}
+
 static __thread void *cur_ctx; /* the worker's current context (set lazily) */
 
 /* Worker: 0 done, 1 not yet, else the (positive) CUresult of a failure. */
