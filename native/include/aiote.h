@@ -186,6 +186,8 @@ typedef struct {
                                 * spin_us) */
     uint64_t writes_delivered; /* writes posted asking for delivery-complete (on an ordered
                                 * connection only a batch's last write to a region asks) */
+    uint64_t spin_yields;      /* adaptive polling, not shm: sched_yield calls of the worker's idle
+                                * spin (it gives its CPU to a thread woken onto it) */
 } aiote_stats;
 
 const char *aiote_last_error(void);

@@ -1323,8 +1323,19 @@ void *worker_main(void *arg)
         if (!idle_since)
             idle_since = now;
         /* while the loop spins it sees direct-path imms itself: no spin here */
-        if (e->cfg.polling == AIOTE_POLL_ADAPTIVE && now - idle_since < spin_win && !loop_spins)
+        if (e->cfg.polling == AIOTE_POLL_ADAPTIVE && now - idle_since < spin_win && !loop_spins) {
+            /* Not shm: spin politely.  A thread woken by this worker's own work (the
+             * event loop on its eventfd, a peer's worker on a loopback socket) is put
+             * on this CPU (a sync wake-up, the waker "about to sleep"), and an idle CPU
+             * beside does not pull it: it waited out the whole spin window here, 50-70
+             * us per batch of 32 tcp writes, on the critical path (sched_switch trace,
+             * docs/benchmarks.md).  With nobody else runnable the yield returns at once. */
+            if (!e->is_shm) {
+                sched_yield();
+                e->stats.spin_yields++;
+            }
             continue;
+        }
         if (e->cfg.polling == AIOTE_POLL_ADAPTIVE && !spun_out && !loop_spins && adapt) {
             spun_out = true; /* a whole window for nothing: the next one is half as long */
             spin_win = spin_win / 2 > SPIN_MIN_NS ? spin_win / 2 : (spin_ns < SPIN_MIN_NS ? spin_ns : SPIN_MIN_NS);
