@@ -171,6 +171,8 @@ typedef struct {
     uint64_t bad_msgs;
     uint64_t remote_errors;
     uint64_t wakeups;
+    uint64_t spin_yields;      /* adaptive polling, not shm: sched_yield calls of the worker's idle
+                                * spin (it gives its CPU to a thread woken onto it) */
     uint64_t direct_writes;    /* writes copied by the direct path */
     uint64_t direct_bytes;
     uint64_t direct_fallbacks; /* ops the direct path handed to libfabric */
@@ -186,8 +188,6 @@ typedef struct {
                                 * spin_us) */
     uint64_t writes_delivered; /* writes posted asking for delivery-complete (on an ordered
                                 * connection only a batch's last write to a region asks) */
-    uint64_t spin_yields;      /* adaptive polling, not shm: sched_yield calls of the worker's idle
-                                * spin (it gives its CPU to a thread woken onto it) */
 } aiote_stats;
 
 const char *aiote_last_error(void);
