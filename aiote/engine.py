@@ -84,7 +84,9 @@ class TransferEngine:
         domain: libfabric domain (NIC) name(s), comma-separated; cycled over the NICs.
         nics: how many NICs (domain + endpoint each), or a list of domain names.
         polling: ``"busy"``, ``"adaptive"`` (spin up to ``spin_us``, then sleep; on shm the
-            window adapts between 2 µs and ``spin_us``, docs/concepts.md) or ``"blocking"``.
+            window adapts between 2 µs and ``spin_us``, elsewhere between ``spin_us`` and
+            8 x ``spin_us``, and the spin yields its CPU between looks; docs/concepts.md) or
+            ``"blocking"``.
         routing: ``"round_robin"`` (stripe writes >= ``stripe_threshold`` bytes over
             the NICs, spread batch elements) or ``"pinned"`` (all on ``pinned_nic``).
         msg_size: largest ``send`` payload (bytes).

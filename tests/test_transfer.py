@@ -142,3 +142,53 @@ async def test_host_buffer_huge_page_aligned_and_usable(aiote_engine_pair):
     assert bytes(dst_mv) == bytes(src_mv)
     with pytest.raises(aiote.RegistrationError):
         aiote.host_buffer(0)
+
+
+async def test_the_idle_spin_yields_its_cpu_except_on_shm(aiote_make_engine, peer):
+    """Adaptive polling: between looks at its queues a non-shm worker's idle spin gives its CPU to
+    any thread woken onto it (sched_yield, counted in ``spin_yields``); shm's spins as before.
+    The write's bytes and imm land either way."""
+    eng = await aiote_make_engine(polling="adaptive")
+    rid, desc = await peer.call("register", 4096, 0)
+    d = aiote.MrDescriptor.from_bytes(desc)
+    src = eng.register(bytearray(b"\x5c" * 4096))
+    await eng.write(src, d, 4096, imm=41)
+    assert await peer.call("wait_imm", 41, 1, 10)
+    assert await peer.call("read", rid, 0, 4096) == b"\x5c" * 4096
+    if eng.provider == "shm":
+        assert eng.stats()["spin_yields"] == 0
+        return
+    # the worker goes idle after the write's completion and spins (spin_us 50 > 0) before it
+    # sleeps: wait for that, one event-loop turn at a time (no timer)
+    for _ in range(1_000_000):
+        if eng.stats()["spin_yields"]:
+            break
+        await asyncio.sleep(0)
+    assert eng.stats()["spin_yields"] > 0
+    busy = await aiote_make_engine(polling="busy")
+    await busy.write(busy.register(bytearray(64)), d, 64, imm=42)
+    assert await peer.call("wait_imm", 42, 1, 10)
+    assert busy.stats()["spin_yields"] == 0  # busy polling keeps its core
+
+
+async def test_the_spin_window_stays_in_its_bounds(aiote_make_engine, peer):
+    """Adaptive polling's spin window after traffic of mixed pacing (one write at a time, then
+    batches in flight): on shm between 2 µs and ``spin_us``; elsewhere never below ``spin_us``
+    (one-at-a-time writes) and stretched at most to 8 x ``spin_us`` (streams whose gaps are a
+    little longer than the spin).  Every write lands and every imm is counted."""
+    spin_us = 30
+    eng = await aiote_make_engine(polling="adaptive", spin_us=spin_us)
+    rid, desc = await peer.call("register", 1 << 20, 0)
+    d = aiote.MrDescriptor.from_bytes(desc)
+    src = eng.register(bytearray(b"\x3e" * (1 << 20)))
+    for _ in range(50):
+        await eng.write(src, d, 4096, imm=43)
+    for _ in range(10):
+        await asyncio.gather(*(eng.write(src, d, 1 << 16, dst_offset=i << 16, imm=43) for i in range(16)))
+    assert await peer.call("wait_imm", 43, 50 + 160, 20)
+    assert await peer.call("read", rid, 0, 1 << 20) == b"\x3e" * (1 << 20)
+    win = eng.stats()["spin_window_ns"]
+    if eng.provider == "shm":
+        assert 2000 <= win <= spin_us * 1000
+    else:
+        assert spin_us * 1000 <= win <= 8 * spin_us * 1000

@@ -39,6 +39,7 @@
  * the worker does not burn most of a core spinning between them (on 2 cores
  * that core is the writer's: issue 2's throughput). */
 #define SPIN_MIN_NS 2000ull
+#define SPIN_STRETCH 8 /* not shm: the window stretches up to this many times spin_us */
 
 static uint64_t now_ns(void)
 {
@@ -1256,6 +1257,13 @@ void *worker_main(void *arg)
      * and a shorter spin cost one-at-a-time 64 B writes over tcp ~30-60 us each
      * (peers driver, interleaved with the fixed spin) */
     bool adapt = e->is_shm;
+    /* Not shm: the window never shrinks below spin_ns (one-at-a-time writes), but a
+     * wake-up soon after the spin gave up stretches it to twice that idle gap, up to
+     * SPIN_STRETCH x spin_ns: a stream whose gaps are a little longer than spin_us (1 MiB
+     * writes over tcp: the target's worker slept ~3 times per write) then finds the
+     * worker spinning.  The spin yields its CPU (below), so a longer one no longer takes
+     * the core that the other threads need (it did when this was first tried, tcp8). */
+    uint64_t win_hi = spin_ns * SPIN_STRETCH;
     direct_worker_begin(e);
     for (;;) {
         pthread_mutex_lock(&e->progress_lock);
@@ -1278,6 +1286,13 @@ void *worker_main(void *arg)
             if (idle_since && !spun_out && spin_win < spin_ns) {
                 spin_win = spin_win * 2 < spin_ns ? spin_win * 2 : spin_ns; /* the spin caught it */
                 e->stats.spin_window_ns = spin_win;
+            } else if (!adapt && spun_out && woken && spin_ns) {
+                /* not shm: woken soon after the spin gave up: stretch the window */
+                uint64_t gap = now_ns() - idle_since;
+                if (gap < win_hi && 2 * gap > spin_win) {
+                    spin_win = 2 * gap < win_hi ? 2 * gap : win_hi;
+                    e->stats.spin_window_ns = spin_win;
+                }
             } else if (spun_out && woken && spin_ns) {
                 /* woken soon after it gave up: a window of twice this idle gap would have
                  * caught it (one-at-a-time writes over tcp, a stream of small batches; naps
@@ -1323,11 +1338,26 @@ void *worker_main(void *arg)
         if (!idle_since)
             idle_since = now;
         /* while the loop spins it sees direct-path imms itself: no spin here */
-        if (e->cfg.polling == AIOTE_POLL_ADAPTIVE && now - idle_since < spin_win && !loop_spins)
+        if (e->cfg.polling == AIOTE_POLL_ADAPTIVE && now - idle_since < spin_win && !loop_spins) {
+            /* Not shm: spin politely.  A thread woken by this worker's own work (the
+             * event loop on its eventfd, a peer's worker on a loopback socket) is put
+             * on this CPU (a sync wake-up, the waker "about to sleep"), and an idle CPU
+             * beside does not pull it: it waited out the whole spin window here, 50-70
+             * us per batch of 32 tcp writes, on the critical path (sched_switch trace,
+             * docs/benchmarks.md).  With nobody else runnable the yield returns at once. */
+            if (!e->is_shm) {
+                sched_yield();
+                e->stats.spin_yields++;
+            }
             continue;
+        }
         if (e->cfg.polling == AIOTE_POLL_ADAPTIVE && !spun_out && !loop_spins && adapt) {
             spun_out = true; /* a whole window for nothing: the next one is half as long */
             spin_win = spin_win / 2 > SPIN_MIN_NS ? spin_win / 2 : (spin_ns < SPIN_MIN_NS ? spin_ns : SPIN_MIN_NS);
+            e->stats.spin_window_ns = spin_win;
+        } else if (e->cfg.polling == AIOTE_POLL_ADAPTIVE && !spun_out && !loop_spins) {
+            spun_out = true; /* not shm: half as long next time, never below spin_us */
+            spin_win = spin_win / 2 > spin_ns ? spin_win / 2 : spin_ns;
             e->stats.spin_window_ns = spin_win;
         }
         woken = idle_sleep(e, &backoff, now - idle_since < WARM_NS);
