@@ -144,7 +144,8 @@ class TransferEngine:
             ``AIOTE_DIRECT_INLINE`` from the environment, else 256.  At most 4096.
         direct_assist: copy assistants: threads of the engine that help copy one large
             direct run (a write, or the consecutive elements of a batch into one target
-            region, of at least 512 KiB): the run is cut into chunks of 256 KiB or more,
+            region, of at least 512 KiB; 2 MiB on hosts of fewer than 8 CPUs): the run is cut
+            into chunks of 256 KiB or more,
             the copying thread takes them from the front and idle assistants from the back
             (one thread's ``process_vm_writev`` tops out well below memory bandwidth).  An
             assistant stays awake 200 µs after its last chunk, then sleeps; they start with

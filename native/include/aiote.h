@@ -100,7 +100,7 @@ typedef struct {
     int32_t direct_inline;    /* direct writes of at most this many bytes each go inline: copied into
                                * the target's shared-memory ring, applied by the target (0: default
                                * 256, < 0: off) */
-    int32_t direct_assist;    /* threads that help copy one large direct run (>= 512 KiB): the
+    int32_t direct_assist;    /* threads that help copy one large direct run (>= 512 KiB, 2 MiB below 8 CPUs): the
                                * copying thread and they split it; 0 = 1, < 0 = none */
 } aiote_config;
 

@@ -3,7 +3,9 @@
  * One thread's process_vm_writev moves 11-13 GB/s on the dev VM whatever the
  * size (the kernel pins and copies page by page); two threads copying halves
  * of the same range move 1.6-1.9x that (benchmarks.md, "Copy assistants").
- * So a run of at least AIOTE_ASSIST_MIN bytes is cut into chunks: the thread
+ * So a run of at least 512 KiB (2 MiB on hosts of fewer than 8 CPUs: on two
+ * cores the event loop, an assistant and the peers' workers share them, and
+ * a 1 MiB write measured no faster assisted) is cut into chunks: the thread
  * that does the copy (the caller, or a copy thread) takes chunks from the
  * front, and idle assistant threads of the engine take chunks from the back,
  * all from one claim word.  An assistant that wakes late (or never) costs
@@ -34,6 +36,9 @@
 #include "internal.h"
 
 #define AS_CHUNK (256u << 10)   /* bytes per chunk (at least) */
+#define AS_MIN (512u << 10)     /* the smallest run shared, on hosts of AS_MIN_CPUS or more */
+#define AS_MIN_FEW (2u << 20)   /* ... on smaller hosts */
+#define AS_MIN_CPUS 8
 #define AS_MAX_CHUNKS 256u
 #define AS_IOV 1024             /* IOV_MAX: a run has at most this many iovecs a side */
 #define AS_SPIN_NS 200000ull    /* an assistant stays awake this long after a job */
@@ -67,6 +72,7 @@ struct as_thread {
 
 struct assist {
     uint32_t n;
+    uint64_t min; /* the smallest run shared (AS_MIN or AS_MIN_FEW) */
     _Atomic bool stop;
     struct as_thread *t;
     /* backoff: a caller that had to wait long for an assistant's chunk (the assistant was
@@ -247,6 +253,8 @@ static struct assist *assist_start(aiote_engine *e)
         pthread_mutex_unlock(&e->dcp_lock);
         return NULL;
     }
+    long cpus = sysconf(_SC_NPROCESSORS_ONLN);
+    a->min = cpus >= AS_MIN_CPUS ? AS_MIN : AS_MIN_FEW;
     __atomic_store_n(&e->assist, a, __ATOMIC_RELEASE); /* before the threads start: they read it */
     for (uint32_t i = 0; i < n; i++) {
         a->t[i].e = e;
@@ -265,14 +273,14 @@ uint64_t assist_copy(aiote_engine *e, int pid, struct iovec *liov, size_t nl, st
                      uint64_t total, int *err)
 {
     struct assist *a = __atomic_load_n(&e->assist, __ATOMIC_ACQUIRE);
-    if (total < AIOTE_ASSIST_MIN || e->cfg.direct_assist < 0 || nl > AS_IOV || nr > AS_IOV ||
-        atomic_load(&e->stopping))
+    bool test_only = atomic_load(&t_only);
+    if (total < AS_MIN || e->cfg.direct_assist < 0 || nl > AS_IOV || nr > AS_IOV || atomic_load(&e->stopping) ||
+        (a && total < a->min && !test_only))
         return copy_serial(e, pid, liov, nl, riov, nr, total, err);
     if (!a)
         a = assist_start(e);
-    if (!a || !a->n || atomic_load(&a->stop))
+    if (!a || !a->n || atomic_load(&a->stop) || (total < a->min && !test_only))
         return copy_serial(e, pid, liov, nl, riov, nr, total, err);
-    bool test_only = atomic_load(&t_only);
     uint32_t sk = atomic_load_explicit(&a->skip, memory_order_relaxed);
     if (sk && !test_only) { /* backing off (approximate under concurrent callers: that is fine) */
         atomic_store_explicit(&a->skip, sk - 1, memory_order_relaxed);

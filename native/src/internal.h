@@ -507,10 +507,9 @@ int direct_async(aiote_engine *e, struct op *op);
 void direct_async_cancel(aiote_engine *e, uint64_t op_id);
 void direct_async_stop(aiote_engine *e);
 /* copy_assist.c: copy a run of iovecs into process pid (the arrays may be
- * modified); one of at least AIOTE_ASSIST_MIN bytes is shared with the
- * engine's copy assistants.  Returns the contiguous prefix that landed; *err:
+ * modified); a large one (copy_assist.c: 512 KiB on hosts of 8 or more CPUs,
+ * else 2 MiB) is shared with the engine's copy assistants.  Returns the contiguous prefix that landed; *err:
  * 0 or the errno that ended it. */
-#define AIOTE_ASSIST_MIN (512u << 10)
 uint64_t assist_copy(aiote_engine *e, int pid, struct iovec *liov, size_t nl, struct iovec *riov, size_t nr,
                      uint64_t total, int *err);
 void assist_stop(aiote_engine *e);
