@@ -34,20 +34,23 @@ async def _held() -> None:
     assert await asyncio.to_thread(lib.aiote_direct_assist_wait_held, ffi.NULL, 30000) == 1
 
 
+async def _pair(make_engine, make_peer, size: int, seed: int):
+    """An engine with a registered source of `size` random bytes, and a peer with a zeroed
+    target region of the same size."""
+    eng, peer = await make_engine(), await make_peer()
+    data = np.random.default_rng(seed).integers(0, 256, size, dtype=np.uint8).tobytes()
+    src = eng.register(bytearray(data))
+    rid, desc = await peer.call("register", size, 0)
+    return eng, peer, rid, aiote.MrDescriptor.from_bytes(desc), src, data
+
+
 async def test_assistants_copy_exact_bytes(aiote_make_engine, aiote_make_peer, hooks):
     """With every chunk left to the assistant: single writes at unaligned offsets (on the
     calling thread and, above direct_max, on a copy thread) and a scatter of unmerged
     elements whose chunks cut through iovecs land exactly; imms exact; the chunk count is
     the one the cut gives."""
-    eng = await aiote_make_engine()
-    peer = await aiote_make_peer()
-    size = 16 << 20
-    rng = np.random.default_rng(11)
-    data = rng.integers(0, 256, size, dtype=np.uint8).tobytes()
-    src = eng.register(bytearray(data))
-    rid, desc = await peer.call("register", size, 0)
-    d = aiote.MrDescriptor.from_bytes(desc)
-    expect = bytearray(size)
+    eng, peer, rid, d, src, data = await _pair(aiote_make_engine, aiote_make_peer, 16 << 20, 11)
+    expect = bytearray(len(data))
     hooks(True, False)
     chunks = 0
     for n, so, do in ((512 << 10, 0, 0), ((1 << 20) + 3, 5, 7), ((7 << 20) + 123, 1001, (8 << 20) + 3)):
@@ -62,7 +65,7 @@ async def test_assistants_copy_exact_bytes(aiote_make_engine, aiote_make_peer, h
     chunks += _chunks(300 * 4099)
     assert await peer.call("wait_imm", 1, 3, 10) and await peer.call("wait_imm", 2, 300, 10)
     assert await peer.call("pending", 1) == 0 and await peer.call("pending", 2) == 0
-    assert await peer.call("read", rid, 0, size) == bytes(expect)
+    assert await peer.call("read", rid, 0, len(data)) == bytes(expect)
     st = eng.stats()
     assert st["direct_assisted"] == chunks and st["writes_posted"] == 0, st
 
@@ -70,14 +73,9 @@ async def test_assistants_copy_exact_bytes(aiote_make_engine, aiote_make_peer, h
 async def test_shared_chunks_land_exactly(aiote_make_engine, aiote_make_peer):
     """Caller and assistant sharing runs as they happen to (no hook): many 1–6 MiB writes in
     flight, each with its own bytes; every byte and imm exact."""
-    eng = await aiote_make_engine()
-    peer = await aiote_make_peer()
     size = 24 << 20
+    eng, peer, rid, d, src, data = await _pair(aiote_make_engine, aiote_make_peer, size, 12)
     rng = np.random.default_rng(12)
-    data = rng.integers(0, 256, size, dtype=np.uint8).tobytes()
-    src = eng.register(bytearray(data))
-    rid, desc = await peer.call("register", size, 0)
-    d = aiote.MrDescriptor.from_bytes(desc)
     expect = bytearray(size)
     futs = []
     off = 0
