@@ -1,8 +1,9 @@
 /* Copy assistants: one large direct copy, several threads.
  *
- * One thread's process_vm_writev moves 11-13 GB/s on the dev VM whatever the
- * size (the kernel pins and copies page by page); two threads copying halves
- * of the same range move 1.6-1.9x that (benchmarks.md, "Copy assistants").
+ * One thread's process_vm_writev moves 11-13 GB/s on the dev VM into 4 KiB
+ * target pages whatever the size (~25 GB/s into huge pages: the kernel pins and
+ * copies page by page); two threads copying halves of the same range move
+ * 1.3-1.9x that (benchmarks.md, "Copy assistants").
  * So a run of at least 512 KiB (2 MiB on hosts of fewer than 8 CPUs: on two
  * cores the event loop, an assistant and the peers' workers share them, and
  * a 1 MiB write measured no faster assisted) is cut into chunks: the thread
