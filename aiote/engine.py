@@ -230,31 +230,19 @@ class TransferEngine:
         if direct_shm is None:
             direct_shm = os.environ.get("AIOTE_DIRECT_SHM", "1").strip().lower() not in ("0", "false", "no", "off")
         if direct_max is None:
-            try:
-                direct_max = int(os.environ.get("AIOTE_DIRECT_MAX", 4 << 20))
-            except ValueError:
-                raise InvalidArgument("AIOTE_DIRECT_MAX must be an int") from None
+            direct_max = _env_int("AIOTE_DIRECT_MAX", 4 << 20)
         if not isinstance(direct_max, int) or not 0 < direct_max < _U64:
             raise InvalidArgument(f"direct_max must be a positive int, got {direct_max!r}")
         if direct_workers is None:
-            try:
-                direct_workers = int(os.environ.get("AIOTE_DIRECT_WORKERS", 1))
-            except ValueError:
-                raise InvalidArgument("AIOTE_DIRECT_WORKERS must be an int") from None
+            direct_workers = _env_int("AIOTE_DIRECT_WORKERS", 1)
         if not isinstance(direct_workers, int) or not 0 <= direct_workers <= 16:
             raise InvalidArgument(f"direct_workers must be an int 0..16, got {direct_workers!r}")
         if direct_inline is None:
-            try:
-                direct_inline = int(os.environ.get("AIOTE_DIRECT_INLINE", 256))
-            except ValueError:
-                raise InvalidArgument("AIOTE_DIRECT_INLINE must be an int") from None
+            direct_inline = _env_int("AIOTE_DIRECT_INLINE", 256)
         if type(direct_inline) is not int or not 0 <= direct_inline <= 4096:
             raise InvalidArgument(f"direct_inline must be an int 0..4096, got {direct_inline!r}")
         if direct_assist is None:
-            try:
-                direct_assist = int(os.environ.get("AIOTE_DIRECT_ASSIST", 1))
-            except ValueError:
-                raise InvalidArgument("AIOTE_DIRECT_ASSIST must be an int") from None
+            direct_assist = _env_int("AIOTE_DIRECT_ASSIST", 1)
         if type(direct_assist) is not int or not 0 <= direct_assist <= 15:
             raise InvalidArgument(f"direct_assist must be an int 0..15, got {direct_assist!r}")
         if type(loop_spin_us) is not int or not 0 <= loop_spin_us <= 10_000_000:

@@ -236,21 +236,26 @@ async def test_native_cuda_lanes_bad_arguments_are_refused(aiote_engine):
     assert aiote_engine.stats()["ops_submitted"] == 0
 
 
+def _copy_buffers():
+    """A 64-byte source of a known pattern and a zeroed 64-byte destination, with their
+    addresses (the fake driver's copies are memcpys between host addresses)."""
+    import ctypes
+
+    src, dst = bytearray(b"abcdefgh" * 8), bytearray(64)
+    addr = [ctypes.addressof((ctypes.c_char * 64).from_buffer(b)) for b in (src, dst)]
+    return src, dst, addr[0], addr[1]
+
+
 async def test_lanes_batch_copies_then_writes_with_fake_cuda(aiote_engine):
     """The lanes path end to end on the fake driver (copies are memcpys): every copy lands,
     whatever its lane, and the write with the imm is posted after them."""
-    import ctypes
-
     from aiote.testing import fake_cuda
 
     fake_cuda.enable()
     try:
         from aiote._core import ffi
 
-        src = bytearray(b"abcdefgh" * 8)
-        dst = bytearray(64)
-        s_addr = ctypes.addressof((ctypes.c_char * 64).from_buffer(src))
-        d_addr = ctypes.addressof((ctypes.c_char * 64).from_buffer(dst))
+        src, dst, s_addr, d_addr = _copy_buffers()
         target = bytearray(32)
         tmr = aiote_engine.register(target)
         smr = aiote_engine.register(bytearray(b"X" * 32))
@@ -302,8 +307,6 @@ async def test_batch_plan_submit_with_fake_cuda(aiote_engine):
     its plan filled in by hand (no GPU to map): copies to two "GPUs" go over two lanes, an
     empty copy is skipped, the writes with the imm follow; out-of-bounds offsets are refused
     typed before anything is queued."""
-    import ctypes
-
     from aiote._core import ffi
     from aiote.errors import OutOfBounds
     from aiote.gpu import IpcBatchPlan
@@ -319,10 +322,7 @@ async def test_batch_plan_submit_with_fake_cuda(aiote_engine):
 
     fake_cuda.enable()
     try:
-        src = bytearray(b"abcdefgh" * 8)
-        dst = bytearray(64)
-        s_addr = ctypes.addressof((ctypes.c_char * 64).from_buffer(src))
-        d_addr = ctypes.addressof((ctypes.c_char * 64).from_buffer(dst))
+        src, dst, s_addr, d_addr = _copy_buffers()
         target, meta = bytearray(32), bytearray(b"M" * 32)
         tmr, smr = aiote_engine.register(target), aiote_engine.register(meta)
         plan = object.__new__(IpcBatchPlan)
