@@ -45,6 +45,7 @@ class Usage(NamedTuple):
     fds: int
     threads: int
     rss: int
+    mappings: dict[str, int]  # resident KiB per mapping (/proc/self/smaps), for the failure message
 
 
 def _libc_malloc_trim() -> Callable[[int], int] | None:
@@ -69,14 +70,34 @@ def usage() -> Usage:
     with open("/proc/self/statm") as f:
         rss_pages = int(f.read().split()[1])
     return Usage(len(os.listdir("/proc/self/fd")), len(os.listdir("/proc/self/task")),
-                 rss_pages * os.sysconf("SC_PAGE_SIZE"))
+                 rss_pages * os.sysconf("SC_PAGE_SIZE"), resident_mappings())
+
+
+def resident_mappings() -> dict[str, int]:
+    out: dict[str, int] = {}
+    name = ""
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split(maxsplit=6)
+            if "-" in head[0] and not head[0].endswith(":"):
+                name = f"{head[0]} {head[5].strip() if len(head) > 5 else '[anon]'}"
+            elif head[0] == "Rss:":
+                out[name] = int(head[1])
+    return out
+
+
+def grown_mappings(before: Usage, after: Usage, top: int = 6) -> str:
+    grown = sorted(((kib - before.mappings.get(name, 0), name) for name, kib in after.mappings.items()),
+                   reverse=True)[:top]
+    return "; ".join(f"{name} +{kib} KiB" for kib, name in grown if kib > 0)
 
 
 def assert_flat(before: Usage, after: Usage, rss_slack: int) -> None:
-    assert after.fds == before.fds, (before, after)
-    assert after.threads == before.threads, (before, after)
+    assert after.fds == before.fds, (before.fds, after.fds)
+    assert after.threads == before.threads, (before.threads, after.threads)
     assert after.rss - before.rss <= rss_slack, (
-        f"RSS grew {(after.rss - before.rss) / 1024:.0f} KiB (allowed {rss_slack / 1024:.0f} KiB)")
+        f"RSS grew {(after.rss - before.rss) / 1024:.0f} KiB (allowed {rss_slack / 1024:.0f} KiB); "
+        f"grown mappings: {grown_mappings(before, after)}")
 
 
 async def open_close(provider: str, host: str | None, n: int) -> None:
