@@ -151,6 +151,15 @@ class TransferEngine:
             assistant stays awake 200 µs after its last chunk, then sleeps; they start with
             the first large direct write.  0: none.  ``None``: ``AIOTE_DIRECT_ASSIST``
             from the environment, else 1.  At most 15.
+        carry_max: carried writes (not shm; one NIC on both sides): two or more
+            consecutive writes of one operation (a batch, paged writes) to one peer, each at
+            most this many bytes, travel as the entries of one message instead of one RMA
+            write each; the target's worker checks each entry against its own regions,
+            copies it and counts its imm, then acknowledges, and the future resolves on that
+            acknowledgement (the bytes are in the target's memory, as with a
+            delivery-complete write).  Over tcp one write is one ``sendmsg`` a side; this
+            makes it one per message.  0: off.  ``None``: ``AIOTE_CARRY_MAX`` from the
+            environment, else 8192.  At most ``msg_size``.  See docs/concepts.md.
         loop_spin_us: latency mode (0, the default: off).  The asyncio loop's thread spins
             up to this many µs on the engine's events before it sleeps in epoll, driving the
             engine's progress itself meanwhile (the worker rests while it does), and resolves
@@ -195,6 +204,7 @@ class TransferEngine:
         loop_spin_us: int = 0,
         direct_inline: int | None = None,
         direct_assist: int | None = None,
+        carry_max: int | None = None,
     ):
         if isinstance(nics, int):
             if not 1 <= nics <= lib.AIOTE_MAX_NICS:
@@ -245,6 +255,10 @@ class TransferEngine:
             direct_assist = _env_int("AIOTE_DIRECT_ASSIST", 1)
         if type(direct_assist) is not int or not 0 <= direct_assist <= 15:
             raise InvalidArgument(f"direct_assist must be an int 0..15, got {direct_assist!r}")
+        if carry_max is None:
+            carry_max = _env_int("AIOTE_CARRY_MAX", 8192)
+        if type(carry_max) is not int or not 0 <= carry_max <= msg_size:
+            raise InvalidArgument(f"carry_max must be an int 0..msg_size ({msg_size}), got {carry_max!r}")
         if type(loop_spin_us) is not int or not 0 <= loop_spin_us <= 10_000_000:
             raise InvalidArgument(f"loop_spin_us must be an int in 0..10000000 (µs), got {loop_spin_us!r}")
         self._loop_spin_ns = loop_spin_us * 1000
@@ -261,7 +275,7 @@ class TransferEngine:
                               delivery_complete=delivery_complete, peer_timeout=peer_timeout,
                               max_inflight=max_inflight, direct_shm=bool(direct_shm), direct_max=direct_max,
                               direct_workers=direct_workers, direct_inline=direct_inline,
-                              direct_assist=direct_assist)
+                              direct_assist=direct_assist, carry_max=carry_max)
         self.id = next(_engine_ids)
         self._h: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -333,6 +347,7 @@ class TransferEngine:
         cfg.direct_workers = a["direct_workers"] if a["direct_workers"] > 0 else -1
         cfg.direct_inline = a["direct_inline"] if a["direct_inline"] > 0 else -1
         cfg.direct_assist = a["direct_assist"] if a["direct_assist"] > 0 else -1
+        cfg.carry_max = a["carry_max"] if a["carry_max"] > 0 else -1
         out = ffi.new("aiote_engine**")
         _sweep_own_shm_names()
         rc = lib.aiote_engine_open(cfg, out)

@@ -16,7 +16,7 @@ from cffi import FFI
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 SOURCES = ["engine.c", "fabric.c", "worker.c", "imm_table.c", "events.c", "local_peers.c", "wire.c", "discovery.c",
-           "cuda_copy.c", "direct.c", "copy_assist.c", "moe.c"]
+           "cuda_copy.c", "direct.c", "copy_assist.c", "moe.c", "carry.c"]
 
 
 def _libfabric_flags() -> tuple[list[str], list[str], list[str]]:

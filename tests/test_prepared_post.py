@@ -205,14 +205,18 @@ async def test_post_from_a_spinning_loop(aiote_make_engine, peer):
     prep.close()
 
 
-async def test_a_post_resolves_only_with_every_write_in_place(engine, peer):
-    """32 writes to one region per post (over tcp only the last of them asks for
-    delivery-complete, worker.c dc_needed): once a post resolves, the target's memory holds
-    every write's bytes, read back before any imm is waited for."""
+@pytest.mark.parametrize("carry", [True, False], ids=["carried", "rma"])
+async def test_a_post_resolves_only_with_every_write_in_place(aiote_make_engine, peer, carry):
+    """32 writes to one region per post: once a post resolves, the target's memory holds every
+    write's bytes, read back before any imm is waited for.  Over tcp they travel carried in one
+    message (carry.c) or, with ``carry_max=0``, as RMA writes of which only the last asks for
+    delivery-complete (worker.c dc_needed)."""
+    engine = await aiote_make_engine(carry_max=None if carry else 0)
     rid, desc = await peer.call("register", 32 * 4096, 0)
     d = aiote.MrDescriptor.from_bytes(desc)
     buf = bytearray(32 * 4096)
     src = engine.register(buf)
+    tcp = engine.provider == "tcp;ofi_rxm"
     for size in (64, 4096):
         prep = engine.prepare_scatter(src, [(d, i * size, i * size, size) for i in range(32)], imm=5)
         for rnd in range(1, 6):
@@ -221,8 +225,13 @@ async def test_a_post_resolves_only_with_every_write_in_place(engine, peer):
             await prep.post()
             assert await peer.call("read", rid, 0, 32 * size) == bytes(buf[:32 * size]), (size, rnd)
             after = engine.stats()
-            if engine.provider == "tcp;ofi_rxm" and engine.info()["delivery_complete"]:
+            if tcp:
                 assert after["writes_posted"] - before["writes_posted"] == 32
+            if tcp and carry:
+                assert after["writes_carried"] - before["writes_carried"] == 32
+                assert after["writes_delivered"] - before["writes_delivered"] == 0
+            elif tcp and engine.info()["delivery_complete"]:
+                assert after["writes_carried"] == 0
                 assert after["writes_delivered"] - before["writes_delivered"] == 1
         prep.close()
     assert await peer.call("wait_imm", 5, 2 * 5 * 32, 10)

@@ -17,7 +17,7 @@
 #include <stdint.h>
 
 enum {
-    AIOTE_ABI_VERSION = 1,
+    AIOTE_ABI_VERSION = 2,
 
     /* polling modes */
     AIOTE_POLL_BUSY = 0,
@@ -102,6 +102,9 @@ typedef struct {
                                * 256, < 0: off) */
     int32_t direct_assist;    /* threads that help copy one large direct run (>= 512 KiB, 2 MiB below 8 CPUs): the
                                * copying thread and they split it; 0 = 1, < 0 = none */
+    int32_t carry_max;        /* not shm, one NIC: two or more consecutive writes of one op to one
+                               * peer, each at most this many bytes, travel in one message that the
+                               * target's worker applies and acknowledges (0: 8 KiB, < 0: off) */
 } aiote_config;
 
 typedef struct {
@@ -193,6 +196,10 @@ typedef struct {
     uint64_t direct_assisted;  /* chunks of large direct runs copied by the copy assistants */
     uint64_t direct_assist_late; /* runs whose copier waited long for an assistant (not on a CPU:
                                   * the next runs are copied alone for a while) */
+    uint64_t writes_carried;   /* small writes sent carried in messages (initiator; not shm) */
+    uint64_t carried_msgs;     /* ... in this many messages */
+    uint64_t carried_applied;  /* carried writes this engine applied as a target */
+    uint64_t carried_refused;  /* carried messages it refused in part (closed region, bounds) */
 } aiote_stats;
 
 const char *aiote_last_error(void);
@@ -340,6 +347,8 @@ void aiote_free(void *p);
  * count or a negative code) and a received message. */
 int aiote_check_addrs(const uint8_t *b, size_t len);
 int aiote_check_message(const uint8_t *b, size_t len, uint64_t *payload_off, uint64_t *payload_len);
+/* a carried-writes payload (the message after its header): 0 and *count, or a negative code */
+int aiote_check_carry(const uint8_t *b, size_t len, uint32_t *count);
 
 /* ---- watchers: transfers triggered by a word in memory ---------------------
  * A watcher is a 64-bit word in memory the caller owns and keeps alive until

@@ -46,6 +46,7 @@ static void engine_release(aiote_engine *e)
         close(e->sub_efd);
     free(e->pending_events.ev);
     free(e->mrs);
+    carry_free(e);
     direct_async_free(e);
     assist_free(e);
     pthread_mutex_destroy(&e->dcp_lock);
@@ -140,6 +141,8 @@ int aiote_engine_open(const aiote_config *cfg, aiote_engine **out)
     e->inline_wake = wake && wake[0] == '1';
     if (!rc && e->is_shm && e->cfg.direct_shm && (e->info.mr_mode & FI_MR_VIRT_ADDR))
         rc = direct_table_open(e);
+    if (!rc)
+        rc = carry_open(e);
     if (!rc && pthread_create(&e->worker, NULL, worker_main, e) != 0) {
         aiote_set_error("cannot start the worker thread: %s", strerror(errno));
         rc = -AIOTE_E_NOMEM;

@@ -486,6 +486,10 @@ int ctrl_mr_register(aiote_engine *e, void *argp)
     s->refs = 0;
     a->mr_id = ((uint64_t)s->gen << 32) | idx;
     a->base = (e->nics[0].fi->domain_attr->mr_mode & FI_MR_VIRT_ADDR) ? (uint64_t)(uintptr_t)a->addr : 0;
+    s->base = a->base;
+    s->key0 = a->keys[0];
+    s->remote = (a->access & AIOTE_ACCESS_REMOTE) != 0;
+    e->mrkeys_dirty = true;
     if (!s->device && (a->access & AIOTE_ACCESS_REMOTE))
         direct_publish(e, idx, s->gen, a->keys[0], (uint64_t)(uintptr_t)a->addr, a->len);
     pthread_mutex_unlock(&e->mr_lock);

@@ -42,6 +42,7 @@ struct tx_ctx {
     int send_slot; /* -1 for RMA */
     uint32_t peer;  /* whom it went to: a dead peer's contexts are failed */
     uint64_t index; /* element of the op */
+    uint64_t carry; /* carried-writes message: its sequence number + 1 (carry.c), else 0 */
     struct tx_ctx *next_free;
 };
 
@@ -60,16 +61,22 @@ struct mr_slot {
     bool used;
     bool device; /* CUDA memory (FI_HMEM): never copied by the direct path */
     bool closing; /* being deregistered (direct-path drain, mr_lock not held): unknown to lookups */
+    bool remote;  /* registered for remote writes */
+    uint64_t key0; /* its key on NIC 0 (carried writes name regions by it, carry.c) */
+    uint64_t base; /* the address remote writes name its first byte by (0 or addr) */
     int64_t refs; /* operations using it; deregistration is refused while > 0 */
 };
 
 /* ---- operations -------------------------------------------------------- */
-enum op_kind { OP_WRITES = 1, OP_PAGED = 2, OP_SEND = 3, OP_CTRL = 4, OP_PING = 5, OP_ARRIVE = 6, OP_IMMS = 7 };
+enum op_kind { OP_WRITES = 1, OP_PAGED = 2, OP_SEND = 3, OP_CTRL = 4, OP_PING = 5, OP_ARRIVE = 6, OP_IMMS = 7,
+               OP_CACK = 8 /* carry.c: a target's acknowledgement of carried writes */ };
 #define CONN_TRIED 1u /* struct peer.conn */
 #define CONN_TAKEN 2u
 #define MSG_FLAG_PING 1u /* message header flag: a liveness probe, dropped by the receiver */
 #define MSG_FLAG_IMMS 4u /* message header flag: imms of direct writes (direct.c), counted in C */
 #define IMMS_MAGIC 0x534d4d49u /* "IMMS" */
+#define MSG_FLAG_CARRY 8u  /* message header flag: small writes carried in the message (carry.c) */
+#define MSG_FLAG_CACK 16u  /* message header flag: the target's acknowledgement of them */
 /* direct.c: what aiote_submit_* return when the direct path did the op */
 #define AIOTE_DIRECT_DONE 1
 #define AIOTE_DIRECT_FALLBACK 2
@@ -391,6 +398,17 @@ struct aiote_engine {
     bool assist_off;       /* none to be started (stopping, or they could not start) */
     pthread_mutex_t dcp_lock;
 
+    /* carried writes (carry.c): the initiator's records of messages awaiting their
+     * acknowledgement (a ring indexed by sequence number), and the target's index of
+     * its regions by key (rebuilt under mr_lock when regions changed) */
+    uint64_t carry_max;
+    struct carry_rec *carry_recs;
+    uint64_t carry_seq;   /* next sequence number */
+    uint64_t carry_acked; /* records below this are settled */
+    uint32_t *mrkeys;
+    size_t mrkeys_cap;
+    bool mrkeys_dirty;
+
     /* statistics: written by the worker, read racily (monotonic counters) */
     aiote_stats stats;
 };
@@ -451,6 +469,26 @@ struct msg_view {
 };
 int parse_addrs(const uint8_t *b, size_t len, uint32_t *n, const uint8_t **addrs, size_t *lens);
 int parse_msg(const uint8_t *b, size_t len, struct msg_view *out);
+#define CARRY_MAGIC 0x59525243u /* "CRRY" */
+#define CACK_MAGIC 0x4b434143u  /* "CACK" */
+#define CARRY_HDR 24
+#define CARRY_ENT 20
+#define CARRY_MAX_ENTS 1024
+#define CARRY_F_IMM 1u
+#define CACK_LEN 24
+struct carry_view {
+    uint64_t seq;
+    uint32_t count, imm;
+    bool has_imm;
+    const uint8_t *ents, *data;
+};
+struct cack_view {
+    uint64_t seq;
+    uint32_t applied, fi_errno;
+    int32_t status;
+};
+int parse_carry(const uint8_t *b, size_t len, struct carry_view *out);
+int parse_cack(const uint8_t *b, size_t len, struct cack_view *out);
 
 /* fabric.c */
 struct mr_reg_arg {
@@ -490,6 +528,30 @@ void peer_down(aiote_engine *e, uint32_t idx, int fi_err);
 
 /* engine.c */
 int enqueue_op(aiote_engine *e, struct op *op);
+
+/* carry.c: small writes carried in one message that the target applies (not shm).
+ * carry_post: CARRY_SKIP when op's element i does not start a carried run (post it
+ * through libfabric), else as post_shard (0 posted: *adv elements, 1 -FI_EAGAIN, 2 no
+ * context or record free, < 0 -fi_errno). */
+#define CARRY_SKIP 1000
+struct tx_ctx;
+struct recv_slot;
+int carry_open(aiote_engine *e);
+void carry_free(aiote_engine *e);
+bool carry_follows(const aiote_engine *e, const struct op *op, size_t i); /* element i would be carried */
+int carry_post(aiote_engine *e, struct op *op, size_t i, size_t *adv, int *nic_out);
+void carry_sent(aiote_engine *e, struct tx_ctx *c);        /* its send completed */
+void carry_send_failed(aiote_engine *e, struct tx_ctx *c); /* its record gets no acknowledgement */
+/* messages: a target applies (and acknowledges) carried writes; an initiator takes acknowledgements */
+void carry_apply(aiote_engine *e, const uint8_t *msg, const struct msg_view *v);
+void carry_ack(aiote_engine *e, const uint8_t *msg, const struct msg_view *v);
+void carry_fail_peer(aiote_engine *e, uint32_t peer, int fi_err); /* its records fail (it is down) */
+void carry_check(aiote_engine *e, uint64_t now); /* records older than peer_timeout fail */
+void carry_close(aiote_engine *e);               /* engine closing: records are dropped */
+/* worker.c, for carry.c */
+void op_settle(aiote_engine *e, struct op *op); /* one in-flight unit of op ended */
+void op_fail(struct op *op, int32_t status, int fi_err, uint64_t index);
+void queue_internal_send(aiote_engine *e, uint32_t peer, void *msg, size_t len, uint32_t flags);
 
 /* direct.c */
 int direct_table_open(aiote_engine *e);

@@ -77,3 +77,62 @@ int aiote_check_message(const uint8_t *b, size_t len, uint64_t *payload_off, uin
     *payload_len = v.payload_len;
     return 0;
 }
+
+/* Carried writes (carry.c): u32 magic, u32 count, u64 seq, u32 imm, u32 flags, then
+ * count x (u64 key, u64 remote address, u32 length), then the lengths' bytes in
+ * order, nothing after. */
+int parse_carry(const uint8_t *b, size_t len, struct carry_view *out)
+{
+    if (!b || len < CARRY_HDR)
+        return -AIOTE_E_INVAL;
+    uint32_t magic, count, flags;
+    memcpy(&magic, b, 4);
+    memcpy(&count, b + 4, 4);
+    memcpy(&flags, b + 20, 4);
+    if (magic != CARRY_MAGIC || count < 1 || count > CARRY_MAX_ENTS || (flags & ~CARRY_F_IMM))
+        return -AIOTE_E_INVAL;
+    if ((len - CARRY_HDR) / CARRY_ENT < count)
+        return -AIOTE_E_INVAL;
+    uint64_t data = 0;
+    for (uint32_t i = 0; i < count; i++) {
+        uint32_t l;
+        memcpy(&l, b + CARRY_HDR + (size_t)i * CARRY_ENT + 16, 4);
+        data += l;
+    }
+    if (data != len - CARRY_HDR - (uint64_t)count * CARRY_ENT)
+        return -AIOTE_E_INVAL;
+    memcpy(&out->seq, b + 8, 8);
+    memcpy(&out->imm, b + 16, 4);
+    out->count = count;
+    out->has_imm = (flags & CARRY_F_IMM) != 0;
+    out->ents = b + CARRY_HDR;
+    out->data = b + CARRY_HDR + (size_t)count * CARRY_ENT;
+    return 0;
+}
+
+/* Their acknowledgement: u32 magic, u32 entries applied, u64 seq, i32 status, u32 fi_errno. */
+int parse_cack(const uint8_t *b, size_t len, struct cack_view *out)
+{
+    if (!b || len != CACK_LEN)
+        return -AIOTE_E_INVAL;
+    uint32_t magic;
+    memcpy(&magic, b, 4);
+    if (magic != CACK_MAGIC)
+        return -AIOTE_E_INVAL;
+    memcpy(&out->applied, b + 4, 4);
+    memcpy(&out->seq, b + 8, 8);
+    memcpy(&out->status, b + 16, 4);
+    memcpy(&out->fi_errno, b + 20, 4);
+    if (out->status > 0 || (out->status == 0 && out->fi_errno != 0))
+        return -AIOTE_E_INVAL;
+    return 0;
+}
+
+int aiote_check_carry(const uint8_t *b, size_t len, uint32_t *count)
+{
+    struct carry_view v;
+    int rc = parse_carry(b, len, &v);
+    if (!rc)
+        *count = v.count;
+    return rc;
+}

@@ -86,9 +86,16 @@ static void release_mr(aiote_engine *e, struct op *op)
 /* Report the operation and free it (nothing of it is in flight). */
 static void finish_op(aiote_engine *e, struct op *op)
 {
+    if (op->kind == OP_CACK) { /* an acknowledgement of carried writes (carry.c): nobody waits */
+        live_remove(e, op);
+        op_free(op);
+        return;
+    }
     if (op->kind == OP_PING) {
         struct peer *p = e->peers[op->peer];
         p->ping_inflight = false;
+        if (op->status)
+            carry_fail_peer(e, op->peer, op->fi_errno); /* it owes us acknowledgements it can't send */
         if (op->status && !p->gone) {
             aiote_event ev = {.id = op->peer, .kind = AIOTE_EV_PEER_DOWN, .status = op->status,
                               .fi_errno = op->fi_errno, .prov_errno = op->prov_errno, .nic = op->nic};
@@ -129,6 +136,15 @@ static void fail_op(struct op *op, int32_t status, int fi_err, int prov_err, uin
     op->prov_errno = prov_err;
     op->bad_index = index;
     op->nic = nic;
+}
+
+void op_fail(struct op *op, int32_t status, int fi_err, uint64_t index) { fail_op(op, status, fi_err, 0, index, 0); }
+
+void op_settle(aiote_engine *e, struct op *op)
+{
+    op->inflight--;
+    if (op->posted_all && op->inflight == 0)
+        finish_op(e, op);
 }
 
 static inline void elem(const struct op *op, size_t i, struct welem *w)
@@ -207,8 +223,8 @@ static inline void note_conn(struct peer *p, uint32_t nic, uint32_t remote, ssiz
  * region with it.  A 32-write batch over tcp then costs the target one ack, not 32. */
 static inline bool dc_needed(const aiote_engine *e, const struct op *op, size_t i, const struct peer *p)
 {
-    if (!e->waw_ordered || p->nnics != 1 || i + 1 >= op->n)
-        return true;
+    if (!e->waw_ordered || p->nnics != 1 || i + 1 >= op->n || carry_follows(e, op, i + 1))
+        return true; /* (a carried next element is a message, not an ordered write) */
     if (op->kind == OP_PAGED)
         return op->page_len == 0 && !op->has_imm;
     if (op->kind != OP_WRITES)
@@ -402,8 +418,14 @@ static bool post_pending(aiote_engine *e)
         bool refused = false;
         while (op->next_post < op->n) {
             int nic = -1;
-            int rc = op->kind == OP_SEND || op->kind == OP_PING || op->kind == OP_IMMS ? post_send(e, op, &nic)
-                                                                : post_shard(e, op, op->next_post, &nic);
+            size_t adv = 1;
+            int rc = op->kind == OP_SEND || op->kind == OP_PING || op->kind == OP_IMMS || op->kind == OP_CACK
+                         ? post_send(e, op, &nic)
+                         : CARRY_SKIP;
+            if (rc == CARRY_SKIP && op->next_shard == 0)
+                rc = carry_post(e, op, op->next_post, &adv, &nic);
+            if (rc == CARRY_SKIP)
+                rc = post_shard(e, op, op->next_post, &nic);
             if (rc == 2) { /* our transmit contexts are all in flight: wait for completions */
                 e->stats.eagain++;
                 return did;
@@ -433,7 +455,7 @@ static bool post_pending(aiote_engine *e)
             did = true;
             if (rc == 3)
                 continue; /* next shard of the same element */
-            op->next_post++;
+            op->next_post += adv;
         }
         if (refused) {
             blocked++;
@@ -463,7 +485,10 @@ static void tx_done(aiote_engine *e, struct tx_ctx *c)
     struct nic *n = c->nic;
     if (c->send_slot >= 0)
         e->send_free[e->nsend_free++] = c->send_slot;
+    if (c->carry)
+        carry_sent(e, c);
     c->op = NULL;
+    c->carry = 0;
     c->next_free = n->tx_free;
     n->tx_free = c;
     n->inflight--;
@@ -565,6 +590,8 @@ void fail_nic_inflight(aiote_engine *e, struct nic *n, int fi_err)
         if (!op->posted_all)
             op->n = op->next_post;
         n->stats.errors++;
+        if (c->carry)
+            carry_send_failed(e, c);
         tx_done(e, c);
     }
     event_queue_flush(&e->events, &e->pending_events);
@@ -596,11 +623,14 @@ void peer_down(aiote_engine *e, uint32_t idx, int fi_err)
             fail_op(op, -AIOTE_E_PROVIDER, fi_err, 0, c->index, n->index);
             if (!op->posted_all)
                 op->n = op->next_post;
+            if (c->carry)
+                carry_send_failed(e, c);
             tx_done(e, c);
         }
         for (uint32_t j = 0; j < p->nnics; j++)
             fi_av_remove(n->av, &p->fi[k][j], 1, 0);
     }
+    carry_fail_peer(e, idx, fi_err);
     aiote_event ev = {.id = idx, .kind = AIOTE_EV_PEER_DOWN, .status = -AIOTE_E_PROVIDER,
                       .fi_errno = fi_err, .index = 1 /* exited */, .nic = -1};
     event_buf_push(&e->pending_events, &ev);
@@ -620,6 +650,22 @@ static void add_live_pending(aiote_engine *e, struct op *op)
     e->pend_tail = op;
 }
 
+void queue_internal_send(aiote_engine *e, uint32_t peer, void *msg, size_t len, uint32_t flags)
+{
+    struct op *op = calloc(1, sizeof *op);
+    if (!op) {
+        free(msg);
+        return;
+    }
+    op->kind = OP_CACK;
+    op->peer = peer;
+    op->n = 1;
+    op->msg = msg;
+    op->msg_len = len;
+    op->msg_flags = flags;
+    add_live_pending(e, op);
+}
+
 /* Every few ms: peers whose process exited go down; watched peers get a
  * probe message each ping interval (its failure or timeout reports them). */
 static void check_peers(aiote_engine *e, uint64_t now)
@@ -627,6 +673,7 @@ static void check_peers(aiote_engine *e, uint64_t now)
     if (now < e->next_liveness_ns)
         return;
     e->next_liveness_ns = now + 2 * 1000 * 1000;
+    carry_check(e, now);
     size_t np = e->npeers;
     for (size_t i = 0; i < np; i++) {
         struct peer *p = e->peers[i];
@@ -664,6 +711,10 @@ static void recv_done(aiote_engine *e, struct recv_slot *s, size_t len)
         memcpy(&flags, s->buf + 12, sizeof flags);
     if (len <= e->slot_size && parse_msg(s->buf, len, &v) == 0 && (flags & MSG_FLAG_PING)) {
         /* a peer's liveness probe: receiving it was the answer */
+    } else if (len <= e->slot_size && parse_msg(s->buf, len, &v) == 0 && (flags & MSG_FLAG_CARRY)) {
+        carry_apply(e, s->buf, &v);
+    } else if (len <= e->slot_size && parse_msg(s->buf, len, &v) == 0 && (flags & MSG_FLAG_CACK)) {
+        carry_ack(e, s->buf, &v);
     } else if (len <= e->slot_size && parse_msg(s->buf, len, &v) == 0 && (flags & MSG_FLAG_IMMS)) {
         /* imms of a peer's direct writes: their bytes are in place already */
         uint32_t m[4];
@@ -701,6 +752,13 @@ static void recv_done(aiote_engine *e, struct recv_slot *s, size_t len)
     }
     while (fabric_post_recv(e, s) == -FI_EAGAIN)
         fi_cq_read(e->nics[0].cq, NULL, 0);
+}
+
+/* errors that mean the connection to the peer is gone */
+static bool peer_errno(int err)
+{
+    return err == FI_ECONNRESET || err == FI_ENOTCONN || err == FI_ECONNREFUSED || err == FI_ECONNABORTED ||
+           err == EPIPE || err == FI_EHOSTUNREACH || err == FI_ENETUNREACH || err == FI_ECANCELED;
 }
 
 static size_t poll_cq(aiote_engine *e, struct nic *n)
@@ -751,6 +809,10 @@ static size_t poll_cq(aiote_engine *e, struct nic *n)
             n->stats.errors++;
             if (!c->op->posted_all) /* post nothing more of a failed op */
                 c->op->n = c->op->next_post;
+            if (c->carry)
+                carry_send_failed(e, c);
+            if (peer_errno(err.err))
+                carry_fail_peer(e, c->peer, err.err); /* its connection broke: no acknowledgement comes */
             tx_done(e, c);
         }
         return 1;
@@ -1227,7 +1289,7 @@ int aiote_loop_spin(aiote_engine *e, int on)
 static void fail_all_closed(aiote_engine *e)
 {
     for (struct op *op = e->live; op; op = op->live_next) {
-        if (op->kind == OP_PING || op->kind == OP_ARRIVE)
+        if (op->kind == OP_PING || op->kind == OP_ARRIVE || op->kind == OP_CACK)
             continue;
         fail_op(op, -AIOTE_E_CLOSED, FI_ECANCELED, 0, op->next_post, -1);
         aiote_event ev = {.id = op->id, .kind = AIOTE_EV_OP, .status = op->status,
@@ -1384,6 +1446,7 @@ void *worker_main(void *arg)
     }
     pthread_mutex_lock(&e->progress_lock);
     direct_inline_close(e);
+    carry_close(e);
     fail_all_closed(e);
     pthread_mutex_unlock(&e->progress_lock);
     direct_worker_end(e);
