@@ -27,9 +27,44 @@ async def sent(eng: aiote.TransferEngine, msgs: int, timeout: float = 10) -> Non
         await asyncio.sleep(0.001)
 
 
+async def carrying(eng: aiote.TransferEngine, peer, timeout: float = 10) -> None:
+    """Until ``eng`` carries writes to ``peer`` (2-write batches until one went carried: the first
+    carriable batch to a peer goes as RMA writes and a hello, the peer's answer turns carrying
+    on).  Leaves ``carried_msgs`` one higher."""
+    rid, d = await region(peer, 64)
+    src = eng.register(bytearray(64))
+    deadline = time.monotonic() + timeout
+    while True:
+        before = eng.stats()["writes_carried"]
+        await eng.scatter(src, [(d, 0, 0, 8), (d, 8, 8, 8)])
+        if eng.stats()["writes_carried"] > before:
+            break
+        assert time.monotonic() < deadline, eng.stats()
+        await asyncio.sleep(0.001)
+    src.close()
+
+
 async def region(peer, size: int, fill: int = 0) -> tuple[int, aiote.MrDescriptor]:
     rid, desc = await peer.call("register", size, fill)
     return rid, aiote.MrDescriptor.from_bytes(desc)
+
+
+async def test_first_batch_to_a_peer_asks_it_first(engine, peer):
+    """The first carriable batch to a peer goes as RMA writes plus a hello (an older aiote would
+    drop a carried message; and the peer's first message back sets up its connection to us);
+    once the peer answered, batches to it are carried.  It marks us too."""
+    rid, d = await region(peer, 4096)
+    src = engine.register(bytearray(b"\x03" * 4096))
+    assert engine.stats()["carry_peers"] == 0
+    await engine.scatter(src, [(d, 0, i * 64, 64) for i in range(8)], imm=9)
+    assert engine.stats()["writes_carried"] == 0
+    await carrying(engine, peer)
+    assert engine.stats()["carry_peers"] == 1 and (await peer.call("stats"))["carry_peers"] == 1
+    before = engine.stats()["writes_carried"]
+    await engine.scatter(src, [(d, 0, 512 + i * 64, 64) for i in range(8)], imm=9)
+    assert engine.stats()["writes_carried"] - before == 8
+    assert await peer.call("wait_imm", 9, 16, 10)
+    assert (await peer.call("read", rid, 0, 1024)) == b"\x03" * 1024
 
 
 async def test_mixed_batch_lands_exactly_and_counts(engine, peer):
@@ -49,6 +84,7 @@ async def test_mixed_batch_lands_exactly_and_counts(engine, peer):
         dst_next[rid] += n + 1
         batch.append((d, so, do, n))
         want[rid][do:do + n] = src_buf[so:so + n]
+    await carrying(engine, peer)
     before, tbefore = engine.stats(), await peer.call("stats")
     await engine.scatter(src, batch, imm=11)
     assert await peer.call("wait_imm", 11, len(batch), 10)
@@ -72,6 +108,7 @@ async def test_paged_writes_fill_several_messages(engine, peer):
     src = engine.register(src_buf)
     perm = list(range(npages))
     random.Random(2).shuffle(perm)
+    await carrying(engine, peer)
     before = engine.stats()
     await engine.write_paged(src, d, page, list(range(npages)), perm, imm=12)
     assert await peer.call("wait_imm", 12, npages, 10)
@@ -107,6 +144,7 @@ async def test_closed_region_inside_a_message_fails_at_its_first_write(engine, p
     r_bad, d_bad = await region(peer, 4096, 0x22)
     await peer.call("close_region", r_bad)
     src = engine.register(bytearray(b"\x01" * 4096))
+    await carrying(engine, peer)
     batch = [(d_ok, 0, i * 64, 64) for i in range(8)] + [(d_bad, 0, i * 64, 64) for i in range(8)]
     batch += [(d_ok, 0, 1024 + i * 64, 64) for i in range(8)]
     with pytest.raises(aiote.ProviderError) as ei:
@@ -127,6 +165,7 @@ async def test_forged_descriptors_are_refused_by_the_target(engine, peer):
     rid, d = await region(peer, 4096, 0x33)
     _, guard = await region(peer, 4096, 0x44)
     src = engine.register(bytearray(b"\x09" * 8192))
+    await carrying(engine, peer)
     longer = dataclasses.replace(d, length=8192)
     with pytest.raises(aiote.ProviderError) as ei:
         await engine.scatter(src, [(longer, 0, 0, 64), (longer, 0, 4090, 64)], imm=16)
@@ -151,6 +190,7 @@ async def test_deregistration_during_a_stream_fails_only_what_came_after(engine,
     for i in range(slots):
         src_buf[i * 256:(i + 1) * 256] = bytes([i % 251 + 1]) * 256
     src = engine.register(src_buf)
+    await carrying(engine, peer)
     results: list[BaseException | None] = []
     twenty = asyncio.Event()
 
@@ -188,11 +228,12 @@ async def test_stopped_target_times_out_then_lands(aiote_make_engine, peer):
     eng = await aiote_make_engine(peer_timeout=1)
     rid, d = await region(peer, 4096)
     src = eng.register(bytearray(b"\x05" * 4096))
-    await eng.scatter(src, [(d, 0, i * 64, 64) for i in range(2)], imm=17)  # connected
+    await carrying(eng, peer)
+    await eng.scatter(src, [(d, 0, i * 64, 64) for i in range(2)], imm=17)  # carried: message 2
     peer.pause()
     try:
         post = asyncio.ensure_future(eng.scatter(src, [(d, 0, 512 + i * 64, 64) for i in range(8)], imm=17))
-        await sent(eng, 2)
+        await sent(eng, 3)
         with pytest.raises(aiote.RegionInUse):
             src.close()
         t0 = time.monotonic()
@@ -215,10 +256,11 @@ async def test_killed_target_fails_the_awaited_post(aiote_make_engine, aiote_mak
     peer = await aiote_make_peer()
     rid, d = await region(peer, 4096)
     src = eng.register(bytearray(b"\x06" * 4096))
+    await carrying(eng, peer)
     await eng.scatter(src, [(d, 0, i * 64, 64) for i in range(2)])
     peer.pause()
     post = asyncio.ensure_future(eng.scatter(src, [(d, 0, i * 64, 64) for i in range(8)]))
-    await sent(eng, 2)
+    await sent(eng, 3)
     assert not post.done()
     peer.kill()
     t0 = time.monotonic()
@@ -227,6 +269,7 @@ async def test_killed_target_fails_the_awaited_post(aiote_make_engine, aiote_mak
     assert time.monotonic() - t0 < 8
     other = await aiote_make_peer()
     r2, d2 = await region(other, 4096)
+    await carrying(eng, other)
     await eng.scatter(src, [(d2, 0, i * 64, 64) for i in range(4)], imm=19)
     assert await other.call("wait_imm", 19, 4, 10)
 
@@ -237,16 +280,17 @@ async def test_cancel_and_close_with_an_acknowledgement_owed(aiote_make_engine, 
     eng = await aiote_make_engine(peer_timeout=30)
     rid, d = await region(peer, 4096)
     src = eng.register(bytearray(b"\x08" * 4096))
+    await carrying(eng, peer)
     await eng.scatter(src, [(d, 0, i * 64, 64) for i in range(2)])
     peer.pause()
     try:
         post = asyncio.ensure_future(eng.scatter(src, [(d, 0, i * 64, 64) for i in range(8)], imm=20))
-        await sent(eng, 2)
+        await sent(eng, 3)
         post.cancel()
         with pytest.raises(asyncio.CancelledError):
             await asyncio.wait_for(post, 5)
         owed = asyncio.ensure_future(eng.scatter(src, [(d, 0, 1024 + i * 64, 64) for i in range(8)], imm=20))
-        await sent(eng, 3)
+        await sent(eng, 4)
         await asyncio.wait_for(eng.close(), 10)
         with pytest.raises(aiote.EngineClosed):
             await owed

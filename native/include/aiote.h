@@ -200,6 +200,7 @@ typedef struct {
     uint64_t carried_msgs;     /* ... in this many messages */
     uint64_t carried_applied;  /* carried writes this engine applied as a target */
     uint64_t carried_refused;  /* carried messages it refused in part (closed region, bounds) */
+    uint64_t carry_peers;      /* peers that said they take carried writes (hello answered) */
 } aiote_stats;
 
 const char *aiote_last_error(void);

@@ -95,6 +95,52 @@ bool carry_follows(const aiote_engine *e, const struct op *op, size_t i)
     return w.len <= e->carry_max;
 }
 
+#define HELLO_MAGIC 0x4f4c4843u /* "CHLO" */
+
+/* kind 0: a hello (answer me); 1: the answer */
+static bool send_hello(aiote_engine *e, uint32_t peer, uint32_t kind)
+{
+    uint32_t *m = malloc(8);
+    if (!m)
+        return false;
+    m[0] = HELLO_MAGIC;
+    m[1] = kind;
+    queue_internal_send(e, peer, m, 8, MSG_FLAG_CHELLO);
+    return true;
+}
+
+void carry_send_hellos(aiote_engine *e)
+{
+    e->hello_wanted = false;
+    for (size_t i = 0; i < e->npeers; i++)
+        if (e->peers[i]->carry == CARRY_PEER_WANTED)
+            e->peers[i]->carry = send_hello(e, (uint32_t)i, 0) ? CARRY_PEER_ASKED : CARRY_PEER_UNKNOWN;
+}
+
+/* A peer takes carried writes: a hello (answered, and it is taken at its word: its
+ * own connection to us exists) or the answer to ours. */
+void carry_hello(aiote_engine *e, const uint8_t *msg, const struct msg_view *v)
+{
+    uint32_t m[2];
+    if (v->payload_len != sizeof m) {
+        e->stats.bad_msgs++;
+        return;
+    }
+    memcpy(m, msg + v->payload_off, sizeof m);
+    struct peer_arg pa = {.addrs = msg + v->src_off, .len = v->src_len};
+    if (m[0] != HELLO_MAGIC || m[1] > 1 || ctrl_peer_insert(e, &pa)) {
+        e->stats.bad_msgs++;
+        return;
+    }
+    struct peer *p = e->peers[pa.peer];
+    if (m[1] == 0)
+        send_hello(e, pa.peer, 1);
+    if (p->carry != CARRY_PEER_READY && e->carry_max) {
+        p->carry = CARRY_PEER_READY;
+        e->stats.carry_peers++;
+    }
+}
+
 int carry_post(aiote_engine *e, struct op *op, size_t i, size_t *adv, int *nic_out)
 {
     if (!carriable(e, op))
@@ -117,6 +163,17 @@ int carry_post(aiote_engine *e, struct op *op, size_t i, size_t *adv, int *nic_o
     }
     if (n < 2)
         return CARRY_SKIP;
+    if (p->carry != CARRY_PEER_READY) {
+        /* Not before the peer said it takes them (an older aiote would drop the message)
+         * and its messages reach us (over tcp;ofi_rxm its first message to us sets up
+         * a connection: ~10 ms here, which the first acknowledgement would otherwise
+         * wait for).  Until then: RMA writes. */
+        if (p->carry == CARRY_PEER_UNKNOWN) {
+            p->carry = CARRY_PEER_WANTED; /* sent after this posting pass (carry_send_hellos) */
+            e->hello_wanted = true;
+        }
+        return CARRY_SKIP;
+    }
     struct nic *nc = &e->nics[0];
     *nic_out = 0;
     if (atomic_load(&nc->failed))

@@ -69,7 +69,7 @@ struct mr_slot {
 
 /* ---- operations -------------------------------------------------------- */
 enum op_kind { OP_WRITES = 1, OP_PAGED = 2, OP_SEND = 3, OP_CTRL = 4, OP_PING = 5, OP_ARRIVE = 6, OP_IMMS = 7,
-               OP_CACK = 8 /* carry.c: a target's acknowledgement of carried writes */ };
+               OP_NOTE = 8 /* carry.c: a message of the engine's own that nobody waits for (acknowledgement, hello) */ };
 #define CONN_TRIED 1u /* struct peer.conn */
 #define CONN_TAKEN 2u
 #define MSG_FLAG_PING 1u /* message header flag: a liveness probe, dropped by the receiver */
@@ -77,6 +77,7 @@ enum op_kind { OP_WRITES = 1, OP_PAGED = 2, OP_SEND = 3, OP_CTRL = 4, OP_PING = 
 #define IMMS_MAGIC 0x534d4d49u /* "IMMS" */
 #define MSG_FLAG_CARRY 8u  /* message header flag: small writes carried in the message (carry.c) */
 #define MSG_FLAG_CACK 16u  /* message header flag: the target's acknowledgement of them */
+#define MSG_FLAG_CHELLO 32u /* message header flag: "I take carried writes" (a hello or its answer) */
 /* direct.c: what aiote_submit_* return when the direct path did the op */
 #define AIOTE_DIRECT_DONE 1
 #define AIOTE_DIRECT_FALLBACK 2
@@ -278,6 +279,7 @@ struct peer {
     struct dpeer *dpeer;   /* its direct-path key table (direct.c), NULL if none */
     bool dpeer_tried;
     bool ping_inflight;
+    uint8_t carry; /* carry.c: CARRY_PEER_* (worker) */
     uint64_t next_ping_ns;
     size_t blob_len;
     uint8_t blob[]; /* the address bytes it was inserted with (cache key) */
@@ -408,6 +410,7 @@ struct aiote_engine {
     uint32_t *mrkeys;
     size_t mrkeys_cap;
     bool mrkeys_dirty;
+    bool hello_wanted; /* some peer's carry state is CARRY_PEER_WANTED */
 
     /* statistics: written by the worker, read racily (monotonic counters) */
     aiote_stats stats;
@@ -534,6 +537,10 @@ int enqueue_op(aiote_engine *e, struct op *op);
  * through libfabric), else as post_shard (0 posted: *adv elements, 1 -FI_EAGAIN, 2 no
  * context or record free, < 0 -fi_errno). */
 #define CARRY_SKIP 1000
+#define CARRY_PEER_UNKNOWN 0 /* no carried writes to it yet */
+#define CARRY_PEER_ASKED 1   /* our hello is on its way */
+#define CARRY_PEER_READY 2   /* it said it takes them (and its messages reach us) */
+#define CARRY_PEER_WANTED 3  /* a hello is to be sent (not from inside post_pending: it queues an op) */
 struct tx_ctx;
 struct recv_slot;
 int carry_open(aiote_engine *e);
@@ -545,6 +552,8 @@ void carry_send_failed(aiote_engine *e, struct tx_ctx *c); /* its record gets no
 /* messages: a target applies (and acknowledges) carried writes; an initiator takes acknowledgements */
 void carry_apply(aiote_engine *e, const uint8_t *msg, const struct msg_view *v);
 void carry_ack(aiote_engine *e, const uint8_t *msg, const struct msg_view *v);
+void carry_hello(aiote_engine *e, const uint8_t *msg, const struct msg_view *v);
+void carry_send_hellos(aiote_engine *e); /* the hellos carry_post asked for (e->hello_wanted) */
 void carry_fail_peer(aiote_engine *e, uint32_t peer, int fi_err); /* its records fail (it is down) */
 void carry_check(aiote_engine *e, uint64_t now); /* records older than peer_timeout fail */
 void carry_close(aiote_engine *e);               /* engine closing: records are dropped */

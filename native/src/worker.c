@@ -86,7 +86,7 @@ static void release_mr(aiote_engine *e, struct op *op)
 /* Report the operation and free it (nothing of it is in flight). */
 static void finish_op(aiote_engine *e, struct op *op)
 {
-    if (op->kind == OP_CACK) { /* an acknowledgement of carried writes (carry.c): nobody waits */
+    if (op->kind == OP_NOTE) { /* the engine's own message (carry.c): nobody waits for it */
         live_remove(e, op);
         op_free(op);
         return;
@@ -419,7 +419,7 @@ static bool post_pending(aiote_engine *e)
         while (op->next_post < op->n) {
             int nic = -1;
             size_t adv = 1;
-            int rc = op->kind == OP_SEND || op->kind == OP_PING || op->kind == OP_IMMS || op->kind == OP_CACK
+            int rc = op->kind == OP_SEND || op->kind == OP_PING || op->kind == OP_IMMS || op->kind == OP_NOTE
                          ? post_send(e, op, &nic)
                          : CARRY_SKIP;
             if (rc == CARRY_SKIP && op->next_shard == 0)
@@ -657,7 +657,7 @@ void queue_internal_send(aiote_engine *e, uint32_t peer, void *msg, size_t len, 
         free(msg);
         return;
     }
-    op->kind = OP_CACK;
+    op->kind = OP_NOTE;
     op->peer = peer;
     op->n = 1;
     op->msg = msg;
@@ -715,6 +715,8 @@ static void recv_done(aiote_engine *e, struct recv_slot *s, size_t len)
         carry_apply(e, s->buf, &v);
     } else if (len <= e->slot_size && parse_msg(s->buf, len, &v) == 0 && (flags & MSG_FLAG_CACK)) {
         carry_ack(e, s->buf, &v);
+    } else if (len <= e->slot_size && parse_msg(s->buf, len, &v) == 0 && (flags & MSG_FLAG_CHELLO)) {
+        carry_hello(e, s->buf, &v);
     } else if (len <= e->slot_size && parse_msg(s->buf, len, &v) == 0 && (flags & MSG_FLAG_IMMS)) {
         /* imms of a peer's direct writes: their bytes are in place already */
         uint32_t m[4];
@@ -1174,6 +1176,8 @@ static bool progress_pass(aiote_engine *e, bool from_loop)
         if (e->is_shm)
             local_read_lock();
         active |= post_pending(e);
+        if (e->hello_wanted)
+            carry_send_hellos(e); /* queued now, posted next pass */
         bool fab = false;
         for (uint32_t k = 0; k < e->nnics; k++) {
             struct nic *n = &e->nics[k];
@@ -1289,7 +1293,7 @@ int aiote_loop_spin(aiote_engine *e, int on)
 static void fail_all_closed(aiote_engine *e)
 {
     for (struct op *op = e->live; op; op = op->live_next) {
-        if (op->kind == OP_PING || op->kind == OP_ARRIVE || op->kind == OP_CACK)
+        if (op->kind == OP_PING || op->kind == OP_ARRIVE || op->kind == OP_NOTE)
             continue;
         fail_op(op, -AIOTE_E_CLOSED, FI_ECANCELED, 0, op->next_post, -1);
         aiote_event ev = {.id = op->id, .kind = AIOTE_EV_OP, .status = op->status,
