@@ -69,18 +69,6 @@ void carry_free(aiote_engine *e)
     e->mrkeys = NULL;
 }
 
-static inline void elem_of(const struct op *op, size_t i, struct welem *w)
-{
-    if (op->kind == OP_WRITES) {
-        *w = op->wrs[i];
-        return;
-    }
-    w->rd = op->rd;
-    w->len = op->page_len;
-    w->src_off = op->src_off + (uint64_t)op->src_pages[i] * op->src_stride;
-    w->dst_off = op->dst_off + (uint64_t)op->dst_pages[i] * op->dst_stride;
-}
-
 static inline bool carriable(const aiote_engine *e, const struct op *op)
 {
     return e->carry_max && (op->kind == OP_WRITES || op->kind == OP_PAGED) && !op->local_device;
@@ -91,7 +79,7 @@ bool carry_follows(const aiote_engine *e, const struct op *op, size_t i)
     if (!carriable(e, op) || i >= op->n)
         return false;
     struct welem w;
-    elem_of(op, i, &w);
+    op_elem(op, i, &w);
     return w.len <= e->carry_max;
 }
 
@@ -146,7 +134,7 @@ int carry_post(aiote_engine *e, struct op *op, size_t i, size_t *adv, int *nic_o
     if (!carriable(e, op))
         return CARRY_SKIP;
     struct welem w;
-    elem_of(op, i, &w);
+    op_elem(op, i, &w);
     uint32_t peer = w.rd->peer;
     struct peer *p = e->peers[peer];
     if (w.len > e->carry_max || p->nnics != 1)
@@ -156,7 +144,7 @@ int carry_post(aiote_engine *e, struct op *op, size_t i, size_t *adv, int *nic_o
     size_t n = 0;
     for (size_t j = i; j < op->n && n < CARRY_MAX_ENTS; j++, n++) {
         struct welem x;
-        elem_of(op, j, &x);
+        op_elem(op, j, &x);
         if (x.rd->peer != peer || x.len > e->carry_max || used + CARRY_ENT + x.len > room)
             break;
         used += CARRY_ENT + x.len;
@@ -201,7 +189,7 @@ int carry_post(aiote_engine *e, struct op *op, size_t i, size_t *adv, int *nic_o
     uint8_t *ent = pl + CARRY_HDR, *data = ent + n * CARRY_ENT;
     for (size_t k = 0; k < n; k++, ent += CARRY_ENT) {
         struct welem x;
-        elem_of(op, i + k, &x);
+        op_elem(op, i + k, &x);
         uint64_t raddr = x.rd->base + x.dst_off;
         uint32_t len = (uint32_t)x.len;
         memcpy(ent, &x.rd->keys[0], 8);

@@ -673,18 +673,6 @@ void direct_peers_free(aiote_engine *e)
 
 /* ---- the copy ------------------------------------------------------------ */
 
-static inline void elem_at(const struct op *op, size_t i, struct welem *w)
-{
-    if (op->kind == OP_WRITES) {
-        *w = op->wrs[i];
-        return;
-    }
-    w->rd = op->rd;
-    w->len = op->page_len;
-    w->src_off = op->src_off + (uint64_t)op->src_pages[i] * op->src_stride;
-    w->dst_off = op->dst_off + (uint64_t)op->dst_pages[i] * op->dst_stride;
-}
-
 /* Can the direct path take this (checked) op, and where?  0: no (libfabric);
  * 1: on the calling thread (at most direct_max bytes); 2: on a copy thread
  * (larger, if the engine has copy threads).  Nothing is changed. */
@@ -1174,14 +1162,14 @@ static int inline_try(aiote_engine *e, struct op *op)
     if (!lim || tl_worker || op->n == 0 || op->n > DT_ICELLS / 2)
         return -1;
     struct welem w;
-    elem_at(op, 0, &w);
+    op_elem(op, 0, &w);
     struct dpeer *dp = w.rd->dp;
     if (!dp || dp->efd < 0 || dp->pid == getpid() || atomic_load(&dp->off))
         return -1;
     uint64_t cells = 0;
     for (size_t i = 0; i < op->n; i++) {
         struct welem x;
-        elem_at(op, i, &x);
+        op_elem(op, i, &x);
         if (x.rd->dp != dp || x.rd->dslot == UINT32_MAX || x.len > lim)
             return -1;
         cells += icells(x.len);
@@ -1210,7 +1198,7 @@ static int inline_try(aiote_engine *e, struct op *op)
     uint64_t at_idx[DT_ICELLS / 2]; /* each element's entry */
     for (size_t i = 0; i < op->n; i++) {
         struct welem x;
-        elem_at(op, i, &x);
+        op_elem(op, i, &x);
         uint32_t nc = icells(x.len);
         struct dt_ient *c = icell_at(r, &pos, nc);
         c->ncells = nc;
@@ -1417,7 +1405,7 @@ static int direct_copy(aiote_engine *e, struct op *op, bool on_thread)
             break;
         }
         struct welem w;
-        elem_at(op, i, &w);
+        op_elem(op, i, &w);
         const struct rdesc *rd = w.rd;
         struct dpeer *dp = rd->dp;
         if (rd->dslot == UINT32_MAX) { /* not in the target's table: a closed region */
@@ -1471,7 +1459,7 @@ static int direct_copy(aiote_engine *e, struct op *op, bool on_thread)
         uint64_t run_bytes = 0;
         for (;;) {
             struct welem x;
-            elem_at(op, i, &x);
+            op_elem(op, i, &x);
             if (x.rd != rd && (x.rd->dp != dp || x.rd->dslot != rd->dslot || x.rd->dstate != rd->dstate ||
                                x.rd->base != rd->base))
                 break;
@@ -1522,7 +1510,7 @@ static int direct_copy(aiote_engine *e, struct op *op, bool on_thread)
             size_t whole = 0;
             for (size_t j = first; j < i; j++) {
                 struct welem y;
-                elem_at(op, j, &y);
+                op_elem(op, j, &y);
                 if (cum + y.len > landed || (y.len == 0 && cum == landed && landed < run_bytes))
                     break;
                 cum += y.len;

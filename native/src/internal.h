@@ -160,6 +160,19 @@ struct op {
     uint64_t bad_index;
 };
 
+/* Element i of a writes or paged op (a paged one's are computed on the fly). */
+static inline void op_elem(const struct op *op, size_t i, struct welem *w)
+{
+    if (op->kind == OP_WRITES) {
+        *w = op->wrs[i];
+        return;
+    }
+    w->rd = op->rd;
+    w->len = op->page_len;
+    w->src_off = op->src_off + (uint64_t)op->src_pages[i] * op->src_stride;
+    w->dst_off = op->dst_off + (uint64_t)op->dst_pages[i] * op->dst_stride;
+}
+
 /* ---- watchers ------------------------------------------------------------ */
 struct reaction {
     uint64_t threshold, id, seq;

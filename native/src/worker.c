@@ -147,18 +147,6 @@ void op_settle(aiote_engine *e, struct op *op)
         finish_op(e, op);
 }
 
-static inline void elem(const struct op *op, size_t i, struct welem *w)
-{
-    if (op->kind == OP_WRITES) {
-        *w = op->wrs[i];
-        return;
-    }
-    w->rd = op->rd;
-    w->len = op->page_len;
-    w->src_off = op->src_off + (uint64_t)op->src_pages[i] * op->src_stride;
-    w->dst_off = op->dst_off + (uint64_t)op->dst_pages[i] * op->dst_stride;
-}
-
 /* log2 of the shard count of an element */
 static unsigned shard_log(const aiote_engine *e, const struct op *op, const struct peer *p, uint64_t len)
 {
@@ -238,7 +226,7 @@ static inline bool dc_needed(const aiote_engine *e, const struct op *op, size_t 
 static int post_shard(aiote_engine *e, struct op *op, size_t i, int *nic_out)
 {
     struct welem w;
-    elem(op, i, &w);
+    op_elem(op, i, &w);
     if (w.len == 0 && !op->has_imm)
         return 0;
     const struct rdesc *rd = w.rd;
