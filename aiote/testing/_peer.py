@@ -17,6 +17,7 @@ import itertools
 import multiprocessing as mp
 import os
 import signal
+import time
 import traceback
 from typing import Any
 
@@ -225,6 +226,23 @@ def _child_main(conn: Any, provider: str, polling: str, kwargs: dict[str, Any]) 
 # ---------------------------------------------------------------- parent side
 
 
+def _all_threads_stopped(pid: int) -> bool:
+    """Every thread of pid is stopped (state T/t), or the process is gone."""
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return True
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if state not in ("T", "t", "Z", "X"):
+            return False
+    return True
+
+
 class PeerProcess:
     """A TransferEngine in a child process (spawned, so no inherited state).
 
@@ -345,9 +363,16 @@ class PeerProcess:
                     pass
 
     def pause(self) -> None:
-        """SIGSTOP the peer: its engine stops progressing (writes to it stay in flight)."""
+        """SIGSTOP the peer: its engine stops progressing (writes to it stay in flight).
+
+        Returns once every thread of the peer is stopped (``/proc``): the signal itself is
+        asynchronous, and on a loaded machine a thread of the peer was seen answering a
+        message sent right after ``kill()`` returned."""
         os.kill(self.proc.pid, signal.SIGSTOP)
         self._paused = True
+        deadline = time.monotonic() + 5
+        while not _all_threads_stopped(self.proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.0005)
 
     def resume(self) -> None:
         """SIGCONT a paused peer."""
