@@ -22,8 +22,14 @@
  * answers -FI_EAGAIN) is declared down when its ping has been refused for
  * peer_timeout.  A record unanswered for peer_timeout after its send
  * completed fails with ETIMEDOUT (a stopped target may still apply it when
- * it runs again, as with inline shm writes).  Closing the engine fails their ops with everything
- * else (EngineClosed). */
+ * it runs again, as with inline shm writes).  Closing the engine fails their
+ * ops with everything else (EngineClosed).
+ *
+ * A peer is asked first: the first carriable run to it goes as RMA writes and
+ * queues a hello; runs are carried once it answered (an aiote without carried
+ * writes drops the hello and keeps getting RMA writes; and its first message
+ * back, which over tcp;ofi_rxm sets up a connection of its own, ~10 ms here,
+ * is the answer, not a carried batch's acknowledgement). */
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
