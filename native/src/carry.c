@@ -86,7 +86,7 @@ bool carry_follows(const aiote_engine *e, const struct op *op, size_t i)
         return false;
     struct welem w;
     op_elem(op, i, &w);
-    return w.len <= e->carry_max;
+    return w.len <= e->carry_max && e->peers[w.rd->peer]->carry == CARRY_PEER_READY;
 }
 
 #define HELLO_MAGIC 0x4f4c4843u /* "CHLO" */
