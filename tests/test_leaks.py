@@ -104,7 +104,7 @@ async def settled_usage(before: Usage, timeout: float = 5) -> Usage:
         now = usage()
         if (now.fds, now.threads) == (before.fds, before.threads) or asyncio.get_running_loop().time() > deadline:
             return now
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(0.01)  # noqa: sleep-ok (polls /proc until fds settle, bounded)
 
 
 async def assert_flat_over_halves(cycles: Callable[[int], Awaitable[None]], n: int, per_cycle: int) -> None:

@@ -220,7 +220,7 @@ async def test_a_post_resolves_only_with_every_write_in_place(aiote_make_engine,
     if tcp and carry:  # the first carriable batch to a peer goes as RMA writes and asks it (a hello)
         await engine.scatter(src, [(d, 0, 0, 8), (d, 8, 8, 8)])
         while engine.stats()["carry_peers"] == 0:
-            await asyncio.sleep(0.001)
+            await asyncio.sleep(0.001)  # noqa: sleep-ok (polls a counter until the peer answered)
     for size in (64, 4096):
         prep = engine.prepare_scatter(src, [(d, i * size, i * size, size) for i in range(32)], imm=5)
         for rnd in range(1, 6):
