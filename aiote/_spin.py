@@ -53,6 +53,7 @@ class _SpinSelector:
         self._n = 0
         self._spin_ns = 0
         self._spinning = False  # the engines are in loop-spin mode (C side)
+        self._wait_ns = 0  # await-spin: EWMA of how long the loop waited before an event (ns)
         self._last_fd_poll = 0
         # epoll, kqueue, devpoll: one fd, readable when any fd registered with it is ready
         self._epfd = inner.fileno() if isinstance(inner, _POLLABLE) else -1
@@ -85,6 +86,11 @@ class _SpinSelector:
         n = self._n
         if not n:
             return self._inner.select(timeout)
+        spin_ns = self._spin_ns
+        if not spin_ns:
+            spin_ns = self._await_budget()
+            if spin_ns <= 0:  # -1: awaited but the waits run long (measure them); 0: nothing awaited
+                return self._sleep(timeout, measure=spin_ns < 0)
         h = self._handles
         if not self._spinning:
             for e in self._engines:
@@ -96,7 +102,7 @@ class _SpinSelector:
             self._last_fd_poll = time.monotonic_ns()
             return self._poll_fds()
         start = time.monotonic_ns()
-        budget = self._spin_ns if timeout is None else min(self._spin_ns, int(timeout * 1e9))
+        budget = spin_ns if timeout is None else min(spin_ns, int(timeout * 1e9))
         end = start + budget
         now = start
         while True:
@@ -104,6 +110,7 @@ class _SpinSelector:
             if chunk > 0 and _c_spin(h, n, chunk):
                 self._drain()
                 now = time.monotonic_ns()
+                self._waited(now - start)
                 if now - self._last_fd_poll < _FD_POLL_NS:
                     return []
                 self._last_fd_poll = now
@@ -117,16 +124,40 @@ class _SpinSelector:
             if now >= end:
                 break
         # nothing for the whole spin: hand progress back to the workers and sleep in epoll
-        pending = 0
-        for e in self._engines:
-            pending |= lib.aiote_loop_spin(e._h, 0)
-        self._spinning = False
-        if pending:
-            self._drain()
-            return self._inner.select(0)
         if timeout is not None:
             timeout = max(0.0, timeout - (time.monotonic_ns() - start) / 1e9)
-        return self._inner.select(timeout)
+        return self._sleep(timeout, not self._spin_ns, start)
+
+    def _await_budget(self) -> int:
+        """Await-spin: how long to spin now.  Only while a coroutine awaits one of the
+        engines (an operation in flight, an imm wait armed), and only while such waits
+        have lately ended sooner than half the budget: a spin that keeps running out
+        costs a core and then a wake-up more than sleeping at once."""
+        for e in self._engines:
+            if e._await_spin_ns and (e._ops or e.imms._waiters):
+                ns = e._await_spin_ns
+                return ns if self._wait_ns * 2 <= ns else -1
+        return 0
+
+    def _waited(self, ns: int) -> None:
+        self._wait_ns += (ns - self._wait_ns) >> 2  # EWMA, 1/4 weight to the newest wait
+
+    def _sleep(self, timeout: float | None, measure: bool = False, start: int = 0) -> list[Any]:
+        """Hand progress back to the workers (if the loop drove it) and sleep in epoll."""
+        if self._spinning:
+            pending = 0
+            for e in self._engines:
+                pending |= lib.aiote_loop_spin(e._h, 0)
+            self._spinning = False
+            if pending:
+                self._drain()
+                return self._inner.select(0)
+        if not measure or timeout == 0:
+            return self._inner.select(timeout)
+        t0 = start or time.monotonic_ns()
+        ready = self._inner.select(timeout)
+        self._waited(time.monotonic_ns() - t0)  # an event or a timer: the loop idled this long
+        return ready
 
     def _poll_fds(self) -> list[Any]:
         """The other fds' events, without waiting: ``select(0)`` of the real selector, asked

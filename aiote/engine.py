@@ -33,6 +33,10 @@ _WR = struct.Struct("=IIQQQ")  # aiote_wr: rdesc, _pad, src_off, dst_off, len (3
 _COPY = struct.Struct("=QQQ")  # aiote_copy: dst, src, len
 _U64 = 1 << 64
 _engine_ids = itertools.count(1)
+# await-spin default over tcp (docs/concepts.md): a batch of carried writes comes back in
+# ~50 us and a one-at-a-time write in ~25 us on the dev VM; waits that run longer than half
+# of this stop the spinning (the EWMA in _spin.py)
+_AWAIT_SPIN_US = 500
 _DONE, _AGAIN = lib.AIOTE_DONE, -lib.AIOTE_E_AGAIN
 _EV_OP, _EV_IMM = lib.AIOTE_EV_OP, lib.AIOTE_EV_IMM
 _poll_events = lib.aiote_poll_events  # bound once: the drain runs per wake-up
@@ -170,6 +174,16 @@ class TransferEngine:
             working).  Needs a ``SelectorEventLoop`` (asyncio's default on Linux); under uvloop
             the engine works as without it (``loop_spinning`` is False).  Use it for
             request/response latency with a free core per process; see docs/concepts.md.
+        await_spin_us: await-spin, the light form of ``loop_spin_us``: the loop spins (and
+            drives the engine's progress, the worker resting) up to this many µs only while
+            a coroutine awaits this engine (an operation in flight, an imm wait armed) and
+            only while such waits have lately ended within half of it; otherwise it sleeps
+            in epoll at once.  A write awaited over tcp then resumes its coroutine without
+            the worker's hand-off and the loop's wake-up (one-at-a-time 64 B writes ~2x
+            faster on a 2-core host).  0: off.  ``None``: ``AIOTE_AWAIT_SPIN_US`` from the
+            environment, else 500 over ``tcp;ofi_rxm`` and 0 elsewhere (on shm the direct
+            path completes small writes in the caller; a spinning loop there only took CPU
+            from the copies).  Ignored under ``loop_spin_us`` (which spins whenever idle).
     """
 
     def __init__(
@@ -202,6 +216,7 @@ class TransferEngine:
         direct_max: int | None = None,
         direct_workers: int | None = None,
         loop_spin_us: int = 0,
+        await_spin_us: int | None = None,
         direct_inline: int | None = None,
         direct_assist: int | None = None,
         carry_max: int | None = None,
@@ -263,6 +278,11 @@ class TransferEngine:
             raise InvalidArgument(f"loop_spin_us must be an int in 0..10000000 (µs), got {loop_spin_us!r}")
         self._loop_spin_ns = loop_spin_us * 1000
         self._loop_spinning = False
+        if await_spin_us is not None and (type(await_spin_us) is not int or not 0 <= await_spin_us <= 1_000_000):
+            raise InvalidArgument(f"await_spin_us must be an int in 0..1000000 (µs) or None, got {await_spin_us!r}")
+        self._await_spin_arg = await_spin_us
+        self._await_spin_ns = 0  # set at open (the default depends on the provider)
+        self._spin_attached = False
         self.requested_provider = PROVIDER_ALIASES.get(provider, provider)
         if gpu == "auto":
             gpu = "direct" if self.requested_provider.split(";")[0] in ("efa", "verbs") else "staged"
@@ -369,9 +389,15 @@ class TransferEngine:
         self._nic_addrs = tuple(addrs)
         self._efd = lib.aiote_engine_eventfd(self._h)
         self._loop.add_reader(self._efd, self._on_events)
-        if self._loop_spin_ns:
-            self._loop_spinning = _spin.attach(self)
-            if not self._loop_spinning:
+        await_us = self._await_spin_arg
+        if await_us is None:
+            await_us = _env_int("AIOTE_AWAIT_SPIN_US", _AWAIT_SPIN_US if self.provider.startswith("tcp") else 0)
+            await_us = min(max(await_us, 0), 1_000_000)
+        self._await_spin_ns = await_us * 1000
+        if self._loop_spin_ns or self._await_spin_ns:
+            self._spin_attached = _spin.attach(self)
+            self._loop_spinning = self._spin_attached and bool(self._loop_spin_ns)
+            if not self._spin_attached and self._loop_spin_ns:
                 self._log.warning("engine.loop_spin_unavailable", loop=type(self._loop).__name__,
                                   why="loop_spin_us needs a SelectorEventLoop; using the eventfd")
         self._log = self._log.bind(provider=self.provider)
@@ -390,8 +416,8 @@ class TransferEngine:
         self._closed = True
         if self._h is None:
             return
-        if self._loop_spinning:
-            self._loop_spinning = False
+        if self._spin_attached:
+            self._spin_attached = self._loop_spinning = False
             _spin.detach(self)  # before shutdown: the loop must not poll the engine any more
         if self._loop is not None and not self._loop.is_closed():
             self._loop.remove_reader(self._efd)
@@ -431,6 +457,11 @@ class TransferEngine:
     @property
     def closed(self) -> bool:
         return self._closed
+
+    @property
+    def await_spin_us(self) -> int:
+        """The await-spin budget in µs in effect (0: off, or the loop can't be wrapped)."""
+        return self._await_spin_ns // 1000 if self._spin_attached else 0
 
     @property
     def loop_spinning(self) -> bool:

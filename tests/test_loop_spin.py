@@ -94,7 +94,7 @@ async def test_several_engines_share_one_wrapper(provider, host):
     closing the last restores the loop's own selector; an engine without the option is
     untouched and still served (through its eventfd)."""
     inner = _selector()
-    plain = await aiote.TransferEngine(provider, host=host).__aenter__()
+    plain = await aiote.TransferEngine(provider, host=host, await_spin_us=0).__aenter__()
     a = await aiote.TransferEngine(provider, host=host, loop_spin_us=500).__aenter__()
     b = await aiote.TransferEngine(provider, host=host, loop_spin_us=50).__aenter__()
     try:
@@ -119,11 +119,12 @@ async def test_several_engines_share_one_wrapper(provider, host):
     assert _selector() is inner
 
 
-async def test_worker_steps_in_while_the_loop_is_busy(provider, host):
+@pytest.mark.parametrize("spin", [{"loop_spin_us": 1000}, {"await_spin_us": 1_000_000}], ids=["loop", "await"])
+async def test_worker_steps_in_while_the_loop_is_busy(provider, host, spin):
     """The loop thread submits and then blocks in plain Python (never reaching select):
     the workers of both spinning engines notice and post, progress and count on their own."""
-    async with aiote.TransferEngine(provider, host=host, loop_spin_us=1000) as a, \
-            aiote.TransferEngine(provider, host=host, loop_spin_us=1000) as b:
+    async with aiote.TransferEngine(provider, host=host, **spin) as a, \
+            aiote.TransferEngine(provider, host=host, **spin) as b:
         dst = b.register(bytearray(1024))
         src = a.register(bytearray(b"q" * 1024))
         await a.write(src, dst.descriptor, 8, imm=1)  # connect, warm up (through select)
@@ -158,7 +159,7 @@ async def test_cancel_and_close_while_spinning(provider, host):
     """A cancelled wait consumes nothing; closing a spinning engine fails its pending waits
     with EngineClosed and gives the loop its own selector back."""
     inner = _selector()
-    async with aiote.TransferEngine(provider, host=host) as a:
+    async with aiote.TransferEngine(provider, host=host, await_spin_us=0) as a:
         b = await aiote.TransferEngine(provider, host=host, loop_spin_us=1000).__aenter__()
         dst = b.register(bytearray(64))
         src = a.register(bytearray(64))
@@ -173,3 +174,73 @@ async def test_cancel_and_close_while_spinning(provider, host):
             with pytest.raises(aiote.EngineClosed):
                 await f
         assert _selector() is inner
+
+
+# -- await-spin (await_spin_us): the loop spins only while it awaits the engine ----------
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, "100", True, 1_000_001])
+def test_await_spin_validation(bad):
+    with pytest.raises(InvalidArgument):
+        aiote.TransferEngine("shm", await_spin_us=bad)
+
+
+async def test_await_spin_defaults(provider, host, monkeypatch):
+    """On by default over tcp (500 µs), off on shm; AIOTE_AWAIT_SPIN_US overrides the
+    default, an explicit argument overrides both; it is not latency mode."""
+    inner = _selector()
+    async with aiote.TransferEngine(provider, host=host) as e:
+        assert not e.loop_spinning
+        if provider == "tcp":
+            assert e.await_spin_us == 500 and isinstance(_selector(), _spin._SpinSelector)
+        else:
+            assert e.await_spin_us == 0 and _selector() is inner
+    assert _selector() is inner
+    monkeypatch.setenv("AIOTE_AWAIT_SPIN_US", "0" if provider == "tcp" else "300")
+    async with aiote.TransferEngine(provider, host=host) as e:
+        assert e.await_spin_us == (0 if provider == "tcp" else 300)
+    async with aiote.TransferEngine(provider, host=host, await_spin_us=42) as e:
+        assert e.await_spin_us == 42 and isinstance(_selector(), _spin._SpinSelector)
+    assert _selector() is inner
+
+
+async def test_await_spin_resolves_writes_in_select(provider, host, aiote_make_peer):
+    """One-at-a-time writes to another process: with await-spin the loop finds their
+    completions itself (loop_found), every imm lands once and the last bytes are in place;
+    with it off the loop never runs a progress pass."""
+    peer = await aiote_make_peer()
+    rid, pdesc = await peer.call("register", 4096, 0)
+    pdesc = aiote.MrDescriptor.from_bytes(pdesc)
+    n = 200
+    for budget, imm in ((1_000_000, 31), (0, 32)):
+        async with aiote.TransferEngine(provider, host=host, await_spin_us=budget) as eng:
+            buf = bytearray(range(256)) * 16
+            src = eng.register(buf)
+            for i in range(n):
+                await eng.write(src, pdesc, 64, src_offset=i, imm=imm)
+            assert await peer.call("wait_imm", imm, n, 30) is True
+            assert await peer.call("read", rid, 0, 64) == bytes(buf[n - 1:n + 63])
+            st = eng.stats()
+            if budget and provider == "tcp":  # shm: the direct path completes them in the call
+                assert st["loop_found"] > 0
+            if not budget:
+                assert st["loop_passes"] == 0
+
+
+async def test_await_spin_stops_after_long_waits(provider, host):
+    """A wait that outlasts half the budget stops the spinning: the next awaited wait runs
+    no progress pass in the loop (it sleeps in epoll at once); short round trips (tcp)
+    bring the spin back."""
+    async with aiote.TransferEngine(provider, host=host, await_spin_us=5000) as eng:
+        mr = eng.register(bytearray(64))
+        with pytest.raises(aiote.ImmTimeout):
+            await eng.imms.wait(77, 1, timeout=0.2)  # spins 5 ms, then sleeps out the 200 ms
+        passes = eng.stats()["loop_passes"]
+        with pytest.raises(aiote.ImmTimeout):
+            await eng.imms.wait(78, 1, timeout=0.2)
+        assert eng.stats()["loop_passes"] == passes
+        for _ in range(100):  # to itself: in flight over tcp, done in the call on shm
+            await eng.write(mr, mr.descriptor, 8, imm=79)
+        await eng.imms.wait(79, 100, timeout=10)
+        if provider == "tcp":
+            assert eng.stats()["loop_passes"] > passes

@@ -192,3 +192,24 @@ async def test_the_spin_window_stays_in_its_bounds(aiote_make_engine, peer):
         assert 2000 <= win <= spin_us * 1000
     else:
         assert spin_us * 1000 <= win <= 8 * spin_us * 1000
+
+
+async def test_the_worker_warms_its_pools_with_messages_to_itself(provider, host):
+    """tcp;ofi_rxm grows its buffer pools on an endpoint's first send and first segmented
+    message (~10 ms each here); the worker sends itself one small and one segmented message
+    at start so that no exchange pays that.  They are dropped: recv() gets only what was sent
+    to it, a write to our own region afterwards lands; shm sends none."""
+    async with aiote.TransferEngine(provider, host=host) as eng:
+        want = 2 if provider == "tcp" else 0
+        deadline = asyncio.get_running_loop().time() + 30
+        while eng.stats()["warm_msgs"] < want:  # noqa: sleep-ok (a C counter: no event to await)
+            assert asyncio.get_running_loop().time() < deadline, eng.stats()
+            await asyncio.sleep(0.001)
+        st = eng.stats()
+        assert st["warm_msgs"] == want and st["msgs_sent"] == want and st["msgs_received"] == 0
+        await eng.send(eng.address, b"mine")
+        assert await asyncio.wait_for(eng.recv(), 10) == (b"mine", eng.address)
+        mr = eng.register(bytearray(b"x" * 16) + bytearray(16))
+        await eng.write(mr, mr.descriptor, 16, 0, 16, imm=5)
+        await eng.imms.wait(5, 1, timeout=10)
+        assert mr.obj == bytearray(b"x" * 32)

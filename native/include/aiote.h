@@ -201,6 +201,8 @@ typedef struct {
     uint64_t carried_applied;  /* carried writes this engine applied as a target */
     uint64_t carried_refused;  /* carried messages it refused in part (closed region, bounds) */
     uint64_t carry_peers;      /* peers that said they take carried writes (hello answered) */
+    uint64_t warm_msgs;        /* tcp;ofi_rxm: messages the worker sent itself at start, received
+                                * (the provider's buffer pools grow then, not in the first exchange) */
 } aiote_stats;
 
 const char *aiote_last_error(void);

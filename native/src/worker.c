@@ -698,7 +698,9 @@ static void recv_done(aiote_engine *e, struct recv_slot *s, size_t len)
     if (len >= 16)
         memcpy(&flags, s->buf + 12, sizeof flags);
     if (len <= e->slot_size && parse_msg(s->buf, len, &v) == 0 && (flags & MSG_FLAG_PING)) {
-        /* a peer's liveness probe: receiving it was the answer */
+        /* a peer's liveness probe: receiving it was the answer (or our own warm-up) */
+        if (v.src_len == e->self_blob_len && memcmp(s->buf + v.src_off, e->self_blob, v.src_len) == 0)
+            e->stats.warm_msgs++;
     } else if (len <= e->slot_size && parse_msg(s->buf, len, &v) == 0 && (flags & MSG_FLAG_CARRY)) {
         carry_apply(e, s->buf, &v);
     } else if (len <= e->slot_size && parse_msg(s->buf, len, &v) == 0 && (flags & MSG_FLAG_CACK)) {
@@ -1292,6 +1294,31 @@ static void fail_all_closed(aiote_engine *e)
     event_queue_flush(&e->events, &e->pending_events);
 }
 
+/* tcp;ofi_rxm grows its bounce-buffer pools on an endpoint's first send (~12 ms
+ * of page faults here for 16 KiB buffers) and first segmented (SAR) message (~10
+ * ms more at the receiver): paid by whichever exchange comes first — a target's
+ * first acknowledgement, the first carried batch over 16 KiB — unless the worker
+ * pays it now, before any work, with two dropped messages to itself (one small,
+ * one segmented).  Self-sends go through a loopback connection of the endpoint's
+ * own (closed with it). */
+static void warm_pools(aiote_engine *e)
+{
+    const char *prov = e->nics[0].fi->fabric_attr->prov_name;
+    if (e->is_shm || strncmp(prov, "tcp", 3) != 0 || !strstr(prov, "ofi_rxm"))
+        return;
+    struct peer_arg pa = {.addrs = e->self_blob, .len = e->self_blob_len};
+    if (ctrl_peer_insert(e, &pa))
+        return;
+    size_t big = e->slot_size - 16 - e->self_blob_len;
+    big = big > 40 * 1024 ? 40 * 1024 : big; /* over rxm's 16 KiB eager limit: SAR */
+    size_t sizes[2] = {8, big};
+    for (int i = 0; i < 2; i++) {
+        void *m = calloc(1, sizes[i]);
+        if (m)
+            queue_internal_send(e, pa.peer, m, sizes[i], MSG_FLAG_PING);
+    }
+}
+
 void *worker_main(void *arg)
 {
     aiote_engine *e = arg;
@@ -1319,6 +1346,9 @@ void *worker_main(void *arg)
      * the core that the other threads need (it did when this was first tried, tcp8). */
     uint64_t win_hi = spin_ns * SPIN_STRETCH;
     direct_worker_begin(e);
+    pthread_mutex_lock(&e->progress_lock);
+    warm_pools(e);
+    pthread_mutex_unlock(&e->progress_lock);
     for (;;) {
         pthread_mutex_lock(&e->progress_lock);
         bool active = take_submissions(e, true);
