@@ -298,6 +298,8 @@ static int post_shard(aiote_engine *e, struct op *op, size_t i, int *nic_out)
     c->send_slot = -1;
     c->peer = rd->peer;
     c->index = i;
+    c->big = len >= BIG_WRITE;
+    e->big_inflight += c->big;
     op->inflight++;
     e->stats.writes_posted++;
     e->stats.writes_delivered += (flags & FI_DELIVERY_COMPLETE) != 0;
@@ -475,6 +477,10 @@ static void tx_done(aiote_engine *e, struct tx_ctx *c)
         e->send_free[e->nsend_free++] = c->send_slot;
     if (c->carry)
         carry_sent(e, c);
+    if (c->big) {
+        e->big_inflight--;
+        c->big = false;
+    }
     c->op = NULL;
     c->carry = 0;
     c->next_free = n->tx_free;
@@ -1364,7 +1370,7 @@ void *worker_main(void *arg)
             active |= poll_gated(e);
         active |= progress_pass(e, false);
         bool waiting = e->pend_head || e->gated_head;
-        bool own_work = waiting || atomic_load_explicit(&e->narmed, memory_order_relaxed);
+        bool own_work = waiting || atomic_load_explicit(&e->narmed, memory_order_relaxed) || e->big_inflight;
         pthread_mutex_unlock(&e->progress_lock);
         if (active || ring) {
             if (idle_since && !spun_out && spin_win < spin_ns) {
