@@ -147,6 +147,11 @@ def test_uvloop_falls_back_to_the_eventfd():
             mr = e.register(bytearray(64))
             await e.write(mr, mr.descriptor, 8, imm=5)
             await e.imms.wait(5, 1, timeout=10)
+        async with aiote.TransferEngine("tcp", host="127.0.0.1") as e:  # await-spin's default
+            assert e.await_spin_us == 0 and not e.loop_spinning
+            mr = e.register(bytearray(64))
+            await e.write(mr, mr.descriptor, 8, imm=6)
+            await e.imms.wait(6, 1, timeout=10)
 
     loop = uvloop.new_event_loop()
     try:
