@@ -163,7 +163,9 @@ class TransferEngine:
             acknowledgement (the bytes are in the target's memory, as with a
             delivery-complete write).  Over tcp one write is one ``sendmsg`` a side; this
             makes it one per message.  0: off.  ``None``: ``AIOTE_CARRY_MAX`` from the
-            environment, else 8192.  At most ``msg_size``.  See docs/concepts.md.
+            environment, else 8192, but at most ``msg_size`` (a smaller ``msg_size`` takes
+            the default down with it).  An explicit value must be at most ``msg_size``.
+            See docs/concepts.md.
         loop_spin_us: latency mode (0, the default: off).  The asyncio loop's thread spins
             up to this many µs on the engine's events before it sleeps in epoll, driving the
             engine's progress itself meanwhile (the worker rests while it does), and resolves
@@ -270,8 +272,8 @@ class TransferEngine:
             direct_assist = _env_int("AIOTE_DIRECT_ASSIST", 1)
         if type(direct_assist) is not int or not 0 <= direct_assist <= 15:
             raise InvalidArgument(f"direct_assist must be an int 0..15, got {direct_assist!r}")
-        if carry_max is None:
-            carry_max = _env_int("AIOTE_CARRY_MAX", 8192)
+        if carry_max is None:  # the default follows a small msg_size down
+            carry_max = min(_env_int("AIOTE_CARRY_MAX", 8192), msg_size) if type(msg_size) is int else 8192
         if type(carry_max) is not int or not 0 <= carry_max <= msg_size:
             raise InvalidArgument(f"carry_max must be an int 0..msg_size ({msg_size}), got {carry_max!r}")
         if type(loop_spin_us) is not int or not 0 <= loop_spin_us <= 10_000_000:

@@ -137,6 +137,20 @@ async def test_bad_carry_max(aiote_provider, aiote_host, bad):
         aiote.TransferEngine(aiote_provider, host=aiote_host, carry_max=bad)
 
 
+async def test_a_small_msg_size_takes_the_default_down(aiote_provider, aiote_host, monkeypatch):
+    """msg_size below 8 KiB with carry_max left alone opens (the default follows it down; it
+    used to fail with InvalidArgument), and so does AIOTE_CARRY_MAX above it; an explicit
+    carry_max above msg_size is still refused.  Over tcp the engine's messages still work."""
+    async with aiote.TransferEngine(aiote_provider, host=aiote_host, msg_size=4096) as e:
+        await e.send(e.address, b"small")
+        assert await asyncio.wait_for(e.recv(), 10) == (b"small", e.address)
+    monkeypatch.setenv("AIOTE_CARRY_MAX", "65536")
+    async with aiote.TransferEngine(aiote_provider, host=aiote_host, msg_size=2048):
+        pass
+    with pytest.raises(aiote.InvalidArgument, match="carry_max"):
+        aiote.TransferEngine(aiote_provider, host=aiote_host, msg_size=4096, carry_max=8192)
+
+
 async def test_closed_region_inside_a_message_fails_at_its_first_write(engine, peer):
     """8 writes to an open region, 8 to a closed one, 8 to the open one, in one message: the
     target applies the first 8 and stops (a prefix); the op fails with EKEYREJECTED naming

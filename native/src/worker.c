@@ -1315,8 +1315,8 @@ static void warm_pools(aiote_engine *e)
     struct peer_arg pa = {.addrs = e->self_blob, .len = e->self_blob_len};
     if (ctrl_peer_insert(e, &pa))
         return;
-    size_t big = e->slot_size - 16 - e->self_blob_len;
-    big = big > 40 * 1024 ? 40 * 1024 : big; /* over rxm's 16 KiB eager limit: SAR */
+    /* over rxm's 16 KiB eager limit (SAR), within what a message may carry */
+    size_t big = e->cfg.msg_size < 40 * 1024 ? (size_t)e->cfg.msg_size : 40 * 1024;
     size_t sizes[2] = {8, big};
     for (int i = 0; i < 2; i++) {
         void *m = calloc(1, sizes[i]);
