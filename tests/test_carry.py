@@ -52,11 +52,13 @@ async def region(peer, size: int, fill: int = 0) -> tuple[int, aiote.MrDescripto
 
 async def test_first_batch_to_a_peer_asks_it_first(engine, peer):
     """The first carriable batch to a peer goes as RMA writes plus a hello (an older aiote would
-    drop a carried message; and the peer's first message back sets up its connection to us);
-    once the peer answered, batches to it are carried.  It marks us too."""
+    drop a carried message); once the peer answered, batches to it are carried.  It marks us
+    too.  Connected first (a lone write, never carried): while the connection is being set up
+    the batch's RMA writes wait, and the hello, a message, can go first and be answered."""
     rid, d = await region(peer, 4096)
     src = engine.register(bytearray(b"\x03" * 4096))
-    assert engine.stats()["carry_peers"] == 0
+    await engine.write(src, d, 8, 0, 4088)
+    assert engine.stats()["carry_peers"] == 0 and engine.stats()["writes_carried"] == 0
     await engine.scatter(src, [(d, 0, i * 64, 64) for i in range(8)], imm=9)
     assert engine.stats()["writes_carried"] == 0
     await carrying(engine, peer)

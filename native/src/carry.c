@@ -27,9 +27,9 @@
  *
  * A peer is asked first: the first carriable run to it goes as RMA writes and
  * queues a hello; runs are carried once it answered (an aiote without carried
- * writes drops the hello and keeps getting RMA writes; and its first message
- * back, which over tcp;ofi_rxm sets up a connection of its own, ~10 ms here,
- * is the answer, not a carried batch's acknowledgement). */
+ * writes drops the hello and keeps getting RMA writes).  While the connection is
+ * still being set up, the run's RMA writes wait and the hello may be answered
+ * before they are posted: they are carried then. */
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
