@@ -3,13 +3,16 @@ memory flat (docs/reliability.md, "Leaks").
 
 Each test runs a warm-up first (the first engines grow glibc's per-thread malloc arenas and
 libfabric's pools: tcp's RSS rises ~80 MB over the first few engines and then stays put), takes
-a snapshot, runs the cycles in two equal halves and compares: open fds (/proc/self/fd) and
+a snapshot, runs the cycles in three equal parts and compares: open fds (/proc/self/fd) and
 threads (/proc/self/task) must be exactly equal at the end, RSS (/proc/self/statm) may grow by
-a small slack per cycle, justified where it is defined, in at least one of the halves.
+a small slack per cycle, justified where it is defined, in at least one of the parts.
 
-Why halves: a pool that grows once, when it happens to (tcp's traffic cycles: +16 MB in one
-malloc arena about once in four full runs, live memory that malloc_trim does not give back,
-never twice), shows in one half only; a leak grows with the cycles and shows in both.
+Why parts: a pool that grows once, when it happens to, shows in one part only; a leak grows
+with the cycles and shows in all.  tcp's traffic cycles grew RSS ~16 MB in one malloc arena
+about once in four full runs (live memory that malloc_trim does not give back); once (CI,
+2026-11-28, after the tcp worker began warming its provider's pools) that came in the first
+half and +1.5 MB of main heap in the second, with 1,000 cycles (-m slow) flat: two one-time
+growths, so three parts, not two.
 """
 
 from __future__ import annotations
@@ -43,6 +46,8 @@ PER_ENGINE_CYCLE = 512
 # provider (measured after warm-up: shm ~1.3 KiB, tcp ~0.35 KiB a cycle).
 PER_TRAFFIC_CYCLE = 2048
 NOISE = 1 << 20
+# the cycles run in this many equal parts; RSS must stay within its slack in one of them
+PARTS = 3
 
 
 class Usage(NamedTuple):
@@ -107,23 +112,25 @@ async def settled_usage(before: Usage, timeout: float = 5) -> Usage:
         await asyncio.sleep(0.01)  # noqa: sleep-ok (polls /proc until fds settle, bounded)
 
 
-async def assert_flat_over_halves(cycles: Callable[[int], Awaitable[None]], n: int, per_cycle: int) -> None:
-    """Run ``cycles(n // 2)`` twice: fds and threads exactly as before, RSS grown by at most
-    ``per_cycle`` a cycle (+ NOISE) in at least one half (see the module's doc)."""
-    half = n // 2
+async def assert_flat_over_parts(cycles: Callable[[int], Awaitable[None]], n: int, per_cycle: int,
+                                 parts: int = PARTS) -> None:
+    """Run ``cycles(n // parts)`` ``parts`` times: fds and threads exactly as before, RSS grown
+    by at most ``per_cycle`` a cycle (+ NOISE) in at least one part (see the module's doc)."""
+    part = n // parts
     before = usage()
-    await cycles(half)
-    mid = await settled_usage(before)
-    await cycles(half)
-    after = await settled_usage(before)
-    assert after.fds == before.fds, (before.fds, mid.fds, after.fds)
-    assert after.threads == before.threads, (before.threads, mid.threads, after.threads)
-    slack = half * per_cycle + NOISE
-    grew = (mid.rss - before.rss, after.rss - mid.rss)
+    snaps = [before]
+    for _ in range(parts):
+        await cycles(part)
+        snaps.append(await settled_usage(before))
+    after = snaps[-1]
+    assert after.fds == before.fds, [u.fds for u in snaps]
+    assert after.threads == before.threads, [u.threads for u in snaps]
+    slack = part * per_cycle + NOISE
+    grew = [b.rss - a.rss for a, b in zip(snaps, snaps[1:])]
     assert min(grew) <= slack, (
-        f"RSS grew {grew[0] / 1024:.0f} then {grew[1] / 1024:.0f} KiB over two halves of {half} cycles "
-        f"(allowed {slack / 1024:.0f} KiB in one); grown mappings: {grown_mappings(before, mid)} | "
-        f"{grown_mappings(mid, after)}")
+        f"RSS grew {' then '.join(f'{g / 1024:.0f}' for g in grew)} KiB over {parts} parts of {part} cycles "
+        f"(allowed {slack / 1024:.0f} KiB in one); grown mappings: "
+        + " | ".join(grown_mappings(a, b) for a, b in zip(snaps, snaps[1:])))
 
 
 async def open_close(provider: str, host: str | None, n: int) -> None:
@@ -136,7 +143,7 @@ async def open_close(provider: str, host: str | None, n: int) -> None:
 async def test_engine_open_close_cycles(aiote_provider: str, aiote_host: str | None) -> None:
     """1,000 engines opened, given a region, closed: no fd, thread or memory left behind."""
     await open_close(aiote_provider, aiote_host, 50)
-    await assert_flat_over_halves(lambda n: open_close(aiote_provider, aiote_host, n), ENGINE_CYCLES,
+    await assert_flat_over_parts(lambda n: open_close(aiote_provider, aiote_host, n), ENGINE_CYCLES,
                                   PER_ENGINE_CYCLE)
 
 
@@ -158,7 +165,7 @@ async def test_register_deregister_cycles(aiote_engine: aiote.TransferEngine) ->
             mr.close()
         done += n
 
-    await assert_flat_over_halves(cycles, REGISTER_CYCLES, 0)
+    await assert_flat_over_parts(cycles, REGISTER_CYCLES, 0)
     # requested keys are random 64-bit values: all distinct, never sequential, bits balanced
     assert np.unique(keys).size == REGISTER_CYCLES
     assert not np.any(np.diff(keys.astype(np.int64)) == 1)
@@ -183,7 +190,7 @@ async def run_traffic_cycles(provider: str, host: str | None, n: int) -> None:
     async with aiote.TransferEngine(provider, host=host) as b:
         inbox = b.register(bytearray(4096))
         await traffic_cycles(provider, host, b, inbox, 20)
-        await assert_flat_over_halves(lambda k: traffic_cycles(provider, host, b, inbox, k), n, PER_TRAFFIC_CYCLE)
+        await assert_flat_over_parts(lambda k: traffic_cycles(provider, host, b, inbox, k), n, PER_TRAFFIC_CYCLE)
         assert b.imms.pending(1) == 0
 
 
