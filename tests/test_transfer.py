@@ -213,3 +213,27 @@ async def test_the_worker_warms_its_pools_with_messages_to_itself(provider, host
         await eng.write(mr, mr.descriptor, 16, 0, 16, imm=5)
         await eng.imms.wait(5, 1, timeout=10)
         assert mr.obj == bytearray(b"x" * 32)
+
+
+def _thread_names() -> list[str]:
+    import os
+
+    names = []
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                names.append(f.read().strip())
+        except OSError:  # the thread ended meanwhile
+            continue
+    return names
+
+
+async def test_engine_threads_are_named(provider, host):
+    """top -H, perf and py-spy tell the engine's threads apart (docs/deploying.md)."""
+    before = _thread_names().count("aiote-worker")
+    async with aiote.TransferEngine(provider, host=host) as eng:
+        names = _thread_names()
+        assert names.count("aiote-worker") == before + 1
+        if eng.provider == "shm":
+            assert "aiote-watchdog" in names
+    assert _thread_names().count("aiote-worker") == before

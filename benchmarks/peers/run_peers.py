@@ -188,10 +188,19 @@ def json_lines(text: str) -> list[dict[str, Any]]:
     return out
 
 
+# Every worker imports numpy (its buffers).  numpy's OpenBLAS starts a thread pool at
+# import whose threads spin (sched_yield) for ~100 ms of CPU before they sleep: on a
+# 2-core machine that lands on the first point's window (64 B) and shares a CPU with
+# whichever engine thread is there (a trace showed the initiator's worker getting its CPU
+# once per 4 ms tick; aiote 64 B tcp pipelined 0.25-1.05 M writes/s per run with it,
+# 0.67-1.04 M without, NIXL unchanged).  No worker does BLAS or OpenMP work: one thread each.
+QUIET_POOLS = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
 def run_pair(cfg: Config, sizes: list[int], timeout: float) -> dict[str, Any]:
     """Target, then initiator; returns {"results": [...], "ready": {...}, "error": str|None}."""
     py = sys.executable if cfg.system == "aiote" else str(venv_python())
-    env = dict(os.environ, **cfg.env)
+    env = dict(os.environ, **QUIET_POOLS, **cfg.env)
     worker = str(HERE / cfg.worker)
     out: dict[str, Any] = {"results": [], "ready": {}, "error": None, "load": C.loadavg()}
     with tempfile.TemporaryDirectory(prefix="peers-") as tmp:
@@ -563,7 +572,8 @@ def main() -> int:
     data: dict[str, Any] = {
         "machine": info,
         "command": " ".join([".venv/bin/python", "benchmarks/peers/run_peers.py", *sys.argv[1:]]),
-        "config": {"runs": args.runs, "scale": args.scale, "inflight": K.INFLIGHT, "polling": "adaptive"},
+        "config": {"runs": args.runs, "scale": args.scale, "inflight": K.INFLIGHT, "polling": "adaptive",
+                   "worker_env": QUIET_POOLS},
         "sizes": sizes,
         "runs": {c.key: [] for c in cfgs},
         "ps_start": top_processes(),

@@ -27,6 +27,7 @@
 #include <errno.h>
 #include <linux/futex.h>
 #include <sched.h>
+#include <sys/prctl.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/syscall.h>
@@ -206,6 +207,7 @@ static uint32_t run_chunks(struct as_job *j, bool front, struct iovec *lo, struc
 static void *assist_main(void *arg)
 {
     struct as_thread *t = arg;
+    prctl(PR_SET_NAME, "aiote-assist", 0, 0, 0);
     struct assist *a = t->e->assist;
     uint64_t last = mono_ns();
     for (;;) {

@@ -82,6 +82,7 @@
 #include <limits.h>
 #include <poll.h>
 #include <sched.h>
+#include <sys/prctl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -1649,6 +1650,7 @@ struct copier_arg {
 static void *copier_main(void *arg)
 {
     struct copier_arg *ca = arg;
+    prctl(PR_SET_NAME, "aiote-copier", 0, 0, 0);
     aiote_engine *e = ca->e;
     uint32_t me = ca->idx;
     free(ca);
