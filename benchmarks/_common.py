@@ -30,6 +30,10 @@ FI_KBENCH = RAW_DIR / "fi_kbench"
 # AIOTE_BENCH_RESULTS: write results elsewhere (e.g. a device machine's $OUT)
 RESULTS_DIR = Path(os.environ["AIOTE_BENCH_RESULTS"]) if os.environ.get("AIOTE_BENCH_RESULTS") else HERE / "results"
 IMG_DIR = ROOT / "docs" / "img"
+# numpy's OpenBLAS pool spins ~100 ms of CPU after import, beside the engines under test
+# (docs/benchmarks.md, "OpenBLAS threads and the 64 B tcp point"); no benchmark does BLAS
+# work.  Set before any numpy import here, inherited by the target processes.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 # aiote provider name -> libfabric provider string that fi_bench takes
 PROVIDERS = {"shm": "shm", "tcp": "tcp;ofi_rxm"}
