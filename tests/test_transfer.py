@@ -215,25 +215,28 @@ async def test_the_worker_warms_its_pools_with_messages_to_itself(provider, host
         assert mr.obj == bytearray(b"x" * 32)
 
 
-def _thread_names() -> list[str]:
+def _threads() -> dict[str, str]:
+    """tid -> name of this process's threads."""
     import os
 
-    names = []
+    out = {}
     for tid in os.listdir("/proc/self/task"):
         try:
             with open(f"/proc/self/task/{tid}/comm") as f:
-                names.append(f.read().strip())
+                out[tid] = f.read().strip()
         except OSError:  # the thread ended meanwhile
             continue
-    return names
+    return out
 
 
 async def test_engine_threads_are_named(provider, host):
-    """top -H, perf and py-spy tell the engine's threads apart (docs/deploying.md)."""
-    before = _thread_names().count("aiote-worker")
+    """top -H, perf and py-spy tell the engine's threads apart (docs/deploying.md): the
+    names are set before the engine is returned."""
+    before = _threads()
     async with aiote.TransferEngine(provider, host=host) as eng:
-        names = _thread_names()
-        assert names.count("aiote-worker") == before + 1
+        new = {t: n for t, n in _threads().items() if t not in before}
+        assert list(new.values()).count("aiote-worker") == 1, new
         if eng.provider == "shm":
-            assert "aiote-watchdog" in names
-    assert _thread_names().count("aiote-worker") == before
+            assert "aiote-watchdog" in new.values(), new
+    ours = {t for t, n in new.items() if n.startswith("aiote-")}
+    assert not ours & set(_threads())  # joined at close

@@ -27,7 +27,6 @@
 #include <errno.h>
 #include <linux/futex.h>
 #include <sched.h>
-#include <sys/prctl.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/syscall.h>
@@ -207,7 +206,6 @@ static uint32_t run_chunks(struct as_job *j, bool front, struct iovec *lo, struc
 static void *assist_main(void *arg)
 {
     struct as_thread *t = arg;
-    prctl(PR_SET_NAME, "aiote-assist", 0, 0, 0);
     struct assist *a = t->e->assist;
     uint64_t last = mono_ns();
     for (;;) {
@@ -263,6 +261,7 @@ static struct assist *assist_start(aiote_engine *e)
         a->t[i].e = e;
         if (pthread_create(&a->t[i].thread, NULL, assist_main, &a->t[i]) != 0)
             break;
+        pthread_setname_np(a->t[i].thread, "aiote-assist");
         a->t[i].started = true;
         a->n++;
     }

@@ -82,7 +82,6 @@
 #include <limits.h>
 #include <poll.h>
 #include <sched.h>
-#include <sys/prctl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -1650,7 +1649,6 @@ struct copier_arg {
 static void *copier_main(void *arg)
 {
     struct copier_arg *ca = arg;
-    prctl(PR_SET_NAME, "aiote-copier", 0, 0, 0);
     aiote_engine *e = ca->e;
     uint32_t me = ca->idx;
     free(ca);
@@ -1737,6 +1735,7 @@ static struct dcopier *copier_start(aiote_engine *e)
             free(ca);
             break;
         }
+        pthread_setname_np(c->threads[i], "aiote-copier");
         c->nthreads++;
     }
     if (!c->nthreads) {

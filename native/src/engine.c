@@ -146,11 +146,15 @@ int aiote_engine_open(const aiote_config *cfg, aiote_engine **out)
     if (!rc && pthread_create(&e->worker, NULL, worker_main, e) != 0) {
         aiote_set_error("cannot start the worker thread: %s", strerror(errno));
         rc = -AIOTE_E_NOMEM;
+    } else if (!rc) {
+        pthread_setname_np(e->worker, "aiote-worker"); /* top -H, perf, py-spy tell the threads apart */
     }
     if (!rc && e->is_shm) {
         pthread_mutex_init(&e->wd_lock, NULL);
         pthread_cond_init(&e->wd_cond, NULL);
         e->watchdog_started = pthread_create(&e->watchdog, NULL, watchdog_main, e) == 0;
+        if (e->watchdog_started)
+            pthread_setname_np(e->watchdog, "aiote-watchdog");
     }
     if (rc) {
         char saved[sizeof last_error];

@@ -1328,7 +1328,6 @@ static void warm_pools(aiote_engine *e)
 void *worker_main(void *arg)
 {
     aiote_engine *e = arg;
-    prctl(PR_SET_NAME, "aiote-worker", 0, 0, 0); /* top -H, perf, py-spy tell the threads apart */
     int old;
     pthread_setcancelstate(PTHREAD_CANCEL_DISABLE, &old);
     pthread_setcanceltype(PTHREAD_CANCEL_ASYNCHRONOUS, &old);
@@ -1487,7 +1486,6 @@ void *worker_main(void *arg)
 void *watchdog_main(void *arg)
 {
     aiote_engine *e = arg;
-    prctl(PR_SET_NAME, "aiote-watchdog", 0, 0, 0);
     unsigned last_peer = 0, stuck = 0;
     uint64_t last_seq = 0;
     pthread_mutex_lock(&e->wd_lock);
