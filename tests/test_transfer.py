@@ -1,6 +1,7 @@
 """Writes, imms and messages between two real processes on shm and tcp;ofi_rxm."""
 
 import asyncio
+import os
 import random
 
 import pytest
@@ -217,8 +218,6 @@ async def test_the_worker_warms_its_pools_with_messages_to_itself(provider, host
 
 def _threads() -> dict[str, str]:
     """tid -> name of this process's threads."""
-    import os
-
     out = {}
     for tid in os.listdir("/proc/self/task"):
         try:
