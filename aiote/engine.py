@@ -280,6 +280,8 @@ class TransferEngine:
             raise InvalidArgument(f"loop_spin_us must be an int in 0..10000000 (µs), got {loop_spin_us!r}")
         self._loop_spin_ns = loop_spin_us * 1000
         self._loop_spinning = False
+        if await_spin_us is None and os.environ.get("AIOTE_AWAIT_SPIN_US"):
+            await_spin_us = _env_int("AIOTE_AWAIT_SPIN_US", 0)  # checked as the argument is
         if await_spin_us is not None and (type(await_spin_us) is not int or not 0 <= await_spin_us <= 1_000_000):
             raise InvalidArgument(f"await_spin_us must be an int in 0..1000000 (µs) or None, got {await_spin_us!r}")
         self._await_spin_arg = await_spin_us
@@ -392,9 +394,8 @@ class TransferEngine:
         self._efd = lib.aiote_engine_eventfd(self._h)
         self._loop.add_reader(self._efd, self._on_events)
         await_us = self._await_spin_arg
-        if await_us is None:
-            await_us = _env_int("AIOTE_AWAIT_SPIN_US", _AWAIT_SPIN_US if self.provider.startswith("tcp") else 0)
-            await_us = min(max(await_us, 0), 1_000_000)
+        if await_us is None:  # the default depends on the provider opened
+            await_us = _AWAIT_SPIN_US if self.provider.startswith("tcp") else 0
         self._await_spin_ns = await_us * 1000
         if self._loop_spin_ns or self._await_spin_ns:
             self._spin_attached = _spin.attach(self)

@@ -207,6 +207,10 @@ async def test_await_spin_defaults(provider, host, monkeypatch):
     async with aiote.TransferEngine(provider, host=host, await_spin_us=42) as e:
         assert e.await_spin_us == 42 and isinstance(_selector(), _spin._SpinSelector)
     assert _selector() is inner
+    for bad in ("-1", "2000000", "fast"):  # checked as the argument is, not clamped
+        monkeypatch.setenv("AIOTE_AWAIT_SPIN_US", bad)
+        with pytest.raises(aiote.InvalidArgument, match="AIOTE_AWAIT_SPIN_US|await_spin_us"):
+            aiote.TransferEngine(provider, host=host)
 
 
 async def test_await_spin_resolves_writes_in_select(provider, host, aiote_make_peer):
