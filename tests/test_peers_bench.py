@@ -80,6 +80,22 @@ def test_summary_ratio_and_tables(rp: Any) -> None:
     assert any("NIXL/UCX tcp** failed in 1 of 2 runs: `boom`" in f for f in rp.failures(data))
 
 
+def test_best_aiote_row_verdict(rp: Any) -> None:
+    """A missed size is checked again with aiote's best row (another polling discipline)."""
+    mb = 1 << 20
+    data = _data({
+        "aiote-tcp": [_run("aiote", {64: 50e3, mb: 3e3}, 40.0)],
+        "aiote-tcp-busy": [_run("aiote", {64: 40e3, mb: 5e3}, 30.0)],
+        "nixl-tcp": [_run("nixl", {64: 20e3, mb: 4e3}, 80.0)],
+    })
+    checks = "\n".join(rp.target_check(data))
+    assert "tcp, pipelined GB/s, aiote ≥ best peer at every size: **missed** at 1 MiB (0.75× NIXL/UCX tcp)" in checks
+    assert "best row at each size (`aiote-tcp`, `aiote-tcp-busy`): **met**" in checks
+    data["runs"]["aiote-tcp-busy"] = [_run("aiote", {64: 40e3, mb: 2e3}, 30.0)]
+    checks = "\n".join(rp.target_check(data))
+    assert "(`aiote-tcp`, `aiote-tcp-busy`): **missed** at 1 MiB (0.75× NIXL/UCX tcp)" in checks
+
+
 def test_cell_formats(rp: Any) -> None:
     s = {"median": 12.345, "min": 11.0, "max": 13.0, "values": [11.0, 12.345, 13.0]}
     assert rp.cell(s, "gbps") == "12.35 (11.00–13.00)"

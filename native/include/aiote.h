@@ -203,6 +203,8 @@ typedef struct {
     uint64_t carry_peers;      /* peers that said they take carried writes (hello answered) */
     uint64_t warm_msgs;        /* tcp;ofi_rxm: messages the worker sent itself at start, received
                                 * (the provider's buffer pools grow then, not in the first exchange) */
+    uint64_t retry_naps;       /* naps of the worker while every pending post was refused for a
+                                * while and deferred (backoff instead of a hot retry loop) */
 } aiote_stats;
 
 const char *aiote_last_error(void);

@@ -117,6 +117,7 @@ struct op {
     bool cancelled;
     bool posted_all;       /* every element posted (or posting stopped) */
     uint64_t eagain_since; /* when the provider started refusing it (ns), 0 if not */
+    uint64_t retry_at;     /* refused for a while: not offered again before this (ns), 0: now */
 
     /* writes */
     uint32_t mr_index; /* local region (refs held) */
@@ -432,6 +433,9 @@ struct aiote_engine {
      * their bytes to the socket on every progress call, and a loop that runs Python
      * between its calls fed 1 MiB tcp streams ~15 % slower than a worker beside it */
     uint32_t big_inflight;
+    /* after post_pending: ns until the first refused op may be offered again; 0 when some
+     * op can be tried at once (or the scan stopped early): the worker naps only if > 0 */
+    uint64_t retry_wait_ns;
 
     /* statistics: written by the worker, read racily (monotonic counters) */
     aiote_stats stats;

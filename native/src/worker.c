@@ -27,6 +27,19 @@
 
 #define CQ_BATCH 64
 #define MAX_BLOCKED_OPS 8 /* refused ops to try past before giving up this round */
+/* A post the provider keeps refusing (-FI_EAGAIN) is offered again after a delay
+ * of 1/16 of how long it has been refused (from 50 us on, at most 1 ms), not in a
+ * hot loop (the worker keeps driving progress meanwhile, and naps only when
+ * nothing of its own is in flight).  On shm every attempt takes the *peer's* region lock (a connection
+ * request not yet taken, a full command queue), and the peer's own progress needs
+ * that lock to take what would end the refusal: a sender retrying flat out, and
+ * preempted while it holds the lock, can keep the peer from draining for seconds
+ * on a small machine (docs/reliability.md).  Short refusals (a queue full for a
+ * few microseconds) are still retried at once. */
+#define RETRY_BACKOFF_AFTER_NS 50000ull
+#define RETRY_BACKOFF_MAX_NS 1000000ull
+#define RETRY_NAP_MIN_NS 20000ull  /* the worker naps (instead of yielding) for waits this long, */
+#define RETRY_NAP_MAX_NS 200000ull /* at most this long at a time */
 #define SHARD_ALIGN 64
 #define WARM_NS (50ull * 1000 * 1000) /* recent traffic keeps naps short */
 /* Adaptive polling's spin window (shm engines): a spin that runs its whole window without
@@ -392,18 +405,81 @@ static int post_send(aiote_engine *e, struct op *op, int *nic_out)
  * the next ops get their turn, so one unreachable peer can't stall the
  * others; an op refused without any progress for peer_timeout fails with
  * ETIMEDOUT (its peer is taken for unreachable). */
+/* The peer the next post of op goes to; UINT32_MAX for none (nothing left to post). */
+static uint32_t op_next_peer(const struct op *op)
+{
+    if (op->next_post >= op->n)
+        return UINT32_MAX;
+    switch (op->kind) {
+    case OP_SEND:
+    case OP_PING:
+    case OP_NOTE:
+        return op->peer;
+    case OP_IMMS:
+        return op->ipeers[op->next_post];
+    case OP_WRITES:
+    case OP_PAGED: {
+        struct welem w;
+        op_elem(op, op->next_post, &w);
+        return w.rd ? w.rd->peer : UINT32_MAX;
+    }
+    default:
+        return UINT32_MAX;
+    }
+}
+
 static bool post_pending(aiote_engine *e)
 {
     bool did = false;
     uint64_t now = 0; /* read the clock only when the provider refuses something */
+    uint64_t wait = UINT64_MAX; /* until the first deferred op may be tried again */
     int blocked = 0;
+    /* peers refused (or deferred) in this pass: a later op to one of them waits too, so
+     * what goes to one peer leaves in submission order (messages are delivered in order) */
+    uint32_t held[MAX_BLOCKED_OPS];
+    int nheld = 0;
     struct op *prev = NULL, *op = e->pend_head;
+    e->retry_wait_ns = 0;
     while (op && blocked < MAX_BLOCKED_OPS) {
         struct op *next = op->next;
         /* OP_IMMS: the imms of bytes that landed already must follow them */
         if (op->cancelled && op->next_post < op->n && op->kind != OP_IMMS) {
             fail_op(op, -AIOTE_E_CLOSED, FI_ECANCELED, 0, op->next_post, -1);
             op->n = op->next_post;
+        }
+        uint32_t to = op_next_peer(op);
+        bool behind = false;
+        for (int k = 0; k < nheld && !behind; k++)
+            behind = held[k] == to;
+        if (!behind && op->retry_at && op->next_post < op->n) {
+            if (!now)
+                now = now_ns();
+            if (now < op->retry_at) { /* refused a while ago: not yet */
+                if (op->retry_at - now < wait)
+                    wait = op->retry_at - now;
+                behind = true;
+            } else {
+                op->retry_at = 0;
+            }
+        }
+        if (behind) { /* behind a refused op to the same peer, or deferred itself */
+            if (!now)
+                now = now_ns();
+            if (!op->eagain_since) {
+                op->eagain_since = now; /* waiting behind a refusal is being refused */
+            } else if (now - op->eagain_since > e->peer_timeout_ns) {
+                fail_op(op, -AIOTE_E_PROVIDER, FI_ETIMEDOUT, 0, op->next_post, -1);
+                op->n = op->next_post; /* post nothing more of it: unlinked below */
+                behind = false;
+            }
+        }
+        if (behind) {
+            if (to != UINT32_MAX && nheld < MAX_BLOCKED_OPS)
+                held[nheld++] = to;
+            blocked++;
+            prev = op;
+            op = next;
+            continue;
         }
         bool refused = false;
         while (op->next_post < op->n) {
@@ -431,6 +507,15 @@ static bool post_pending(aiote_engine *e)
                     op->n = op->next_post; /* post nothing more of it */
                     break;
                 }
+                uint64_t refused_for = now - op->eagain_since;
+                if (refused_for >= RETRY_BACKOFF_AFTER_NS) {
+                    uint64_t d = refused_for / 16 < RETRY_BACKOFF_MAX_NS ? refused_for / 16 : RETRY_BACKOFF_MAX_NS;
+                    op->retry_at = now + d;
+                    if (d < wait)
+                        wait = d;
+                } else {
+                    wait = 0;
+                }
                 refused = true;
                 break;
             }
@@ -448,6 +533,9 @@ static bool post_pending(aiote_engine *e)
             op->next_post += adv;
         }
         if (refused) {
+            to = op_next_peer(op); /* the element refused (after any posted before it) */
+            if (to != UINT32_MAX && nheld < MAX_BLOCKED_OPS)
+                held[nheld++] = to;
             blocked++;
             prev = op;
             op = next;
@@ -466,6 +554,10 @@ static bool post_pending(aiote_engine *e)
             finish_op(e, op);
         op = next;
     }
+    /* every op looked at is deferred: the worker may nap that long (not if the scan
+     * stopped at MAX_BLOCKED_OPS with ops behind it unseen) */
+    if (!op && wait != UINT64_MAX)
+        e->retry_wait_ns = wait;
     return did;
 }
 
@@ -1082,6 +1174,39 @@ static void rest_while_loop_drives(aiote_engine *e)
     }
 }
 
+/* Nothing of ours in flight on any NIC: no transfer needs this worker's progress
+ * calls (over tcp they are what feeds a write's bytes to the socket). */
+static bool nics_idle(const aiote_engine *e)
+{
+    for (uint32_t i = 0; i < e->nnics; i++)
+        if (e->nics[i].inflight)
+            return false;
+    return true;
+}
+
+/* Every pending op was refused for a while and is deferred (post_pending), and
+ * nothing else of ours is in flight (nics_idle): sleep
+ * until the first may be offered again, or a submission or control op comes.
+ * Completions of other ops wait meanwhile (at most RETRY_NAP_MAX_NS). */
+static void retry_nap(aiote_engine *e, uint64_t ns)
+{
+    atomic_store(&e->worker_sleeping, true); /* seq_cst: before the loads below (Dekker with enqueue) */
+    if (atomic_load(&e->sub_pending) || atomic_load(&e->stopping)) {
+        atomic_store(&e->worker_sleeping, false);
+        return;
+    }
+    struct pollfd fd = {.fd = e->sub_efd, .events = POLLIN};
+    struct timespec ts = {0, (long)ns};
+    int r = ppoll(&fd, 1, &ts, NULL);
+    atomic_store(&e->worker_sleeping, false);
+    e->stats.retry_naps++;
+    if (r > 0 && (fd.revents & POLLIN)) {
+        uint64_t v;
+        ssize_t rr = read(e->sub_efd, &v, sizeof v);
+        (void)rr;
+    }
+}
+
 /* Returns true if an fd (a wake-up, a completion) ended the sleep, false for a
  * timeout or no sleep at all. */
 static bool idle_sleep(aiote_engine *e, uint64_t *backoff_ns, bool warm)
@@ -1413,7 +1538,10 @@ void *worker_main(void *arg)
             }
         }
         if (waiting) { /* work waits on a queue or copies: keep driving progress */
-            sched_yield();
+            if (e->retry_wait_ns >= RETRY_NAP_MIN_NS && !e->gated_head && nics_idle(e))
+                retry_nap(e, e->retry_wait_ns < RETRY_NAP_MAX_NS ? e->retry_wait_ns : RETRY_NAP_MAX_NS);
+            else
+                sched_yield();
             continue;
         }
         if (direct_inline_pending(e) && !loop_spins) {
