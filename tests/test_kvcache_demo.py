@@ -123,7 +123,13 @@ async def test_fifty_requests_survive_a_kill_a_join_and_a_retirement(log_file: s
     # what each client saw streaming is the answer: no token lost or repeated across the retry
     assert all(a.streamed == a.tokens for a in answers)
     by_rid = {a.rid: a for a in answers}
-    assert by_rid[killed["rid"]].attempts >= 2 and by_rid[killed["rid"]].decode != victim
+    # the request whose first token triggered the kill was retried elsewhere, unless the victim
+    # finished it before the SIGKILL landed (the signal follows the token through the router and
+    # the client: tens of ms on a loaded box, as long as a short answer's decode; seen once in a
+    # full suite run); either way some request the victim held was retried and finished elsewhere
+    k = by_rid[killed["rid"]]
+    assert (k.attempts >= 2 and k.decode != victim) or (k.attempts == 1 and k.decode == victim), k
+    assert any(a.attempts >= 2 and a.decode != victim for a in answers)
     assert stats["died"] == 1 and stats["retries"] >= 1 and stats["failed"] == 0
     assert any(e["kind"] == "retry" and victim in e["reason"] for e in events)
     assert any(e["kind"] == "left" and e["name"] == "prefill-2" for e in events)

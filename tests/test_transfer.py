@@ -195,6 +195,35 @@ async def test_the_spin_window_stays_in_its_bounds(aiote_make_engine, peer):
         assert spin_us * 1000 <= win <= 8 * spin_us * 1000
 
 
+async def test_a_large_write_streaming_in_keeps_the_target_worker_awake(aiote_make_engine, peer):
+    """Adaptive polling, not shm: a 16 MiB write arrives over the socket for milliseconds and
+    completes nothing until its last byte.  A sleep that the socket's bytes end with nothing
+    complete starts a stream spin (``stream_spins``): the target's worker spins until the write
+    completes (or 2 ms pass) instead of sleeping and being woken again every time it catches up
+    with the sender.  The bytes land, every imm is counted, and once the writes are done the
+    worker sleeps again (its timed naps go on: ``wakeups`` grows).  On shm the direct path
+    copies the bytes; nothing streams there."""
+    eng = await aiote_make_engine(polling="adaptive")
+    n = 16 << 20
+    dst = bytearray(n)
+    mr = eng.register(dst)
+    rid, _ = await peer.call("register", n, 0x6B)
+    waited = eng.imms.wait(61, 4, timeout=60)
+    for _ in range(4):
+        await peer.call("write", rid, mr.descriptor.to_bytes(), n, 0, 0, 61)
+    await waited
+    assert dst == b"\x6b" * n
+    st = eng.stats()
+    if eng.provider == "shm":
+        assert st["stream_spins"] == 0
+        return
+    assert st["stream_spins"] > 0
+    deadline = asyncio.get_running_loop().time() + 30
+    while eng.stats()["wakeups"] < st["wakeups"] + 3:  # it sleeps (10 ms naps), not spins on
+        assert asyncio.get_running_loop().time() < deadline
+        await asyncio.sleep(0.005)  # noqa: sleep-ok (polls a C counter: no event to await)
+
+
 async def test_the_worker_warms_its_pools_with_messages_to_itself(provider, host):
     """tcp;ofi_rxm grows its buffer pools on an endpoint's first send and first segmented
     message (~10 ms each here); the worker sends itself one small and one segmented message

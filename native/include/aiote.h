@@ -205,6 +205,9 @@ typedef struct {
                                 * (the provider's buffer pools grow then, not in the first exchange) */
     uint64_t retry_naps;       /* naps of the worker while every pending post was refused for a
                                 * while and deferred (backoff instead of a hot retry loop) */
+    uint64_t stream_spins;     /* adaptive polling, not shm: sleeps that bytes on a provider socket
+                                * ended with nothing complete (a large write streaming): the worker
+                                * then spun until a completion or 2 ms, instead of sleeping again */
 } aiote_stats;
 
 const char *aiote_last_error(void);

@@ -53,6 +53,7 @@
  * that core is the writer's: issue 2's throughput). */
 #define SPIN_MIN_NS 2000ull
 #define SPIN_STRETCH 8 /* not shm: the window stretches up to this many times spin_us */
+#define STREAM_SPIN_NS 2000000ull /* not shm: spin this long after bytes (not completions) woke us */
 
 static uint64_t now_ns(void)
 {
@@ -1207,9 +1208,12 @@ static void retry_nap(aiote_engine *e, uint64_t ns)
     }
 }
 
-/* Returns true if an fd (a wake-up, a completion) ended the sleep, false for a
- * timeout or no sleep at all. */
-static bool idle_sleep(aiote_engine *e, uint64_t *backoff_ns, bool warm)
+enum { SLEPT, WOKEN, TRAFFIC };
+
+/* Returns WOKEN if the submission eventfd ended the sleep; TRAFFIC if a CQ's fd did
+ * (bytes moved on a provider socket, or completions came) or fi_trywait refused the
+ * sleep because they are there; SLEPT for a timeout or no sleep at all. */
+static int idle_sleep(aiote_engine *e, uint64_t *backoff_ns, bool warm)
 {
     atomic_store(&e->worker_sleeping, true);
     if (!direct_sleep_begin(e) || sub_nonempty(e) || atomic_load(&e->stopping) || e->pending_events.n) {
@@ -1245,7 +1249,7 @@ static bool idle_sleep(aiote_engine *e, uint64_t *backoff_ns, bool warm)
         if (fi_trywait(e->nics[0].fabric, cqs, ncq) != FI_SUCCESS) {
             direct_sleep_end(e);
             atomic_store(&e->worker_sleeping, false);
-            return false; /* completions are ready: don't sleep */
+            return TRAFFIC; /* completions are ready: don't sleep */
         }
         /* manual-progress providers need to be driven now and then */
         ts.tv_nsec = 10 * 1000 * 1000;
@@ -1279,7 +1283,10 @@ static bool idle_sleep(aiote_engine *e, uint64_t *backoff_ns, bool warm)
         ssize_t rr = read(e->sub_efd, &v, sizeof v);
         (void)rr;
     }
-    return r > 0;
+    for (int i = 1; r > 0 && i < nfds; i++)
+        if (fds[i].revents)
+            return TRAFFIC;
+    return r > 0 ? WOKEN : SLEPT;
 }
 
 /* The part of a worker iteration after submissions, watches and CUDA gates:
@@ -1476,6 +1483,15 @@ void *worker_main(void *arg)
      * worker spinning.  The spin yields its CPU (below), so a longer one no longer takes
      * the core that the other threads need (it did when this was first tried, tcp8). */
     uint64_t win_hi = spin_ns * SPIN_STRETCH;
+    /* Not shm: a large write streams over the provider's socket for milliseconds and
+     * completes nothing until its last byte.  A sleep that a CQ's fd ended (bytes came, or
+     * the socket took more) and that no completion follows is such a stream: the worker
+     * spins (politely) until something completes or STREAM_SPIN_NS pass, instead of
+     * sleeping and being woken again each time it catches up with the other side (40-80
+     * times per 16 MiB write over tcp, each wake-up paid on the peer's CPU on loopback;
+     * docs/benchmarks.md, "Large tcp writes and the sleeping worker"). */
+    uint64_t stream_until = 0;
+    uint64_t stream_ns = spin_ns ? STREAM_SPIN_NS : 0;
     direct_worker_begin(e);
     pthread_mutex_lock(&e->progress_lock);
     warm_pools(e);
@@ -1521,6 +1537,7 @@ void *worker_main(void *arg)
             idle_since = 0;
             spun_out = false;
             woken = false;
+            stream_until = 0; /* something completed: the stream (if any) is over */
             /* short naps again only for work the loop does not do; otherwise each early
              * wake-up preempts a spinning thread on a small machine (issue 2's p99) */
             if (active || !atomic_load_explicit(&e->events.spinning, memory_order_relaxed))
@@ -1556,7 +1573,8 @@ void *worker_main(void *arg)
         if (!idle_since)
             idle_since = now;
         /* while the loop spins it sees direct-path imms itself: no spin here */
-        if (e->cfg.polling == AIOTE_POLL_ADAPTIVE && now - idle_since < spin_win && !loop_spins) {
+        if (e->cfg.polling == AIOTE_POLL_ADAPTIVE &&
+            (now - idle_since < spin_win || now < stream_until) && !loop_spins) {
             /* Not shm: spin politely.  A thread woken by this worker's own work (the
              * event loop on its eventfd, a peer's worker on a loopback socket) is put
              * on this CPU (a sync wake-up, the waker "about to sleep"), and an idle CPU
@@ -1578,7 +1596,12 @@ void *worker_main(void *arg)
             spin_win = spin_win / 2 > spin_ns ? spin_win / 2 : spin_ns;
             e->stats.spin_window_ns = spin_win;
         }
-        woken = idle_sleep(e, &backoff, now - idle_since < WARM_NS);
+        int slept = idle_sleep(e, &backoff, now - idle_since < WARM_NS);
+        woken = slept != SLEPT;
+        if (slept == TRAFFIC && !adapt && stream_ns) {
+            stream_until = now_ns() + stream_ns;
+            e->stats.stream_spins++;
+        }
     }
     /* ctrl ops that raced with stopping: refuse them */
     pthread_mutex_lock(&e->sub_lock);
