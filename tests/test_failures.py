@@ -581,6 +581,31 @@ async def test_messages_to_a_peer_that_refuses_them_keep_their_order():
             assert got == [b"re:m%03d" % i for i in range(50)]
 
 
+async def test_many_messages_held_for_one_peer_dont_hold_up_another():
+    """Twenty messages wait for a stopped shm peer (its connection request untaken); a message
+    to another engine still goes out at once.  The pending scan used to stop after 8 refused
+    operations, so a ninth queued for the stuck peer held back every peer behind it until
+    ``peer_timeout``; operations that wait behind a refused one to the same peer are now
+    skipped without counting."""
+    async with PeerProcess("shm") as peer:
+        addr = await peer.call("address")
+        async with aiote.TransferEngine("shm", peer_timeout=60) as eng, \
+                aiote.TransferEngine("shm") as other:
+            peer.pause()
+            try:
+                held = [eng.send(addr, b"h%02d" % i) for i in range(20)]
+                while eng.stats()["eagain"] == 0:
+                    await asyncio.sleep(0.001)  # noqa: sleep-ok (polls a C counter: no event to await)
+                await asyncio.wait_for(asyncio.gather(eng.send(other.address, b"free"), other.recv()), 10)
+                assert not any(f.done() for f in held)
+            finally:
+                peer.resume()
+            echo = peer.call("echo_messages", 20)
+            got = [(await asyncio.wait_for(eng.recv(), 60))[0] for _ in range(20)]
+            await asyncio.wait_for(asyncio.gather(*held, echo), 60)
+            assert got == [b"re:h%02d" % i for i in range(20)]
+
+
 async def test_closing_before_a_peer_took_our_connection_request_spares_the_peer():
     """shm (libfabric 1.17): the first post to a peer queues a connection request naming the
     sender's endpoint and is refused (EAGAIN) until the peer's progress takes it, which maps the

@@ -26,7 +26,8 @@
 #include "internal.h"
 
 #define CQ_BATCH 64
-#define MAX_BLOCKED_OPS 8 /* refused ops to try past before giving up this round */
+#define MAX_BLOCKED_OPS 8 /* peers refused this round before giving up on the rest of the queue */
+#define MAX_SKIPPED_OPS 65536 /* ops waiting behind refused ones looked at in one round, at most */
 /* A post the provider keeps refusing (-FI_EAGAIN) is offered again after a delay
  * of 1/16 of how long it has been refused (from 50 us on, at most 1 ms), not in a
  * hot loop (the worker keeps driving progress meanwhile, and naps only when
@@ -438,7 +439,7 @@ static bool post_pending(aiote_engine *e)
     /* peers refused (or deferred) in this pass: a later op to one of them waits too, so
      * what goes to one peer leaves in submission order (messages are delivered in order) */
     uint32_t held[MAX_BLOCKED_OPS];
-    int nheld = 0;
+    int nheld = 0, skipped = 0;
     struct op *prev = NULL, *op = e->pend_head;
     e->retry_wait_ns = 0;
     while (op && blocked < MAX_BLOCKED_OPS) {
@@ -475,9 +476,19 @@ static bool post_pending(aiote_engine *e)
             }
         }
         if (behind) {
-            if (to != UINT32_MAX && nheld < MAX_BLOCKED_OPS)
-                held[nheld++] = to;
-            blocked++;
+            /* only a peer newly held counts towards MAX_BLOCKED_OPS: any number of ops
+             * queued behind a refused one cost a compare each, never a provider call, and
+             * must not hold up the peers queued after them */
+            bool known = false;
+            for (int k = 0; k < nheld && !known; k++)
+                known = held[k] == to;
+            if (!known) {
+                if (to != UINT32_MAX && nheld < MAX_BLOCKED_OPS)
+                    held[nheld++] = to;
+                blocked++;
+            }
+            if (++skipped >= MAX_SKIPPED_OPS)
+                break;
             prev = op;
             op = next;
             continue;
