@@ -559,6 +559,15 @@ async def test_a_refused_post_is_retried_with_backoff_not_in_a_hot_loop():
             assert peer.alive
 
 
+async def _echoed_in_order(peer, eng, sent, payloads) -> None:
+    """The peer (running again) answers each of our messages; every send completes and the
+    answers come back in the order the messages were sent."""
+    echo = peer.call("echo_messages", len(payloads))
+    got = [(await asyncio.wait_for(eng.recv(), 60))[0] for _ in payloads]
+    await asyncio.wait_for(asyncio.gather(*sent, echo), 60)
+    assert got == [b"re:" + p for p in payloads]
+
+
 async def test_messages_to_a_peer_that_refuses_them_keep_their_order():
     """Messages to one peer leave in submission order even while the provider refuses them: a
     later message never overtakes a refused (or deferred, above) earlier one to the same peer.
@@ -575,10 +584,7 @@ async def test_messages_to_a_peer_that_refuses_them_keep_their_order():
                 await asyncio.sleep(0.05)  # noqa: sleep-ok
             finally:
                 peer.resume()
-            echo = peer.call("echo_messages", 50)
-            got = [(await asyncio.wait_for(eng.recv(), 60))[0] for _ in range(50)]
-            await asyncio.wait_for(asyncio.gather(*sends, echo), 60)
-            assert got == [b"re:m%03d" % i for i in range(50)]
+            await _echoed_in_order(peer, eng, sends, [b"m%03d" % i for i in range(50)])
 
 
 async def test_many_messages_held_for_one_peer_dont_hold_up_another():
@@ -600,10 +606,7 @@ async def test_many_messages_held_for_one_peer_dont_hold_up_another():
                 assert not any(f.done() for f in held)
             finally:
                 peer.resume()
-            echo = peer.call("echo_messages", 20)
-            got = [(await asyncio.wait_for(eng.recv(), 60))[0] for _ in range(20)]
-            await asyncio.wait_for(asyncio.gather(*held, echo), 60)
-            assert got == [b"re:h%02d" % i for i in range(20)]
+            await _echoed_in_order(peer, eng, held, [b"h%02d" % i for i in range(20)])
 
 
 async def test_closing_before_a_peer_took_our_connection_request_spares_the_peer():

@@ -1164,26 +1164,36 @@ static bool sub_nonempty(aiote_engine *e)
     return r;
 }
 
-/* Loop-spin mode on a provider whose progress the loop drives (not shm): the
- * worker rests on its submission eventfd (control ops, gated ops, the loop
- * turning the spin off) for up to a millisecond at a time. */
-static void rest_while_loop_drives(aiote_engine *e)
+/* Sleep up to ns on the submission eventfd (new submissions, control ops, the loop
+ * turning its spin off wake it); not if any of those is already there, or, with
+ * while_loop_spins, if the event loop no longer spins.  Returns whether it slept. */
+static bool nap_on_submissions(aiote_engine *e, uint64_t ns, bool while_loop_spins)
 {
     atomic_store(&e->worker_sleeping, true); /* seq_cst: before the loads below (Dekker with aiote_loop_spin, enqueue) */
-    if (atomic_load(&e->sub_pending) || atomic_load(&e->stopping) || !atomic_load(&e->events.spinning)) {
+    if (atomic_load(&e->sub_pending) || atomic_load(&e->stopping) ||
+        (while_loop_spins && !atomic_load(&e->events.spinning))) {
         atomic_store(&e->worker_sleeping, false);
-        return;
+        return false;
     }
     struct pollfd fd = {.fd = e->sub_efd, .events = POLLIN};
-    struct timespec ts = {0, 1000 * 1000};
+    struct timespec ts = {(time_t)(ns / 1000000000u), (long)(ns % 1000000000u)};
     int r = ppoll(&fd, 1, &ts, NULL);
     atomic_store(&e->worker_sleeping, false);
-    e->stats.wakeups++;
     if (r > 0 && (fd.revents & POLLIN)) {
         uint64_t v;
         ssize_t rr = read(e->sub_efd, &v, sizeof v);
         (void)rr;
     }
+    return true;
+}
+
+/* Loop-spin mode on a provider whose progress the loop drives (not shm): the
+ * worker rests on its submission eventfd (control ops, gated ops, the loop
+ * turning the spin off) for up to a millisecond at a time. */
+static void rest_while_loop_drives(aiote_engine *e)
+{
+    if (nap_on_submissions(e, 1000 * 1000, true))
+        e->stats.wakeups++;
 }
 
 /* Nothing of ours in flight on any NIC: no transfer needs this worker's progress
@@ -1202,21 +1212,8 @@ static bool nics_idle(const aiote_engine *e)
  * Completions of other ops wait meanwhile (at most RETRY_NAP_MAX_NS). */
 static void retry_nap(aiote_engine *e, uint64_t ns)
 {
-    atomic_store(&e->worker_sleeping, true); /* seq_cst: before the loads below (Dekker with enqueue) */
-    if (atomic_load(&e->sub_pending) || atomic_load(&e->stopping)) {
-        atomic_store(&e->worker_sleeping, false);
-        return;
-    }
-    struct pollfd fd = {.fd = e->sub_efd, .events = POLLIN};
-    struct timespec ts = {0, (long)ns};
-    int r = ppoll(&fd, 1, &ts, NULL);
-    atomic_store(&e->worker_sleeping, false);
-    e->stats.retry_naps++;
-    if (r > 0 && (fd.revents & POLLIN)) {
-        uint64_t v;
-        ssize_t rr = read(e->sub_efd, &v, sizeof v);
-        (void)rr;
-    }
+    if (nap_on_submissions(e, ns, false))
+        e->stats.retry_naps++;
 }
 
 enum { SLEPT, WOKEN, TRAFFIC };
