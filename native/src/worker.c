@@ -30,13 +30,13 @@
 #define MAX_SKIPPED_OPS 65536 /* ops waiting behind refused ones looked at in one round, at most */
 /* A post the provider keeps refusing (-FI_EAGAIN) is offered again after a delay
  * of 1/16 of how long it has been refused (from 50 us on, at most 1 ms), not in a
- * hot loop (the worker keeps driving progress meanwhile, and naps only when
- * nothing of its own is in flight).  On shm every attempt takes the *peer's* region lock (a connection
- * request not yet taken, a full command queue), and the peer's own progress needs
- * that lock to take what would end the refusal: a sender retrying flat out, and
- * preempted while it holds the lock, can keep the peer from draining for seconds
- * on a small machine (docs/reliability.md).  Short refusals (a queue full for a
- * few microseconds) are still retried at once. */
+ * hot loop; the worker keeps driving progress meanwhile and naps only when nothing
+ * of its own is in flight.  On shm every attempt takes the *peer's* region lock (a
+ * connection request not yet taken, a full command queue), and the peer's own
+ * progress needs that lock to take what would end the refusal: a sender retrying
+ * flat out, and preempted while it holds the lock, can keep the peer from draining
+ * for seconds on a small machine (docs/reliability.md).  Short refusals (a queue
+ * full for a few microseconds) are still retried at once. */
 #define RETRY_BACKOFF_AFTER_NS 50000ull
 #define RETRY_BACKOFF_MAX_NS 1000000ull
 #define RETRY_NAP_MIN_NS 20000ull  /* the worker naps (instead of yielding) for waits this long, */
@@ -402,11 +402,6 @@ static int post_send(aiote_engine *e, struct op *op, int *nic_out)
     return 0;
 }
 
-/* Post queued work in submission order.  An op the provider refuses
- * (-FI_EAGAIN: queue full, or its peer still connecting) stays queued and
- * the next ops get their turn, so one unreachable peer can't stall the
- * others; an op refused without any progress for peer_timeout fails with
- * ETIMEDOUT (its peer is taken for unreachable). */
 /* The peer the next post of op goes to; UINT32_MAX for none (nothing left to post). */
 static uint32_t op_next_peer(const struct op *op)
 {
@@ -430,6 +425,12 @@ static uint32_t op_next_peer(const struct op *op)
     }
 }
 
+/* Post queued work in submission order.  An op the provider refuses
+ * (-FI_EAGAIN: queue full, or its peer still connecting) stays queued, later
+ * ops to the same peer wait behind it (one peer's ops leave in order), and
+ * ops to other peers get their turn, so one unreachable peer can't stall the
+ * others; an op refused (or waiting behind a refused one) for peer_timeout
+ * fails with ETIMEDOUT (its peer is taken for unreachable). */
 static bool post_pending(aiote_engine *e)
 {
     bool did = false;
@@ -1227,7 +1228,7 @@ static int idle_sleep(aiote_engine *e, uint64_t *backoff_ns, bool warm)
     if (!direct_sleep_begin(e) || sub_nonempty(e) || atomic_load(&e->stopping) || e->pending_events.n) {
         direct_sleep_end(e);
         atomic_store(&e->worker_sleeping, false);
-        return false;
+        return SLEPT;
     }
     struct pollfd fds[1 + AIOTE_MAX_NICS];
     struct fid *cqs[AIOTE_MAX_NICS];
