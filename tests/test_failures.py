@@ -291,6 +291,53 @@ async def test_peer_that_never_accepts_times_out(aiote_make_engine, aiote_provid
         assert isinstance(res[0], aiote.PeerUnreachable) and res[0].fi_errno == errno.ETIMEDOUT, res
 
 
+async def test_operations_waiting_behind_a_refused_one_time_out_too(aiote_make_engine, aiote_provider):
+    """Writes queued behind a refused write to the same stopped peer are never offered to the
+    provider (one peer's operations leave in order); waiting there counts as being refused, so
+    they fail with PeerUnreachable (ETIMEDOUT) after peer_timeout like the first, not one
+    peer_timeout after another."""
+    eng = await aiote_make_engine(peer_timeout=2, direct_shm=False)
+    async with PeerProcess(aiote_provider) as peer:
+        _, desc = await peer.call("register", 4096, 0)
+        d = aiote.MrDescriptor.from_bytes(desc)
+        src = eng.register(bytearray(4096))
+        peer.pause()
+        try:
+            t0 = time.monotonic()
+            writes = [eng.write(src, d, imm=1) for _ in range(3)]
+            res = await asyncio.wait_for(asyncio.gather(*writes, return_exceptions=True), 30)
+            took = time.monotonic() - t0
+        finally:
+            peer.resume()
+        for r in res:
+            assert isinstance(r, aiote.PeerUnreachable) and r.fi_errno == errno.ETIMEDOUT, res
+        assert took < 5, took  # together (~2 s), not one peer_timeout after another (6 s)
+
+
+@pytest.mark.aiote_providers("shm")
+async def test_cancelling_messages_held_behind_a_refused_one_withdraws_them():
+    """Messages queued for a stopped shm peer (its connection request untaken) were never handed
+    to the provider: cancelling two of them withdraws them (the awaits raise CancelledError),
+    and once the peer runs the others arrive, in order, without them."""
+    async with PeerProcess("shm") as peer:
+        addr = await peer.call("address")
+        async with aiote.TransferEngine("shm", peer_timeout=60) as eng:
+            peer.pause()
+            try:
+                sends = [eng.send(addr, b"c%d" % i) for i in range(5)]
+                while eng.stats()["eagain"] == 0:
+                    await asyncio.sleep(0.001)  # noqa: sleep-ok (polls a C counter: no event to await)
+                sends[1].cancel()
+                sends[3].cancel()
+                for f in (sends[1], sends[3]):
+                    with pytest.raises(asyncio.CancelledError):
+                        await f
+            finally:
+                peer.resume()
+            kept = [sends[i] for i in (0, 2, 4)]
+            await _echoed_in_order(peer, eng, kept, [b"c0", b"c2", b"c4"])
+
+
 @pytest.mark.aiote_providers("shm")
 async def test_dead_peer_shm_fails_and_spares_others(aiote_make_engine, aiote_make_peer, aiote_faults):
     """shm never reports a killed peer: the engine sees its process exit (pidfd) and fails
