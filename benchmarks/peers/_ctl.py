@@ -30,9 +30,18 @@ MAX_SIZE = 64 << 20
 OP_TIMEOUT = 30.0  # seconds one operation may take before a worker gives up (no hangs)
 
 # byte budgets per point; counts are deterministic so that two-sided peers
-# (gloo) can post exactly the matching receives
-PIPE_BUDGET, PIPE_MIN, PIPE_MAX = 512 << 20, 32, 20_000
-ONE_BUDGET, ONE_MIN, ONE_MAX = 128 << 20, 16, 3_000
+# (gloo) can post exactly the matching receives.  4 GiB / 1 GiB: with the
+# earlier 512 / 128 MiB a shm 1 MiB pipelined point lasted ~12 ms and a tcp
+# 16 MiB one ~0.1 s, short enough for one scheduler hiccup on a 2-core box to
+# decide it (both aiote and NIXL were bimodal there run to run; docs/benchmarks.md,
+# "Longer points in the peers driver 2026-11-28")
+PIPE_BUDGET, PIPE_MIN, PIPE_MAX = 4 << 30, 32, 20_000
+ONE_BUDGET, ONE_MIN, ONE_MAX = 1 << 30, 16, 3_000
+
+
+def plan(sizes: list[int]) -> dict[str, list[int]]:
+    """Timed operations per size: [pipelined, one at a time] (the JSON's config)."""
+    return {str(s): [pipe_ops(s), one_ops(s)] for s in sizes}
 
 
 def _env_scale() -> float:

@@ -503,6 +503,15 @@ def versions(data: dict[str, Any]) -> str:
     return ", ".join(v)
 
 
+def ops_line(data: dict[str, Any]) -> str:
+    """The timed operations per point, the same for every system (older JSON: not recorded)."""
+    ops = data["config"].get("ops")
+    if not ops:
+        return "Timed operations per point: not recorded in this JSON (512 MiB / 128 MiB budgets then)."
+    parts = [f"{C.fmt_size(int(s))} {p:,} / {o:,}" for s, (p, o) in ops.items()]
+    return "Timed operations per point, pipelined / one at a time, the same for every system: " + "; ".join(parts) + "."
+
+
 def generated(data: dict[str, Any]) -> str:
     m = data["machine"]
     loads = [ld for runs in data["runs"].values() for r in runs for ld in r.get("load", [])[:1]]
@@ -522,6 +531,7 @@ def generated(data: dict[str, Any]) -> str:
         f"aiote engines: `polling=\"{data['config']['polling']}\"`, `delivery_complete=True`. "
         f"Median (min–max) of {data['config']['runs']} interleaved runs per point; results "
         f"`{data.get('results_file', '?')}`.",
+        ops_line(data),
         "",
         "What each system's \"complete\" means here:",
         "",
@@ -600,7 +610,7 @@ def main() -> int:
         "machine": info,
         "command": " ".join([".venv/bin/python", "benchmarks/peers/run_peers.py", *sys.argv[1:]]),
         "config": {"runs": args.runs, "scale": args.scale, "inflight": K.INFLIGHT, "polling": "adaptive",
-                   "worker_env": QUIET_POOLS},
+                   "worker_env": QUIET_POOLS, "ops": K.plan(sizes)},
         "sizes": sizes,
         "runs": {c.key: [] for c in cfgs},
         "ps_start": top_processes(),
