@@ -224,6 +224,36 @@ async def test_a_large_write_streaming_in_keeps_the_target_worker_awake(aiote_ma
         await asyncio.sleep(0.005)  # noqa: sleep-ok (polls a C counter: no event to await)
 
 
+async def test_the_spin_yields_only_after_the_worker_woke_someone(aiote_make_engine, peer):
+    """Adaptive polling, not shm: between looks the worker's idle spin calls sched_yield
+    (``spin_yields``) only when what it just did may have put another thread on its CPU: it
+    handed events to its event loop, or posted to a peer.  A target that only takes in bytes
+    and imms (nothing on its side awaits them) spins without yielding; the initiator, whose
+    worker posted the writes, yields.  The bytes land and every imm counts either way; on
+    shm the worker never yields."""
+    eng = await aiote_make_engine(polling="adaptive")
+    n = 1 << 20
+    dst = bytearray(n)
+    mr = eng.register(dst)
+    desc = mr.descriptor.to_bytes()
+    rid, _ = await peer.call("register", n, 0x5D)
+    await peer.call("write", rid, desc, n, 0, 0, 70)  # connects (the target answers a hello: a post)
+    await eng.imms.wait(70, 1, timeout=30)  # an event for our loop: the next idle spin yields
+    await peer.call("write", rid, desc, n, 0, 0, 72)  # its imm ends that idle period
+    before, pbefore = eng.stats(), await peer.call("stats")
+    for _ in range(20):
+        await peer.call("write", rid, desc, n, 0, 0, 71)
+    after, pafter = eng.stats(), await peer.call("stats")
+    await eng.imms.wait(71, 20, timeout=30)
+    await eng.imms.wait(72, 1, timeout=30)
+    assert dst == b"\x5d" * n
+    assert after["spin_yields"] == before["spin_yields"], (before, after)
+    if eng.provider == "shm":
+        assert after["spin_yields"] == 0 and pafter["spin_yields"] == 0
+    else:
+        assert pafter["spin_yields"] > pbefore["spin_yields"]
+
+
 async def test_the_worker_warms_its_pools_with_messages_to_itself(provider, host):
     """tcp;ofi_rxm grows its buffer pools on an endpoint's first send and first segmented
     message (~10 ms each here); the worker sends itself one small and one segmented message

@@ -177,7 +177,8 @@ typedef struct {
     uint64_t remote_errors;
     uint64_t wakeups;
     uint64_t spin_yields;      /* adaptive polling, not shm: sched_yield calls of the worker's idle
-                                * spin (it gives its CPU to a thread woken onto it) */
+                                * spin (it gives its CPU to a thread woken onto it; only after it
+                                * handed events to its loop or posted to a peer) */
     uint64_t direct_writes;    /* writes copied by the direct path */
     uint64_t direct_bytes;
     uint64_t direct_fallbacks; /* ops the direct path handed to libfabric */

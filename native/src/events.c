@@ -56,6 +56,7 @@ void event_queue_flush(struct event_queue *q, struct event_buf *b)
 {
     if (!b->n)
         return;
+    atomic_fetch_add_explicit(&q->flushes, 1, memory_order_relaxed);
     bool wake = false;
     pthread_mutex_lock(&q->lock);
     if (q->head == q->q.n) { /* empty: reuse the storage from the start */

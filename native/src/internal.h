@@ -244,6 +244,7 @@ struct event_queue {
     bool armed; /* the loop is waiting: the next push must write the eventfd */
     _Atomic size_t avail; /* events waiting (aiote_events_pending: read without the lock) */
     atomic_bool spinning; /* a spinning event loop polls avail (aiote_loop_spin): no eventfd writes */
+    _Atomic uint64_t flushes; /* flushes with events: the worker's idle spin yields only after one (worker.c) */
 };
 
 int event_queue_init(struct event_queue *q);

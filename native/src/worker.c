@@ -1501,6 +1501,16 @@ void *worker_main(void *arg)
      * docs/benchmarks.md, "Large tcp writes and the sleeping worker"). */
     uint64_t stream_until = 0;
     uint64_t stream_ns = spin_ns ? STREAM_SPIN_NS : 0;
+    /* Not shm: the idle spin yields its CPU (below) only when the work just done may
+     * have put another thread on it: this worker handed events to its event loop (which
+     * then runs, woken by the eventfd or spinning) or posted to a peer (on one host, the
+     * peer's worker is woken by the bytes).  A worker that only took in bytes and imms
+     * (a target nobody on its side awaits) spins without yielding: its yields gave its
+     * CPU to other threads while the next write's bytes waited in its socket
+     * (one-at-a-time 1 MiB writes over tcp, p50 135 -> 108 us; docs/benchmarks.md,
+     * "Yield only after a wake-up"). */
+    uint64_t woke_mark = 0;
+    bool yield_owed = true;
     direct_worker_begin(e);
     pthread_mutex_lock(&e->progress_lock);
     warm_pools(e);
@@ -1579,8 +1589,13 @@ void *worker_main(void *arg)
         if (e->cfg.polling == AIOTE_POLL_BUSY)
             continue;
         uint64_t now = now_ns();
-        if (!idle_since)
+        if (!idle_since) {
             idle_since = now;
+            uint64_t m = atomic_load_explicit(&e->events.flushes, memory_order_relaxed) + e->stats.writes_posted +
+                         e->stats.msgs_sent;
+            yield_owed = m != woke_mark;
+            woke_mark = m;
+        }
         /* while the loop spins it sees direct-path imms itself: no spin here */
         if (e->cfg.polling == AIOTE_POLL_ADAPTIVE &&
             (now - idle_since < spin_win || now < stream_until) && !loop_spins) {
@@ -1590,7 +1605,7 @@ void *worker_main(void *arg)
              * beside does not pull it: it waited out the whole spin window here, 50-70
              * us per batch of 32 tcp writes, on the critical path (sched_switch trace,
              * docs/benchmarks.md).  With nobody else runnable the yield returns at once. */
-            if (!e->is_shm) {
+            if (!e->is_shm && yield_owed) {
                 sched_yield();
                 e->stats.spin_yields++;
             }
