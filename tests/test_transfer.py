@@ -147,8 +147,9 @@ async def test_host_buffer_huge_page_aligned_and_usable(aiote_engine_pair):
 
 async def test_the_idle_spin_yields_its_cpu_except_on_shm(aiote_make_engine, peer):
     """Adaptive polling: between looks at its queues a non-shm worker's idle spin gives its CPU to
-    any thread woken onto it (sched_yield, counted in ``spin_yields``); shm's spins as before.
-    The write's bytes and imm land either way."""
+    any thread woken onto it (sched_yield, counted in ``spin_yields``) after it handed events to
+    its loop (here: the write's completion); shm's spins as before.  The write's bytes and imm
+    land either way."""
     eng = await aiote_make_engine(polling="adaptive")
     rid, desc = await peer.call("register", 4096, 0)
     d = aiote.MrDescriptor.from_bytes(desc)
