@@ -262,7 +262,8 @@ async def test_cuda_graph_fires_one_paged_write_per_layer(aiote_engine_pair):
 async def test_ipc_many_small_writes_cancel_and_close(aiote_make_engine, aiote_make_peer):
     """The C-gated IPC path: 256 small writes in flight at once land exactly; a write
     cancelled while its copy runs never delivers its imm; closing the engine fails the
-    writes still in flight with EngineClosed (after their copies stopped touching memory)."""
+    writes still in flight with EngineClosed (after their copies stopped touching memory);
+    those that finished before it succeed, none fails otherwise."""
     eng = await aiote_make_engine()
     peer = await aiote_make_peer()
     data = pattern(MiB, 8)
@@ -286,11 +287,17 @@ async def test_ipc_many_small_writes_cancel_and_close(aiote_make_engine, aiote_m
     # an absence can't be awaited: give a wrongly delivered imm 32 time to show up
     await asyncio.sleep(0.5)  # noqa: sleep-ok
     assert await peer.call("pending", 32) == 0
-    futs = [eng.write(big, d2, imm=34) for _ in range(4)]
+    # 64 x 256 MiB: on one GPU a 256 MiB device copy takes ~0.1 ms, so the first few may finish
+    # before the close reaches the worker (they succeed); the ones still in flight then fail
+    futs = [eng.write(big, d2, imm=34) for _ in range(64)]
     await eng.close()
+    closed = 0
     for f in futs:
-        with pytest.raises(aiote.EngineClosed):
+        try:
             await f
+        except aiote.EngineClosed:
+            closed += 1
+    assert closed > 0
 
 
 async def test_ipc_write_is_ordered_after_torch_kernels(aiote_make_engine, aiote_make_peer):
