@@ -1,6 +1,7 @@
 """Failure paths: each gets a typed error and leaves the engine usable (except after close)."""
 
 import asyncio
+import contextlib
 import errno
 import os
 import time
@@ -274,21 +275,30 @@ async def test_stale_descriptor_changes_no_memory(aiote_engine, aiote_peer):
     assert await peer.call("read", rid, 16, (1 << 16) - 16) == b"\x77" * ((1 << 16) - 16)
 
 
-async def test_peer_that_never_accepts_times_out(aiote_make_engine, aiote_provider):
-    """A peer that stopped before the first write: the provider refuses the post (EAGAIN)
-    until peer_timeout, then the write fails with PeerUnreachable (ETIMEDOUT).  (shm's direct
-    path needs nothing of the target's process: a write to a stopped one lands, test_direct.py.)"""
-    eng = await aiote_make_engine(peer_timeout=1, direct_shm=False)
-    async with PeerProcess(aiote_provider) as peer:
+@contextlib.asynccontextmanager
+async def _stopped_peer(make_engine, provider, peer_timeout):
+    """(engine, 4 KiB source region, descriptor of a 4 KiB region of a peer process) with the
+    peer stopped (SIGSTOP) for the block; the direct shm path is off (it needs nothing of the
+    target's process).  The peer runs again on the way out."""
+    eng = await make_engine(peer_timeout=peer_timeout, direct_shm=False)
+    async with PeerProcess(provider) as peer:
         _, desc = await peer.call("register", 4096, 0)
         d = aiote.MrDescriptor.from_bytes(desc)
         src = eng.register(bytearray(4096))
         peer.pause()
         try:
-            res = await asyncio.wait_for(asyncio.gather(eng.write(src, d, imm=1), return_exceptions=True), 30)
+            yield eng, src, d
         finally:
             peer.resume()
-        assert isinstance(res[0], aiote.PeerUnreachable) and res[0].fi_errno == errno.ETIMEDOUT, res
+
+
+async def test_peer_that_never_accepts_times_out(aiote_make_engine, aiote_provider):
+    """A peer that stopped before the first write: the provider refuses the post (EAGAIN)
+    until peer_timeout, then the write fails with PeerUnreachable (ETIMEDOUT).  (shm's direct
+    path needs nothing of the target's process: a write to a stopped one lands, test_direct.py.)"""
+    async with _stopped_peer(aiote_make_engine, aiote_provider, peer_timeout=1) as (eng, src, d):
+        res = await asyncio.wait_for(asyncio.gather(eng.write(src, d, imm=1), return_exceptions=True), 30)
+    assert isinstance(res[0], aiote.PeerUnreachable) and res[0].fi_errno == errno.ETIMEDOUT, res
 
 
 async def test_operations_waiting_behind_a_refused_one_time_out_too(aiote_make_engine, aiote_provider):
@@ -296,22 +306,14 @@ async def test_operations_waiting_behind_a_refused_one_time_out_too(aiote_make_e
     provider (one peer's operations leave in order); waiting there counts as being refused, so
     they fail with PeerUnreachable (ETIMEDOUT) after peer_timeout like the first, not one
     peer_timeout after another."""
-    eng = await aiote_make_engine(peer_timeout=2, direct_shm=False)
-    async with PeerProcess(aiote_provider) as peer:
-        _, desc = await peer.call("register", 4096, 0)
-        d = aiote.MrDescriptor.from_bytes(desc)
-        src = eng.register(bytearray(4096))
-        peer.pause()
-        try:
-            t0 = time.monotonic()
-            writes = [eng.write(src, d, imm=1) for _ in range(3)]
-            res = await asyncio.wait_for(asyncio.gather(*writes, return_exceptions=True), 30)
-            took = time.monotonic() - t0
-        finally:
-            peer.resume()
-        for r in res:
-            assert isinstance(r, aiote.PeerUnreachable) and r.fi_errno == errno.ETIMEDOUT, res
-        assert took < 5, took  # together (~2 s), not one peer_timeout after another (6 s)
+    async with _stopped_peer(aiote_make_engine, aiote_provider, peer_timeout=2) as (eng, src, d):
+        t0 = time.monotonic()
+        writes = [eng.write(src, d, imm=1) for _ in range(3)]
+        res = await asyncio.wait_for(asyncio.gather(*writes, return_exceptions=True), 30)
+        took = time.monotonic() - t0
+    for r in res:
+        assert isinstance(r, aiote.PeerUnreachable) and r.fi_errno == errno.ETIMEDOUT, res
+    assert took < 5, took  # together (~2 s), not one peer_timeout after another (6 s)
 
 
 @pytest.mark.aiote_providers("shm")
