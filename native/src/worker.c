@@ -54,7 +54,9 @@
  * that core is the writer's: issue 2's throughput). */
 #define SPIN_MIN_NS 2000ull
 #define SPIN_STRETCH 8 /* not shm: the window stretches up to this many times spin_us */
-#define STREAM_SPIN_NS 2000000ull /* not shm: spin this long after bytes (not completions) woke us */
+#define STREAM_SPIN_NS 2000000ull /* not shm: spin this long after bytes (not completions) were last seen */
+#define STREAM_LOOK_NS 50000ull    /* and look for them this often meanwhile */
+#define STREAM_PASS_NS 5000ull     /* a progress pass this long took in bytes */
 
 static uint64_t now_ns(void)
 {
@@ -1217,6 +1219,28 @@ static void retry_nap(aiote_engine *e, uint64_t ns)
         e->stats.retry_naps++;
 }
 
+/* Bytes (or completions) wait behind the CQs' fds right now.  fi_trywait first: it
+ * clears the fds' own signals (set by completions already taken, which would otherwise
+ * keep the fds readable until the worker next sleeps), then one poll(2) with no timeout
+ * tells whether a provider socket has bytes.  False when some CQ has no fd. */
+static bool cq_fds_ready(const aiote_engine *e)
+{
+    struct pollfd fds[AIOTE_MAX_NICS];
+    struct fid *cqs[AIOTE_MAX_NICS];
+    nfds_t n = 0;
+    for (uint32_t i = 0; i < e->nnics; i++) {
+        if (e->nics[i].cq_fd < 0)
+            return false;
+        fds[n] = (struct pollfd){.fd = e->nics[i].cq_fd, .events = POLLIN};
+        cqs[n++] = &e->nics[i].cq->fid;
+    }
+    if (!n)
+        return false;
+    if (fi_trywait(e->nics[0].fabric, cqs, (int)n) != FI_SUCCESS)
+        return true; /* completions are there */
+    return poll(fds, n, 0) > 0;
+}
+
 enum { SLEPT, WOKEN, TRAFFIC };
 
 /* Returns WOKEN if the submission eventfd ended the sleep; TRAFFIC if a CQ's fd did
@@ -1495,11 +1519,22 @@ void *worker_main(void *arg)
     /* Not shm: a large write streams over the provider's socket for milliseconds and
      * completes nothing until its last byte.  A sleep that a CQ's fd ended (bytes came, or
      * the socket took more) and that no completion follows is such a stream: the worker
-     * spins (politely) until something completes or STREAM_SPIN_NS pass, instead of
-     * sleeping and being woken again each time it catches up with the other side (40-80
-     * times per 16 MiB write over tcp, each wake-up paid on the peer's CPU on loopback;
-     * docs/benchmarks.md, "Large tcp writes and the sleeping worker"). */
-    uint64_t stream_until = 0;
+     * spins (politely) until something completes, instead of sleeping and being woken
+     * again each time it catches up with the other side (40-80 times per 16 MiB write
+     * over tcp, each wake-up paid on the peer's CPU on loopback; docs/benchmarks.md,
+     * "Large tcp writes and the sleeping worker").  Signs that bytes still flow push the
+     * stream's end STREAM_SPIN_NS on, so the spin lasts as long as the write does (a 16 MiB
+     * write over tcp outlasted a fixed 2 ms) and ends STREAM_SPIN_NS after the last bytes
+     * (a peer's plain writes complete nothing here): a progress pass of STREAM_PASS_NS or
+     * more (it copied bytes in), or bytes waiting behind the CQs' fds, looked at every
+     * STREAM_LOOK_NS (cq_fds_ready; a look alone mostly finds the socket just drained).
+     * A look on every turn without fi_trywait found the fds always readable and cost the
+     * KV demo 0.5-1 s of system CPU per run.  Such a wake-up also stretches the spin window like
+     * a completion does (below): the next write's first bytes, after its initiator has
+     * seen this one complete, then find the worker spinning, not asleep (one-at-a-time
+     * 16 MiB writes over tcp, p50 ~2.9 -> ~2.5 ms; docs/benchmarks.md, "Streams that
+     * keep the target awake"). */
+    uint64_t stream_until = 0, stream_look = 0;
     uint64_t stream_ns = spin_ns ? STREAM_SPIN_NS : 0;
     /* Not shm: the idle spin yields its CPU (below) only when the work just done may
      * have put another thread on it: this worker handed events to its event loop (which
@@ -1528,7 +1563,9 @@ void *worker_main(void *arg)
         active |= poll_watches(e);
         if (e->gated_head)
             active |= poll_gated(e);
+        uint64_t pass_t0 = stream_until ? now_ns() : 0;
         active |= progress_pass(e, false);
+        uint64_t pass_ns = stream_until ? now_ns() - pass_t0 : 0;
         bool waiting = e->pend_head || e->gated_head;
         bool own_work = waiting || atomic_load_explicit(&e->narmed, memory_order_relaxed) || e->big_inflight;
         pthread_mutex_unlock(&e->progress_lock);
@@ -1596,6 +1633,13 @@ void *worker_main(void *arg)
             yield_owed = m != woke_mark;
             woke_mark = m;
         }
+        if (stream_until && pass_ns >= STREAM_PASS_NS) {
+            stream_until = now + stream_ns; /* that pass took in bytes: the stream flows */
+        } else if (stream_until && now >= stream_look) {
+            stream_look = now + STREAM_LOOK_NS;
+            if (cq_fds_ready(e))
+                stream_until = now + stream_ns; /* bytes wait: the stream flows */
+        }
         /* while the loop spins it sees direct-path imms itself: no spin here */
         if (e->cfg.polling == AIOTE_POLL_ADAPTIVE &&
             (now - idle_since < spin_win || now < stream_until) && !loop_spins) {
@@ -1623,8 +1667,13 @@ void *worker_main(void *arg)
         int slept = idle_sleep(e, &backoff, now - idle_since < WARM_NS);
         woken = slept != SLEPT;
         if (slept == TRAFFIC && !adapt && stream_ns) {
-            stream_until = now_ns() + stream_ns;
+            uint64_t t = now_ns(), gap = t - idle_since;
+            stream_until = t + stream_ns;
             e->stats.stream_spins++;
+            if (gap < win_hi && 2 * gap > spin_win) { /* a window of 2 x gap would have seen these bytes */
+                spin_win = 2 * gap < win_hi ? 2 * gap : win_hi;
+                e->stats.spin_window_ns = spin_win;
+            }
         }
     }
     /* ctrl ops that raced with stopping: refuse them */
