@@ -89,8 +89,8 @@ class TransferEngine:
         nics: how many NICs (domain + endpoint each), or a list of domain names.
         polling: ``"busy"``, ``"adaptive"`` (spin up to ``spin_us``, then sleep; on shm the
             window adapts between 2 µs and ``spin_us``, elsewhere between ``spin_us`` and
-            8 x ``spin_us``, and after a wake-up of its making the spin yields its CPU between
-            looks; docs/concepts.md) or
+            8 x ``spin_us``, the spin lasts while a large write's bytes stream in, and after a
+            wake-up of its making it yields its CPU between looks; docs/concepts.md) or
             ``"blocking"``.
         routing: ``"round_robin"`` (stripe writes >= ``stripe_threshold`` bytes over
             the NICs, spread batch elements) or ``"pinned"`` (all on ``pinned_nic``).
