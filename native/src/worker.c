@@ -1278,8 +1278,12 @@ static int idle_sleep(aiote_engine *e, uint64_t *backoff_ns, bool warm)
         prctl(PR_SET_TIMERSLACK, watching ? 1000UL : 0UL, 0, 0, 0); /* 0: the thread's default */
         e->fine_slack = watching;
     }
-    if (all_fd && ncq && !watching) {
-        if (fi_trywait(e->nics[0].fabric, cqs, ncq) != FI_SUCCESS) {
+    /* fi_trywait under the progress lock (the domain is FI_THREAD_DOMAIN, and a loop
+     * driving progress may be in fi_cq_read); while the loop holds it, nap instead */
+    if (all_fd && ncq && !watching && pthread_mutex_trylock(&e->progress_lock) == 0) {
+        int tw = fi_trywait(e->nics[0].fabric, cqs, ncq);
+        pthread_mutex_unlock(&e->progress_lock);
+        if (tw != FI_SUCCESS) {
             direct_sleep_end(e);
             atomic_store(&e->worker_sleeping, false);
             return TRAFFIC; /* completions are ready: don't sleep */
@@ -1287,7 +1291,7 @@ static int idle_sleep(aiote_engine *e, uint64_t *backoff_ns, bool warm)
         /* manual-progress providers need to be driven now and then */
         ts.tv_nsec = 10 * 1000 * 1000;
     } else {
-        /* No wait object: nap, doubling up to 200 us while idle, or up to
+        /* No wait object (or the loop is in a pass): nap, doubling up to 200 us while idle, or up to
          * 20 us while writes are in flight, imm waits are armed or traffic
          * was seen in the last 50 ms (a peer's shm write may need us to
          * progress before it can complete). */
@@ -1635,9 +1639,13 @@ void *worker_main(void *arg)
         }
         if (stream_until && pass_ns >= STREAM_PASS_NS) {
             stream_until = now + stream_ns; /* that pass took in bytes: the stream flows */
-        } else if (stream_until && now >= stream_look) {
+        } else if (stream_until && now >= stream_look && pthread_mutex_trylock(&e->progress_lock) == 0) {
+            /* under the lock: a loop that drives progress (aiote_progress) may be in
+             * fi_cq_read, and the domain is FI_THREAD_DOMAIN; busy: look next turn */
             stream_look = now + STREAM_LOOK_NS;
-            if (cq_fds_ready(e))
+            bool flows = cq_fds_ready(e);
+            pthread_mutex_unlock(&e->progress_lock);
+            if (flows)
                 stream_until = now + stream_ns; /* bytes wait: the stream flows */
         }
         /* while the loop spins it sees direct-path imms itself: no spin here */
