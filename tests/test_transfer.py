@@ -201,8 +201,8 @@ async def test_a_large_write_streaming_in_keeps_the_target_worker_awake(aiote_ma
     completes nothing until its last byte.  A sleep that the socket's bytes end with nothing
     complete starts a stream spin (``stream_spins``): the target's worker spins until the write
     completes (or no bytes came for 2 ms) instead of sleeping and being woken again every time
-    it catches up with the sender.  The bytes land, every imm is counted, and once the writes are done the
-    worker sleeps again (its timed naps go on: ``wakeups`` grows).  On shm the direct path
+    it catches up with the sender.  The bytes land, every imm is counted, and once the writes
+    are done the worker sleeps again (its timed naps go on: ``wakeups`` grows).  On shm the direct path
     copies the bytes; nothing streams there."""
     eng = await aiote_make_engine(polling="adaptive")
     n = 16 << 20
@@ -227,11 +227,12 @@ async def test_a_large_write_streaming_in_keeps_the_target_worker_awake(aiote_ma
 
 async def test_a_stream_spin_lasts_as_long_as_the_bytes_flow(aiote_make_engine, peer):
     """Adaptive polling, not shm: a 64 MiB write over tcp streams in for 10-20 ms.  While the
-    target's worker spins on such a stream it looks at its CQ's fd, and bytes waiting there
-    keep the stream spin going, so one stream spin covers the whole write instead of one per
-    2 ms (about 7 per write before).  A sender that loses its CPU for over 2 ms (another
-    process's turn) starves the stream and the worker rightly sleeps: up to three sets of
-    writes are tried, and one must show at most 2 stream spins per write (unloaded: 1).
+    target's worker spins on such a stream, signs of bytes (a progress pass long enough to have
+    copied some in, or bytes behind its CQ's fd) keep the stream spin going, so one stream spin
+    covers the whole write instead of one per 2 ms (6-8 per write before).  A sender that loses
+    its CPU for over 2 ms (another process's turn) starves the stream and the worker rightly
+    sleeps: up to three sets of writes are tried, and one must show at most 2 stream spins per
+    write (unloaded: 1).
     Every byte lands and every imm counts; on shm nothing streams."""
     eng = await aiote_make_engine(polling="adaptive")
     n, writes = 64 << 20, 3

@@ -1291,10 +1291,10 @@ static int idle_sleep(aiote_engine *e, uint64_t *backoff_ns, bool warm)
         /* manual-progress providers need to be driven now and then */
         ts.tv_nsec = 10 * 1000 * 1000;
     } else {
-        /* No wait object (or the loop is in a pass): nap, doubling up to 200 us while idle, or up to
-         * 20 us while writes are in flight, imm waits are armed or traffic
-         * was seen in the last 50 ms (a peer's shm write may need us to
-         * progress before it can complete). */
+        /* No wait object (or the loop is in a pass): nap, doubling up to 200 us
+         * while idle, or up to 20 us while writes are in flight, imm waits are
+         * armed or traffic was seen in the last 50 ms (a peer's shm write may
+         * need us to progress before it can complete). */
         nfds = 1;
         /* a watched word is read once per nap: keep them short while armed */
         /* While the loop spins it polls the imm rings itself, and only libfabric traffic
@@ -1532,12 +1532,12 @@ void *worker_main(void *arg)
      * (a peer's plain writes complete nothing here): a progress pass of STREAM_PASS_NS or
      * more (it copied bytes in), or bytes waiting behind the CQs' fds, looked at every
      * STREAM_LOOK_NS (cq_fds_ready; a look alone mostly finds the socket just drained).
-     * A look on every turn without fi_trywait found the fds always readable and cost the
-     * KV demo 0.5-1 s of system CPU per run.  Such a wake-up also stretches the spin window like
-     * a completion does (below): the next write's first bytes, after its initiator has
-     * seen this one complete, then find the worker spinning, not asleep (one-at-a-time
-     * 16 MiB writes over tcp, p50 ~2.9 -> ~2.5 ms; docs/benchmarks.md, "Streams that
-     * keep the target awake"). */
+     * A look on every turn without fi_trywait found the fds always readable and cost
+     * the KV demo 0.6-1.2 s of system CPU per run.  Such a wake-up also stretches the
+     * spin window like a completion does (below): the next write's first bytes, after
+     * its initiator has seen this one complete, then find the worker spinning, not
+     * asleep (one-at-a-time 16 MiB writes over tcp, p50 ~2.9 -> ~2.5 ms on 2 cores;
+     * docs/benchmarks.md, "Streams that keep the target awake"). */
     uint64_t stream_until = 0, stream_look = 0;
     uint64_t stream_ns = spin_ns ? STREAM_SPIN_NS : 0;
     /* Not shm: the idle spin yields its CPU (below) only when the work just done may
