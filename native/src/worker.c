@@ -1219,26 +1219,45 @@ static void retry_nap(aiote_engine *e, uint64_t ns)
         e->stats.retry_naps++;
 }
 
+/* The CQs' fds as pollfds and their fids for fi_trywait; returns how many, or -1 if
+ * some CQ has no fd (then the worker naps instead of sleeping on them). */
+static int cq_wait_set(const aiote_engine *e, struct pollfd *fds, struct fid **cqs)
+{
+    int n = 0;
+    for (uint32_t i = 0; i < e->nnics; i++) {
+        if (e->nics[i].cq_fd < 0)
+            return -1;
+        fds[n] = (struct pollfd){.fd = e->nics[i].cq_fd, .events = POLLIN};
+        cqs[n++] = &e->nics[i].cq->fid;
+    }
+    return n;
+}
+
 /* Bytes (or completions) wait behind the CQs' fds right now.  fi_trywait first: it
  * clears the fds' own signals (set by completions already taken, which would otherwise
  * keep the fds readable until the worker next sleeps), then one poll(2) with no timeout
- * tells whether a provider socket has bytes.  False when some CQ has no fd. */
+ * tells whether a provider socket has bytes.  False when some CQ has no fd.  Call with
+ * the progress lock held. */
 static bool cq_fds_ready(const aiote_engine *e)
 {
     struct pollfd fds[AIOTE_MAX_NICS];
     struct fid *cqs[AIOTE_MAX_NICS];
-    nfds_t n = 0;
-    for (uint32_t i = 0; i < e->nnics; i++) {
-        if (e->nics[i].cq_fd < 0)
-            return false;
-        fds[n] = (struct pollfd){.fd = e->nics[i].cq_fd, .events = POLLIN};
-        cqs[n++] = &e->nics[i].cq->fid;
-    }
-    if (!n)
+    int n = cq_wait_set(e, fds, cqs);
+    if (n <= 0)
         return false;
-    if (fi_trywait(e->nics[0].fabric, cqs, (int)n) != FI_SUCCESS)
+    if (fi_trywait(e->nics[0].fabric, cqs, n) != FI_SUCCESS)
         return true; /* completions are there */
-    return poll(fds, n, 0) > 0;
+    return poll(fds, (nfds_t)n, 0) > 0;
+}
+
+/* A wake-up (or work) that came gap ns after the worker went idle: a window of twice
+ * that would have caught it.  Stretch the spin window so, never past cap. */
+static void stretch_window(aiote_engine *e, uint64_t *spin_win, uint64_t gap, uint64_t cap)
+{
+    if (gap < cap && 2 * gap > *spin_win) {
+        *spin_win = 2 * gap < cap ? 2 * gap : cap;
+        e->stats.spin_window_ns = *spin_win;
+    }
 }
 
 enum { SLEPT, WOKEN, TRAFFIC };
@@ -1257,17 +1276,9 @@ static int idle_sleep(aiote_engine *e, uint64_t *backoff_ns, bool warm)
     struct pollfd fds[1 + AIOTE_MAX_NICS];
     struct fid *cqs[AIOTE_MAX_NICS];
     fds[0] = (struct pollfd){.fd = e->sub_efd, .events = POLLIN};
-    int nfds = 1, ncq = 0;
-    bool all_fd = true;
-    for (uint32_t i = 0; i < e->nnics; i++) {
-        struct nic *n = &e->nics[i];
-        if (n->cq_fd < 0) {
-            all_fd = false;
-            continue;
-        }
-        fds[nfds++] = (struct pollfd){.fd = n->cq_fd, .events = POLLIN};
-        cqs[ncq++] = &n->cq->fid;
-    }
+    int ncq = cq_wait_set(e, fds + 1, cqs);
+    bool all_fd = ncq >= 0;
+    int nfds = all_fd ? 1 + ncq : 1;
     struct timespec ts = {0};
     bool watching = atomic_load_explicit(&e->narmed, memory_order_relaxed) != 0;
     /* While reactions are armed, a 5 us nap must last 5 us, not the default
@@ -1579,20 +1590,12 @@ void *worker_main(void *arg)
                 e->stats.spin_window_ns = spin_win;
             } else if (!adapt && spun_out && woken && spin_ns) {
                 /* not shm: woken soon after the spin gave up: stretch the window */
-                uint64_t gap = now_ns() - idle_since;
-                if (gap < win_hi && 2 * gap > spin_win) {
-                    spin_win = 2 * gap < win_hi ? 2 * gap : win_hi;
-                    e->stats.spin_window_ns = spin_win;
-                }
+                stretch_window(e, &spin_win, now_ns() - idle_since, win_hi);
             } else if (spun_out && woken && spin_ns) {
                 /* woken soon after it gave up: a window of twice this idle gap would have
                  * caught it (one-at-a-time writes over tcp, a stream of small batches; naps
                  * that find lazy imm entries are no evidence: nobody waited for them) */
-                uint64_t gap = now_ns() - idle_since;
-                if (gap < spin_ns && 2 * gap > spin_win) {
-                    spin_win = 2 * gap < spin_ns ? 2 * gap : spin_ns;
-                    e->stats.spin_window_ns = spin_win;
-                }
+                stretch_window(e, &spin_win, now_ns() - idle_since, spin_ns);
             }
             idle_since = 0;
             spun_out = false;
@@ -1674,14 +1677,11 @@ void *worker_main(void *arg)
         }
         int slept = idle_sleep(e, &backoff, now - idle_since < WARM_NS);
         woken = slept != SLEPT;
-        if (slept == TRAFFIC && !adapt && stream_ns) {
-            uint64_t t = now_ns(), gap = t - idle_since;
+        if (slept == TRAFFIC && !adapt && stream_ns && e->cfg.polling == AIOTE_POLL_ADAPTIVE) {
+            uint64_t t = now_ns();
             stream_until = t + stream_ns;
             e->stats.stream_spins++;
-            if (gap < win_hi && 2 * gap > spin_win) { /* a window of 2 x gap would have seen these bytes */
-                spin_win = 2 * gap < win_hi ? 2 * gap : win_hi;
-                e->stats.spin_window_ns = spin_win;
-            }
+            stretch_window(e, &spin_win, t - idle_since, win_hi); /* it would have seen these bytes */
         }
     }
     /* ctrl ops that raced with stopping: refuse them */
